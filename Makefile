@@ -1,0 +1,62 @@
+# facefuse: the two commands a new user needs are `make demo` and `make test` (see README).
+# Everything runs as local processes; docker targets are for machines with a Docker engine.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Extra pip index for torch (e.g. a CUDA or CPU build index); empty = pip's configured indexes.
+TORCH_INDEX ?=
+STAMP := $(VENV)/.facefuse-installed
+OUT ?= facefuse-demo
+
+.PHONY: help install protos check-protos demo test test-fast smoke up down compose-config bench clean
+
+help:
+	@echo "make demo     set up .venv and run the demo (local mesh, open pack) into ./$(OUT)"
+	@echo "make test     set up .venv and run the whole test suite"
+	@echo "make protos   regenerate src/facefuse/v1 from protos/"
+	@echo "make smoke    start the mesh locally and call it with grpcurl"
+	@echo "make up       docker compose up (needs a Docker engine)"
+
+$(STAMP): pyproject.toml constraints.txt requirements/dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	@if [ -n "$(TORCH_INDEX)" ]; then $(PIP) install --quiet --index-url "$(TORCH_INDEX)" torch==2.13.0; fi
+	$(PIP) install --quiet -c constraints.txt -r requirements/dev.txt -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=src --pyi_out=src --grpc_python_out=src protos/facefuse/v1/*.proto
+
+check-protos: $(STAMP)
+	$(PY) -m pytest -q tests/unit/test_protos.py
+
+demo: $(STAMP)
+	$(PY) -m facefuse.client.cli demo -o $(OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+smoke: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash deploy/smoke.sh
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_grpc_hop.py
+
+up:
+	docker compose up --build
+
+down:
+	docker compose down
+
+compose-config:
+	docker-compose -f docker-compose.yml config -q || docker compose -f docker-compose.yml config -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache $(OUT)

