@@ -8,7 +8,6 @@ file by file, whether it was found and is valid. Each entry names the validator 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -16,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from facefuse.assets.store import sha256_file
+from facefuse.assets.store import sha256_file as file_sha256  # noqa: F401 - TODO(lead): callers move to sha256_file
 from facefuse.errors import AssetError
 
 ASSETS_ENV = "FACEFUSE_ASSETS"
@@ -93,14 +94,6 @@ def asset_path(directory: str | os.PathLike[str], name: str) -> Path:
     return Path(directory) / spec(name).relpath
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def synthetic_manifest(directory: Path) -> dict[str, str]:
     manifest = directory / SYNTHETIC_MANIFEST
     if not manifest.is_file():
@@ -125,7 +118,7 @@ def check_asset(directory: str | os.PathLike[str], item: AssetSpec, manifest: di
         message, valid = str(exc), False
     except (ImportError, AttributeError) as exc:
         message, valid = f"no validator available yet ({exc})", False
-    synthetic = item.relpath in manifest and manifest[item.relpath] == file_sha256(path)
+    synthetic = item.relpath in manifest and manifest[item.relpath] == sha256_file(path)
     return AssetStatus(item, path, True, valid, synthetic, message)
 
 

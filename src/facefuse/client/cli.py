@@ -105,9 +105,9 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
     from facefuse.assets.store import ModelStore
 
     store = ModelStore()
-    names = args.names or list(store.names())
-    for name in names:
-        print(f"{name}: {store.path(name)}")
+    paths = store.fetch_all(args.names or None, progress=lambda name, event: print(f"{name}: {event}", file=sys.stderr))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
     return 0
 
 

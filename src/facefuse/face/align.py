@@ -105,9 +105,20 @@ def box_crop_224(image: np.ndarray, box: np.ndarray, size: int = BOX_CROP_SIZE) 
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     image = image[:, :, :3]
-    pixels = image.astype(np.float64) / 255.0 if image.dtype == np.uint8 else image.astype(np.float64)
     src, dst = box_crop_points(box, size)
+    # Only the source window (plus a 2-pixel margin for bilinear taps) is converted to float: the
+    # same samples as warping the whole image, without converting megapixels that are never read.
+    h, w = image.shape[:2]
+    x0 = int(np.clip(np.floor(src[:, 0].min()) - 2, 0, w))
+    y0 = int(np.clip(np.floor(src[:, 1].min()) - 2, 0, h))
+    x1 = int(np.clip(np.ceil(src[:, 0].max()) + 3, 0, w))
+    y1 = int(np.clip(np.ceil(src[:, 1].max()) + 3, 0, h))
+    if x1 <= x0 or y1 <= y0:  # the box is entirely outside the image
+        return np.zeros((size, size, 3), np.float32)
+    window = image[y0:y1, x0:x1]
+    pixels = window.astype(np.float64) / 255.0 if window.dtype == np.uint8 else window.astype(np.float64)
     matrix = np.vstack([estimate_similarity(src, dst), [0.0, 0.0, 1.0]])
+    matrix[:2, 2] += matrix[:2, :2] @ np.array([x0, y0], dtype=np.float64)
     crop = warp(pixels, AffineTransform(matrix=matrix).inverse, output_shape=(size, size), order=1,
                 mode="constant", cval=0.0, clip=True)
     return crop.astype(np.float32)

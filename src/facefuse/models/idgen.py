@@ -273,6 +273,10 @@ def _attention_dims() -> tuple[int, ...]:
     return (*levels, mid, *reversed(levels), LEVEL_DIMS[0])
 
 
+ATTENTION_BLOCK_DIMS: dict[str, int] = dict(zip(ATTENTION_BLOCK_NAMES, _attention_dims()))
+"""Channel count of each attention block (300, 50, 10, 50, 300, 300)."""
+
+
 class IdGen(nn.Module):
     """OFER IdGen: ArcFace identity context -> N sampled FLAME shapes (300 coefficients each).
 
@@ -285,6 +289,7 @@ class IdGen(nn.Module):
         self.arcface = arcface
         self.net = net
         self.var_sched = var_sched
+        self.load_report: dict[str, object] = {}
 
     def context(self, blob: Tensor, *, apply_features: bool = True) -> Tensor:
         """L2-normalised ArcFace embedding (B, 512). OFER's IdGen always runs ArcFace on a batch of 10

@@ -30,13 +30,19 @@ REGRESSOR_GAINS = {"network.0.weight": 512**0.5, "output.weight": 2.0}
 """The input z has unit norm (entries ~ 1/sqrt(512)); these gains make β come out O(1), like real shape codes."""
 
 
-def mica_state(size: str, generator: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
+def flame_model_state(size: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The ``flameModel`` section: random mapping network + the synthetic FLAME's buffers (26 tensors)."""
     regressor = random_state(expected_state_of(MappingNetwork), generator)
     for key, gain in REGRESSOR_GAINS.items():
         regressor[key] = regressor[key] * gain
     flame_layer = FlameLayer(synthetic_flame_data(size, generator))
-    flame_model = {f"regressor.{k}": v for k, v in regressor.items()}
-    flame_model.update({f"generator.{k}": v.clone() for k, v in flame_layer.state_dict().items()})
+    state = {f"regressor.{k}": v for k, v in regressor.items()}
+    state.update({f"generator.{k}": v.detach().clone() for k, v in flame_layer.state_dict().items()})
+    return state
+
+
+def mica_state(size: str, generator: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
+    flame_model = flame_model_state(size, generator)
     return {"arcface": arcface_state(generator), "flameModel": flame_model}
 
 

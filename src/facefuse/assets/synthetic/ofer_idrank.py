@@ -11,21 +11,24 @@
   synthetic FLAME of that size; at ``"full"`` they span exactly [16, 3928] like the real file.
 
 Network shapes are fixed by the official files, so ``size`` changes only the front indices (which
-must fit the synthetic FLAME mesh). Weights are scaled by fan-in (norm gains near 1, positive
-running variances) so every output is finite and scores vary between candidates. All randomness
-comes from the given generator; writes are atomic.
+must fit the synthetic FLAME mesh, whose sizes ``facefuse.assets.synthetic.flame.FLAME_SIZES`` owns).
+Weights follow the shared rules of ``random_weights`` (ArcFace exactly as MICA's synthetic writer
+makes it), with LayerNorm/GroupNorm gains moved near 1, so every output is finite and scores vary
+between candidates. All randomness comes from the given generator; writes are atomic.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from facefuse.assets.idrank_checkpoint import FARL_STATE_KEY, FLAME2020_VERTEX_COUNT, IDRANK_SECTIONS, expected_idrank_sections
+from facefuse.assets.idrank_checkpoint import FARL_STATE_KEY, expected_idrank_sections
+from facefuse.assets.synthetic.flame import FLAME_SIZES
+from facefuse.assets.synthetic.mica import arcface_state
+from facefuse.assets.synthetic.random_weights import random_state
 from facefuse.io.atomic import atomic_open, write_npy_atomic
 from facefuse.models.idrank import FRONT_VERTEX_COUNT
 
@@ -42,34 +45,26 @@ def _check_size(size: str) -> None:
         raise ValueError(f"unknown synthetic size {size!r}; expected one of {SIZES}")
 
 
-def random_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-    """A plausible random value for a state-dict entry, chosen by its name and shape."""
-    name = key.rsplit(".", 1)[-1]
-    if not dtype.is_floating_point:
-        return torch.zeros(shape, dtype=dtype)  # num_batches_tracked
-    if name == "running_var":
-        return 0.5 + torch.rand(shape, generator=generator, dtype=dtype)
-    if name == "running_mean":
-        return 0.1 * torch.randn(shape, generator=generator, dtype=dtype)
-    if name == "logit_scale":
-        return torch.full(shape, math.log(1 / 0.07), dtype=dtype)
-    if len(shape) <= 1:
-        noise = torch.randn(shape, generator=generator, dtype=dtype)
-        if name == "weight":
-            return (0.25 if "prelu" in key else 1.0) + 0.1 * noise  # PReLU slopes / norm gains
-        return 0.02 * noise  # biases, class embedding, mask token
-    fan_in = math.prod(shape[1:])
-    return torch.randn(shape, generator=generator, dtype=dtype) / math.sqrt(fan_in)
+NORM_GAIN_SUFFIXES = ("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight", "ln_final.weight", "ln_lm.weight", "gn.weight")
+"""LayerNorm / GroupNorm gains: the shared rules treat them as small vectors; here they sit near 1."""
 
 
-def random_state(expected: Expected, generator: torch.Generator, prefix: str = "") -> dict[str, torch.Tensor]:
-    return {prefix + k: random_tensor(prefix + k, shape, dtype, generator) for k, (shape, dtype) in expected.items()}
+def _random_sections_state(expected: Expected, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    state = random_state(expected, generator)
+    for key in state:
+        if key.endswith(NORM_GAIN_SUFFIXES):
+            state[key] = state[key] + 1.0
+    return state
 
 
 def synthetic_idrank_sections(generator: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
     """The three state-dict sections of a synthetic ``model_idrank.tar``, in memory."""
     expected = expected_idrank_sections()
-    return {section: random_state(expected[section], generator) for section in IDRANK_SECTIONS}
+    return {
+        "net": _random_sections_state(expected["net"], generator),
+        "arcface": arcface_state(generator),
+        "farl": _random_sections_state(expected["farl"], generator),
+    }
 
 
 def write_idrank_checkpoint(path: Path, size: str, generator: torch.Generator) -> None:
@@ -100,26 +95,16 @@ def _farl_mim_extras(width: int) -> dict[str, tuple[tuple[int, ...], torch.dtype
 def write_farl_weights(path: Path, size: str, generator: torch.Generator) -> None:
     _check_size(size)
     clip_expected = expected_idrank_sections()["farl"]
-    state = random_state(clip_expected, generator)
+    state = _random_sections_state(clip_expected, generator)
     width = clip_expected["visual.class_embedding"][0][0]
-    state.update(random_state(_farl_mim_extras(width), generator))
+    state.update(_random_sections_state(_farl_mim_extras(width), generator))
     with atomic_open(path, "wb") as handle:
         torch.save({FARL_STATE_KEY: state}, handle)
 
 
 def _mesh_vertex_count(size: str) -> int:
     """Vertices of the synthetic FLAME mesh of this size (the FLAME writer's table owns the numbers)."""
-    try:
-        from facefuse.assets.synthetic.flame import FLAME_SIZES
-    except ImportError:
-        return FLAME2020_VERTEX_COUNT if size == "full" else FRONT_VERTEX_COUNT
-    entry = FLAME_SIZES[size]
-    for attribute in ("num_vertices", "n_vertices", "vertices"):
-        if hasattr(entry, attribute):
-            return int(getattr(entry, attribute))
-        if isinstance(entry, Mapping) and attribute in entry:
-            return int(entry[attribute])
-    return int(entry)
+    return FLAME_SIZES[size].num_vertices
 
 
 def synthetic_front_indices(size: str, generator: torch.Generator) -> np.ndarray:

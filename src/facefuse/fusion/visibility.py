@@ -1,0 +1,384 @@
+"""How much of each face region the image actually shows, from several independent sources.
+
+Fusion trusts MICA where the face is visible and the generative branch where it is not, so it needs
+a per-region visibility in [0, 1]. Sources (each can be switched off, see :class:`VisibilitySources`):
+
+* ``mask``: an occluder (or visible-skin) mask from any segmenter, mapped onto the regions;
+* ``photometric``: each region's pixels tested against the face's own skin colour statistics;
+* ``hands``: hand landmark points or a hand mask (the hand model lives in the model store).
+
+Regions are defined on the MediaPipe FaceMesh 468-point topology as polygons of landmark indices
+(:data:`MEDIAPIPE_REGIONS`), rasterised in the image. Sources are merged with :func:`combine` (the
+minimum per region: a region is as visible as its most pessimistic source says). The mapping onto
+FLAME regions (:data:`MEDIAPIPE_TO_FLAME`) is applied by ``ShapeSpace.region_weights``.
+
+Names: "left"/"right" are the SUBJECT's left/right in both topologies (MediaPipe's ``left_eye`` is
+landmarks 263/362, on the image's right in a non-mirrored frontal photo; FLAME's ``left_eye_region``
+lies at +x). Landmarks are image pixels, x = column, y = row; a z column is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from facefuse.errors import InvalidInputError
+
+NUM_MEDIAPIPE_LANDMARKS = 468
+
+# Landmark index facts of the MediaPipe 468-point FaceMesh (face_mesh_connections / the face-mesh
+# keypoint annotations): contours listed in index order along each curve.
+_SILHOUETTE = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152,
+               148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)
+_LIPS_OUTER = (61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 375, 321, 405, 314, 17, 84, 181, 91, 146)
+_RIGHT_BROW_UPPER = (156, 70, 63, 105, 66, 107, 55, 193)
+_RIGHT_BROW_LOWER = (35, 124, 46, 53, 52, 65)
+_LEFT_BROW_UPPER = (383, 300, 293, 334, 296, 336, 285, 417)
+_LEFT_BROW_LOWER = (265, 353, 276, 283, 282, 295)
+_RIGHT_EYE_LOWER2 = (226, 31, 228, 229, 230, 231, 232, 233, 244)  # second ring below the right eye
+_LEFT_EYE_LOWER2 = (446, 261, 448, 449, 450, 451, 452, 453, 464)
+_RIGHT_EYE_LOWER3 = (143, 111, 117, 118, 119, 120, 121, 128, 245)  # third ring: the top of the cheek
+_LEFT_EYE_LOWER3 = (372, 340, 346, 347, 348, 349, 350, 357, 465)
+_RIGHT_EYE_CORNERS = (33, 133)
+_LEFT_EYE_CORNERS = (263, 362)
+_NOSE_LINE = (168, 6, 197, 195, 5, 4, 1)  # between the eyes down to the tip
+_NOSE_BASE = (98, 2, 327)  # right ala corner, bottom (subnasale), left ala corner
+
+
+@dataclass(frozen=True)
+class RegionShape:
+    """A region in the 468 topology: a polygon through ``indices`` (in order) or their convex hull."""
+
+    indices: tuple[int, ...]
+    hull: bool
+
+
+MEDIAPIPE_REGIONS: dict[str, RegionShape] = {
+    # The forehead: above both brows, up to the top of the FaceMesh silhouette (mid-forehead).
+    "forehead": RegionShape((70, 63, 105, 66, 107, 336, 296, 334, 293, 300, 284, 332, 297, 338, 10, 109, 67, 103, 54), False),
+    # Each eye region: brow (lower line) down to the second ring under the eye, both corners included.
+    "right_eye": RegionShape(_RIGHT_BROW_LOWER + (55,) + _RIGHT_EYE_LOWER2 + _RIGHT_EYE_CORNERS, True),
+    "left_eye": RegionShape(_LEFT_BROW_LOWER + (285,) + _LEFT_EYE_LOWER2 + _LEFT_EYE_CORNERS, True),
+    # The nose: bridge line plus the base (both alae and the subnasale).
+    "nose": RegionShape(_NOSE_LINE + _NOSE_BASE, True),
+    "lips": RegionShape(_LIPS_OUTER, True),
+    # Each cheek: the third ring under the eye, down the side of the nose to the mouth corner, then
+    # the silhouette from the jaw up to eye level.
+    "right_cheek": RegionShape(_RIGHT_EYE_LOWER3 + (98, 61, 58, 132, 93, 234), False),
+    "left_cheek": RegionShape(_LEFT_EYE_LOWER3 + (327, 291, 288, 361, 323, 454), False),
+}
+REGION_NAMES = tuple(MEDIAPIPE_REGIONS)
+
+MEDIAPIPE_TO_FLAME: dict[str, tuple[str, ...]] = {
+    "forehead": ("forehead",),
+    "left_eye": ("left_eye_region", "left_eyeball"),
+    "right_eye": ("right_eye_region", "right_eyeball"),
+    "nose": ("nose",),
+    "lips": ("lips",),
+    "left_cheek": ("left_cheek",),  # derived by ShapeSpace: the rest of FLAME's face mask, subject's left
+    "right_cheek": ("right_cheek",),
+}
+"""Visibility region -> FLAME mask regions it governs (``FLAME_masks.pkl`` names plus the derived cheeks)."""
+
+SKIN_REFERENCE_REGIONS = ("forehead", "left_cheek", "right_cheek", "nose")
+"""Regions whose pixels define the face's own skin statistics (photometric source)."""
+
+EXPECTED_SKIN_FRACTION = {"left_eye": 0.55, "right_eye": 0.55, "lips": 0.7}
+"""Skin-like fraction of a fully visible region (brows, sclerae and the mouth are not skin); others 0.85."""
+_DEFAULT_SKIN_FRACTION = 0.85
+
+
+@dataclass
+class Visibility:
+    """Per-region visibility in [0, 1] (1 = fully seen), optionally per vertex of a topology."""
+
+    regions: dict[str, float]
+    per_vertex: np.ndarray | None = None  # (V,) for the topology at hand
+    sources: tuple[str, ...] = ()
+
+    @property
+    def overall(self) -> float:
+        """Mean over regions (each region counts once, whatever its area); the per-vertex mean if no regions; 1 if neither."""
+        if self.regions:
+            return float(np.mean([float(v) for v in self.regions.values()]))
+        if self.per_vertex is not None and np.size(self.per_vertex):
+            return float(np.mean(self.per_vertex))
+        return 1.0
+
+    @classmethod
+    def full(cls, source: str = "assumed") -> Visibility:
+        """Every region fully visible (what fusion assumes when no visibility is given)."""
+        return cls({name: 1.0 for name in REGION_NAMES}, None, (source,))
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _landmarks_xy(landmarks468: np.ndarray) -> np.ndarray:
+    points = np.asarray(landmarks468, dtype=np.float64)
+    if points.ndim != 2 or points.shape[0] < NUM_MEDIAPIPE_LANDMARKS or points.shape[1] not in (2, 3):
+        raise InvalidInputError(
+            f"landmarks468: expected ({NUM_MEDIAPIPE_LANDMARKS}, 2 or 3) image-pixel points, got {points.shape}")
+    if not np.all(np.isfinite(points[:NUM_MEDIAPIPE_LANDMARKS, :2])):
+        raise InvalidInputError("landmarks468: contains NaN or infinite coordinates")
+    return points[:NUM_MEDIAPIPE_LANDMARKS, :2]
+
+
+def _convex_hull(points: np.ndarray) -> np.ndarray:
+    """Monotone-chain convex hull of (P,2) points, counter-clockwise, no repeated end point."""
+    pts = np.unique(points, axis=0)
+    if len(pts) < 3:
+        return pts
+    order = np.lexsort((pts[:, 1], pts[:, 0]))
+    pts = pts[order]
+
+    def half(seq: np.ndarray) -> list[np.ndarray]:
+        chain: list[np.ndarray] = []
+        for p in seq:
+            while len(chain) >= 2:
+                a, b = chain[-2], chain[-1]
+                if (b[0] - a[0]) * (p[1] - a[1]) - (b[1] - a[1]) * (p[0] - a[0]) > 0:
+                    break
+                chain.pop()
+            chain.append(p)
+        return chain
+
+    lower, upper = half(pts), half(pts[::-1])
+    return np.array(lower[:-1] + upper[:-1])
+
+
+def region_polygon(name: str, landmarks468: np.ndarray) -> np.ndarray:
+    """The region's polygon (P,2) in image pixels (x, y)."""
+    xy = _landmarks_xy(landmarks468)
+    shape = MEDIAPIPE_REGIONS[name]
+    points = xy[list(shape.indices)]
+    return _convex_hull(points) if shape.hull else points
+
+
+def _polygon_pixels(polygon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of every pixel centre inside the polygon, including pixels outside any image."""
+    from skimage.draw import polygon as fill
+
+    x0, y0 = np.floor(polygon.min(axis=0)).astype(int) - 1
+    x1, y1 = np.ceil(polygon.max(axis=0)).astype(int) + 1
+    rows, cols = fill(polygon[:, 1] - y0, polygon[:, 0] - x0, shape=(y1 - y0 + 1, x1 - x0 + 1))
+    return rows + y0, cols + x0
+
+
+def region_pixels(landmarks468: np.ndarray, image_shape: Sequence[int]) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """Region -> (rows, cols) of its pixels inside the image, and its full pixel count (in or out of the frame)."""
+    height, width = int(image_shape[0]), int(image_shape[1])
+    out = {}
+    for name in REGION_NAMES:
+        rows, cols = _polygon_pixels(region_polygon(name, landmarks468))
+        inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+        out[name] = (rows[inside], cols[inside], int(rows.size))
+    return out
+
+
+def region_label_image(landmarks468: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
+    """(H,W) int8 map of region indices into ``REGION_NAMES`` (-1 elsewhere; later regions win overlaps). For inspection."""
+    labels = np.full((int(image_shape[0]), int(image_shape[1])), -1, np.int8)
+    for k, (rows, cols, _) in enumerate(region_pixels(landmarks468, image_shape).values()):
+        labels[rows, cols] = k
+    return labels
+
+
+def _fraction_visible(clear: np.ndarray, landmarks468: np.ndarray, source: str) -> Visibility:
+    """Visibility = clear pixels / all pixels of the region; pixels outside the frame count as not seen."""
+    regions = {}
+    for name, (rows, cols, total) in region_pixels(landmarks468, clear.shape).items():
+        regions[name] = float(clear[rows, cols].sum()) / total if total else 0.0
+    return Visibility(regions, None, (source,))
+
+
+def _check_mask(mask: np.ndarray, what: str) -> np.ndarray:
+    array = np.asarray(mask)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim != 2 or array.size == 0:
+        raise InvalidInputError(f"{what}: expected an (H, W) bool/uint8 mask, got shape {array.shape}")
+    if array.dtype == bool:
+        return array
+    if not np.issubdtype(array.dtype, np.number):
+        raise InvalidInputError(f"{what}: expected a bool or numeric mask, got dtype {array.dtype}")
+    # uint8 masks are 0/255 or 0/1; anything above half of the maximum value counts as set.
+    top = 255.0 if array.dtype == np.uint8 and array.max() > 1 else 1.0
+    return array.astype(np.float64) > 0.5 * top
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def visibility_from_mask(mask: np.ndarray, landmarks468: np.ndarray, *, marks: str = "occluded") -> Visibility:
+    """Map a segmentation onto the regions: the fraction of each region's pixels that are clear.
+
+    ``marks="occluded"``: the mask is set where something covers the face (an occluder mask);
+    ``marks="visible"``: it is set where the face is seen (a visible-skin/face-parsing mask).
+    """
+    if marks not in ("occluded", "visible"):
+        raise InvalidInputError(f"visibility_from_mask: marks must be 'occluded' or 'visible', got {marks!r}")
+    flags = _check_mask(mask, "visibility mask")
+    clear = ~flags if marks == "occluded" else flags
+    return _fraction_visible(clear, landmarks468, "mask")
+
+
+def hand_mask_from_points(hand_points: Sequence[np.ndarray], image_shape: Sequence[int], *, dilate_px: float = 0.08) -> np.ndarray:
+    """(H,W) bool: each hand's convex hull (21 MediaPipe hand points, or any (P,2) set), grown by ``dilate_px``.
+
+    ``dilate_px`` < 1 is a fraction of the hand's size (fingers are thicker than their landmark line);
+    >= 1 is in pixels.
+    """
+    from skimage.draw import polygon as fill
+
+    height, width = int(image_shape[0]), int(image_shape[1])
+    mask = np.zeros((height, width), bool)
+    for k, points in enumerate(hand_points):
+        pts = np.asarray(points, dtype=np.float64)
+        if pts.ndim != 2 or pts.shape[0] < 3 or pts.shape[1] not in (2, 3) or not np.all(np.isfinite(pts)):
+            raise InvalidInputError(f"hand_points[{k}]: expected (P >= 3, 2 or 3) finite pixel points, got {pts.shape}")
+        hull = _convex_hull(pts[:, :2])
+        centre = hull.mean(axis=0)
+        size = float(np.max(np.linalg.norm(hull - centre, axis=1)))
+        grow = dilate_px * size if dilate_px < 1 else dilate_px
+        radii = np.linalg.norm(hull - centre, axis=1, keepdims=True)
+        grown = centre + (hull - centre) * (radii + grow) / np.maximum(radii, 1e-9)
+        rr, cc = fill(grown[:, 1], grown[:, 0], shape=(height, width))
+        mask[rr, cc] = True
+    return mask
+
+
+def visibility_from_hands(landmarks468: np.ndarray, image_shape: Sequence[int], *,
+                          hand_points: Sequence[np.ndarray] | None = None, hand_mask: np.ndarray | None = None) -> Visibility:
+    """Regions covered by hands: from hand landmark points (one (21,2|3) array per hand) and/or a hand mask."""
+    height, width = int(image_shape[0]), int(image_shape[1])
+    covered = np.zeros((height, width), bool)
+    if hand_mask is not None:
+        flags = _check_mask(hand_mask, "hand mask")
+        if flags.shape != (height, width):
+            raise InvalidInputError(f"hand mask: shape {flags.shape} differs from the image's {(height, width)}")
+        covered |= flags
+    if hand_points:
+        covered |= hand_mask_from_points(hand_points, (height, width))
+    return _fraction_visible(~covered, landmarks468, "hands")
+
+
+def _ycrcb(image_rgb: np.ndarray) -> np.ndarray:
+    """BT.601 full-range Y, Cr, Cb (the JPEG convention), float64 (H,W,3)."""
+    rgb = image_rgb.astype(np.float64)
+    y = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    cr = 128.0 + 0.713 * (rgb[..., 0] - y)
+    cb = 128.0 + 0.564 * (rgb[..., 2] - y)
+    return np.stack([y, cr, cb], axis=-1)
+
+
+GENERIC_SKIN_CR = (133.0, 173.0)
+GENERIC_SKIN_CB = (77.0, 127.0)
+"""A broad, widely used skin gate in YCrCb (Chai & Ngan 1999): only to seed the face's own statistics."""
+
+
+@dataclass(frozen=True)
+class PhotometricSettings:
+    """Thresholds of the photometric test (see :func:`visibility_photometric`)."""
+
+    tolerance: float = 3.5  # robust z-score on Cr and Cb
+    min_scale: float = 3.0  # floor of the robust chroma scale (Cr/Cb units), so a very even skin is not over-strict
+    dark_ratio: float = 0.4  # pixels darker than this fraction of the skin's median luma are not skin
+    bright_ratio: float = 1.8  # ... or brighter than this multiple (specular white, a white mask)
+    lips_redness: float = 30.0  # lips may be this much redder (Cr) than skin and still count as uncovered
+    min_reference_pixels: int = 50
+
+
+def visibility_photometric(image_rgb: np.ndarray, landmarks468: np.ndarray,
+                           settings: PhotometricSettings | None = None) -> Visibility:
+    """Each region's fraction of skin-like pixels, judged against the face's OWN skin statistics.
+
+    1. Seed: pixels of the forehead, cheeks and nose that pass a broad generic skin gate in YCrCb.
+    2. Statistics: median and 1.4826·MAD of Cr and Cb, median luma Y, over the seed.
+    3. A pixel is skin-like when both chroma robust z-scores are within ``tolerance`` and its luma is
+       within [dark_ratio, bright_ratio] × the median (a dark band fails on luma, a white/blue/green
+       mask on chroma). In the lips region Cr may exceed the skin range by ``lips_redness``.
+    4. Visibility = skin-like fraction / the fraction a clear region has (:data:`EXPECTED_SKIN_FRACTION`),
+       clipped to [0, 1]; pixels outside the frame count as not seen.
+    With fewer than ``min_reference_pixels`` seed pixels no skin is found at all and every region reads 0.
+    """
+    settings = settings or PhotometricSettings()
+    image = np.asarray(image_rgb)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise InvalidInputError(f"visibility_photometric: expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+    ycc = _ycrcb(image)
+    pixels = region_pixels(landmarks468, image.shape)
+    seed_rows = np.concatenate([pixels[r][0] for r in SKIN_REFERENCE_REGIONS])
+    seed_cols = np.concatenate([pixels[r][1] for r in SKIN_REFERENCE_REGIONS])
+    seed = ycc[seed_rows, seed_cols]
+    gate = ((seed[:, 1] >= GENERIC_SKIN_CR[0]) & (seed[:, 1] <= GENERIC_SKIN_CR[1])
+            & (seed[:, 2] >= GENERIC_SKIN_CB[0]) & (seed[:, 2] <= GENERIC_SKIN_CB[1]) & (seed[:, 0] > 30.0))
+    seed = seed[gate]
+    if seed.shape[0] < settings.min_reference_pixels:
+        return Visibility({name: 0.0 for name in REGION_NAMES}, None, ("photometric",))
+    median = np.median(seed, axis=0)
+    scale = np.maximum(1.4826 * np.median(np.abs(seed - median), axis=0), settings.min_scale)
+    regions = {}
+    for name, (rows, cols, total) in pixels.items():
+        if total == 0:
+            regions[name] = 0.0
+            continue
+        values = ycc[rows, cols]
+        z_cr = (values[:, 1] - median[1]) / scale[1]
+        if name == "lips":
+            z_cr = np.where(z_cr > 0, np.maximum(z_cr - settings.lips_redness / scale[1], 0.0), z_cr)
+        z_cb = (values[:, 2] - median[2]) / scale[2]
+        luma_ok = (values[:, 0] >= settings.dark_ratio * median[0]) & (values[:, 0] <= settings.bright_ratio * median[0])
+        skin = (np.abs(z_cr) <= settings.tolerance) & (np.abs(z_cb) <= settings.tolerance) & luma_ok
+        fraction = float(skin.sum()) / total
+        regions[name] = float(np.clip(fraction / EXPECTED_SKIN_FRACTION.get(name, _DEFAULT_SKIN_FRACTION), 0.0, 1.0))
+    return Visibility(regions, None, ("photometric",))
+
+
+# --------------------------------------------------------------------------- combining
+
+
+def combine(*visibilities: Visibility | None) -> Visibility:
+    """Merge sources: the minimum per region (and per vertex) over the sources that report it."""
+    present = [v for v in visibilities if v is not None]
+    if not present:
+        return Visibility.full()
+    names: list[str] = []
+    for vis in present:
+        names += [n for n in vis.regions if n not in names]
+    regions = {n: float(min(float(v.regions[n]) for v in present if n in v.regions)) for n in names}
+    per_vertex = None
+    arrays = [np.asarray(v.per_vertex, dtype=np.float32) for v in present if v.per_vertex is not None]
+    if arrays:
+        if any(a.shape != arrays[0].shape for a in arrays):
+            raise InvalidInputError(f"combine: per-vertex visibilities of different shapes {[a.shape for a in arrays]}")
+        per_vertex = np.minimum.reduce(arrays)
+    sources: list[str] = []
+    for vis in present:
+        sources += [s for s in vis.sources if s not in sources]
+    return Visibility(regions, per_vertex, tuple(sources))
+
+
+@dataclass(frozen=True)
+class VisibilitySources:
+    """Which sources to use; each can be switched off. With all off, everything is assumed visible."""
+
+    mask: bool = True
+    photometric: bool = True
+    hands: bool = True
+    photometric_settings: PhotometricSettings = field(default_factory=PhotometricSettings)
+
+    def estimate(self, image_rgb: np.ndarray, landmarks468: np.ndarray, *, occluder_mask: np.ndarray | None = None,
+                 hand_points: Sequence[np.ndarray] | None = None, hand_mask: np.ndarray | None = None) -> Visibility:
+        """Run the enabled sources that have their inputs, and :func:`combine` them."""
+        image = np.asarray(image_rgb)
+        found: list[Visibility] = []
+        if self.mask and occluder_mask is not None:
+            found.append(visibility_from_mask(occluder_mask, landmarks468))
+        if self.photometric:
+            found.append(visibility_photometric(image, landmarks468, self.photometric_settings))
+        if self.hands and (hand_points or hand_mask is not None):
+            found.append(visibility_from_hands(landmarks468, image.shape, hand_points=hand_points, hand_mask=hand_mask))
+        return combine(*found) if found else Visibility.full("none")

