@@ -14,8 +14,9 @@ LAYERS = ((64, 3), (128, 13), (256, 30), (512, 3))
 
 @pytest.fixture(scope="module")
 def arcface() -> IResNet100:
-    model = IResNet100().eval()
-    model.load_state_dict(arcface_state(torch.Generator().manual_seed(7)))
+    with torch.device("meta"):  # skip the default initialisation; the weights are assigned below
+        model = IResNet100().eval()
+    model.load_state_dict(arcface_state(torch.Generator().manual_seed(7)), assign=True)
     return model
 
 
@@ -100,30 +101,45 @@ def test_first_block_with_downsample_matches_numpy(arcface):
     np.testing.assert_allclose(ours, out + identity, rtol=1e-4, atol=1e-4)
 
 
-def test_head_bn2_fc_features_matches_numpy_and_features_switch(arcface):
-    blob = torch.rand(3, 3, 112, 112, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    captured = {}
-    handle = arcface.layer4.register_forward_hook(lambda m, i, o: captured.setdefault("x", o.detach().clone()))
-    with torch.no_grad():
-        with_features = arcface(blob).double().numpy()
-        raw = arcface(blob, apply_features=False).double().numpy()
-    handle.remove()
-    x = captured["x"].double().numpy()
-    assert x.shape == (3, 512, 7, 7)
-    flat = _np_bn(x, arcface.bn2).reshape(3, -1)  # C-major flatten
-    fc = flat @ arcface.fc.weight.detach().double().numpy().T + arcface.fc.bias.detach().double().numpy()
-    np.testing.assert_allclose(raw, fc, rtol=1e-4, atol=1e-3 * np.abs(fc).max())
-    np.testing.assert_allclose(with_features, _np_bn(fc, arcface.features), rtol=1e-4, atol=1e-3 * np.abs(fc).max())
-    assert np.abs(with_features - raw).max() > 1e-3
-
-
-def test_end_to_end_is_finite_varied_and_batch_independent(arcface):
-    blob = torch.rand(3, 3, 112, 112, generator=torch.Generator().manual_seed(3)) * 2 - 1
+@pytest.fixture(scope="module")
+def forward_outputs(arcface) -> dict[str, torch.Tensor]:
+    """One batch-2 forward (with the head's inputs captured) and the same faces one by one."""
+    blob = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [
+        arcface.layer4.register_forward_hook(lambda m, i, o: captured.setdefault("layer4", o.detach().clone())),
+        arcface.fc.register_forward_hook(lambda m, i, o: captured.setdefault("fc", o.detach().clone())),
+    ]
     with torch.no_grad():
         batch = arcface(blob)
-        single = torch.cat([arcface(blob[i:i + 1]) for i in range(3)])
-    assert batch.shape == (3, 512) and torch.isfinite(batch).all()
+        for h in hooks:
+            h.remove()
+        singles = torch.cat([arcface(blob[i:i + 1]) for i in range(2)])
+        raw_single = arcface(blob[:1], apply_features=False)
+    return {"batch": batch, "singles": singles, "raw_single": raw_single, **captured}
+
+
+def test_head_bn2_fc_features_matches_numpy(arcface, forward_outputs):
+    x = forward_outputs["layer4"].double().numpy()
+    assert x.shape == (2, 512, 7, 7)
+    flat = _np_bn(x, arcface.bn2).reshape(2, -1)  # C-major flatten
+    fc = flat @ arcface.fc.weight.detach().double().numpy().T + arcface.fc.bias.detach().double().numpy()
+    scale = np.abs(fc).max()
+    np.testing.assert_allclose(forward_outputs["fc"].double().numpy(), fc, rtol=1e-4, atol=1e-4 * scale)
+    expected = _np_bn(fc, arcface.features)
+    np.testing.assert_allclose(forward_outputs["batch"].double().numpy(), expected, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_apply_features_false_returns_the_raw_fc_output(forward_outputs):
+    raw, fc = forward_outputs["raw_single"], forward_outputs["fc"][:1]
+    torch.testing.assert_close(raw, fc, rtol=1e-4, atol=1e-4 * fc.abs().max().item())
+    assert (raw - forward_outputs["singles"][:1]).abs().max() > 1e-3  # features BN really skipped
+
+
+def test_end_to_end_is_finite_varied_and_batch_independent(forward_outputs):
+    batch, singles = forward_outputs["batch"], forward_outputs["singles"]
+    assert batch.shape == (2, 512) and torch.isfinite(batch).all()
     unit = torch.nn.functional.normalize(batch, dim=1)
-    assert (unit @ unit.T - torch.eye(3)).abs().max() < 0.95  # different faces -> different identities
-    # conv kernels may pick different BLAS paths for batch 1 and 3: float tolerance, not bit equality
-    torch.testing.assert_close(single, batch, rtol=1e-4, atol=1e-4 * batch.abs().max().item())
+    assert (unit[0] @ unit[1]).abs() < 0.95  # different faces -> different identities
+    # conv kernels may pick different BLAS paths for batch 1 and 2: float tolerance, not bit equality
+    torch.testing.assert_close(singles, batch, rtol=1e-4, atol=1e-4 * batch.abs().max().item())

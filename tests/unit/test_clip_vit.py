@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from facefuse.assets.synthetic.ofer_idrank import random_state
+from facefuse.assets.synthetic.ofer_idrank import synthetic_clip_state
 from facefuse.errors import InvalidInputError
 from facefuse.face.farl_preprocess import CLIP_MEAN, CLIP_STD, farl_preprocess
 from facefuse.models.clip_vit import ClipConfig, ClipViT, Float32LayerNorm
@@ -32,7 +32,7 @@ def clip_model() -> ClipViT:
     """ViT-B/16 with synthetic weights in the official format."""
     with torch.device("meta"):
         model = ClipViT()
-    state = random_state({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}, torch.Generator().manual_seed(11))
+    state = synthetic_clip_state(torch.Generator().manual_seed(11))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

@@ -78,6 +78,34 @@ def test_expected_sections_equal_official_key_lists(section: str, tsv: str) -> N
     assert {k: (shape, str(dtype).removeprefix("torch.")) for k, (shape, dtype) in expected.items()} == official
 
 
+def test_rank_net_construction_replays_official_rng_order() -> None:
+    """Per layer: Linear mlp (weight, bias), Linear scale (weight, bias), Linear shift (weight only)."""
+    import math
+
+    widths, ctx = (24, 16, 16, 8, 8, 1), 5
+
+    def linear(out_f: int, in_f: int, bias: bool) -> list[torch.Tensor]:
+        w = torch.empty(out_f, in_f)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        return [w, torch.empty(out_f).uniform_(-in_f ** -0.5, in_f ** -0.5)] if bias else [w]
+
+    torch.manual_seed(77)
+    expected = {}
+    for i in range(5):
+        p = f"ranklayers.{i}."
+        expected[p + "mlp.weight"], expected[p + "mlp.bias"] = linear(widths[i + 1], widths[i], True)
+        expected[p + "scale.weight"], expected[p + "scale.bias"] = linear(widths[i + 1], ctx, True)
+        (expected[p + "shift.weight"],) = linear(widths[i + 1], ctx, False)
+    after = torch.get_rng_state()
+    torch.manual_seed(77)
+    net = RankMLPNet(widths, ctx)
+    assert torch.equal(torch.get_rng_state(), after)
+    state = net.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+    assert set(state) - set(expected) == {f"ranklayers.{i}.gn.{w}" for i in range(4) for w in ("weight", "bias")}
+
+
 def test_rank_net_module_tree_has_the_33_official_keys() -> None:
     with torch.device("meta"):
         net = RankMLPNet()

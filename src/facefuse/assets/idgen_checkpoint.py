@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 
 from facefuse.assets.checkpoint_io import check_state_dict, expected_state, load_checkpoint, load_strict, require_sections
 from facefuse.errors import AssetError, CheckpointError
+from facefuse.io.atomic import atomic_open
 from facefuse.models.diffusion import VarianceSchedule
 from facefuse.models.idgen import (
     ATTENTION_BLOCK_DIMS,
@@ -233,14 +233,8 @@ def save_projections(path: str | os.PathLike[str], projections: Mapping[str, Ten
         "projections": {name: projections[name].detach().to("cpu", torch.float32).contiguous() for name in ATTENTION_BLOCK_NAMES},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path, "wb") as handle:
+        torch.save(payload, handle)
     return sha
 
 

@@ -17,6 +17,7 @@ Expected key sets come from the modules built on the meta device: no memory, no 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ FARL_IMAGE_PREFIX = "visual."
 _DDP_PREFIX = "module."
 
 Expected = dict[str, tuple[tuple[int, ...], torch.dtype]]
+_log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -141,10 +143,8 @@ def load_farl_weights(model: ClipViT, path: str | os.PathLike[str]) -> FarlLoadR
 
 
 def validate_farl_weights(path: Path) -> str:
-    with torch.device("meta"):
-        expected = expected_state(ClipViT())
     state = _farl_state(Path(path))
-    report = _match_farl(expected, state, f"{path} [{FARL_STATE_KEY!r}]")
+    report = _match_farl(expected_idrank_sections()["farl"], state, f"{path} [{FARL_STATE_KEY!r}]")
     return f"FaRL ViT-B/16 weights: {report.summary()}"
 
 
@@ -213,7 +213,8 @@ def load_idrank(
     except InvalidInputError as exc:  # pragma: no cover - indices were validated above
         raise AssetError(str(exc)) from None
     if farl_path is not None:
-        load_farl_weights(model.farl, farl_path)
+        report = load_farl_weights(model.farl, farl_path)
+        _log.info("FaRL weights %s: %s (then overwritten by the 'farl' section)", farl_path, report.summary())
     for section in IDRANK_SECTIONS:
         load_strict(getattr(model, section), checkpoint[section], f"{path} section {section!r}")
     return model.to(device).eval()

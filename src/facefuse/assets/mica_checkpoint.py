@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from facefuse.assets.checkpoint_io import load_checkpoint, load_strict, require_sections
+from facefuse.assets.checkpoint_io import check_state_dict, expected_state, load_checkpoint, require_sections
 from facefuse.errors import AssetError, CheckpointError
 from facefuse.models.flame import N_JOINTS, FlameModelData, LandmarkEmbedding
 from facefuse.models.mica import Mica
@@ -64,10 +64,14 @@ def load_mica(path: str | Path, flame: FlameModelData | None = None, device: str
     for section in MICA_SECTIONS:
         if not isinstance(checkpoint[section], Mapping):
             raise CheckpointError(f"{path}: section {section!r} is a {type(checkpoint[section]).__name__}, expected a state dict")
-    with torch.random.fork_rng(devices=[]):  # building the network must not move the caller's RNG
+    # Built on the meta device: no memory, no default initialisation, no draw from the caller's RNG;
+    # the checkpoint's tensors are then assigned in place of the meta ones.
+    with torch.device("meta"):
         mica = Mica(_skeleton_flame(checkpoint["flameModel"]))
-    load_strict(mica.arcface, checkpoint["arcface"], f"{path} section 'arcface'")
-    load_strict(mica.flameModel, checkpoint["flameModel"], f"{path} section 'flameModel'")
+    for section in MICA_SECTIONS:  # check both before loading either, so errors come fast and complete
+        check_state_dict(expected_state(getattr(mica, section)), checkpoint[section], f"{path} section {section!r}")
+    for section in MICA_SECTIONS:
+        getattr(mica, section).load_state_dict(checkpoint[section], strict=True, assign=True)
     if flame is not None:
         check_flame_agreement(mica.flame.to_data(), flame, source=str(path))
     return mica.to(device).eval()

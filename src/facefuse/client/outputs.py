@@ -149,7 +149,9 @@ def write_face(out: Path, key: str, result: gateway_pb2.FaceResult, image: np.nd
 
 
 def write_reconstruction(out: Path, target: Path, rec: gateway_pb2.Reconstruction, keep: Any) -> dict[str, Any]:
-    info: dict[str, Any] = {"strategy": rec.strategy or rec.method, "confidence": round(float(rec.confidence), 4)}
+    info: dict[str, Any] = {"strategy": rec.strategy or rec.method}
+    if rec.method != "mica":  # MICA alone has no confidence measure; fused and sampled results do
+        info["confidence"] = round(float(rec.confidence), 4)
     if rec.fallback:
         info["fallback"] = rec.fallback
     params: dict[str, np.ndarray] = {}
@@ -182,7 +184,7 @@ def write_reconstruction(out: Path, target: Path, rec: gateway_pb2.Reconstructio
         keep(write_npz_atomic(target / "params.npz", params))
         keep(write_json_atomic(target / "params.json", {
             "model": "FLAME 2020", "units": {"vertices": "mm", "shape": "FLAME coefficients"},
-            "method": rec.method, "strategy": rec.strategy, "confidence": float(rec.confidence),
+            "method": rec.method, "strategy": rec.strategy or rec.method,
             **{k: [float(x) for x in v.ravel()] for k, v in params.items()},
         }))
     return info

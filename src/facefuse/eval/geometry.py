@@ -25,8 +25,9 @@ from scipy.spatial import cKDTree
 
 from facefuse.errors import InvalidInputError
 
-_PAIR_CHUNK = 400_000
-"""Point-triangle pairs evaluated per vectorised block (bounds memory at ~100 MB)."""
+_PAIR_CHUNK = 65_536
+"""Point-triangle pairs evaluated per vectorised block: small enough for the temporaries to stay in
+cache (measured ~1.5x faster than 400k blocks), large enough to amortise numpy call overhead."""
 
 
 def _as_points(points: np.ndarray, name: str) -> np.ndarray:
@@ -161,7 +162,7 @@ class TriangleMeshDistance:
         vertices: np.ndarray,
         faces: np.ndarray,
         *,
-        k_stages: tuple[int, ...] = (8, 32),
+        k_stages: tuple[int, ...] = (12,),
         anchor_fraction: float = 0.5,
         max_subdivision: int = 32,
     ) -> None:
@@ -281,14 +282,21 @@ class TriangleMeshDistance:
             # Every anchor outside the k found is at least the k-th distance away.
             todo = todo[best_dist[todo] > anchor_dist[:, -1] - self.anchor_radius]
         if len(todo):
-            neighbours = self._tree.query_ball_point(pts[todo], best_dist[todo] + self.anchor_radius)
-            counts = np.fromiter(map(len, neighbours), dtype=np.int64, count=len(todo))
-            flat = np.fromiter(itertools.chain.from_iterable(neighbours), dtype=np.int64, count=int(counts.sum()))
-            owner = self._anchor_owner[flat]
-            point_of_pair = np.repeat(todo, counts)
-            # Several anchors of one triangle: evaluate each (point, triangle) pair once.
-            key = np.unique(point_of_pair * len(self.faces) + owner)
-            self._update_best(pts, key // len(self.faces), key % len(self.faces), best_dist, best_tri, best_closest)
+            # Exact fallback: all anchors within best + anchor_radius, in blocks of bounded size
+            # (a point far from the surface can see most of the mesh).
+            radii = best_dist[todo] + self.anchor_radius
+            counts = np.asarray(self._tree.query_ball_point(pts[todo], radii, return_length=True), dtype=np.int64)
+            start = 0
+            while start < len(todo):
+                stop = start + max(1, int(np.searchsorted(np.cumsum(counts[start:]), 4 * _PAIR_CHUNK, side="right")))
+                block = todo[start:stop]
+                neighbours = self._tree.query_ball_point(pts[block], radii[start:stop])
+                flat = np.fromiter(itertools.chain.from_iterable(neighbours), dtype=np.int64, count=int(counts[start:stop].sum()))
+                point_of_pair = np.repeat(block, counts[start:stop])
+                # Several anchors of one triangle: evaluate each (point, triangle) pair once.
+                key = np.unique(point_of_pair * len(self.faces) + self._anchor_owner[flat])
+                self._update_best(pts, key // len(self.faces), key % len(self.faces), best_dist, best_tri, best_closest)
+                start = stop
         return SurfaceQuery(best_dist, best_closest, best_tri)
 
     def _update_best(

@@ -21,17 +21,19 @@ import csv
 import functools
 import json
 import math
+import multiprocessing
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from facefuse.errors import AssetError, FacefuseError, InvalidInputError
+from facefuse.errors import AssetError, FacefuseError, InvalidInputError, LimitExceededError
 from facefuse.eval.geometry import TriangleMeshDistance
 from facefuse.eval.procrustes import SimilarityTransform, similarity_procrustes
 
@@ -91,7 +93,7 @@ def write_pp_landmarks(path: str | os.PathLike[str], landmarks: np.ndarray) -> N
         " </DocumentData>",
     ]
     for i, (x, y, z) in enumerate(pts):
-        lines.append(f' <point x="{x!r}" y="{y!r}" z="{z!r}" active="1" name="{i}"/>')
+        lines.append(f' <point x="{float(x)!r}" y="{float(y)!r}" z="{float(z)!r}" active="1" name="{i}"/>')
     lines.append("</PickedPoints>")
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -308,13 +310,16 @@ def refine_alignment(
     fit_scale: bool,
     max_iterations: int = 60,
     ftol: float = 1e-8,
+    xtol: float = 5e-4,
 ) -> tuple[SimilarityTransform, np.ndarray, int, bool]:
     """Minimise sum_i dist(points_i, T(surface))^2 over T = (rotation, translation[, scale]).
 
     Levenberg-Marquardt on the exact unsigned distances: each residual is linearised along the
     direction from its closest surface point to the scan point (the face normal when the point lies
     on the surface); a step is kept only if the exact objective decreases, so the objective is
-    monotone and the loop ends. Returns the transform, the final distances, iterations, converged.
+    monotone and the loop ends. It stops when the relative decrease is below ``ftol`` or the step
+    moves no scan-side surface point by more than ``xtol`` (scan units). Returns the transform, the
+    final distances, iterations, converged.
     """
     dist, closest, normals = _surface_state(points, surface, initial)
     energy = float(np.dot(dist, dist))
@@ -339,8 +344,13 @@ def refine_alignment(
         grad = jac.T @ dist
         diag = np.maximum(np.diag(jtj), 1e-12 * max(1.0, float(np.trace(jtj))))
         accepted = False
-        while damping < 1e12:
+        for _attempt in range(8):
             delta = np.linalg.solve(jtj + damping * np.diag(diag), grad)
+            # The linear model's promised decrease; when even that is negligible we are at a minimum
+            # (this also ends the loop on symmetric surfaces, where some motions change nothing).
+            promised = 2.0 * float(grad @ delta) - float(delta @ jtj @ delta)
+            if promised <= ftol * energy:
+                break
             full = np.zeros(7)
             full[:n_params] = delta
             candidate = _increment(full, pivot, fit_scale).compose(transform)
@@ -351,12 +361,14 @@ def refine_alignment(
                 break
             damping *= 8.0
         if not accepted:
-            converged = True  # no descent step exists at machine precision: a minimum
+            converged = True  # no step decreases the objective by more than ftol: a minimum
             break
         decrease = energy - c_energy
+        reach = float(np.max(np.linalg.norm(lever, axis=1)))
+        moved = np.linalg.norm(full[:3]) * reach + np.linalg.norm(full[3:6]) + abs(full[6]) * reach
         transform, dist, closest, normals, energy = candidate, c_dist, c_closest, c_normals, c_energy
         damping = max(damping / 4.0, 1e-12)
-        if decrease <= ftol * max(energy, 1e-300) or energy == 0.0:
+        if decrease <= ftol * max(energy, 1e-300) or energy == 0.0 or moved <= xtol:
             converged = True
             break
     return transform, dist, iterations, converged
@@ -394,7 +406,9 @@ def align_and_measure(
     iterations = 0
     if len(points) > 2 * coarse_points:
         subset = points[:: int(math.ceil(len(points) / coarse_points))]
-        transform, _, iterations, _ = refine_alignment(subset, surface, transform, fit_scale=not metrical, ftol=1e-6)
+        transform, _, iterations, _ = refine_alignment(
+            subset, surface, transform, fit_scale=not metrical, ftol=1e-6, xtol=1e-2
+        )
     transform, errors, more, converged = refine_alignment(points, surface, transform, fit_scale=not metrical)
     return AlignmentResult(transform, errors, landmark_rms, iterations + more, converged)
 
@@ -545,10 +559,17 @@ def _run_tasks(tasks: Sequence[_Task], workers: int, progress: bool) -> list[Ima
                 results.append(_evaluate_task(task))
                 bar.update(1)
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for res in pool.map(_evaluate_task, tasks, chunksize=1):
-                    results.append(res)
-                    bar.update(1)
+            # spawn: the parent may hold threads (torch, gRPC) that fork would copy half-locked.
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                try:
+                    for res in pool.map(_evaluate_task, tasks, chunksize=1):
+                        results.append(res)
+                        bar.update(1)
+                except BrokenProcessPool as exc:
+                    raise LimitExceededError(
+                        f"a NoW evaluation worker process died ({exc}); this is usually memory: "
+                        f"rerun with fewer --workers (was {workers})"
+                    ) from exc
     finally:
         bar.close()
     return results

@@ -253,8 +253,10 @@ class OfficialSampler(_Sampler):
             b = tables.sqrt_recip_minus_one_alphas_cumprod[t]
             x0 = a * x32 - b * eps
             if guidance is not None:
-                x0 = guidance.apply(x0)
-                eps = (a * x32 - x0) / b
+                # ε consistent with the moved x̂₀ (x̂₀ = a·x − b·ε); a zero pull leaves ε bit-identical.
+                pulled = guidance.apply(x0)
+                eps = eps - (pulled - x0) / b
+                x0 = pulled
             if callback is not None:
                 callback(StepState(index, t, x32, eps, x0))
             abar_prev = tables.alphas_cumprod_prev[t]  # float64; ᾱ_{t-1}, and ᾱ_{T-2} for t = -1
@@ -317,8 +319,10 @@ class DDIMSampler(_Sampler):
             eps = eps_model(x32, torch.full((batch_size,), t, dtype=torch.long)).to(torch.float64)
             x0 = (x - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
             if guidance is not None:
-                x0 = guidance.apply(x0)
-                eps = (x - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
+                # ε consistent with the moved x̂₀ (x = √ᾱ·x̂₀ + √(1−ᾱ)·ε); a zero pull leaves ε bit-identical.
+                pulled = guidance.apply(x0)
+                eps = eps - (pulled - x0) * (abar_t / (1 - abar_t)).sqrt()
+                x0 = pulled
             if callback is not None:
                 callback(StepState(index, t, x32, eps, x0))
             sigma = self.eta * ((1 - abar_s) / (1 - abar_t)).sqrt() * (1 - abar_t / abar_s).sqrt()

@@ -154,6 +154,8 @@ class FlameLayer(nn.Module):
         shape = nn.functional.pad(shape.to(dtype), (0, N_SHAPE - shape.shape[1]))
         if expression is None:
             expression = shape.new_zeros(batch, self.num_expression)
+        if expression.ndim != 2 or expression.shape[0] != batch or expression.shape[1] > self.num_expression:
+            raise ValueError(f"expression must be ({batch}, <= {self.num_expression}), got {tuple(expression.shape)}")
         expression = nn.functional.pad(expression.to(dtype), (0, self.num_expression - expression.shape[1]))
 
         def pose(value: Tensor | None, default: Tensor) -> Tensor:

@@ -187,7 +187,7 @@ class FacePipeline:
             from facefuse.servers.base import DeadlineError
 
             raise DeadlineError("deadline exceeded before the branch could run")
-        return left
+        return min(left, DEFAULT_CALL_TIMEOUT_S)
 
     def _call(self, backend: str, fn: Callable[..., object], request: object, deadline: float | None) -> object:
         if fn is None:
@@ -205,7 +205,7 @@ class FacePipeline:
                            mica_pb2.PredictRequest(faces=[face], return_mesh=True, return_landmarks=True), deadline)
         pred = reply.predictions[0]  # type: ignore[attr-defined]
         return gateway_pb2.Reconstruction(method="mica", shape=pred.shape, mesh=pred.mesh,
-                                          landmarks68=pred.landmarks68, kpt7=pred.kpt7, confidence=1.0)
+                                          landmarks68=pred.landmarks68, kpt7=pred.kpt7)
 
     def _samples(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: float | None,
                  start: common_pb2.Tensor | None = None, t0: int = 0,

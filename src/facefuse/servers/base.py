@@ -106,13 +106,23 @@ def unary_errors(method: Callable[..., T]) -> Callable[..., T]:
 
 def remaining_seconds(context: grpc.ServicerContext, default: float | None = None, margin: float = 0.05) -> float | None:
     """Time left of the caller's deadline (minus a margin for the reply), to pass downstream."""
-    left = context.time_remaining()
+    left = caller_time_left(context)
     if left is None:
         return default
     left -= margin
     if left <= 0:
         raise DeadlineError("deadline exceeded before the call could be made")
     return left if default is None else min(left, default)
+
+
+NO_DEADLINE_S = 1e7
+"""grpc reports a call without a deadline as an enormous time remaining; anything above this is 'none'."""
+
+
+def caller_time_left(context: grpc.ServicerContext) -> float | None:
+    """Seconds left of the caller's deadline, or None when the caller set no deadline."""
+    left = context.time_remaining()
+    return None if left is None or left > NO_DEADLINE_S else left
 
 
 def log_event(event: str, **fields: Any) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from facefuse import wire
 from facefuse.errors import FacefuseError, InvalidInputError, LimitExceededError
 from facefuse.pipeline.orchestration import FacePipeline, MeshClients, error_result
-from facefuse.servers.base import log_event, run_cli, unary_errors
+from facefuse.servers.base import caller_time_left, log_event, run_cli, unary_errors
 from facefuse.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 SERVICE_NAME = "facefuse.v1.Gateway"
@@ -53,7 +53,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         pool = ThreadPoolExecutor(max_workers=self.image_workers, thread_name_prefix="image")
         cancelled = threading.Event()
         context.add_callback(cancelled.set)
-        left = context.time_remaining()
+        left = caller_time_left(context)
         deadline = None if left is None else time.monotonic() + left
         tasks: list[object] = []
         reader_error: list[BaseException] = []

@@ -35,10 +35,10 @@ WRITERS: dict[str, tuple[str, str]] = {
     "FLAME2020/landmark_embedding.npy": ("facefuse.assets.synthetic.flame", "write_landmark_embedding"),
     "FLAME2020/FLAME_masks.pkl": ("facefuse.assets.synthetic.flame", "write_flame_masks"),
     "mica.tar": ("facefuse.assets.synthetic.mica", "write_mica_checkpoint"),
-    "model_idgen_flame20.tar": ("facefuse.assets.synthetic.ofer", "write_idgen_checkpoint"),
-    "model_idrank.tar": ("facefuse.assets.synthetic.ofer", "write_idrank_checkpoint"),
-    "FaRL-Base-Patch16-LAIONFace20M-ep64.pth": ("facefuse.assets.synthetic.ofer", "write_farl_weights"),
-    "frontindices.npy": ("facefuse.assets.synthetic.ofer", "write_front_indices"),
+    "model_idgen_flame20.tar": ("facefuse.assets.synthetic.ofer_idgen", "write_idgen_checkpoint"),
+    "model_idrank.tar": ("facefuse.assets.synthetic.ofer_idrank", "write_idrank_checkpoint"),
+    "FaRL-Base-Patch16-LAIONFace20M-ep64.pth": ("facefuse.assets.synthetic.ofer_idrank", "write_farl_weights"),
+    "frontindices.npy": ("facefuse.assets.synthetic.ofer_idrank", "write_front_indices"),
 }
 
 
@@ -79,7 +79,7 @@ def synthesize(directory: Path, size: str = "full", seed: int = 0, only: set[str
                progress: Progress | None = None) -> dict[str, Path]:
     """Write synthetic official-format files under ``directory``; returns relpath -> path written.
 
-    A writer whose module cannot be imported yet (the OFER writers live in ``synthetic/ofer.py``) is
+    A writer whose module cannot be imported (the OFER writers live in ``synthetic/ofer_*.py``) is
     skipped with a message through ``progress`` and the log; the other files are still written.
     """
     if size not in SIZES:

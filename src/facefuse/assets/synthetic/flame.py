@@ -20,7 +20,10 @@ full size, a small mouth opening so that the vertex and face counts equal FLAME'
 from __future__ import annotations
 
 import dataclasses
+import io
 import pickle
+import pickletools
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -340,8 +343,32 @@ def write_landmark_embedding(path: Path, size: str, generator: torch.Generator) 
     """``landmark_embedding.npy``: a dict in a 0-d object array (torch tensors for the dynamic keys)."""
     holder = np.empty((), dtype=object)
     holder[()] = landmark_embedding_dict(size, flame_generator(generator, _LANDMARK_STREAM))
-    with open(path, "wb") as handle:
-        np.save(handle, holder, allow_pickle=True)
+    buffer = io.BytesIO()
+    np.save(buffer, holder, allow_pickle=True)
+    Path(path).write_bytes(_stable_storage_keys(buffer.getvalue()))
+
+
+def _stable_storage_keys(blob: bytes) -> bytes:
+    """Replace the memory addresses torch uses as storage keys when it pickles a tensor.
+
+    Each tensor's storage is embedded as a legacy ``torch.save`` blob whose key is the storage's
+    address, so two identical runs would write different bytes. Every key is replaced by a counter of
+    the same length (lengths, hence every length prefix, stay valid), making the file reproducible.
+    """
+    header_end = blob.index(b"\n") + 1  # the .npy header ends with a newline
+    keys: list[bytes] = []
+    for op, arg, _ in pickletools.genops(io.BytesIO(blob[header_end:])):
+        if op.name in ("BINBYTES", "SHORT_BINBYTES", "BINBYTES8"):
+            inner = io.BytesIO(arg)
+            while inner.tell() < len(arg):
+                try:
+                    ops = list(pickletools.genops(inner))
+                except ValueError:  # the raw storage bytes after the last pickle
+                    break
+                keys += [a.encode() for o, a, _ in ops if o.name == "BINUNICODE" and a.isdigit() and a.encode() not in keys]
+    for number, key in enumerate(keys, start=1):
+        blob = blob.replace(struct.pack("<cI", b"X", len(key)) + key, struct.pack("<cI", b"X", len(key)) + str(number).zfill(len(key)).encode())
+    return blob
 
 
 # --------------------------------------------------------------------------- masks

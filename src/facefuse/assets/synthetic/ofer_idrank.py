@@ -49,7 +49,7 @@ NORM_GAIN_SUFFIXES = ("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.we
 """LayerNorm / GroupNorm gains: the shared rules treat them as small vectors; here they sit near 1."""
 
 
-def _random_sections_state(expected: Expected, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def _random_state_unit_norm_gains(expected: Expected, generator: torch.Generator) -> dict[str, torch.Tensor]:
     state = random_state(expected, generator)
     for key in state:
         if key.endswith(NORM_GAIN_SUFFIXES):
@@ -57,13 +57,17 @@ def _random_sections_state(expected: Expected, generator: torch.Generator) -> di
     return state
 
 
+def synthetic_clip_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A random whole-CLIP ViT-B/16 state dict (the ``farl`` section), official 302 keys."""
+    return _random_state_unit_norm_gains(expected_idrank_sections()["farl"], generator)
+
+
 def synthetic_idrank_sections(generator: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
     """The three state-dict sections of a synthetic ``model_idrank.tar``, in memory."""
-    expected = expected_idrank_sections()
     return {
-        "net": _random_sections_state(expected["net"], generator),
+        "net": _random_state_unit_norm_gains(expected_idrank_sections()["net"], generator),
         "arcface": arcface_state(generator),
-        "farl": _random_sections_state(expected["farl"], generator),
+        "farl": synthetic_clip_state(generator),
     }
 
 
@@ -94,10 +98,9 @@ def _farl_mim_extras(width: int) -> dict[str, tuple[tuple[int, ...], torch.dtype
 
 def write_farl_weights(path: Path, size: str, generator: torch.Generator) -> None:
     _check_size(size)
-    clip_expected = expected_idrank_sections()["farl"]
-    state = _random_sections_state(clip_expected, generator)
-    width = clip_expected["visual.class_embedding"][0][0]
-    state.update(_random_sections_state(_farl_mim_extras(width), generator))
+    state = synthetic_clip_state(generator)
+    width = state["visual.class_embedding"].shape[0]
+    state.update(_random_state_unit_norm_gains(_farl_mim_extras(width), generator))
     with atomic_open(path, "wb") as handle:
         torch.save({FARL_STATE_KEY: state}, handle)
 

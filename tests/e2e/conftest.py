@@ -1,0 +1,33 @@
+"""End-to-end fixtures: the mesh over synthetic official-format assets (size "small")."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from facefuse.servers.local import LocalMesh
+
+
+@pytest.fixture(scope="session")
+def astronaut_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import skimage.data
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
+    Image.fromarray(skimage.data.astronaut()).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mica_assets(synthetic_assets) -> Path:
+    for name in ("flame2020", "landmark_embedding", "flame_masks", "mica"):
+        synthetic_assets.path(name)
+    return synthetic_assets.directory
+
+
+@pytest.fixture(scope="session")
+def flame_mesh(mica_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    with LocalMesh(assets=mica_assets, workdir=tmp_path_factory.mktemp("flame-mesh")) as mesh:
+        yield mesh
