@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from eval_fixtures import apply, head_mesh, mesh_landmarks, random_similarity  # noqa: E402
 
 from facefuse.eval.geometry import TriangleMeshDistance, closest_points_on_triangles  # noqa: E402
-from facefuse.eval.now import align_and_measure, crop_scan  # noqa: E402
+from facefuse.eval.now import align_and_measure, crop_scan, read_mesh  # noqa: E402
+import tempfile  # noqa: E402
 
 
 def sample_scan(head: trimesh.Trimesh, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -57,6 +58,20 @@ def main() -> None:
 
     print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
     print(f"scan vertices {len(scan)}, inside the NoW crop {len(points)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        # File reading: the scan once per subject (cached per worker), the prediction once per image.
+        scan_mesh = trimesh.Trimesh(scan, np.zeros((0, 3), dtype=np.int64), process=False)
+        scan_path = Path(tmp) / "scan.obj"
+        scan_path.write_text("".join(f"v {x:.6f} {y:.6f} {z:.6f}\n" for x, y, z in scan_mesh.vertices))
+        pred_path = Path(tmp) / "pred.obj"
+        head_mesh(4).export(pred_path)
+        t0 = time.process_time()
+        read_mesh(scan_path, need_faces=False)
+        t_scan = time.process_time() - t0
+        t0 = time.process_time()
+        read_mesh(pred_path)
+        t_pred = time.process_time() - t0
+    print(f"reading: 100k-vertex scan OBJ {t_scan:.2f} s CPU (once per subject), prediction OBJ {t_pred * 1000:.0f} ms CPU")
     for label, pred in (("prediction 2562 v / 5120 f", head_mesh(4)), ("prediction 10242 v / 20480 f", head_mesh(5))):
         ps, prot, pt = random_similarity(rng, scale=1.0)
         pv = apply(pred.vertices, ps, prot, pt)

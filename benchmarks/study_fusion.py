@@ -105,22 +105,22 @@ def occlusion(space: ShapeSpace, kind: str, level: float) -> Occlusion:
 
 
 class GaussianEps:
-    """The exact noise predictor of x0 ~ N(mean, U diag(lam) Uᵀ) under the IdGen schedule."""
+    """The exact noise predictor of x0 ~ N(mean, U diag(lam) Uᵀ) under the IdGen schedule (float32 arithmetic)."""
 
     def __init__(self, tables: SamplingTables, mean: np.ndarray, eigval: np.ndarray, eigvec: np.ndarray) -> None:
         self.abar = tables.alphas_cumprod.to(torch.float64)
-        self.mean = torch.from_numpy(mean)
-        self.eigval = torch.from_numpy(eigval)
-        self.eigvec = torch.from_numpy(eigvec)
+        self.mean = torch.from_numpy(np.asarray(mean, np.float32))
+        self.eigval = torch.from_numpy(np.asarray(eigval, np.float64))
+        self.eigvec = torch.from_numpy(np.ascontiguousarray(eigvec, np.float32))
+        self.eigvec_t = self.eigvec.T.contiguous()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        abar = self.abar[t.long()][:, None]
-        xt = x.to(torch.float64)
-        centred = xt - abar.sqrt() * self.mean
-        coords = centred @ self.eigvec
-        gain = abar.sqrt() * self.eigval / (abar * self.eigval + 1.0 - abar)
-        x0 = self.mean + (coords * gain) @ self.eigvec.T
-        return ((xt - abar.sqrt() * x0) / (1.0 - abar).sqrt()).to(torch.float32)
+        abar = self.abar[int(t[0])]  # one timestep per call in these samplers
+        root = float(abar.sqrt())
+        gain = (root * self.eigval / (abar * self.eigval + 1.0 - abar)).to(torch.float32)
+        centred = x.to(torch.float32) - root * self.mean
+        x0 = self.mean + ((centred @ self.eigvec) * gain) @ self.eigvec_t
+        return (x - root * x0) / float((1.0 - abar).sqrt())
 
 
 def ranker_scores(errors: np.ndarray, tau: float, rng: np.random.Generator) -> np.ndarray:
@@ -178,6 +178,7 @@ def sampler_scale(tables: SamplingTables, sampler: DDIMSampler, spread: float, n
 
 def run(args: argparse.Namespace) -> int:
     t_start = time.time()
+    torch.set_num_threads(1)  # small matrices: threads cost more than they give
     space = flame_like_space()
     tables = SamplingTables.linear()
     sampler = DDIMSampler(50)

@@ -11,7 +11,7 @@ for _ in $(seq 1 600); do grep -q "gateway ready" "$workdir/mesh.out" 2>/dev/nul
 grep -q "gateway ready" "$workdir/mesh.out" || { cat "$workdir/mesh.err" >&2; echo "mesh did not start" >&2; exit 1; }
 fail=0
 while read -r name address; do
-  [ -n "$address" ] || continue
+  [[ "$address" =~ ^[0-9.]+:[0-9]+$ ]] || continue
   case "$name" in mica|ofer|fusion|gateway) ;; *) continue ;; esac
   echo "== $name at $address"
   grpcurl -plaintext "$address" list

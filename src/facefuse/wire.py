@@ -185,6 +185,8 @@ def face_message(face: "AlignedFace", index: int, image_size: tuple[int, int], *
     )
     if det.landmarks is not None:
         message.landmarks.CopyFrom(from_numpy(det.landmarks, unit="px"))
+    if det.iris is not None:
+        message.iris.CopyFrom(from_numpy(det.iris, unit="px"))
     if with_crops:
         message.crop112.CopyFrom(from_numpy(face.crop112))
         message.arcface_blob.CopyFrom(from_numpy(face.arcface_blob))
@@ -207,6 +209,7 @@ def aligned_face_from_message(message: common_pb2.Face, name: str = "face") -> "
         box=np.array([box.x1, box.y1, box.x2, box.y2], np.float32), score=message.score or box.score,
         kps5=require(message.kps5, f"{name}.kps5", shape=(5, 2)) if has(message, "kps5") else np.zeros((5, 2), np.float32),
         landmarks=landmarks, detector=message.detector,
+        iris=require(message.iris, f"{name}.iris", shape=(2, 3)) if has(message, "iris") else None,
     )
     f32, u8 = [DType.FLOAT32], [DType.UINT8]
     return AlignedFace(

@@ -127,3 +127,13 @@ def test_sigterm_shuts_a_server_down_gracefully(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_make_smoke_script_passes() -> None:
+    import os
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", "FACEFUSE_ASSETS": ""}
+    out = subprocess.run(["bash", str(root / "deploy" / "smoke.sh")], capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.count('"status": "SERVING"') == 4

@@ -157,7 +157,7 @@ def test_non_metrical_scan_of_the_same_surface_in_any_pose_gives_zero(head_case:
 
 def _sphere_case(rng: np.random.Generator, radius: float, pred_radius: float, subdivisions: int = 5):
     """A spherical cap 'scan' (exact points on the sphere) and an icosphere prediction in any pose."""
-    dirs = trimesh.creation.icosphere(subdivisions=6).vertices
+    dirs = trimesh.creation.icosphere(subdivisions=5).vertices
     cap = dirs[dirs[:, 2] > 0.2]
     scan = cap * radius
     lmk_dirs = np.array([[-0.5, 0.3, 0], [-0.15, 0.3, 0], [0.15, 0.3, 0], [0.5, 0.3, 0], [0, -0.1, 0], [-0.3, -0.4, 0], [0.3, -0.4, 0]])
@@ -204,7 +204,7 @@ def test_mesh_displaced_along_normals_has_median_error_d() -> None:
     ellipsoid = trimesh.Trimesh(coarse.vertices * radii, coarse.faces, process=False)
     displaced = ellipsoid.vertices + d * ellipsoid.vertex_normals
     # The scan: points exactly on the analytic ellipsoid, all of it (a closed surface, no crop).
-    scan = trimesh.creation.icosphere(subdivisions=6).vertices * radii
+    scan = trimesh.creation.icosphere(subdivisions=5).vertices * radii
     lmk = mesh_landmarks(ellipsoid)
     s, rot, t = random_similarity(rng, scale=1.0)
     res = align_and_measure(

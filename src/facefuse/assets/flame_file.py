@@ -5,8 +5,9 @@ The FLAME 2020 ``generic_model.pkl`` is a Python-2 pickle whose arrays are partl
 whose ``J_regressor`` is a ``scipy.sparse`` CSC matrix. Unpickling it normally needs chumpy (an
 unmaintained package that breaks on current numpy) and runs whatever code the pickle names. Here a
 restricted ``pickle.Unpickler`` resolves only an allow-list of globals: numpy's array reconstruction,
-a few builtins, inert stand-ins for the chumpy classes that hold or reorder arrays (``Ch``,
-``reordering.Select/Reshape/transpose``, ``ch_ops.add/subtract/multiply/divide``) and a stand-in for the
+a few builtins, inert stand-ins for chumpy classes (any ``chumpy.*`` class; only those that hold or
+reorder arrays can be evaluated: ``Ch``, ``reordering.Select/Reshape/transpose``,
+``ch_ops.add/subtract/multiply/divide``, and only for the fields facefuse reads) and a stand-in for the
 scipy sparse matrices, rebuilt through scipy's public constructors. Anything else is refused.
 
 FLAME 2020 vs FLAME 2023: no reliable structural marker is documented. Both have the same fields and
@@ -158,9 +159,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.globals:
             return self.globals[(module, name)]()
-        if self.allow_chumpy and module.split(".")[0] == "chumpy":
-            if (module, name) not in _CHUMPY_SUPPORTED:
-                raise _Refused(f"unsupported chumpy class {module}.{name}")
+        if self.allow_chumpy and module.split(".")[0] == "chumpy" and name.isidentifier():
+            # every chumpy class becomes an inert stand-in (no chumpy code runs); only the classes in
+            # _CHUMPY_SUPPORTED can be evaluated, and only the fields facefuse reads are evaluated
             self.saw_chumpy = True
             return _stand_in(ChumpyStandIn, module, name, "chumpy_class")
         if self.allow_chumpy and module in _SPARSE_MODULES and name in _SPARSE_CLASSES:
@@ -228,7 +229,7 @@ def to_array(value: Any) -> np.ndarray:
             return np.ascontiguousarray(np.transpose(to_array(state["a"]), axes=state.get("axes")))
         if name in _CH_OPS:
             return _CH_OPS[name](to_array(state["a"]), to_array(state["b"]))
-        raise ValueError(f"cannot evaluate chumpy class {value.chumpy_class}")
+        raise ValueError(f"cannot evaluate chumpy class {value.chumpy_class} (supported: {sorted('.'.join(c) for c in _CHUMPY_SUPPORTED)})")
     if isinstance(value, SparseStandIn):
         return sparse_from_state(value)  # type: ignore[return-value]
     if isinstance(value, torch.Tensor):

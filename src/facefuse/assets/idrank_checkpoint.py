@@ -178,6 +178,8 @@ def load_front_indices(path: str | os.PathLike[str], num_vertices: int = FLAME20
         indices = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise AssetError(f"{path}: not a readable .npy array ({exc})") from None
+    if not isinstance(indices, np.ndarray):
+        raise AssetError(f"{path}: expected one .npy array, found {type(indices).__name__}")
     check_front_indices(indices, str(path), num_vertices)
     return torch.from_numpy(np.array(indices, dtype=np.int64))
 

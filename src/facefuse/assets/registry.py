@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from facefuse.assets.store import sha256_file
-from facefuse.assets.store import sha256_file as file_sha256  # noqa: F401 - TODO(lead): callers move to sha256_file
 from facefuse.errors import AssetError
 
 ASSETS_ENV = "FACEFUSE_ASSETS"

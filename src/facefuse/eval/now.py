@@ -309,7 +309,7 @@ def refine_alignment(
     *,
     fit_scale: bool,
     max_iterations: int = 60,
-    ftol: float = 1e-8,
+    ftol: float = 1e-6,
     xtol: float = 5e-4,
 ) -> tuple[SimilarityTransform, np.ndarray, int, bool]:
     """Minimise sum_i dist(points_i, T(surface))^2 over T = (rotation, translation[, scale]).
@@ -407,7 +407,7 @@ def align_and_measure(
     if len(points) > 2 * coarse_points:
         subset = points[:: int(math.ceil(len(points) / coarse_points))]
         transform, _, iterations, _ = refine_alignment(
-            subset, surface, transform, fit_scale=not metrical, ftol=1e-6, xtol=1e-2
+            subset, surface, transform, fit_scale=not metrical, ftol=1e-5, xtol=1e-2
         )
     transform, errors, more, converged = refine_alignment(points, surface, transform, fit_scale=not metrical)
     return AlignmentResult(transform, errors, landmark_rms, iterations + more, converged)

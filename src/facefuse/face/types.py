@@ -26,6 +26,7 @@ class Detection:
     kps5: np.ndarray
     landmarks: np.ndarray | None = None
     detector: str = ""
+    iris: np.ndarray | None = None  # (2, 3) float32: per eye (image-left, image-right) centre x, y, diameter px
 
     def __post_init__(self) -> None:
         self.box = np.asarray(self.box, dtype=np.float32).reshape(4)
@@ -33,6 +34,8 @@ class Detection:
         self.score = float(self.score)
         if self.landmarks is not None:
             self.landmarks = np.asarray(self.landmarks, dtype=np.float32)
+        if self.iris is not None:
+            self.iris = np.asarray(self.iris, dtype=np.float32).reshape(2, 3)
 
     @property
     def width(self) -> float:

@@ -40,6 +40,7 @@ class ShapeResult:
     identity: np.ndarray | None = None  # (512,) float32
     landmarks68_mm: np.ndarray | None = None
     kpt7_mm: np.ndarray | None = None
+    uvs: np.ndarray | None = None      # (V,2) float32 texture coordinates, when the topology has them
 
 
 class ShapeBackend(Protocol):
@@ -53,9 +54,14 @@ class GenerativeBackend(Protocol):
 
     def sample(self, face: AlignedFace, num_samples: int, *, mode: str, steps: int, seed: int,
                start_shape: np.ndarray | None, start_t0: int,
-               guide_shape: np.ndarray | None, guide_strength: float) -> np.ndarray: ...
+               guide_shape: np.ndarray | None, guide_strength: float,
+               visibility: np.ndarray | None = None) -> np.ndarray:
+        """(N,K) shapes. ``visibility``: optional per-vertex (V,) in [0,1] for the topology at hand."""
+        ...
 
-    def rank(self, face: AlignedFace, candidates: np.ndarray) -> np.ndarray: ...
+    def rank(self, face: AlignedFace, candidates: np.ndarray, visibility: np.ndarray | None = None) -> np.ndarray:
+        """(N,) raw scores, higher is better; independent of the candidates' order."""
+        ...
 
 
 class UnavailableBackend:

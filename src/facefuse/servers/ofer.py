@@ -41,10 +41,12 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
                 raise InvalidInputError(f"start_t0 {request.start_t0}; expected 0..999")
             if not 0.0 <= request.guide_strength <= 1.0:
                 raise InvalidInputError(f"guide_strength {request.guide_strength}; expected 0..1")
+            visibility = _per_vertex(request)
             with self._lock:
                 shapes = self.backend.sample(face, count, mode=mode, steps=request.steps, seed=request.seed,
                                              start_shape=start, start_t0=request.start_t0,
-                                             guide_shape=guide, guide_strength=request.guide_strength)
+                                             guide_shape=guide, guide_strength=request.guide_strength,
+                                             visibility=visibility)
         except FacefuseError as exc:
             context.abort(status_code_for(exc), str(exc))
             return
@@ -63,12 +65,21 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
         if len(candidates) == 0:
             raise InvalidInputError("candidates is empty")
         with self._lock:
-            scores = self.backend.rank(face, np.asarray(candidates, dtype=np.float32))
+            scores = self.backend.rank(face, np.asarray(candidates, dtype=np.float32), visibility=_per_vertex(request))
         return ofer_pb2.RankResponse(scores=wire.from_numpy(np.asarray(scores, dtype=np.float32)))
 
     @unary_errors
     def Info(self, request: common_pb2.InfoRequest, context: grpc.ServicerContext) -> common_pb2.BackendInfo:
         return backend_info(self.backend.status)
+
+
+def _per_vertex(request: ofer_pb2.SampleRequest | ofer_pb2.RankRequest) -> np.ndarray | None:
+    if not request.HasField("visibility") or not wire.has(request.visibility, "per_vertex"):
+        return None
+    values = wire.require(request.visibility.per_vertex, "visibility.per_vertex", shape=(None,))
+    if values.size and (np.nanmin(values) < 0 or np.nanmax(values) > 1):
+        raise InvalidInputError("visibility.per_vertex must lie in [0, 1]")
+    return np.asarray(values, dtype=np.float32)
 
 
 def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequence[str], dict[str, bool]]:

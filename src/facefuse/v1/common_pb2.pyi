@@ -79,7 +79,7 @@ class Box(_message.Message):
     def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Face(_message.Message):
-    __slots__ = ("index", "box", "kps5", "landmarks", "detector", "crop112", "arcface_blob", "crop224", "farl_input", "image_size", "crop_box224", "score")
+    __slots__ = ("index", "box", "kps5", "landmarks", "detector", "crop112", "arcface_blob", "crop224", "farl_input", "image_size", "crop_box224", "score", "iris")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     BOX_FIELD_NUMBER: _ClassVar[int]
     KPS5_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class Face(_message.Message):
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     CROP_BOX224_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    IRIS_FIELD_NUMBER: _ClassVar[int]
     index: int
     box: Box
     kps5: Tensor
@@ -104,7 +105,8 @@ class Face(_message.Message):
     image_size: Tensor
     crop_box224: Tensor
     score: float
-    def __init__(self, index: _Optional[int] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., kps5: _Optional[_Union[Tensor, _Mapping]] = ..., landmarks: _Optional[_Union[Tensor, _Mapping]] = ..., detector: _Optional[str] = ..., crop112: _Optional[_Union[Tensor, _Mapping]] = ..., arcface_blob: _Optional[_Union[Tensor, _Mapping]] = ..., crop224: _Optional[_Union[Tensor, _Mapping]] = ..., farl_input: _Optional[_Union[Tensor, _Mapping]] = ..., image_size: _Optional[_Union[Tensor, _Mapping]] = ..., crop_box224: _Optional[_Union[Tensor, _Mapping]] = ..., score: _Optional[float] = ...) -> None: ...
+    iris: Tensor
+    def __init__(self, index: _Optional[int] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., kps5: _Optional[_Union[Tensor, _Mapping]] = ..., landmarks: _Optional[_Union[Tensor, _Mapping]] = ..., detector: _Optional[str] = ..., crop112: _Optional[_Union[Tensor, _Mapping]] = ..., arcface_blob: _Optional[_Union[Tensor, _Mapping]] = ..., crop224: _Optional[_Union[Tensor, _Mapping]] = ..., farl_input: _Optional[_Union[Tensor, _Mapping]] = ..., image_size: _Optional[_Union[Tensor, _Mapping]] = ..., crop_box224: _Optional[_Union[Tensor, _Mapping]] = ..., score: _Optional[float] = ..., iris: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("code", "message")

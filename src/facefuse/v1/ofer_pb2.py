@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from facefuse.v1 import common_pb2 as facefuse_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x61\x63\x65\x66use/v1/ofer.proto\x12\x0b\x66\x61\x63\x65\x66use.v1\x1a\x18\x66\x61\x63\x65\x66use/v1/common.proto\"\x82\x02\n\rSampleRequest\x12\x1f\n\x04\x66\x61\x63\x65\x18\x01 \x01(\x0b\x32\x11.facefuse.v1.Face\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x05\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nchunk_size\x18\x06 \x01(\x05\x12(\n\x0bstart_shape\x18\x07 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x10\n\x08start_t0\x18\x08 \x01(\x05\x12(\n\x0bguide_shape\x18\t \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x16\n\x0eguide_strength\x18\n \x01(\x02\"Q\n\x0bSampleChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x05\x12#\n\x06shapes\x18\x02 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\r\n\x05total\x18\x03 \x01(\x05\"W\n\x0bRankRequest\x12\x1f\n\x04\x66\x61\x63\x65\x18\x01 \x01(\x0b\x32\x11.facefuse.v1.Face\x12\'\n\ncandidates\x18\x02 \x01(\x0b\x32\x13.facefuse.v1.Tensor\"3\n\x0cRankResponse\x12#\n\x06scores\x18\x01 \x01(\x0b\x32\x13.facefuse.v1.Tensor2\xc8\x01\n\x0bOferService\x12@\n\x06Sample\x12\x1a.facefuse.v1.SampleRequest\x1a\x18.facefuse.v1.SampleChunk0\x01\x12;\n\x04Rank\x12\x18.facefuse.v1.RankRequest\x1a\x19.facefuse.v1.RankResponse\x12:\n\x04Info\x12\x18.facefuse.v1.InfoRequest\x1a\x18.facefuse.v1.BackendInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x61\x63\x65\x66use/v1/ofer.proto\x12\x0b\x66\x61\x63\x65\x66use.v1\x1a\x18\x66\x61\x63\x65\x66use/v1/common.proto\"\xaf\x02\n\rSampleRequest\x12\x1f\n\x04\x66\x61\x63\x65\x18\x01 \x01(\x0b\x32\x11.facefuse.v1.Face\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x05\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nchunk_size\x18\x06 \x01(\x05\x12(\n\x0bstart_shape\x18\x07 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x10\n\x08start_t0\x18\x08 \x01(\x05\x12(\n\x0bguide_shape\x18\t \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x16\n\x0eguide_strength\x18\n \x01(\x02\x12+\n\nvisibility\x18\x0b \x01(\x0b\x32\x17.facefuse.v1.Visibility\"Q\n\x0bSampleChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x05\x12#\n\x06shapes\x18\x02 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\r\n\x05total\x18\x03 \x01(\x05\"\x84\x01\n\x0bRankRequest\x12\x1f\n\x04\x66\x61\x63\x65\x18\x01 \x01(\x0b\x32\x11.facefuse.v1.Face\x12\'\n\ncandidates\x18\x02 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12+\n\nvisibility\x18\x03 \x01(\x0b\x32\x17.facefuse.v1.Visibility\"3\n\x0cRankResponse\x12#\n\x06scores\x18\x01 \x01(\x0b\x32\x13.facefuse.v1.Tensor2\xc8\x01\n\x0bOferService\x12@\n\x06Sample\x12\x1a.facefuse.v1.SampleRequest\x1a\x18.facefuse.v1.SampleChunk0\x01\x12;\n\x04Rank\x12\x18.facefuse.v1.RankRequest\x1a\x19.facefuse.v1.RankResponse\x12:\n\x04Info\x12\x18.facefuse.v1.InfoRequest\x1a\x18.facefuse.v1.BackendInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'facefuse.v1.ofer_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLEREQUEST']._serialized_start=66
-  _globals['_SAMPLEREQUEST']._serialized_end=324
-  _globals['_SAMPLECHUNK']._serialized_start=326
-  _globals['_SAMPLECHUNK']._serialized_end=407
-  _globals['_RANKREQUEST']._serialized_start=409
-  _globals['_RANKREQUEST']._serialized_end=496
-  _globals['_RANKRESPONSE']._serialized_start=498
-  _globals['_RANKRESPONSE']._serialized_end=549
-  _globals['_OFERSERVICE']._serialized_start=552
-  _globals['_OFERSERVICE']._serialized_end=752
+  _globals['_SAMPLEREQUEST']._serialized_end=369
+  _globals['_SAMPLECHUNK']._serialized_start=371
+  _globals['_SAMPLECHUNK']._serialized_end=452
+  _globals['_RANKREQUEST']._serialized_start=455
+  _globals['_RANKREQUEST']._serialized_end=587
+  _globals['_RANKRESPONSE']._serialized_start=589
+  _globals['_RANKRESPONSE']._serialized_end=640
+  _globals['_OFERSERVICE']._serialized_start=643
+  _globals['_OFERSERVICE']._serialized_end=843
 # @@protoc_insertion_point(module_scope)

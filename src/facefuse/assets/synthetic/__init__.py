@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from facefuse.assets.registry import ASSETS, SYNTHETIC_MANIFEST, file_sha256, synthetic_manifest
+from facefuse.assets.registry import ASSETS, SYNTHETIC_MANIFEST, synthetic_manifest
+from facefuse.assets.store import sha256_file
 
 Writer = Callable[[Path, str, torch.Generator], None]
 Progress = Callable[[str, str], None]
@@ -103,7 +104,7 @@ def synthesize(directory: Path, size: str = "full", seed: int = 0, only: set[str
         written[relpath] = path
         report(relpath, "done")
     manifest = synthetic_manifest(directory)
-    manifest.update({relpath: file_sha256(path) for relpath, path in written.items()})
+    manifest.update({relpath: sha256_file(path) for relpath, path in written.items()})
     manifest_path = directory / SYNTHETIC_MANIFEST
     content = json.dumps({"files": manifest, "size": size, "seed": seed}, indent=2, sort_keys=True) + "\n"
     write_atomically(manifest_path, lambda temp: temp.write_text(content))
