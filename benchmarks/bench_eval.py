@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from eval_fixtures import apply, head_mesh, mesh_landmarks, random_similarity  # noqa: E402
 
 from facefuse.eval.geometry import TriangleMeshDistance, closest_points_on_triangles  # noqa: E402
-from facefuse.eval.now import align_and_measure, crop_scan, read_mesh  # noqa: E402
+from facefuse.eval.now import align_and_measure, crop_scan, read_mesh, read_scan_vertices  # noqa: E402
 import tempfile  # noqa: E402
 
 
@@ -46,6 +46,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scan-vertices", type=int, default=100_000)
+    parser.add_argument("--e2e-per-challenge", type=int, default=5,
+                        help="end-to-end run: images per challenge and subject (2 subjects); 0 skips it")
+    parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
 
@@ -66,12 +69,12 @@ def main() -> None:
         pred_path = Path(tmp) / "pred.obj"
         head_mesh(4).export(pred_path)
         t0 = time.process_time()
-        read_mesh(scan_path, need_faces=False)
+        read_scan_vertices(scan_path)
         t_scan = time.process_time() - t0
         t0 = time.process_time()
         read_mesh(pred_path)
         t_pred = time.process_time() - t0
-    print(f"reading: 100k-vertex scan OBJ {t_scan:.2f} s CPU (once per subject), prediction OBJ {t_pred * 1000:.0f} ms CPU")
+    print(f"reading: {len(scan) // 1000}k-vertex scan OBJ {t_scan:.2f} s CPU (once per subject), prediction OBJ {t_pred * 1000:.0f} ms CPU")
     for label, pred in (("prediction 2562 v / 5120 f", head_mesh(4)), ("prediction 10242 v / 20480 f", head_mesh(5))):
         ps, prot, pt = random_similarity(rng, scale=1.0)
         pv = apply(pred.vertices, ps, prot, pt)
@@ -101,6 +104,30 @@ def main() -> None:
                 f"(wall {np.median(walls):.2f} s), {res.iterations} iterations, converged {res.converged}, "
                 f"median error {np.median(res.errors):.3f} mm"
             )
+
+    if args.e2e_per_challenge > 0:
+        end_to_end(args.e2e_per_challenge, args.workers)
+
+
+def end_to_end(per_challenge: int, workers: int) -> None:
+    """The whole runner (files, crop, workers, outputs) on a synthetic NoW-layout dataset."""
+    from eval_fixtures import make_now_dataset
+
+    from facefuse.eval.now import NowEvalConfig, run_now_evaluation
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fx = make_now_dataset(Path(tmp), n_subjects=2, images_per_challenge=per_challenge, head_subdivisions=5,
+                              scan_subdivisions=2, missing=0)
+        scan_file = next((fx.root / "NoW_Dataset" / "final_release_version" / "scans").rglob("*.obj"))
+        n_scan = len(read_scan_vertices(scan_file))
+        t0 = time.perf_counter()
+        summary = run_now_evaluation(NowEvalConfig(fx.root, fx.predictions, Path(tmp) / "out", workers=workers,
+                                                   progress=False))
+        wall = time.perf_counter() - t0
+    n = summary["n_images_evaluated"]
+    print(f"end to end: {n} images, {n_scan}-vertex scans ({summary['overall']['n_points'] // n} points in the crop), "
+          f"10242-vertex predictions, {workers} workers: {wall:.1f} s wall, {wall / n:.2f} s/image; "
+          f"median error {summary['overall']['median_mm']:.2e} mm (exact copies: ~0 expected)")
 
 
 if __name__ == "__main__":

@@ -16,13 +16,11 @@ def random_space(seed: int = 0, v: int = 120, k: int = 10) -> tuple[ShapeSpace, 
     template = rng.normal(scale=0.05, size=(v, 3))  # metres
     basis = rng.normal(scale=0.002, size=(v, 3, k))
     faces = rng.integers(0, v, size=(2 * v, 3))
-    x = template[:, 0]
     regions = {
         "face": np.arange(0, 80), "nose": np.arange(0, 10), "lips": np.arange(10, 20), "forehead": np.arange(20, 30),
         "eye_region": np.arange(30, 40), "left_eye_region": np.arange(30, 35), "right_eye_region": np.arange(35, 40),
         "scalp": np.arange(80, 120),
     }
-    del x
     return ShapeSpace(template, basis, faces, regions=regions), template, basis
 
 

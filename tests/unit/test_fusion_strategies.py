@@ -84,11 +84,11 @@ def test_pool_returns_mica_exactly_when_it_scores_highest(space, data):
         fuse("pool", FusionInputs(mica + 1.0, pool, top), space)
 
 
-def _independent_gaussian(mica, samples, sigma, alpha, floor=1e-4):
+def _independent_gaussian(mica, samples, sigma, alpha, bias, floor=1e-4):
     s = np.cov(samples.astype(np.float64).T, ddof=1)
     target = np.diag(np.maximum(np.diag(s), floor))
     off = s - np.diag(np.diag(s))
-    cov = target + (1 - alpha) * off
+    cov = target + (1 - alpha) * off + bias**2 * np.eye(len(mica))
     prec_o = np.linalg.inv(cov)
     prec = prec_o + np.eye(len(mica)) / sigma**2
     return np.linalg.solve(prec, prec_o @ samples.mean(axis=0) + mica / sigma**2)
@@ -96,11 +96,11 @@ def _independent_gaussian(mica, samples, sigma, alpha, floor=1e-4):
 
 def test_gaussian_is_the_precision_weighted_product(space, data):
     mica, samples, _ = data
-    strategy = create_strategy("gaussian", shrinkage=0.3, sigma_mica=0.4, occlusion_gain=2.0)
+    strategy = create_strategy("gaussian", shrinkage=0.3, sigma_mica=0.4, occlusion_gain=2.0, ofer_bias=0.2)
     for v in (1.0, 0.5, 0.0):
         got = strategy(FusionInputs(mica, samples, None, visibility(v)), space).shape
         sigma = 0.4 * (1 + 2.0 * (1 - v))
-        np.testing.assert_allclose(got, _independent_gaussian(mica.astype(np.float64), samples, sigma, 0.3), atol=1e-5)
+        np.testing.assert_allclose(got, _independent_gaussian(mica.astype(np.float64), samples, sigma, 0.3, 0.2), atol=1e-5)
 
 
 def test_gaussian_moves_toward_ofer_as_visibility_drops(space, data):

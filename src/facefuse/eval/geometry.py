@@ -11,14 +11,14 @@ of one of its anchors. For a query point q and any triangle T, ``dist(q, T) >= m
 anchor_radius``. A k-nearest-anchor query gives candidate triangles and a best distance d; if the k-th
 anchor is farther than ``d + anchor_radius``, no triangle outside the candidates can be closer.
 Otherwise the point falls back to a ball query of radius ``d + anchor_radius``, which contains an
-anchor of every triangle that could beat d.
+anchor of every triangle that could beat d. The closest point on one triangle uses the Voronoi-region
+test (Ericson, Real-Time Collision Detection, 5.1.5), vectorised over (point, triangle) pairs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -330,15 +330,3 @@ class TriangleMeshDistance:
         norm = np.linalg.norm(normal, axis=1, keepdims=True)
         return np.where(norm > 0, normal / np.where(norm > 0, norm, 1.0), 0.0)
 
-
-def brute_force_distances(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Reference: distance to every triangle, minimum per point. O(N F); for checks and tiny meshes."""
-    pts = _as_points(points, "query points")
-    verts = _as_points(vertices, "mesh vertices")
-    f = np.asarray(faces, dtype=np.int64)
-    out = np.full(len(pts), np.inf)
-    for i in range(len(pts)):
-        p = np.repeat(pts[i : i + 1], len(f), axis=0)
-        _, d = closest_points_on_triangles(p, verts[f[:, 0]], verts[f[:, 1]], verts[f[:, 2]])
-        out[i] = d.min()
-    return out

@@ -116,13 +116,40 @@ def read_prediction_landmarks(path: str | os.PathLike[str]) -> np.ndarray:
     return arr
 
 
+def read_obj_vertices(path: str | os.PathLike[str]) -> np.ndarray:
+    """Every ``v`` line of an OBJ, in file order, as (N, 3) (extra colour columns ignored).
+
+    Used for the ground-truth scans: the official evaluation crops all scan vertices, while mesh
+    loaders (trimesh included) drop unreferenced vertices and split vertices at texture seams.
+    """
+    p = Path(path)
+    try:
+        with p.open("r", encoding="utf-8", errors="replace") as fh:
+            rows = [line.split()[1:4] for line in fh if line.startswith("v ")]
+        vertices = np.asarray(rows, dtype=np.float64)
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"{p}: unreadable OBJ vertices ({exc})") from exc
+    if vertices.ndim != 2 or vertices.shape[1] != 3 or len(vertices) == 0:
+        raise InvalidInputError(f"{p}: no 'v x y z' vertex lines found")
+    if not np.all(np.isfinite(vertices)):
+        raise InvalidInputError(f"{p}: NaN or infinite vertex coordinates")
+    return vertices
+
+
+def read_scan_vertices(path: str | os.PathLike[str]) -> np.ndarray:
+    """All vertices of a ground-truth scan (.obj read line by line, other formats via trimesh)."""
+    if Path(path).suffix.lower() == ".obj":
+        return read_obj_vertices(path)
+    return read_mesh(path, need_faces=False)[0]
+
+
 def read_mesh(path: str | os.PathLike[str], *, need_faces: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices and faces of an .obj/.ply with trimesh, without any processing (vertex order kept)."""
+    """Vertices and faces of an .obj/.ply with trimesh, unprocessed and in file order."""
     import trimesh
 
     p = Path(path)
     try:
-        mesh = trimesh.load(p, process=False, force="mesh")
+        mesh = trimesh.load(p, process=False, maintain_order=True, force="mesh")
     except Exception as exc:  # trimesh raises many kinds for bad files
         raise InvalidInputError(f"{p}: unreadable mesh ({type(exc).__name__}: {exc})") from exc
     vertices = np.asarray(getattr(mesh, "vertices", np.zeros((0, 3))), dtype=np.float64)
@@ -344,12 +371,14 @@ def refine_alignment(
         grad = jac.T @ dist
         diag = np.maximum(np.diag(jtj), 1e-12 * max(1.0, float(np.trace(jtj))))
         accepted = False
+        at_minimum = False
         for _attempt in range(8):
             delta = np.linalg.solve(jtj + damping * np.diag(diag), grad)
             # The linear model's promised decrease; when even that is negligible we are at a minimum
             # (this also ends the loop on symmetric surfaces, where some motions change nothing).
             promised = 2.0 * float(grad @ delta) - float(delta @ jtj @ delta)
             if promised <= ftol * energy:
+                at_minimum = True
                 break
             full = np.zeros(7)
             full[:n_params] = delta
@@ -361,7 +390,9 @@ def refine_alignment(
                 break
             damping *= 8.0
         if not accepted:
-            converged = True  # no step decreases the objective by more than ftol: a minimum
+            # Either the model promises no real decrease (a minimum), or eight ever shorter steps all
+            # failed on this non-smooth objective (stalled: reported as not converged).
+            converged = at_minimum
             break
         decrease = energy - c_energy
         reach = float(np.max(np.linalg.norm(lever, axis=1)))
@@ -450,7 +481,7 @@ class _Task:
 @functools.lru_cache(maxsize=2)
 def _cropped_scan(scan_path: str, pp_path: str) -> tuple[np.ndarray, np.ndarray]:
     """Cropped scan points and the scan landmarks; cached because images come grouped by subject."""
-    vertices, _ = read_mesh(scan_path, need_faces=False)
+    vertices = read_scan_vertices(scan_path)
     landmarks = read_pp_landmarks(pp_path)
     return vertices[crop_scan(vertices, landmarks)], landmarks
 

@@ -262,19 +262,21 @@ class PoolStrategy(FusionStrategy):
 
 
 class GaussianStrategy(FusionStrategy):
-    """Product of N(sample mean, shrunk sample covariance) and N(MICA, σ(v)²·I).
+    """Product of N(sample mean, shrunk sample covariance + ofer_bias²·I) and N(MICA, σ(v)²·I).
 
     Covariance: Σ̂ = (1 − α)·S + α·diag(S) (shrinkage toward the diagonal), S the unbiased sample
-    covariance, diagonal floored at ``min_variance``. α = ``shrinkage`` when in [0, 1]; when negative
+    covariance, diagonal floored at ``min_variance``, plus ``ofer_bias``²·I: the samples show how
+    much they vary, not how far their centre is from the truth, and without that term a tight sample
+    cloud would be trusted over MICA however wrong it is (the controlled study shows exactly that). α = ``shrinkage`` when in [0, 1]; when negative
     (default) α is estimated from the samples (Schäfer & Strimmer 2005, target "D": α = Σ_{i≠j} Var(r_ij)
     / Σ_{i≠j} r_ij², clipped to [0, 1]). MICA's width σ(v) = sigma_mica·(1 + occlusion_gain·(1 − v))
     in units of FLAME's unit-variance coefficients. Fused mean = m + Σ̂(Σ̂ + σ²I)⁻¹(MICA − m), covariance
-    Σ̂σ²(Σ̂ + σ²I)⁻¹ (spread = its per-vertex standard deviation).
+    Σ̂σ²(Σ̂ + σ²I)⁻¹ (spread = its per-vertex standard deviation), Σ̂ including the bias term.
     """
 
     name = "gaussian"
     needs = ("mica_shape", "samples")
-    defaults = {"sigma_mica": 0.3, "occlusion_gain": 3.0, "shrinkage": -1.0, "min_variance": 1e-4}
+    defaults = {"sigma_mica": 0.3, "occlusion_gain": 3.0, "ofer_bias": 0.3, "shrinkage": -1.0, "min_variance": 1e-4}
     min_samples = 2
     summary = "Precision-weighted product of OFER's sample distribution and a MICA likelihood widened by occlusion."
 
@@ -306,12 +308,13 @@ class GaussianStrategy(FusionStrategy):
             alpha = self.shrinkage_intensity(samples, options["min_variance"])
         diag = np.maximum(np.diag(cov), options["min_variance"])
         shrunk = (1.0 - alpha) * cov
-        shrunk[np.diag_indices_from(shrunk)] = diag  # (1-α)·S_ii + α·S_ii, floored
+        shrunk[np.diag_indices_from(shrunk)] = diag + options["ofer_bias"] ** 2  # (1-α)·S_ii + α·S_ii, floored, + bias²
         return shrunk
 
     def fuse(self, x, options, space):
-        if options["sigma_mica"] <= 0 or options["occlusion_gain"] < 0 or options["min_variance"] <= 0:
-            raise InvalidInputError("fusion strategy 'gaussian': need sigma_mica > 0, occlusion_gain >= 0, min_variance > 0")
+        if options["sigma_mica"] <= 0 or options["occlusion_gain"] < 0 or options["min_variance"] <= 0 or options["ofer_bias"] < 0:
+            raise InvalidInputError(
+                "fusion strategy 'gaussian': need sigma_mica > 0, occlusion_gain >= 0, ofer_bias >= 0, min_variance > 0")
         sigma = options["sigma_mica"] * (1.0 + options["occlusion_gain"] * (1.0 - x.v))
         mean = x.samples.mean(axis=0)
         eigval, eigvec = np.linalg.eigh(self.covariance(x.samples, options))

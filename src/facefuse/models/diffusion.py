@@ -215,7 +215,8 @@ class OfficialSampler(_Sampler):
     Random numbers are taken from ``generator`` in the order the official code takes them from the
     global RNG: x_T = randn(B, D) first, then one normal(B, D) per step with t > 0 (unused, σ = 0).
     Seeding ``generator`` like the official global RNG therefore reproduces its samples and leaves the
-    generator in the same state.
+    generator in the same state. With explicit ``initial_noise`` and no generator the unused draws are
+    skipped (the samples are the same). For SDEdit the start noise ε takes x_T's place in that order.
     """
 
     stride = 4

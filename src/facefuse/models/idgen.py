@@ -297,10 +297,16 @@ class IdGen(nn.Module):
         return F.normalize(self.arcface(blob, apply_features=apply_features), dim=1)
 
     def eps_model(self, context: Tensor) -> EpsModel:
-        """The network bound to a (B, 512) context, as the samplers call it: (x, t) -> eps."""
+        """The network bound to a (B, 512) context, as the samplers call it: (x, t) -> eps.
+
+        Samplers keep their state and noise on the CPU (so a seeded CPU generator reproduces a run on any
+        device); inputs go to the network's device and the prediction comes back.
+        """
+        device = self.net.init_conv.weight.device
+        context = context.to(device)
 
         def predict(x: Tensor, t: Tensor) -> Tensor:
-            return self.net(x, t, context)
+            return self.net(x.to(device), t.to(device), context).to(x.device)
 
         return predict
 

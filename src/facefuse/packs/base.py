@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from facefuse.errors import AssetError
 from facefuse.face.types import AlignedFace
+
+if TYPE_CHECKING:
+    from facefuse.fusion.visibility import Visibility
 
 
 @dataclass(frozen=True)
@@ -55,11 +58,11 @@ class GenerativeBackend(Protocol):
     def sample(self, face: AlignedFace, num_samples: int, *, mode: str, steps: int, seed: int,
                start_shape: np.ndarray | None, start_t0: int,
                guide_shape: np.ndarray | None, guide_strength: float,
-               visibility: np.ndarray | None = None) -> np.ndarray:
-        """(N,K) shapes. ``visibility``: optional per-vertex (V,) in [0,1] for the topology at hand."""
+               visibility: Visibility | None = None) -> np.ndarray:
+        """(N,K) shapes. ``visibility``: what the image shows (regions, maybe per vertex), when known."""
         ...
 
-    def rank(self, face: AlignedFace, candidates: np.ndarray, visibility: np.ndarray | None = None) -> np.ndarray:
+    def rank(self, face: AlignedFace, candidates: np.ndarray, visibility: Visibility | None = None) -> np.ndarray:
         """(N,) raw scores, higher is better; independent of the candidates' order."""
         ...
 

@@ -75,3 +75,73 @@ class MicaBackend:
                 shape=out.shape[i].float().cpu().numpy(), identity=out.identity[i].float().cpu().numpy(),
                 landmarks68_mm=lmk68, kpt7_mm=lmk68[list(NOW7_FROM_LMK68)]))
         return results
+
+
+SAMPLER_MODES = ("fast", "official")
+PROJECTIONS_ENV = "FACEFUSE_IDGEN_PROJECTIONS"
+"""'default' (facefuse's seeded, versioned draw), 'reproduce-official' (replay of OFER's construction RNG) or a file."""
+
+
+class OferBackend:
+    """OFER on the flame pack: IdGen samples β for a face, IdRank scores candidate shapes."""
+
+    def __init__(self, idgen: torch.nn.Module, idrank: torch.nn.Module, flame: torch.nn.Module, device: str,
+                 details: dict[str, str]) -> None:
+        self.idgen = idgen
+        self.idrank = idrank
+        self.flame = flame
+        self.device = device
+        self.status = BackendStatus("ofer", "ofer-idgen-idrank", "flame", True, False, "ready", device=device, details=details)
+
+    @classmethod
+    def from_assets(cls, directory: Path, device: str = "auto", projections: str | None = None) -> "OferBackend":
+        import os
+
+        from facefuse.assets.idgen_checkpoint import load_idgen
+        from facefuse.assets.idrank_checkpoint import load_idrank
+        from facefuse.models.flame import FlameLayer
+        from facefuse.servers.common import resolve_device
+
+        device = resolve_device(device)
+        projections = projections or os.environ.get(PROJECTIONS_ENV, "default")
+        flame_data = load_flame(directory)
+        idgen = load_idgen(asset_path(directory, "idgen"), projections=projections, device=device)
+        farl = asset_path(directory, "farl")
+        idrank = load_idrank(asset_path(directory, "idrank"), front_indices_path=asset_path(directory, "frontindices"),
+                             farl_path=farl if farl.is_file() else None, device=device,
+                             num_vertices=flame_data.num_vertices).eval()
+        flame = FlameLayer(flame_data).to(device).eval()
+        details = {"projections": str(idgen.load_report.get("projections", projections)),
+                   "vertices": str(flame_data.num_vertices)}
+        return cls(idgen, idrank, flame, device, details)
+
+    @torch.inference_mode()
+    def sample(self, face: AlignedFace, num_samples: int, *, mode: str, steps: int, seed: int,
+               start_shape: np.ndarray | None, start_t0: int, guide_shape: np.ndarray | None,
+               guide_strength: float, visibility: object | None = None) -> np.ndarray:
+        from facefuse.models.diffusion import DDIMSampler, OfficialSampler
+
+        blob = torch.from_numpy(np.ascontiguousarray(face.arcface_blob))[None].to(self.device)
+        context = self.idgen.context(blob)
+        sampler = OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
+        generator = torch.Generator().manual_seed(int(seed))
+        options: dict[str, object] = {}
+        if start_shape is not None:
+            options.update(x0_start=torch.from_numpy(np.asarray(start_shape, np.float32))[None].expand(num_samples, -1), t0=start_t0)
+        if guide_shape is not None and guide_strength > 0:
+            options.update(guide_target=torch.from_numpy(np.asarray(guide_shape, np.float32))[None].expand(num_samples, -1),
+                           guide_strength=float(guide_strength))
+        shapes = self.idgen.sample(context, num_samples, sampler, generator, **options)
+        return shapes.to(torch.float32).cpu().numpy()
+
+    @torch.inference_mode()
+    def rank(self, face: AlignedFace, candidates: np.ndarray, visibility: object | None = None) -> np.ndarray:
+        from facefuse.errors import InvalidInputError
+
+        if face.farl_input is None:
+            raise InvalidInputError("face.farl_input is missing: IdRank needs the CLIP-normalised face crop")
+        blob = torch.from_numpy(np.ascontiguousarray(face.arcface_blob))[None].to(self.device)
+        farl = torch.from_numpy(np.ascontiguousarray(face.farl_input))[None].to(self.device)
+        context = self.idrank.context(blob, farl)
+        vertices = self.flame.shape_vertices(torch.from_numpy(np.asarray(candidates, np.float32)).to(self.device))
+        return self.idrank.score(vertices, context).to(torch.float32).cpu().numpy()

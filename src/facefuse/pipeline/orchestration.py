@@ -20,7 +20,7 @@ from facefuse.errors import FacefuseError, InvalidInputError
 from facefuse.face.frontend import select_faces
 from facefuse.face.types import AlignedFace, Detection
 from facefuse.io.images import decode_image
-from facefuse.servers.base import channel_options, error_from_rpc, status_code_for
+from facefuse.servers.base import channel_options, error_from_rpc, log_event, status_code_for
 from facefuse.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc, gateway_pb2, mica_pb2, mica_pb2_grpc, ofer_pb2, ofer_pb2_grpc
 
 METHODS = ("detect", "mica", "ofer", "fuse")
@@ -99,9 +99,13 @@ class FacePipeline:
         self.clients = clients
         self.max_pixels = max_pixels
         self._faces_pool = ThreadPoolExecutor(max_workers=face_workers, thread_name_prefix="face")
+        self._hands: object | None = None
+        self._branch_pool = ThreadPoolExecutor(max_workers=face_workers, thread_name_prefix="branch")
+        self._default_strategy: str | None = None
 
     def close(self) -> None:
         self._faces_pool.shutdown(wait=False, cancel_futures=True)
+        self._branch_pool.shutdown(wait=False, cancel_futures=True)
 
     def process_image(self, image_id: str, data: bytes, options: gateway_pb2.ProcessOptions,
                       mask: np.ndarray | None = None, deadline: float | None = None) -> Iterator[gateway_pb2.FaceResult]:
@@ -130,7 +134,7 @@ class FacePipeline:
             if isinstance(item, FacefuseError):
                 futures.append(_done(error_result(image_id, item, index, num)))
                 continue
-            futures.append(self._faces_pool.submit(self._face_result, image_id, index, num, item, hw, options, mask, deadline))
+            futures.append(self._faces_pool.submit(self._face_result, image_id, index, num, item, image, options, mask, deadline))
         for future in _as_completed_in_time(futures):
             result = future.result()
             result.seconds = time.monotonic() - started
@@ -152,30 +156,72 @@ class FacePipeline:
             out.append(self.front_end.align(image, det))  # type: ignore[attr-defined]
         return out
 
-    def _face_result(self, image_id: str, index: int, num: int, face: AlignedFace, hw: tuple[int, int],
+    def _face_result(self, image_id: str, index: int, num: int, face: AlignedFace, image: np.ndarray,
                      options: gateway_pb2.ProcessOptions, mask: np.ndarray | None,
                      deadline: float | None) -> gateway_pb2.FaceResult:
         method = options.method or "detect"
+        hw = (int(image.shape[0]), int(image.shape[1]))
         needs_farl = method in ("ofer", "fuse")
         if needs_farl and face.farl_input is None:
             from facefuse.face.farl_preprocess import farl_preprocess
 
             face.farl_input = farl_preprocess(np.clip(face.crop_box224 * 255.0 + 0.5, 0, 255).astype(np.uint8))
-        face_msg = wire.face_message(face, index, hw, with_crops=True)
         result = gateway_pb2.FaceResult(image_id=image_id, face_index=index, num_faces=num,
                                         status=status(grpc.StatusCode.OK))
-        result.face.CopyFrom(face_msg if options.return_crops or method == "detect" else _without_crops(face_msg))
         try:
+            visibility = None
+            if method in ("ofer", "fuse"):
+                visibility = self.visibility(image, face, mask, options)
+                if face.detection.landmarks is not None and face.detection.iris is None and hasattr(self.front_end, "estimate_iris"):
+                    face.detection.iris = _iris_array(self.front_end.estimate_iris(image, face.detection.landmarks))  # type: ignore[attr-defined]
+            face_msg = wire.face_message(face, index, hw, with_crops=True)
+            result.face.CopyFrom(face_msg if options.return_crops or method == "detect" else _without_crops(face_msg))
             if method == "mica":
                 result.reconstruction.CopyFrom(self._mica(face_msg, deadline))
             elif method == "ofer":
-                result.reconstruction.CopyFrom(self._ofer(face_msg, options, deadline, None))
+                result.reconstruction.CopyFrom(self._ofer(face_msg, options, deadline, visibility))
             elif method == "fuse":
-                self._fuse(face_msg, options, deadline, result)
+                self._fuse(face_msg, options, deadline, result, visibility)
         except FacefuseError as exc:
             code = status_code_for(exc)
             result.status.CopyFrom(status(code, str(exc)))
         return result
+
+    def visibility(self, image: np.ndarray, face: AlignedFace, mask: np.ndarray | None,
+                   options: gateway_pb2.ProcessOptions) -> common_pb2.Visibility | None:
+        """Which face regions the image shows: user mask, hands over the face, photometric test."""
+        from facefuse.fusion.visibility import VisibilitySources
+
+        landmarks = face.detection.landmarks
+        if landmarks is None or len(landmarks) < 468:
+            return None  # no dense landmarks (SCRFD front end): fusion assumes full visibility
+        off = set(options.visibility_off)
+        unknown = off - {"mask", "photometric", "hands"}
+        if unknown:
+            raise InvalidInputError(f"visibility_off: unknown source(s) {sorted(unknown)}; known: mask, photometric, hands")
+        if mask is not None and mask.shape[:2] != image.shape[:2]:
+            raise InvalidInputError(f"mask is {mask.shape[:2]}, the image is {image.shape[:2]}: they must match")
+        sources = VisibilitySources(mask="mask" not in off, photometric="photometric" not in off, hands="hands" not in off)
+        hand_points = None
+        if sources.hands:
+            detector = self._hand_detector()
+            if detector is not None:
+                hand_points = [hand.points for hand in detector.detect(image)]
+        vis = sources.estimate(image, landmarks, occluder_mask=None if mask is None else mask > 127, hand_points=hand_points)
+        message = common_pb2.Visibility(regions={k: float(v) for k, v in vis.regions.items()}, sources=list(vis.sources))
+        return message
+
+    def _hand_detector(self) -> object | None:
+        if self._hands is None:
+            try:
+                from facefuse.assets.store import ModelStore
+                from facefuse.face.hands import HandDetector
+
+                self._hands = HandDetector.from_store(ModelStore())
+            except (ImportError, FacefuseError) as exc:
+                log_event("hands_unavailable", reason=str(exc))
+                self._hands = False
+        return self._hands or None
 
     # -- branches --------------------------------------------------------------------------------
 
@@ -209,7 +255,8 @@ class FacePipeline:
 
     def _samples(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: float | None,
                  start: common_pb2.Tensor | None = None, t0: int = 0,
-                 guide: common_pb2.Tensor | None = None, strength: float = 0.0) -> np.ndarray:
+                 guide: common_pb2.Tensor | None = None, strength: float = 0.0,
+                 visibility: common_pb2.Visibility | None = None) -> np.ndarray:
         stub = self.clients.ofer
         request = ofer_pb2.SampleRequest(face=face, num_samples=options.num_samples or 10, steps=options.steps,
                                          mode=options.sampler_mode or "fast", seed=options.seed)
@@ -219,6 +266,8 @@ class FacePipeline:
         if guide is not None:
             request.guide_shape.CopyFrom(guide)
             request.guide_strength = strength
+        if visibility is not None:
+            request.visibility.CopyFrom(visibility)
         if stub is None:
             self._call("ofer", None, request, deadline)
         chunks = []
@@ -229,62 +278,113 @@ class FacePipeline:
             raise error_from_rpc(exc, "ofer service") from None
         return np.concatenate(chunks, axis=0) if chunks else np.zeros((0, 300), np.float32)
 
-    def _rank(self, face: common_pb2.Face, candidates: np.ndarray, deadline: float | None) -> np.ndarray:
+    def _rank(self, face: common_pb2.Face, candidates: np.ndarray, deadline: float | None,
+              visibility: common_pb2.Visibility | None = None) -> np.ndarray:
         stub = self.clients.ofer
-        reply = self._call("ofer", stub.Rank if stub else None,
-                           ofer_pb2.RankRequest(face=face, candidates=wire.from_numpy(candidates.astype(np.float32))), deadline)
+        request = ofer_pb2.RankRequest(face=face, candidates=wire.from_numpy(candidates.astype(np.float32)))
+        if visibility is not None:
+            request.visibility.CopyFrom(visibility)
+        reply = self._call("ofer", stub.Rank if stub else None, request, deadline)
         return np.array(wire.to_numpy(reply.scores, "scores"))  # type: ignore[attr-defined]
 
     def _fusion(self, request: fusion_pb2.FuseRequest, deadline: float | None) -> fusion_pb2.FuseResponse:
         stub = self.clients.fusion
         return self._call("fusion", stub.Fuse if stub else None, request, deadline)  # type: ignore[return-value]
 
+    def _fused_reconstruction(self, method: str, fused: fusion_pb2.FuseResponse, candidates: np.ndarray,
+                              scores: np.ndarray, visibility: common_pb2.Visibility | None) -> gateway_pb2.Reconstruction:
+        rec = gateway_pb2.Reconstruction(
+            method=method, strategy=fused.strategy, shape=fused.shape, mesh=fused.mesh, landmarks68=fused.landmarks68,
+            kpt7=fused.kpt7, vertex_spread=fused.vertex_spread, confidence=fused.confidence,
+            samples=wire.from_numpy(candidates.astype(np.float32)), sample_scores=wire.from_numpy(scores.astype(np.float32)))
+        if visibility is not None:
+            rec.visibility.CopyFrom(visibility)
+        return rec
+
+    def _fuse_request(self, strategy: str, options: gateway_pb2.ProcessOptions, candidates: np.ndarray, scores: np.ndarray,
+                      visibility: common_pb2.Visibility | None, mica_shape: common_pb2.Tensor | None = None) -> fusion_pb2.FuseRequest:
+        request = fusion_pb2.FuseRequest(strategy=strategy, options=dict(options.strategy_options),
+                                         samples=wire.from_numpy(candidates.astype(np.float32)),
+                                         scores=wire.from_numpy(scores.astype(np.float32)))
+        if mica_shape is not None:
+            request.mica_shape.CopyFrom(mica_shape)
+        if visibility is not None:
+            request.visibility.CopyFrom(visibility)
+        return request
+
     def _ofer(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: float | None,
-              _unused: object) -> gateway_pb2.Reconstruction:
-        samples = self._samples(face, options, deadline)
-        scores = self._rank(face, samples, deadline)
-        fused = self._fusion(fusion_pb2.FuseRequest(strategy="ofer", samples=wire.from_numpy(samples),
-                                                    scores=wire.from_numpy(scores.astype(np.float32))), deadline)
-        return gateway_pb2.Reconstruction(method="ofer", strategy="ofer", shape=fused.shape, mesh=fused.mesh,
-                                          vertex_spread=fused.vertex_spread, confidence=fused.confidence,
-                                          samples=wire.from_numpy(samples), sample_scores=wire.from_numpy(scores.astype(np.float32)))
+              visibility: common_pb2.Visibility | None) -> gateway_pb2.Reconstruction:
+        samples = self._samples(face, options, deadline, visibility=visibility)
+        scores = self._rank(face, samples, deadline, visibility)
+        fused = self._fusion(self._fuse_request("ofer", options, samples, scores, visibility), deadline)
+        return self._fused_reconstruction("ofer", fused, samples, scores, visibility)
+
+    def default_strategy(self, deadline: float | None) -> str:
+        if self._default_strategy is None:
+            stub = self.clients.fusion
+            reply = self._call("fusion", stub.ListStrategies if stub else None, fusion_pb2.ListStrategiesRequest(), deadline)
+            self._default_strategy = reply.default_strategy  # type: ignore[attr-defined]
+        return self._default_strategy
 
     def _fuse(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: float | None,
-              result: gateway_pb2.FaceResult) -> None:
+              result: gateway_pb2.FaceResult, visibility: common_pb2.Visibility | None) -> None:
+        """MICA and OFER concurrently, or MICA first when the strategy steers the sampler or ranker with it."""
         from facefuse.errors import BackendUnavailableError
+        from facefuse.fusion.strategies import guided_strength, sdedit_t0
 
-        strategy = options.strategy or "linear"
+        strategy = options.strategy or self.default_strategy(deadline)
+        overall = _overall_visibility(visibility)
+        generative: Future[tuple[np.ndarray, np.ndarray]] | None = None
+        if strategy not in SEQUENTIAL_STRATEGIES:
+            generative = self._branch_pool.submit(self._sample_and_rank, face, options, deadline, visibility)
         mica = self._mica(face, deadline)
-        mica_shape = mica.shape
         try:
-            if strategy == "sdedit":
-                t0 = int(options.strategy_options.get("t0", 300))
-                samples = self._samples(face, options, deadline, start=mica_shape, t0=t0)
-            elif strategy == "guided":
-                samples = self._samples(face, options, deadline, guide=mica_shape,
-                                        strength=float(options.strategy_options.get("strength", 0.5)))
+            if generative is not None:
+                samples, scores = generative.result()
+                candidates = samples
             else:
-                samples = self._samples(face, options, deadline)
-            candidates = samples
-            if strategy == "pool":
-                candidates = np.concatenate([samples, wire.to_numpy(mica_shape)[None].astype(np.float32)], axis=0)
-            scores = self._rank(face, candidates, deadline)
+                if strategy == "sdedit":
+                    t0 = int(options.strategy_options.get("t0", sdedit_t0(overall)))
+                    samples = self._samples(face, options, deadline, start=mica.shape, t0=t0, visibility=visibility)
+                elif strategy == "guided":
+                    strength = float(options.strategy_options.get("strength", guided_strength(overall)))
+                    samples = self._samples(face, options, deadline, guide=mica.shape, strength=strength, visibility=visibility)
+                else:
+                    samples = self._samples(face, options, deadline, visibility=visibility)
+                candidates = samples
+                if strategy == "pool":  # MICA's shape joins the pool as the last candidate
+                    candidates = np.concatenate([samples, wire.to_numpy(mica.shape)[None].astype(np.float32)], axis=0)
+                scores = self._rank(face, candidates, deadline, visibility)
         except BackendUnavailableError as exc:
-            # Documented fallback: the generative branch is down, the face still gets MICA's shape, flagged.
+            # Documented fallback: the generative branch is down; the face still gets MICA's shape, flagged.
             mica.fallback = f"ofer unavailable, fell back to mica: {exc}"
             mica.strategy = "mica"
             result.reconstruction.CopyFrom(mica)
-            result.branches.add(name="mica", reconstruction=mica)
             return
-        request = fusion_pb2.FuseRequest(strategy=strategy, options=dict(options.strategy_options), mica_shape=mica_shape,
-                                         samples=wire.from_numpy(candidates), scores=wire.from_numpy(scores.astype(np.float32)))
-        fused = self._fusion(request, deadline)
-        result.reconstruction.CopyFrom(gateway_pb2.Reconstruction(
-            method="fuse", strategy=fused.strategy, shape=fused.shape, mesh=fused.mesh, landmarks68=mica.landmarks68,
-            kpt7=mica.kpt7, vertex_spread=fused.vertex_spread, confidence=fused.confidence,
-            samples=wire.from_numpy(candidates), sample_scores=wire.from_numpy(scores.astype(np.float32))))
+        fused = self._fusion(self._fuse_request(strategy, options, candidates, scores, visibility, mica.shape), deadline)
+        result.reconstruction.CopyFrom(self._fused_reconstruction("fuse", fused, candidates, scores, visibility))
         if options.save_branches:
             result.branches.add(name="mica", reconstruction=mica)
+            n = len(samples)
+            ofer = self._fusion(self._fuse_request("ofer", options, samples, scores[:n], visibility), deadline)
+            result.branches.add(name="ofer", reconstruction=self._fused_reconstruction("ofer", ofer, samples, scores[:n], visibility))
+
+    def _sample_and_rank(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: float | None,
+                         visibility: common_pb2.Visibility | None) -> tuple[np.ndarray, np.ndarray]:
+        samples = self._samples(face, options, deadline, visibility=visibility)
+        return samples, self._rank(face, samples, deadline, visibility)
+
+
+def _overall_visibility(visibility: common_pb2.Visibility | None) -> float:
+    if visibility is None or not visibility.regions:
+        return 1.0
+    return float(np.mean(list(visibility.regions.values())))
+
+
+def _iris_array(iris: object) -> np.ndarray:
+    centres = np.asarray(iris.centres, np.float32)  # type: ignore[attr-defined]
+    diameters = np.asarray(iris.diameters, np.float32)  # type: ignore[attr-defined]
+    return np.concatenate([centres, diameters[:, None]], axis=1)
 
 
 def _without_crops(face: common_pb2.Face) -> common_pb2.Face:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -15,6 +16,9 @@ from facefuse.packs.base import GenerativeBackend
 from facefuse.servers.base import log_event, run_cli, status_code_for, unary_errors
 from facefuse.servers.common import add_model_arguments, backend_info
 from facefuse.v1 import common_pb2, ofer_pb2, ofer_pb2_grpc
+
+if TYPE_CHECKING:
+    from facefuse.fusion.visibility import Visibility
 
 SERVICE_NAME = "facefuse.v1.OferService"
 MAX_SAMPLES = 1000
@@ -41,7 +45,7 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
                 raise InvalidInputError(f"start_t0 {request.start_t0}; expected 0..999")
             if not 0.0 <= request.guide_strength <= 1.0:
                 raise InvalidInputError(f"guide_strength {request.guide_strength}; expected 0..1")
-            visibility = _per_vertex(request)
+            visibility = _visibility(request)
             with self._lock:
                 shapes = self.backend.sample(face, count, mode=mode, steps=request.steps, seed=request.seed,
                                              start_shape=start, start_t0=request.start_t0,
@@ -65,7 +69,7 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
         if len(candidates) == 0:
             raise InvalidInputError("candidates is empty")
         with self._lock:
-            scores = self.backend.rank(face, np.asarray(candidates, dtype=np.float32), visibility=_per_vertex(request))
+            scores = self.backend.rank(face, np.asarray(candidates, dtype=np.float32), visibility=_visibility(request))
         return ofer_pb2.RankResponse(scores=wire.from_numpy(np.asarray(scores, dtype=np.float32)))
 
     @unary_errors
@@ -73,13 +77,19 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
         return backend_info(self.backend.status)
 
 
-def _per_vertex(request: ofer_pb2.SampleRequest | ofer_pb2.RankRequest) -> np.ndarray | None:
-    if not request.HasField("visibility") or not wire.has(request.visibility, "per_vertex"):
+def _visibility(request: ofer_pb2.SampleRequest | ofer_pb2.RankRequest) -> "Visibility | None":
+    """The face's visibility (regions, optionally per vertex) when the gateway sent one."""
+    if not request.HasField("visibility"):
         return None
-    values = wire.require(request.visibility.per_vertex, "visibility.per_vertex", shape=(None,))
-    if values.size and (np.nanmin(values) < 0 or np.nanmax(values) > 1):
-        raise InvalidInputError("visibility.per_vertex must lie in [0, 1]")
-    return np.asarray(values, dtype=np.float32)
+    from facefuse.fusion.visibility import Visibility
+
+    message = request.visibility
+    per_vertex = wire.require(message.per_vertex, "visibility.per_vertex", shape=(None,)) if wire.has(message, "per_vertex") else None
+    values = list(message.regions.values()) + ([] if per_vertex is None else [float(np.min(per_vertex)), float(np.max(per_vertex))])
+    if any(not 0.0 <= v <= 1.0 for v in values):
+        raise InvalidInputError("visibility values must lie in [0, 1]")
+    return Visibility(regions=dict(message.regions), per_vertex=None if per_vertex is None else np.asarray(per_vertex, np.float32),
+                      sources=tuple(message.sources))
 
 
 def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequence[str], dict[str, bool]]:
