@@ -49,7 +49,7 @@ def gaussian_eps(sigma: torch.Tensor, tables: SamplingTables):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=DEFAULT_DDIM_STEPS, help="DDIM steps of the fast sampler")
-    parser.add_argument("--sweep", default="10,25,40,50,100", help="DDIM step counts for the N=10 sweep ('' to skip)")
+    parser.add_argument("--sweep", default="10,25,50,100", help="DDIM step counts for the N=10 sweep ('' to skip)")
     parser.add_argument("--sizes", default="10,100")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--checkpoint", type=Path, default=None, help="a model_idgen_flame20.tar (default: synthetic)")

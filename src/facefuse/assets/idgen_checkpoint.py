@@ -285,8 +285,15 @@ def official_projections() -> dict[str, Tensor]:
     FlameParamDiffusionModel: IResNet-100 and a full Unet (its own 6x16 q/k/v); FLAME and checkpoint
     loads draw nothing; then IdGen: IResNet-100, then the Unet whose draws are captured.
 
-    Runs in a forked RNG so the caller's global state is untouched. Takes a few seconds and ~1.5 GB
-    transiently (every module is really built, since its draws matter).
+    Runs in a forked RNG so the caller's global state is untouched. Takes ~5 s and ~1.5 GB transiently
+    (every module is really built, since its draws matter).
+
+    Verified: the order above against gen_mod ``test_amiya.py``, OFER's FlameParamRankModel /
+    FlameParamDiffusionModel / BaseModel constructors and gen_mod's TesterRank constructor (FLAME only);
+    IdGenUnet's construction consumes the RNG exactly like an independent shadow of the official Unet
+    (tests). Relied on, not verified here: the RNG fidelity of ClipViT, IResNet100 and RankMLPNet (their
+    modules document it), that FLAME construction draws nothing, and the torch version (init algorithms
+    may change across versions). Never compared with an official run (none is available).
     """
     from facefuse.models.arcface import IResNet100
     from facefuse.models.clip_vit import ClipViT

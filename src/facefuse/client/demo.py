@@ -72,20 +72,24 @@ def run_demo(out: Path, assets: str | None = None) -> int:
             info = client.info()
             ready = {b.service: b.ready for b in info.backends}
             report = run_stream(items, out / "detect", client, "detect", options={"return_crops": True})
+            failed = report.failed
             print(f"detect: {report.faces} face(s) in {report.seconds:.1f} s -> {out / 'detect'}")
             if all(ready.get(name) for name in ("mica", "ofer", "fusion")):
                 rec = run_stream(items, out / "reconstruct", client, "fuse", options={"return_crops": True, "save_branches": True})
                 print(f"reconstruct: {rec.faces} face(s) in {rec.seconds:.1f} s -> {out / 'reconstruct'}")
+                failed += rec.failed
             elif ready.get("mica"):
                 rec = run_stream(items, out / "reconstruct", client, "mica", options={"return_crops": True})
                 print(f"reconstruct (mica only): {rec.faces} face(s) in {rec.seconds:.1f} s -> {out / 'reconstruct'}")
+                failed += rec.failed
             else:
                 for backend in info.backends:
                     print(f"  {backend.service}: {'ready' if backend.ready else 'not ready'} ({backend.message})")
                 print("3D reconstruction needs model backends: put the official files in a folder and pass --assets DIR "
                       "(see `facefuse assets check`); the open pack's backends are not part of this build yet.")
-    print(f"done: look at {out}/detect/*/face_*/overlay.png and {out}/detect/results.jsonl")
-    if report.failed:
+    print(f"done: look at {out}/reconstruct/*/face_*/preview.png (3D previews), mesh.glb / mesh.obj, "
+          f"visibility_overlay.png, and {out}/*/results.jsonl")
+    if failed:
         print("some images failed; see results.jsonl", file=sys.stderr)
         return 1
     return 0

@@ -276,7 +276,7 @@ class GaussianStrategy(FusionStrategy):
 
     name = "gaussian"
     needs = ("mica_shape", "samples")
-    defaults = {"sigma_mica": 0.3, "occlusion_gain": 3.0, "ofer_bias": 0.3, "shrinkage": -1.0, "min_variance": 1e-4}
+    defaults = {"sigma_mica": 0.3, "occlusion_gain": 1.0, "ofer_bias": 0.3, "shrinkage": -1.0, "min_variance": 1e-4}
     min_samples = 2
     summary = "Precision-weighted product of OFER's sample distribution and a MICA likelihood widened by occlusion."
 

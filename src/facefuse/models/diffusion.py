@@ -30,8 +30,9 @@ from torch import Tensor, nn
 NUM_TRAIN_STEPS = 1000
 BETA_1 = 1e-4
 BETA_T = 1e-2
-DEFAULT_DDIM_STEPS = 50
-"""facefuse's default DDIM step count, chosen by measurement (benchmarks/bench_idgen.py)."""
+DEFAULT_DDIM_STEPS = 40
+"""facefuse's default DDIM step count: 6.3x fewer network evaluations than the official 251, and on an exact
+denoiser ~10x closer to the 1000-step DDIM solution than the official loop (benchmarks/bench_idgen.py)."""
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 """eps_model(x float32 (B, D), t int64 (B,)) -> predicted noise float32 (B, D)."""
@@ -151,8 +152,6 @@ def _check_strength(strength: float | Tensor, batch: int) -> None:
 
 class _Sampler:
     """Shared plumbing: noise sources, the SDEdit start and the guidance hook."""
-
-    dim: int = 300
 
     def _normal(self, shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
         if generator is None:

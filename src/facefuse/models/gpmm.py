@@ -208,11 +208,14 @@ class GaussianProcessMorphableModel:
     def prior(self) -> Posterior:
         return Posterior(self, np.zeros(self.rank), np.diag(self.eigenvalues), np.diag(np.sqrt(self.eigenvalues)))
 
-    def condition(self, observed_mm: np.ndarray, weights: np.ndarray, noise_mm: float) -> Posterior:
+    def condition(self, observed_mm: np.ndarray, weights: np.ndarray, noise_mm: float,
+                  hidden_noise_mm: float | None = None) -> Posterior:
         """Posterior given the vertices with weight ≥ 0.5 of ``observed_mm`` (V, 3).
 
         Per-vertex noise variance σ_v² = noise_mm² / w_v (a half-visible vertex counts half) plus the
-        residual σ_r² the low-rank span cannot express. Vertices with w < 0.5 are not observed.
+        residual σ_r² the low-rank span cannot express. Vertices with w < 0.5 are not observed, unless
+        ``hidden_noise_mm`` is given: then they are observed with that (larger) noise, for an observation
+        that still guesses the hidden part (e.g. a landmark network's completion under an occluder).
         """
         observed = np.asarray(observed_mm, dtype=np.float64)
         weights = np.asarray(weights, dtype=np.float64)
@@ -222,10 +225,16 @@ class GaussianProcessMorphableModel:
         if noise_mm <= 0:
             raise ValueError(f"condition: noise must be > 0 mm, got {noise_mm}")
         seen = weights >= 0.5
+        vertex_variance = noise_mm**2 / np.clip(weights, 0.5, 1.0) + self.residual_variance
+        if hidden_noise_mm is not None:
+            if hidden_noise_mm <= 0:
+                raise ValueError(f"condition: hidden noise must be > 0 mm, got {hidden_noise_mm}")
+            vertex_variance = np.where(seen, vertex_variance, hidden_noise_mm**2 + self.residual_variance)
+            seen = np.ones_like(seen)
         if not seen.any():
             return self.prior()
         rows = (3 * np.flatnonzero(seen)[:, None] + np.arange(3)).reshape(-1)
-        variance = np.repeat(noise_mm**2 / np.clip(weights[seen], 0.5, 1.0) + self.residual_variance, 3)
+        variance = np.repeat(vertex_variance[seen], 3)
         sqrt_lambda = np.sqrt(self.eigenvalues)
         whitened = self.basis[rows] * sqrt_lambda / np.sqrt(variance)[:, None]  # D^-1/2 Φ_o Λ^1/2
         precision = np.eye(self.rank) + whitened.T @ whitened  # in whitened coefficients β = Λ^-1/2 α

@@ -170,10 +170,12 @@ class FacePipeline:
                                         status=status(grpc.StatusCode.OK))
         try:
             visibility = None
+            if method != "detect" and face.detection.landmarks is not None and face.detection.iris is None \
+                    and hasattr(self.front_end, "estimate_iris"):
+                # Iris size gives the open pack its metric scale (the human iris is ~11.7 mm across).
+                face.detection.iris = _iris_array(self.front_end.estimate_iris(image, face.detection.landmarks))  # type: ignore[attr-defined]
             if method in ("ofer", "fuse"):
                 visibility = self.visibility(image, face, mask, options)
-                if face.detection.landmarks is not None and face.detection.iris is None and hasattr(self.front_end, "estimate_iris"):
-                    face.detection.iris = _iris_array(self.front_end.estimate_iris(image, face.detection.landmarks))  # type: ignore[attr-defined]
             face_msg = wire.face_message(face, index, hw, with_crops=True)
             result.face.CopyFrom(face_msg if options.return_crops or method == "detect" else _without_crops(face_msg))
             if method == "mica":
@@ -206,7 +208,8 @@ class FacePipeline:
         if sources.hands:
             detector = self._hand_detector()
             if detector is not None:
-                hand_points = [hand.points for hand in detector.detect(image)]
+                # The palm model sees a 192 px view: search a region around the face so hands there are large enough.
+                hand_points = [hand.points for hand in detector.detect(image, region=_grown_box(face.detection.box, image.shape, 2.5))]
         vis = sources.estimate(image, landmarks, occluder_mask=None if mask is None else mask > 127, hand_points=hand_points)
         message = common_pb2.Visibility(regions={k: float(v) for k, v in vis.regions.items()}, sources=list(vis.sources))
         return message
@@ -373,6 +376,12 @@ class FacePipeline:
                          visibility: common_pb2.Visibility | None) -> tuple[np.ndarray, np.ndarray]:
         samples = self._samples(face, options, deadline, visibility=visibility)
         return samples, self._rank(face, samples, deadline, visibility)
+
+
+def _grown_box(box: np.ndarray, shape: tuple[int, ...], factor: float) -> np.ndarray:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    half = max(box[2] - box[0], box[3] - box[1]) * factor / 2
+    return np.array([max(cx - half, 0), max(cy - half, 0), min(cx + half, shape[1]), min(cy + half, shape[0])], np.float32)
 
 
 def _overall_visibility(visibility: common_pb2.Visibility | None) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -19,11 +20,26 @@ from facefuse.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc
 SERVICE_NAME = "facefuse.v1.FusionService"
 
 
+Keypoints = Callable[[np.ndarray], tuple[np.ndarray | None, np.ndarray]]
+"""vertices (V,3) mm -> (68 landmarks or None, the 7 NoW points), both mm."""
+
+
+@dataclass
+class FusionSetup:
+    """What the fusion service fuses in: a shape space, how to find keypoints on it, its default strategy."""
+
+    space: object | None
+    status: BackendStatus
+    keypoints: Keypoints | None = None
+    default_strategy: str = ""
+
+
 class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
-    def __init__(self, space: object | None, status: BackendStatus, landmarks: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-        self.space = space
-        self.status = status
-        self.landmarks = landmarks
+    def __init__(self, setup: FusionSetup) -> None:
+        self.space = setup.space
+        self.status = setup.status
+        self.keypoints = setup.keypoints
+        self.default_strategy = setup.default_strategy
 
     @unary_errors
     def Fuse(self, request: fusion_pb2.FuseRequest, context: grpc.ServicerContext) -> fusion_pb2.FuseResponse:
@@ -47,61 +63,90 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
                               samples=None if samples is None else np.array(samples, np.float32),
                               scores=None if scores is None else np.array(scores, np.float32),
                               visibility=visibility, options=dict(request.options))
-        result = fuse(request.strategy or DEFAULT_STRATEGY, inputs, self.space)  # type: ignore[arg-type]
+        result = fuse(request.strategy or self.default_strategy or DEFAULT_STRATEGY, inputs, self.space)  # type: ignore[arg-type]
         reply = fusion_pb2.FuseResponse(
             shape=wire.from_numpy(result.shape.astype(np.float32)),
             mesh=wire.mesh_message(result.vertices_mm, self.space.faces, self.space.topology),  # type: ignore[attr-defined]
             vertex_spread=wire.from_numpy(result.vertex_spread_mm.astype(np.float32), unit="mm"),
             confidence=float(result.confidence), strategy=result.strategy)
-        if self.landmarks is not None:
-            lmk68 = self.landmarks(result.vertices_mm)
-            reply.landmarks68.CopyFrom(wire.from_numpy(lmk68.astype(np.float32), unit="mm"))
-            from facefuse.models.flame import NOW7_FROM_LMK68
-
-            reply.kpt7.CopyFrom(wire.from_numpy(lmk68[list(NOW7_FROM_LMK68)].astype(np.float32), unit="mm"))
+        if self.keypoints is not None:
+            lmk68, kpt7 = self.keypoints(result.vertices_mm)
+            if lmk68 is not None:
+                reply.landmarks68.CopyFrom(wire.from_numpy(lmk68.astype(np.float32), unit="mm"))
+            reply.kpt7.CopyFrom(wire.from_numpy(kpt7.astype(np.float32), unit="mm"))
+        uvs = getattr(self.space, "uvs", None)
+        if uvs is not None:
+            reply.mesh.uvs.CopyFrom(wire.from_numpy(np.asarray(uvs, np.float32)))
         return reply
 
     @unary_errors
     def ListStrategies(self, request: fusion_pb2.ListStrategiesRequest, context: grpc.ServicerContext) -> fusion_pb2.ListStrategiesResponse:
         from facefuse.fusion.strategies import DEFAULT_STRATEGY, strategy_names
 
-        return fusion_pb2.ListStrategiesResponse(names=strategy_names(), default_strategy=DEFAULT_STRATEGY)
+        return fusion_pb2.ListStrategiesResponse(names=strategy_names(), default_strategy=self.default_strategy or DEFAULT_STRATEGY)
 
     @unary_errors
     def Info(self, request: common_pb2.InfoRequest, context: grpc.ServicerContext) -> common_pb2.BackendInfo:
         return backend_info(self.status)
 
 
-def load_space(assets: str | None) -> tuple[object | None, BackendStatus, Callable[[np.ndarray], np.ndarray] | None]:
-    """The FLAME shape space (and its landmark function) from the user's files, or why there is none."""
+def load_setup(pack: str, assets: str | None) -> FusionSetup:
+    """The flame pack's FLAME shape space when its files are there (or asked for), else the open pack's."""
     from facefuse.assets.registry import asset_path, assets_dir
 
     directory = assets_dir(assets)
-    if directory is None or not asset_path(directory, "flame2020").is_file():
-        where = "no assets folder" if directory is None else f"{asset_path(directory, 'flame2020')} not found"
-        return None, BackendStatus("fusion", "none", "none", False, True, f"flame pack: {where}"), None
+    has_flame = directory is not None and asset_path(directory, "flame2020").is_file()
     try:
-        from facefuse.assets.flame_file import load_flame_masks, load_flame_model, load_landmark_embedding
-        from facefuse.fusion.space import ShapeSpace
-        from facefuse.packs.flame import landmark_function
-
-        flame = load_flame_model(asset_path(directory, "flame2020"))
-        masks_path = asset_path(directory, "flame_masks")
-        regions = load_flame_masks(masks_path) if masks_path.is_file() else {}
-        space = ShapeSpace.from_flame(flame, regions)
-        lmk_path = asset_path(directory, "landmark_embedding")
-        landmarks = landmark_function(flame, load_landmark_embedding(lmk_path)) if Path(lmk_path).is_file() else None
+        if pack == "flame" or (pack == "auto" and has_flame):
+            if not has_flame:
+                where = "no assets folder" if directory is None else f"{asset_path(directory, 'flame2020')} not found"
+                return FusionSetup(None, BackendStatus("fusion", "none", "flame", False, True, f"flame pack: {where}"))
+            return _flame_setup(directory)  # type: ignore[arg-type]
+        return _open_setup()
     except AssetError as exc:
-        return None, BackendStatus("fusion", "none", "flame", False, True, str(exc)), None
-    details = {"regions": ",".join(sorted(regions)) or "none (region strategy unavailable)"}
-    return space, BackendStatus("fusion", "flame2020-linear", "flame", True, False, "ready", details=details), landmarks
+        return FusionSetup(None, BackendStatus("fusion", "none", pack, False, True, str(exc)))
+
+
+def _flame_setup(directory: Path) -> FusionSetup:
+    from facefuse.assets.flame_file import load_flame_masks
+    from facefuse.assets.registry import asset_path
+    from facefuse.fusion.space import ShapeSpace
+    from facefuse.fusion.strategies import DEFAULT_STRATEGY
+    from facefuse.models.flame import NOW7_FROM_LMK68
+    from facefuse.packs.flame import landmark_function, load_flame
+
+    flame = load_flame(directory)
+    masks_path = asset_path(directory, "flame_masks")
+    regions = load_flame_masks(masks_path, num_vertices=flame.num_vertices) if masks_path.is_file() else {}
+    space = ShapeSpace.from_flame(flame, regions)
+    landmarks = landmark_function(flame)
+
+    def keypoints(vertices_mm: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        lmk68 = landmarks(vertices_mm)
+        return lmk68, lmk68[list(NOW7_FROM_LMK68)]
+
+    details = {"regions": ",".join(sorted(space.regions)) or "none (region strategy unavailable)"}
+    return FusionSetup(space, BackendStatus("fusion", "flame2020-linear", "flame", True, False, "ready", details=details),
+                       keypoints, DEFAULT_STRATEGY)
+
+
+def _open_setup() -> FusionSetup:
+    from facefuse.assets.canonical_face import load_canonical_face
+    from facefuse.packs.open import OPEN_DEFAULT_STRATEGY, kpt7, open_shape_space
+
+    canonical = load_canonical_face()
+    space = open_shape_space(canonical=canonical)
+    space.uvs = canonical.uvs  # type: ignore[attr-defined]
+    return FusionSetup(space, BackendStatus("fusion", "mediapipe468-identity", "open", True, False, "ready",
+                                            details={"regions": ",".join(sorted(space.regions))}),
+                       lambda vertices: (None, kpt7(vertices)), OPEN_DEFAULT_STRATEGY)
 
 
 def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequence[str], dict[str, bool]]:
-    space, status, landmarks = load_space(args.assets)
-    servicer = FusionServicer(space, status, landmarks)
+    setup = load_setup(args.pack, args.assets)
+    servicer = FusionServicer(setup)
     return (lambda server: fusion_pb2_grpc.add_FusionServiceServicer_to_server(servicer, server),
-            [SERVICE_NAME], {SERVICE_NAME: status.ready})
+            [SERVICE_NAME], {SERVICE_NAME: setup.status.ready})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

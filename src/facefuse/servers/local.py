@@ -107,7 +107,8 @@ class LocalMesh:
         port_file = self.workdir / f"{name}.port"
         port_file.unlink(missing_ok=True)
         log_path = self.workdir / f"{name}.log"
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        # Several processes share the machine's cores: numpy's BLAS threads would only thrash (docs/open-pack.md).
+        env = {"OPENBLAS_NUM_THREADS": "1", **os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         command = [sys.executable, "-m", f"facefuse.servers.{name}", "--port", "0", "--port-file", str(port_file),
                    "--grace", str(self.grace_s), *args, *self.extra_args.get(name, [])]
         with open(log_path, "wb") as log:

@@ -53,7 +53,7 @@ def prediction_message(result: ShapeResult, with_mesh: bool, with_landmarks: boo
     if result.identity is not None:
         message.identity.CopyFrom(wire.from_numpy(result.identity))
     if with_mesh:
-        message.mesh.CopyFrom(wire.mesh_message(result.vertices_mm, result.faces, result.topology))
+        message.mesh.CopyFrom(wire.mesh_message(result.vertices_mm, result.faces, result.topology, uvs=result.uvs))
     if with_landmarks:
         if result.landmarks68_mm is not None:
             message.landmarks68.CopyFrom(wire.from_numpy(result.landmarks68_mm, unit="mm"))

@@ -39,8 +39,8 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
             mode = request.mode or "fast"
             if mode not in MODES:
                 raise InvalidInputError(f"mode {mode!r}; expected one of {MODES}")
-            start = wire.require(request.start_shape, "start_shape", shape=(300,)) if wire.has(request, "start_shape") else None
-            guide = wire.require(request.guide_shape, "guide_shape", shape=(300,)) if wire.has(request, "guide_shape") else None
+            start = wire.require(request.start_shape, "start_shape", shape=(None,)) if wire.has(request, "start_shape") else None
+            guide = wire.require(request.guide_shape, "guide_shape", shape=(None,)) if wire.has(request, "guide_shape") else None
             if not 0 <= request.start_t0 <= 999:
                 raise InvalidInputError(f"start_t0 {request.start_t0}; expected 0..999")
             if not 0.0 <= request.guide_strength <= 1.0:
@@ -65,7 +65,7 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
     @unary_errors
     def Rank(self, request: ofer_pb2.RankRequest, context: grpc.ServicerContext) -> ofer_pb2.RankResponse:
         face = wire.aligned_face_from_message(request.face)
-        candidates = wire.require(request.candidates, "candidates", shape=(None, 300))
+        candidates = wire.require(request.candidates, "candidates", shape=(None, None))  # K checked by the backend
         if len(candidates) == 0:
             raise InvalidInputError("candidates is empty")
         with self._lock:

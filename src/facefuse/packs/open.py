@@ -1,0 +1,366 @@
+"""The open pack: a metric face from FaceMesh (mica's slot) and GP completions of what is hidden (ofer's slot).
+
+Everything comes from registry packages through the model store (Apache-2.0 MediaPipe models and the
+MediaPipe canonical face); see docs/open-pack.md for the method, its limits and what was measured.
+
+* :class:`OpenShapeBackend` turns the 468 FaceMesh points of a face into a metric mesh in the canonical
+  face's pose: millimetres per pixel from the iris (a human iris is about 11.7 mm across), pose removed
+  by a weighted rigid Procrustes fit to the canonical face (MediaPipe's own Procrustes landmark weights),
+  expression kept as observed.
+* :class:`OpenGenerativeBackend` samples completions from a Gaussian-process morphable model of the
+  canonical face (:mod:`facefuse.models.gpmm`) conditioned on the visible vertices of that metric mesh,
+  and ranks candidates by their log posterior density (GP prior + robust agreement with the mesh).
+* :func:`open_shape_space` is the space both report in: template = canonical face, basis = identity,
+  so a "shape" is the (V·3,) displacement from the canonical face in mm, vertex-major x, y, z. Exact
+  for any mesh and the same numbers in every process and on every machine (see the docs for why an
+  eigenbasis was not used).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from facefuse.assets.canonical_face import TOPOLOGY, CanonicalFace, load_canonical_face
+from facefuse.errors import InvalidInputError, LimitExceededError
+from facefuse.face.types import AlignedFace, Detection
+from facefuse.fusion.space import ShapeSpace
+from facefuse.fusion.visibility import Visibility
+from facefuse.models.gpmm import GaussianProcessMorphableModel
+from facefuse.packs.base import BackendStatus, ShapeResult
+
+PACK = "open"
+NUM_VERTICES = 468
+IRIS_DIAMETER_MM = 11.7
+"""Mean adult horizontal visible iris diameter (white-to-white), nearly constant across people (sd ≈ 0.5 mm)."""
+IRIS_SCALE_RANGE = (0.7, 1.3)
+"""The iris scale is used only when it lies within this factor of the canonical-size scale: outside it the
+iris reading is implausible (eyes closed, covered, or a misfit) and the canonical-size fallback is used."""
+KPT7_INDICES = (33, 133, 362, 263, 2, 61, 291)
+"""NoW's 7 points on the 468 topology, in FLAME's NoW order (iBUG 36, 39, 42, 45, 33, 48, 54): image-left
+eye outer and inner corner, image-right eye inner and outer corner, nose bottom (subnasale), image-left
+and image-right mouth corner."""
+OBSERVATION_NOISE_MM = 1.0
+"""Per-coordinate noise of a visible metric FaceMesh vertex, as the GP sees it (chosen, see the docs)."""
+ROBUST_DOF = 4.0
+"""Degrees of freedom of the Student-t agreement term of :meth:`OpenGenerativeBackend.rank`."""
+MAX_SAMPLES = 1024
+OPEN_RIDGE_MM2 = 1e-6
+"""Ridge of the open space's projections: the identity basis needs none to be solvable, so only a trace
+(projections shrink by 1e-6 relative) instead of FLAME's unit-variance prior."""
+VISIBLE = 0.5
+"""Vertices with visibility ≥ this are observed by the GP."""
+
+REGION_NAMES_FLAME = {
+    "forehead": "forehead", "left_eye": "left_eye_region", "right_eye": "right_eye_region",
+    "nose": "nose", "lips": "lips", "left_cheek": "left_cheek", "right_cheek": "right_cheek",
+}
+"""MediaPipe visibility region (fusion/visibility.py) -> the FLAME mask name the region gets in the open space."""
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def weighted_rigid_fit(source: np.ndarray, target: np.ndarray, weights: np.ndarray, *,
+                       with_scale: bool = False) -> tuple[float, np.ndarray, np.ndarray]:
+    """(s, R, t) minimising Σ w_i ‖s R x_i + t − y_i‖² (Umeyama's weighted solution, det R = +1)."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    mu_x, mu_y = w @ source, w @ target
+    xc, yc = source - mu_x, target - mu_y
+    cov = (yc * w[:, None]).T @ xc
+    u, sing, vt = np.linalg.svd(cov)
+    d = np.ones(3)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        d[2] = -1.0
+    rotation = (u * d) @ vt
+    scale = float((sing * d).sum() / (w @ (xc**2).sum(axis=1))) if with_scale else 1.0
+    return scale, rotation, mu_y - scale * rotation @ mu_x
+
+
+@dataclass
+class MetricFace:
+    """A face's metric mesh in the canonical face's frame (mm) and how it was made."""
+
+    vertices_mm: np.ndarray  # (468, 3) float64
+    mm_per_px: float
+    scale_source: str  # "iris" | "canonical-size"
+    rotation: np.ndarray  # (3, 3): camera (x right, y up, z toward the viewer) -> canonical frame
+    fit_rms_mm: float  # weighted RMS distance to the canonical face after the fit
+
+
+def camera_points(landmarks: np.ndarray) -> np.ndarray:
+    """FaceMesh (x right, y down, z away; pixels) -> right-handed (x right, y up, z toward the viewer)."""
+    points = np.asarray(landmarks, dtype=np.float64)[:NUM_VERTICES, :3]
+    return points * np.array([1.0, -1.0, -1.0])
+
+
+def iris_mm_per_px(iris: np.ndarray | None) -> float | None:
+    """11.7 mm / the mean of the valid iris diameters in pixels, or None when none is valid."""
+    if iris is None:
+        return None
+    diameters = np.asarray(iris, dtype=np.float64).reshape(2, 3)[:, 2]
+    valid = diameters[np.isfinite(diameters) & (diameters > 1.0)]
+    return IRIS_DIAMETER_MM / float(valid.mean()) if valid.size else None
+
+
+def metric_face(landmarks: np.ndarray, canonical: CanonicalFace, *, iris: np.ndarray | None = None,
+                visibility: np.ndarray | None = None) -> MetricFace:
+    """Metric scale (iris, else canonical size), then pose removed by a weighted rigid fit to the canonical face.
+
+    Weights: the canonical model's Procrustes weights, times ``visibility`` (V,) when given; if the
+    visible weighted landmarks carry almost no weight, every visible vertex counts equally.
+    """
+    points = camera_points(landmarks)
+    weights = canonical.procrustes_weights()
+    if visibility is not None:
+        weights = weights * np.clip(np.asarray(visibility, dtype=np.float64), 0.0, 1.0)
+        if weights.sum() < 0.2 * canonical.landmark_weights.sum():
+            weights = np.clip(np.asarray(visibility, dtype=np.float64), 0.0, 1.0)
+    if weights.sum() <= 0:
+        raise InvalidInputError("metric face: no visible landmark to fit the pose on (visibility is all zero)")
+    size_scale, _, _ = weighted_rigid_fit(points, canonical.vertices_mm, weights, with_scale=True)
+    mm_per_px, source = size_scale, "canonical-size"
+    from_iris = iris_mm_per_px(iris)
+    if from_iris is not None and IRIS_SCALE_RANGE[0] <= from_iris / size_scale <= IRIS_SCALE_RANGE[1]:
+        mm_per_px, source = from_iris, "iris"
+    metric = points * mm_per_px
+    _, rotation, translation = weighted_rigid_fit(metric, canonical.vertices_mm, weights)
+    vertices = metric @ rotation.T + translation
+    rms = float(np.sqrt((weights @ ((vertices - canonical.vertices_mm) ** 2).sum(axis=1)) / weights.sum()))
+    return MetricFace(vertices, float(mm_per_px), source, rotation, rms)
+
+
+def kpt7(vertices_mm: np.ndarray) -> np.ndarray:
+    return np.asarray(vertices_mm, dtype=np.float32)[list(KPT7_INDICES)]
+
+
+def mediapipe_regions(canonical: CanonicalFace) -> dict[str, np.ndarray]:
+    """Vertex index sets named like FLAME's masks, from the visibility regions' landmark polygons.
+
+    Each polygon of :data:`facefuse.fusion.visibility.MEDIAPIPE_REGIONS` is drawn on the frontal view of
+    the canonical face (x, −y); a region holds the vertices inside it plus the polygon's own landmarks.
+    ``eye_region`` is both eyes; ``face`` is every vertex (FaceMesh covers the face only).
+    """
+    from skimage.measure import points_in_poly
+
+    from facefuse.fusion.visibility import MEDIAPIPE_REGIONS, region_polygon, Visibility
+
+    frontal = canonical.vertices_mm[:, :2] * np.array([1.0, -1.0])
+    regions: dict[str, np.ndarray] = {}
+    for name, flame_name in REGION_NAMES_FLAME.items():
+        inside = points_in_poly(frontal, region_polygon(name, frontal))
+        inside[list(MEDIAPIPE_REGIONS[name].indices)] = True
+        regions[flame_name] = np.flatnonzero(inside)
+    regions["eye_region"] = np.union1d(regions["left_eye_region"], regions["right_eye_region"])
+    regions["face"] = np.arange(NUM_VERTICES)
+    return regions
+
+
+def vertex_visibility_from_mask(occluder_mask: np.ndarray, landmarks: np.ndarray, *, radius_px: float = 2.0) -> np.ndarray:
+    """(468,) visibility per FaceMesh vertex: the clear fraction of 9 pixels around its landmark.
+
+    ``occluder_mask`` (H, W) is true (or > 0) where something covers the face; pixels outside the
+    image count as not seen. A direct per-vertex alternative to the region visibilities for this topology.
+    """
+    mask = np.asarray(occluder_mask)
+    if mask.ndim != 2:
+        raise InvalidInputError(f"occluder mask: expected (H, W), got {mask.shape}")
+    covered = mask > (127 if mask.dtype == np.uint8 and mask.max() > 1 else 0)
+    points = np.asarray(landmarks, dtype=np.float64)[:NUM_VERTICES, :2]
+    offsets = np.array([(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)], np.float64) * radius_px
+    cols = np.rint(points[:, None, 0] + offsets[None, :, 0]).astype(np.int64)
+    rows = np.rint(points[:, None, 1] + offsets[None, :, 1]).astype(np.int64)
+    inside = (rows >= 0) & (rows < covered.shape[0]) & (cols >= 0) & (cols < covered.shape[1])
+    clear = np.zeros(rows.shape, bool)
+    clear[inside] = ~covered[rows[inside], cols[inside]]
+    return clear.mean(axis=1)
+
+
+# --------------------------------------------------------------------------- the open space and the GP
+
+
+_LOCK = threading.Lock()
+OPEN_DEFAULT_STRATEGY = "region"
+"""Visible regions from the deterministic mesh, hidden ones from the GP completion (docs/open-pack.md)."""
+_SPACES: dict[int, ShapeSpace] = {}
+_GPMMS: dict[int, GaussianProcessMorphableModel] = {}
+
+
+def open_shape_space(store=None, canonical: CanonicalFace | None = None) -> ShapeSpace:
+    """template = canonical face (m), basis = identity (1 mm per coefficient), K = 3·468; one per process."""
+    canonical = canonical if canonical is not None else load_canonical_face(store)
+    with _LOCK:
+        key = id(canonical)
+        if key not in _SPACES:
+            k = 3 * NUM_VERTICES
+            basis = (np.eye(k) / 1000.0).reshape(NUM_VERTICES, 3, k)
+            _SPACES[key] = ShapeSpace(canonical.vertices_mm / 1000.0, basis, canonical.faces,
+                                      regions=mediapipe_regions(canonical), topology=TOPOLOGY, ridge_mm2=OPEN_RIDGE_MM2)
+        return _SPACES[key]
+
+
+def open_gpmm(canonical: CanonicalFace) -> GaussianProcessMorphableModel:
+    """The GP morphable model of the canonical face with the default kernels; one per process."""
+    with _LOCK:
+        key = id(canonical)
+        if key not in _GPMMS:
+            _GPMMS[key] = GaussianProcessMorphableModel.build(canonical.vertices_mm)
+        return _GPMMS[key]
+
+
+def shape_from_vertices(vertices_mm: np.ndarray, canonical: CanonicalFace) -> np.ndarray:
+    """(..., 468, 3) mm -> (..., 1404) float32 open-space coefficients (the displacement in mm)."""
+    disp = np.asarray(vertices_mm, dtype=np.float64) - canonical.vertices_mm
+    return disp.reshape(*disp.shape[:-2], 3 * NUM_VERTICES).astype(np.float32)
+
+
+def vertices_from_shape(shape: np.ndarray, canonical: CanonicalFace) -> np.ndarray:
+    array = np.asarray(shape, dtype=np.float64)
+    return canonical.vertices_mm + array.reshape(*array.shape[:-1], NUM_VERTICES, 3)
+
+
+def _landmarks_of(face: AlignedFace | Detection, position: int) -> tuple[np.ndarray, np.ndarray | None]:
+    detection = face.detection if isinstance(face, AlignedFace) else face
+    landmarks = detection.landmarks
+    if landmarks is None or np.ndim(landmarks) != 2 or np.shape(landmarks)[0] < NUM_VERTICES or np.shape(landmarks)[1] < 3:
+        raise InvalidInputError(
+            f"face {position}: the open pack needs the 468 FaceMesh landmarks (x, y, z) of the face, got "
+            f"{None if landmarks is None else np.shape(landmarks)} from detector {detection.detector!r}; "
+            "use the blazeface-facemesh front end (the SCRFD detector gives 5 points only)")
+    if not np.all(np.isfinite(np.asarray(landmarks)[:NUM_VERTICES, :3])):
+        raise InvalidInputError(f"face {position}: the FaceMesh landmarks contain NaN or infinite values")
+    return np.asarray(landmarks, dtype=np.float64), detection.iris
+
+
+def _check_visibility(visibility: np.ndarray | Visibility | None) -> np.ndarray | None:
+    """Per-vertex visibility (468,): given directly, or from a ``Visibility``'s per-vertex values or regions."""
+    if visibility is None:
+        return None
+    if isinstance(visibility, Visibility):
+        if visibility.per_vertex is None:
+            return np.clip(open_shape_space().region_weights(visibility), 0.0, 1.0)
+        visibility = visibility.per_vertex
+    array = np.asarray(visibility, dtype=np.float64)
+    if array.shape != (NUM_VERTICES,) or not np.all(np.isfinite(array)):
+        raise InvalidInputError(f"visibility: expected ({NUM_VERTICES},) finite per-vertex values in [0, 1], got {array.shape}")
+    return np.clip(array, 0.0, 1.0)
+
+
+class OpenShapeBackend:
+    """The mica slot of the open pack: FaceMesh points -> a metric mesh in the canonical pose."""
+
+    def __init__(self, canonical: CanonicalFace, device: str = "cpu") -> None:
+        self.canonical = canonical
+        self.status = BackendStatus(
+            "mica", "facemesh-metric", PACK, True, False, "ready", device="cpu",
+            details={"topology": TOPOLOGY, "vertices": str(NUM_VERTICES), "scale": f"iris {IRIS_DIAMETER_MM} mm",
+                     "shape": "displacement from the canonical face, mm (1404)"})
+
+    def reconstruct(self, face: AlignedFace | Detection, visibility: np.ndarray | None = None, position: int = 0) -> MetricFace:
+        landmarks, iris = _landmarks_of(face, position)
+        return metric_face(landmarks, self.canonical, iris=iris, visibility=_check_visibility(visibility))
+
+    def predict(self, faces: Sequence[AlignedFace]) -> list[ShapeResult]:
+        results = []
+        for position, face in enumerate(faces):
+            metric = self.reconstruct(face, position=position)
+            vertices = metric.vertices_mm.astype(np.float32)
+            results.append(ShapeResult(
+                vertices_mm=vertices, faces=self.canonical.faces, topology=TOPOLOGY,
+                shape=shape_from_vertices(metric.vertices_mm, self.canonical), kpt7_mm=kpt7(vertices),
+                uvs=self.canonical.uvs))
+        return results
+
+
+class OpenGenerativeBackend:
+    """The ofer slot of the open pack: GP completions of the hidden part given the visible part."""
+
+    def __init__(self, shape_backend: OpenShapeBackend, gpmm: GaussianProcessMorphableModel,
+                 noise_mm: float = OBSERVATION_NOISE_MM, hidden_noise_mm: float | None = None) -> None:
+        self.shape_backend = shape_backend
+        self.canonical = shape_backend.canonical
+        self.gpmm = gpmm
+        self.noise_mm = float(noise_mm)
+        self.hidden_noise_mm = None if hidden_noise_mm is None else float(hidden_noise_mm)
+        self.status = BackendStatus(
+            "ofer", "gpmm", PACK, True, False, "ready", device="cpu",
+            details={"topology": TOPOLOGY, "rank": str(gpmm.rank), "explained": f"{gpmm.explained_fraction:.3f}",
+                     "noise_mm": str(self.noise_mm)})
+
+    def observation(self, face: AlignedFace, start_shape: np.ndarray | None) -> np.ndarray:
+        """(468, 3) mm: the deterministic mesh (``start_shape`` when the gateway passes it, else recomputed)."""
+        if start_shape is None:
+            return self.shape_backend.reconstruct(face).vertices_mm
+        shape = np.asarray(start_shape, dtype=np.float64).reshape(-1)
+        if shape.shape != (3 * NUM_VERTICES,) or not np.all(np.isfinite(shape)):
+            raise InvalidInputError(f"start_shape: expected ({3 * NUM_VERTICES},) finite open-space coefficients, got {np.shape(start_shape)}")
+        return vertices_from_shape(shape, self.canonical)
+
+    def visible_frame(self, observed: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(R, t) that re-fits the observed mesh to the canonical face on its visible Procrustes landmarks.
+
+        The deterministic backend fits the pose on all its landmarks (it is not told what is hidden), so
+        an occluder can tilt it; the GP's mean is the canonical face in its own pose, so conditioning is
+        done in the frame fitted on visible landmarks only, and samples are mapped back (R⁻¹, −t) into
+        the deterministic mesh's frame, where the visible parts must agree with it.
+        """
+        fit = self.canonical.procrustes_weights() * weights
+        if fit.sum() < 0.2 * self.canonical.landmark_weights.sum():
+            fit = weights.copy()
+        if np.all(weights >= 1.0) or fit.sum() <= 0:
+            return np.eye(3), np.zeros(3)
+        _, rotation, translation = weighted_rigid_fit(observed, self.canonical.vertices_mm, fit)
+        return rotation, translation
+
+    def posterior(self, face: AlignedFace, start_shape: np.ndarray | None, visibility: np.ndarray | None):
+        """The GP given the visible part, and the frame (R, t) it lives in (see :meth:`visible_frame`)."""
+        weights = _check_visibility(visibility)
+        weights = np.ones(NUM_VERTICES) if weights is None else weights
+        observed = self.observation(face, start_shape)
+        rotation, translation = self.visible_frame(observed, weights)
+        posterior = self.gpmm.condition(observed @ rotation.T + translation, weights, self.noise_mm, self.hidden_noise_mm)
+        return posterior, rotation, translation
+
+    def sample(self, face: AlignedFace, num_samples: int, *, mode: str = "", steps: int = 0, seed: int = 0,
+               start_shape: np.ndarray | None = None, start_t0: int = 0, guide_shape: np.ndarray | None = None,
+               guide_strength: float = 0.0, visibility: np.ndarray | None = None) -> np.ndarray:
+        """(N, 1404) float32 samples of the GP posterior. ``mode``, ``steps``, ``start_t0`` and ``guide_*`` are
+        diffusion-sampler settings and do not apply to the GP (ignored)."""
+        if not 1 <= int(num_samples) <= MAX_SAMPLES:
+            raise (LimitExceededError if int(num_samples) > MAX_SAMPLES else InvalidInputError)(
+                f"num_samples: expected 1..{MAX_SAMPLES}, got {num_samples}")
+        posterior, rotation, translation = self.posterior(face, start_shape, visibility)
+        generator = np.random.default_rng(int(seed) & 0xFFFFFFFFFFFFFFFF)
+        samples = (posterior.sample_mm(int(num_samples), generator) - translation) @ rotation  # back: R⁻¹(x − t)
+        return shape_from_vertices(samples, self.canonical)
+
+    def rank(self, face: AlignedFace, candidates: np.ndarray, visibility: np.ndarray | None = None) -> np.ndarray:
+        """(N,) log posterior density up to a constant: −½·GP Mahalanobis − Σ_visible w·Student-t misfit to the
+        deterministic mesh. Higher is better; each score depends on its own candidate only."""
+        array = np.asarray(candidates, dtype=np.float64)
+        if array.ndim != 2 or array.shape[1] != 3 * NUM_VERTICES or not np.all(np.isfinite(array)):
+            raise InvalidInputError(f"candidates: expected (N, {3 * NUM_VERTICES}) finite open-space shapes, got {np.shape(candidates)}")
+        weights = _check_visibility(visibility)
+        weights = np.ones(NUM_VERTICES) if weights is None else weights
+        observed = self.shape_backend.reconstruct(face).vertices_mm
+        vertices = vertices_from_shape(array, self.canonical)
+        rotation, translation = self.visible_frame(observed, weights)
+        prior = 0.5 * self.gpmm.mahalanobis(vertices @ rotation.T + translation)
+        seen = weights >= VISIBLE
+        scale2 = self.noise_mm**2 / np.clip(weights[seen], VISIBLE, 1.0) + self.gpmm.residual_variance
+        r2 = ((vertices[:, seen] - observed[seen]) ** 2).sum(axis=-1)
+        misfit = 0.5 * (ROBUST_DOF + 3.0) * np.log1p(r2 / (ROBUST_DOF * scale2))
+        return (-(prior + misfit.sum(axis=1))).astype(np.float32)
+
+
+def load_open_shape_backend(device: str = "cpu", store=None) -> OpenShapeBackend:
+    return OpenShapeBackend(load_canonical_face(store), device)
+
+
+def load_open_generative_backend(device: str = "cpu", store=None) -> OpenGenerativeBackend:
+    canonical = load_canonical_face(store)
+    return OpenGenerativeBackend(OpenShapeBackend(canonical, device), open_gpmm(canonical))
