@@ -41,18 +41,41 @@ def test_every_service_is_alive_and_lists_itself_by_reflection(open_mesh: LocalM
         assert {service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
 
 
-def test_placeholder_backends_say_so_and_refuse(open_mesh: LocalMesh) -> None:
-    # No assets and no open-pack backend yet: readiness is NOT_SERVING, Info says why, Predict refuses.
-    address = open_mesh.address("mica")
-    assert health_status(address, SERVICES["mica"]) == health_pb2.HealthCheckResponse.NOT_SERVING
-    with grpc.insecure_channel(address) as channel:
-        stub = mica_pb2_grpc.MicaServiceStub(channel)
-        info = stub.Info(common_pb2.InfoRequest(), timeout=5)
-        assert info.placeholder and not info.ready and info.message
-        face = common_pb2.Face(arcface_blob=wire.from_numpy(np.zeros((3, 112, 112), np.float32)))
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.Predict(mica_pb2.PredictRequest(faces=[face]), timeout=10)
-        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+def test_a_backend_without_its_files_says_so_and_refuses(tmp_path: Path) -> None:
+    # The flame pack asked for with no assets folder: the process is up (SERVING), its RPC service is
+    # NOT_SERVING, Info says why, and Predict is FAILED_PRECONDITION rather than a pretend answer.
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "facefuse.servers.mica", "--pack", "flame", "--port", "0",
+                             "--port-file", str(port_file)], env={**__import__("os").environ, "FACEFUSE_ASSETS": ""},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(400):
+            if port_file.is_file() and port_file.read_text():
+                break
+            time.sleep(0.05)
+        address = f"127.0.0.1:{port_file.read_text()}"
+        assert health_status(address) == health_pb2.HealthCheckResponse.SERVING
+        assert health_status(address, SERVICES["mica"]) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with grpc.insecure_channel(address) as channel:
+            stub = mica_pb2_grpc.MicaServiceStub(channel)
+            info = stub.Info(common_pb2.InfoRequest(), timeout=5)
+            assert info.placeholder and not info.ready and "assets" in info.message
+            face = common_pb2.Face(arcface_blob=wire.from_numpy(np.zeros((3, 112, 112), np.float32)))
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Predict(mica_pb2.PredictRequest(faces=[face]), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_open_pack_backends_are_ready_without_assets(open_mesh: LocalMesh) -> None:
+    for name in ("mica", "ofer", "fusion"):
+        assert health_status(open_mesh.address(name), SERVICES[name]) == health_pb2.HealthCheckResponse.SERVING
+    with GatewayClient(open_mesh.gateway_address) as client:
+        info = client.info()
+    assert {b.service: b.pack for b in info.backends} == {"mica": "open", "ofer": "open", "fusion": "open"}
+    assert not any(b.placeholder for b in info.backends)
 
 
 def test_grpcurl_calls_health_and_info_with_json(open_mesh: LocalMesh) -> None:
