@@ -28,6 +28,7 @@ def mica_assets(synthetic_assets) -> Path:
 
 
 @pytest.fixture(scope="session")
-def flame_mesh(mica_assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    with LocalMesh(assets=mica_assets, workdir=tmp_path_factory.mktemp("flame-mesh")) as mesh:
+def flame_mesh(synthetic_assets_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    """The whole mesh on the flame pack, every official file a synthetic stand-in (size small)."""
+    with LocalMesh(assets=synthetic_assets_dir, workdir=tmp_path_factory.mktemp("flame-mesh")) as mesh:
         yield mesh

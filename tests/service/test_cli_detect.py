@@ -74,3 +74,35 @@ def test_cli_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
                            "-o", str(tmp_path / "o"), "--gateway", "127.0.0.1:1"], capture_output=True, text=True, env=env,
                           timeout=60)
     assert down.returncode == 2 and "Traceback" not in down.stderr and "no gateway answers" in down.stderr
+
+
+def test_identity_group_fuses_each_persons_images(open_mesh: LocalMesh, tmp_path: Path, astronaut_jpeg: bytes) -> None:
+    import skimage.data
+
+    from PIL import Image
+
+    from facefuse.client.demo import occlude_mouth
+
+    people = tmp_path / "people"
+    (people / "eileen").mkdir(parents=True)
+    (people / "eileen" / "clear.jpg").write_bytes(astronaut_jpeg)
+    image = skimage.data.astronaut()
+    # the mouth hidden: this image shows less of the face and must count less
+    from facefuse.assets.store import ModelStore
+    from facefuse.face.frontend import FaceFrontEnd
+
+    (det,) = FaceFrontEnd.from_assets(None, ModelStore()).detect(image)
+    Image.fromarray(occlude_mouth(image, det.kps5)).save(people / "eileen" / "masked.jpg", quality=92)
+    out = tmp_path / "out"
+    code = main(["reconstruct", str(people), "-o", str(out), "--gateway", open_mesh.gateway_address, "--no-progress",
+                 "--identity-group", "folders", "--samples", "4"])
+    assert code == 0
+    (entry,) = [json.loads(line) for line in (out / "identities.jsonl").read_text().splitlines()]
+    assert entry["identity"] == "eileen" and entry["used"] == 2
+    weights = {m["image_id"].split("/")[-1]: m["weight"] for m in entry["members"]}
+    assert weights["clear.jpg"] > weights["masked.jpg"]
+    group = out / entry["dir"]
+    vertices = [np.load(out / e["dir"] / "shape.npy") for e in _results(out) if e["status"] == "OK"]
+    assert np.load(group / "shape.npy").shape == vertices[0].shape
+    for name in ("mesh.obj", "mesh.ply", "mesh_uncertainty.ply", "uncertainty.npy", "identity.json"):
+        assert (group / name).is_file()

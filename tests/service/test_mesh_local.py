@@ -160,3 +160,26 @@ def test_make_smoke_script_passes() -> None:
     out = subprocess.run(["bash", str(root / "deploy" / "smoke.sh")], capture_output=True, text=True, env=env, timeout=300, cwd=root)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert out.stdout.count('"status": "SERVING"') == 4
+
+
+def test_ofer_killed_mid_stream_falls_back_to_mica_flagged(tmp_path: Path, astronaut_jpeg: bytes) -> None:
+    """Faces after the kill get MICA's branch with `fallback` set; the stream still ends normally."""
+    with LocalMesh(workdir=tmp_path, env={"FACEFUSE_ASSETS": ""}) as mesh:
+        images = (ImageInput(f"a{i}", astronaut_jpeg) for i in range(4))
+        results = []
+        with GatewayClient(mesh.gateway_address, timeout_s=120) as client:
+
+            def paced():
+                for index, image in enumerate(images):
+                    if index == 1:
+                        while not results:  # wait for the first answer, then kill the generative branch
+                            time.sleep(0.05)
+                        mesh.kill("ofer")
+                    yield image
+
+            for result in client.process(paced(), method="fuse"):
+                results.append(result)
+    assert len(results) == 4 and all(r.status.code == 0 for r in results)
+    assert results[0].reconstruction.fallback == ""
+    later = [r for r in results if r.image_id != results[0].image_id]
+    assert all("ofer unavailable" in r.reconstruction.fallback and r.reconstruction.strategy == "mica" for r in later)

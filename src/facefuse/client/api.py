@@ -45,6 +45,8 @@ def process_options(method: str = "detect", **fields: object) -> gateway_pb2.Pro
             options.strategy_options.update({k: float(v) for k, v in value.items()})  # type: ignore[union-attr]
         elif name == "boxes":
             options.boxes.extend(common_pb2.Box(x1=b[0], y1=b[1], x2=b[2], y2=b[3]) for b in value)  # type: ignore[union-attr]
+        elif isinstance(value, (list, tuple)):
+            getattr(options, name).extend(value)
         else:
             setattr(options, name, value)
     return options

@@ -33,12 +33,22 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> i
     from facefuse.client.run import run_stream
 
     items = collect_inputs(args.inputs, every_n_frames=args.every)
+    groups = None
+    if getattr(args, "identity_group", None):
+        from facefuse.client.identity import group_items
+
+        groups = group_items(items, args.identity_group)  # checked before any work is done
     with GatewayClient(args.gateway, timeout_s=args.timeout) as client:
         client.wait_ready()
         report = run_stream(items, args.out, client, method, options={"selection": args.selection, **options},
                             progress=not args.no_progress)
     print(f"{report.processed} image(s) processed, {report.skipped} already done, {report.faces} face(s) written "
           f"to {args.out} in {report.seconds:.1f} s; statuses {report.statuses or '{}'}")
+    if groups is not None:
+        from facefuse.client.identity import write_identities
+
+        for entry in write_identities(args.out, groups, method):
+            print(f"identity {entry['identity']}: {entry['status']}, {entry.get('used', 0)}/{entry['images']} image(s) fused")
     if report.failed:
         print(f"facefuse: {report.failed} image(s)/face(s) failed; see {args.out / 'results.jsonl'}", file=sys.stderr)
         return 1
@@ -54,6 +64,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         "strategy": args.strategy, "num_samples": args.samples, "steps": args.steps, "seed": args.seed,
         "sampler_mode": args.sampler, "save_branches": args.save_branches, "return_crops": True,
         "strategy_options": dict(_parse_option(o) for o in args.option),
+        "visibility_off": list(args.no_visibility) or None,
     }
     return _run(args, args.method, options)
 
@@ -155,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--sampler", default=None, choices=["fast", "official"], help="IdGen sampler")
     rec.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same samples)")
     rec.add_argument("--save-branches", action="store_true", help="also keep MICA's and OFER's own outputs")
+    rec.add_argument("--identity-group", default=None, metavar="folders|CSV",
+                     help="fuse all images of one person into one shape: 'folders' (a folder per person) or a CSV "
+                          "of image,identity rows; written to OUT/identities/")
+    rec.add_argument("--no-visibility", action="append", default=[], choices=["mask", "photometric", "hands"],
+                     help="switch a visibility source off (repeatable)")
     rec.set_defaults(func=cmd_reconstruct)
 
     assets = sub.add_parser("assets", help="check or synthesize model files").add_subparsers(dest="assets_command", required=True)

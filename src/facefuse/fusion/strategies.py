@@ -89,8 +89,8 @@ def guided_strength(visibility: Visibility | float | None, max_strength: float =
     """Per-step pull of x̂₀ toward MICA's shape: strength = max_strength · v (v the overall visibility).
 
     The pull is applied at every sampler step (x̂₀ ← lerp(x̂₀, MICA, s)), so it compounds: with 50 DDIM
-    steps a per-step 0.1 already brings the samples most of the way to MICA. Chosen on the controlled
-    study (benchmarks/study_fusion.py), not tuned on real faces.
+    steps a per-step 0.1 already brings the samples most of the way to MICA. Chosen by hand; the
+    controlled study (benchmarks/study_fusion.py) evaluates it but did not tune it.
     """
     if not 0.0 <= max_strength <= 1.0:
         raise InvalidInputError(f"guided_strength: max_strength must lie in [0, 1], got {max_strength}")
