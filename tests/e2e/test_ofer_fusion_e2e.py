@@ -113,3 +113,38 @@ def test_every_strategy_is_deterministic_through_the_services(flame_mesh: LocalM
         assert entry["strategy"] == strategy
         shapes.append(np.load(tmp_path / run / entry["dir"] / "shape.npy"))
     assert np.array_equal(shapes[0], shapes[1])
+
+
+def test_opt_in_dynamic_batching_across_faces(synthetic_assets_dir: Path, aligned_face) -> None:
+    """Concurrent Sample requests run as one batch; each equals its own unbatched run up to float rounding."""
+    import threading
+
+    from facefuse.servers.base import ServerOptions, start_server
+    from facefuse.servers.ofer import SERVICE_NAME, OferServicer
+
+    backend = OferBackend.from_assets(synthetic_assets_dir, "cpu")
+    servicer = OferServicer(backend, max_batch=8, batch_wait_s=0.2)
+    running = start_server(lambda s: ofer_pb2_grpc.add_OferServiceServicer_to_server(servicer, s), [SERVICE_NAME], ServerOptions())
+    aligned, hw = aligned_face
+    face = wire.face_message(aligned, 0, hw)
+    got: dict[int, np.ndarray] = {}
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = ofer_pb2_grpc.OferServiceStub(channel)
+
+            def call(seed: int) -> None:
+                got[seed] = _sample(stub, face, seed=seed, n=3 + seed)
+
+            threads = [threading.Thread(target=call, args=(seed,)) for seed in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        running.stop(0)
+    assert servicer.batcher is not None and servicer.batcher.largest_batch > 1
+    for seed, shapes in got.items():
+        alone = backend.sample(aligned, 3 + seed, mode="fast", steps=8, seed=seed, start_shape=None, start_t0=0,
+                               guide_shape=None, guide_strength=0.0)
+        assert shapes.shape == alone.shape
+        np.testing.assert_allclose(shapes, alone, rtol=1e-3, atol=1e-3 * float(np.abs(alone).max()))

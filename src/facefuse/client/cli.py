@@ -200,12 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--assets", default=None)
     demo.set_defaults(func=cmd_demo)
 
-    try:
-        from facefuse.client.commands import eval as eval_commands
+    from facefuse.client.commands import bench as bench_commands
+    from facefuse.client.commands import eval as eval_commands
 
-        eval_commands.register(sub)
-    except ImportError:
-        pass
+    eval_commands.register(sub)
+    bench_commands.register(sub)
     return parser
 
 

@@ -14,7 +14,8 @@ from facefuse import wire
 from facefuse.errors import FacefuseError, InvalidInputError, LimitExceededError
 from facefuse.packs.base import GenerativeBackend
 from facefuse.servers.base import log_event, run_cli, status_code_for, unary_errors
-from facefuse.servers.common import add_model_arguments, backend_info
+from facefuse.servers.batching import DynamicBatcher
+from facefuse.servers.common import add_model_arguments, backend_info, wait_all
 from facefuse.v1 import common_pb2, ofer_pb2, ofer_pb2_grpc
 
 if TYPE_CHECKING:
@@ -26,9 +27,21 @@ MODES = ("fast", "official")
 
 
 class OferServicer(ofer_pb2_grpc.OferServiceServicer):
-    def __init__(self, backend: GenerativeBackend) -> None:
+    """Runs one model call at a time (torch already uses every core), or, with ``max_batch`` > 1 and a
+    backend that has ``sample_batch``, batches concurrent plain Sample requests across faces. Batching is
+    off by default: a batch's composition changes float rounding, and a seed should give the same samples
+    whoever else is asking (see ``OferBackend.sample_batch``)."""
+
+    def __init__(self, backend: GenerativeBackend, *, max_batch: int = 1, batch_wait_s: float = 0.005) -> None:
         self.backend = backend
-        self._lock = threading.Lock()  # one model run at a time: torch already uses every core
+        self._lock = threading.Lock()
+        self.batcher = None
+        if max_batch > 1 and hasattr(backend, "sample_batch"):
+            def run(jobs):  # type: ignore[no-untyped-def]
+                with self._lock:
+                    return backend.sample_batch(jobs)  # type: ignore[attr-defined]
+
+            self.batcher = DynamicBatcher(run, max_batch=max_batch, max_wait_s=batch_wait_s, name="ofer-batcher")
 
     def Sample(self, request: ofer_pb2.SampleRequest, context: grpc.ServicerContext) -> Iterator[ofer_pb2.SampleChunk]:
         try:
@@ -46,11 +59,17 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
             if not 0.0 <= request.guide_strength <= 1.0:
                 raise InvalidInputError(f"guide_strength {request.guide_strength}; expected 0..1")
             visibility = _visibility(request)
-            with self._lock:
-                shapes = self.backend.sample(face, count, mode=mode, steps=request.steps, seed=request.seed,
-                                             start_shape=start, start_t0=request.start_t0,
-                                             guide_shape=guide, guide_strength=request.guide_strength,
-                                             visibility=visibility)
+            if self.batcher is not None and start is None and (guide is None or request.guide_strength == 0):
+                from facefuse.packs.flame import SampleJob
+
+                job = SampleJob(face, count, mode, request.steps, request.seed)
+                shapes = wait_all([self.batcher.submit(job)], context)[0]
+            else:
+                with self._lock:
+                    shapes = self.backend.sample(face, count, mode=mode, steps=request.steps, seed=request.seed,
+                                                 start_shape=start, start_t0=request.start_t0,
+                                                 guide_shape=guide, guide_strength=request.guide_strength,
+                                                 visibility=visibility)
         except FacefuseError as exc:
             context.abort(status_code_for(exc), str(exc))
             return
@@ -96,13 +115,18 @@ def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequ
     from facefuse.packs.loading import load_generative_backend
 
     backend = load_generative_backend(args.pack, args.assets, args.device)
-    servicer = OferServicer(backend)
+    servicer = OferServicer(backend, max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
     return (lambda server: ofer_pb2_grpc.add_OferServiceServicer_to_server(servicer, server),
             [SERVICE_NAME], {SERVICE_NAME: backend.status.ready})
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.set_defaults(max_batch=1)  # batching across faces is opt-in here (see OferServicer)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli("facefuse-ofer", "OFER service: IdGen shape samples and IdRank scores", add_model_arguments, build, argv)
+    return run_cli("facefuse-ofer", "OFER service: IdGen shape samples and IdRank scores", add_arguments, build, argv)
 
 
 if __name__ == "__main__":
