@@ -24,6 +24,14 @@ SERVICES = {"mica": "facefuse.v1.MicaService", "ofer": "facefuse.v1.OferService"
             "fusion": "facefuse.v1.FusionService", "gateway": "facefuse.v1.Gateway"}
 
 
+def _address_from(port_file: Path, timeout_s: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while not (port_file.is_file() and port_file.read_text()):
+        assert time.monotonic() < deadline, "the server did not write its port"
+        time.sleep(0.05)
+    return f"127.0.0.1:{port_file.read_text()}"
+
+
 def _grpcurl() -> str:
     path = Path(sys.executable).parent / "grpcurl"
     found = str(path) if path.exists() else shutil.which("grpcurl")
@@ -49,11 +57,7 @@ def test_a_backend_without_its_files_says_so_and_refuses(tmp_path: Path) -> None
                              "--port-file", str(port_file)], env={**__import__("os").environ, "FACEFUSE_ASSETS": ""},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(400):
-            if port_file.is_file() and port_file.read_text():
-                break
-            time.sleep(0.05)
-        address = f"127.0.0.1:{port_file.read_text()}"
+        address = _address_from(port_file)
         assert health_status(address) == health_pb2.HealthCheckResponse.SERVING
         assert health_status(address, SERVICES["mica"]) == health_pb2.HealthCheckResponse.NOT_SERVING
         with grpc.insecure_channel(address) as channel:
@@ -137,11 +141,7 @@ def test_sigterm_shuts_a_server_down_gracefully(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "facefuse.servers.fusion", "--port", "0", "--port-file", str(port_file),
                              "--grace", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        for _ in range(200):
-            if port_file.is_file() and port_file.read_text():
-                break
-            time.sleep(0.05)
-        address = f"127.0.0.1:{port_file.read_text()}"
+        address = _address_from(port_file)
         assert health_status(address) == health_pb2.HealthCheckResponse.SERVING
         proc.terminate()
         assert proc.wait(timeout=15) == 0

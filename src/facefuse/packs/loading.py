@@ -34,39 +34,29 @@ def _choose(pack: str, directory: Path | None, names: tuple[str, ...], service: 
     return "open"
 
 
-def load_shape_backend(pack: str, assets: str | Path | None, device: str) -> ShapeBackend:
+def _load(slot: str, pack: str, assets: str | Path | None, device: str, files: tuple[str, ...],
+          flame_class: str, open_function: str) -> object:
+    import importlib
+
     directory = assets_dir(assets)
-    choice = _choose(pack, directory, MICA_FILES, "mica")
+    choice = _choose(pack, directory, files, slot)
     if isinstance(choice, UnavailableBackend):
         return choice
     try:
         if choice == "flame":
-            from facefuse.packs.flame import MicaBackend
-
-            return MicaBackend.from_assets(directory, device)  # type: ignore[arg-type]
-        from facefuse.packs.open import load_open_shape_backend
-
-        return load_open_shape_backend(device)
+            return getattr(importlib.import_module("facefuse.packs.flame"), flame_class).from_assets(directory, device)
+        return getattr(importlib.import_module("facefuse.packs.open"), open_function)(device)
     except AssetError as exc:
-        return UnavailableBackend("mica", str(exc))
+        return UnavailableBackend(slot, str(exc))
     except ImportError as exc:
-        return UnavailableBackend("mica", f"{choice} pack backend not available in this build ({exc})")
+        return UnavailableBackend(slot, f"{choice} pack backend not available in this build ({exc})")
+
+
+def load_shape_backend(pack: str, assets: str | Path | None, device: str) -> ShapeBackend:
+    """The mica service's backend: MICA (flame pack) or metric FaceMesh (open pack)."""
+    return _load("mica", pack, assets, device, MICA_FILES, "MicaBackend", "load_open_shape_backend")  # type: ignore[return-value]
 
 
 def load_generative_backend(pack: str, assets: str | Path | None, device: str) -> GenerativeBackend:
-    directory = assets_dir(assets)
-    choice = _choose(pack, directory, OFER_FILES, "ofer")
-    if isinstance(choice, UnavailableBackend):
-        return choice
-    try:
-        if choice == "flame":
-            from facefuse.packs.flame import OferBackend
-
-            return OferBackend.from_assets(directory, device)  # type: ignore[arg-type]
-        from facefuse.packs.open import load_open_generative_backend
-
-        return load_open_generative_backend(device)
-    except AssetError as exc:
-        return UnavailableBackend("ofer", str(exc))
-    except ImportError as exc:
-        return UnavailableBackend("ofer", f"{choice} pack backend not available in this build ({exc})")
+    """The ofer service's backend: IdGen + IdRank (flame pack) or the GP sampler (open pack)."""
+    return _load("ofer", pack, assets, device, OFER_FILES, "OferBackend", "load_open_generative_backend")  # type: ignore[return-value]
