@@ -106,3 +106,30 @@ def test_identity_group_fuses_each_persons_images(open_mesh: LocalMesh, tmp_path
     assert np.load(group / "shape.npy").shape == vertices[0].shape
     for name in ("mesh.obj", "mesh.ply", "mesh_uncertainty.ply", "uncertainty.npy", "identity.json"):
         assert (group / name).is_file()
+
+
+def test_a_user_mask_marks_the_covered_regions_hidden(open_mesh: LocalMesh, tmp_path: Path, astronaut_jpeg: bytes) -> None:
+    import skimage.data
+    from PIL import Image
+
+    from facefuse.assets.store import ModelStore
+    from facefuse.face.frontend import FaceFrontEnd
+
+    image = skimage.data.astronaut()
+    (det,) = FaceFrontEnd.from_assets(None, ModelStore()).detect(image)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "face.jpg").write_bytes(astronaut_jpeg)
+    mask = np.zeros(image.shape[:2], np.uint8)
+    mouth = det.kps5[3:5].mean(axis=0).astype(int)
+    mask[mouth[1] - 15: mouth[1] + 15, mouth[0] - 30: mouth[0] + 30] = 255  # the photo itself is untouched
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(mask).save(tmp_path / "masks" / "face.png")
+    out = tmp_path / "out"
+    assert main(["reconstruct", str(tmp_path / "in"), "-o", str(out), "--gateway", open_mesh.gateway_address,
+                 "--masks", str(tmp_path / "masks"), "--no-visibility", "photometric", "--no-visibility", "hands",
+                 "--no-progress", "--samples", "4"]) == 0
+    (entry,) = _results(out)
+    visibility = json.loads((out / entry["dir"] / "visibility.json").read_text())
+    assert visibility["sources"] == ["mask"]
+    assert visibility["regions"]["lips"] < 0.5 and visibility["regions"]["forehead"] > 0.5
+    assert visibility["regions"]["left_eye"] > 0.5 and visibility["regions"]["right_eye"] > 0.5

@@ -40,8 +40,9 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> i
         groups = group_items(items, args.identity_group)  # checked before any work is done
     with GatewayClient(args.gateway, timeout_s=args.timeout) as client:
         client.wait_ready()
+        masks = read_masks(items, args.masks) if getattr(args, "masks", None) else None
         report = run_stream(items, args.out, client, method, options={"selection": args.selection, **options},
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, masks=masks)
     print(f"{report.processed} image(s) processed, {report.skipped} already done, {report.faces} face(s) written "
           f"to {args.out} in {report.seconds:.1f} s; statuses {report.statuses or '{}'}")
     if groups is not None:
@@ -53,6 +54,28 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> i
         print(f"facefuse: {report.failed} image(s)/face(s) failed; see {args.out / 'results.jsonl'}", file=sys.stderr)
         return 1
     return 0
+
+
+def read_masks(items: list, folder: Path) -> dict:
+    """image id -> (H,W) uint8 mask for the inputs that have DIR/<stem>.png (255 = occluded)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from facefuse.errors import InvalidInputError
+
+    if not folder.is_dir():
+        raise InvalidInputError(f"--masks {folder}: not a folder")
+    masks = {}
+    for item in items:
+        path = folder / f"{item.path.stem}.png"
+        if not path.is_file():
+            continue
+        try:
+            with Image.open(path) as image:
+                masks[item.image_id] = np.where(np.asarray(image.convert("L")) > 127, 255, 0).astype(np.uint8)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise InvalidInputError(f"{path}: not a readable mask image ({exc})") from None
+    return masks
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -171,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "of image,identity rows; written to OUT/identities/")
     rec.add_argument("--no-visibility", action="append", default=[], choices=["mask", "photometric", "hands"],
                      help="switch a visibility source off (repeatable)")
+    rec.add_argument("--masks", type=Path, default=None, metavar="DIR",
+                     help="occlusion masks: DIR/<image stem>.png, same size as the image, white = occluded")
     rec.set_defaults(func=cmd_reconstruct)
 
     assets = sub.add_parser("assets", help="check or synthesize model files").add_subparsers(dest="assets_command", required=True)
