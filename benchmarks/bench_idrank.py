@@ -12,25 +12,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
+from timing import timed
+
 from facefuse.assets.synthetic.ofer_idrank import synthetic_front_indices, synthetic_idrank_sections
 from facefuse.models.idrank import IdRank, rank_features
-
-
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    fn()  # warm-up (allocator, oneDNN kernels)
-    walls, cpus = [], []
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus)
 
 
 def main() -> None:

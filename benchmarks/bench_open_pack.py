@@ -17,29 +17,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import time
-from collections.abc import Callable
 
 import numpy as np
 import skimage.data
+
+from timing import timed
 
 from facefuse.assets.store import ModelStore
 from facefuse.face.frontend import FaceFrontEnd
 from facefuse.fusion.strategies import FusionInputs, fuse
 from facefuse.fusion.visibility import Visibility
 from facefuse.packs.open import load_open_generative_backend, load_open_shape_backend, open_shape_space
-
-
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    fn()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facefuse.io.images import require_rgb_uint8
 from facefuse.assets.store import ModelStore
 from facefuse.errors import InvalidInputError
 from facefuse.face.align import arcface_blob, box_crop_224, norm_crop
@@ -40,12 +41,7 @@ def select_faces(detections: list[Detection], image_shape: tuple[int, ...], sele
 
 
 def _check_image(image_rgb: np.ndarray) -> np.ndarray:
-    image = np.asarray(image_rgb)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise InvalidInputError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
-    if min(image.shape[:2]) < 8:
-        raise InvalidInputError(f"image of {image.shape[1]}x{image.shape[0]} pixels is too small to hold a face")
-    return image
+    return require_rgb_uint8(image_rgb, "face detection")
 
 
 class _OpenDetector:

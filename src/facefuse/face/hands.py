@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from facefuse.io.images import require_rgb_uint8
 from facefuse.errors import AssetError, InvalidInputError
 from facefuse.face.blazeface import SCORE_CLIP, anchor_centres, letterbox, weighted_nms
 from facefuse.face.facemesh import crop_roi, project, roi_affine
@@ -152,12 +153,7 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _check_image(image_rgb: np.ndarray) -> np.ndarray:
-    image = np.asarray(image_rgb)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise InvalidInputError(f"hand detection: expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
-    if min(image.shape[:2]) < 8:
-        raise InvalidInputError(f"hand detection: image of {image.shape[1]}x{image.shape[0]} pixels is too small")
-    return image
+    return require_rgb_uint8(image_rgb, "hand detection")
 
 
 def _region_bounds(region: Sequence[float] | np.ndarray, image_shape: tuple[int, ...]) -> tuple[int, int, int, int]:

@@ -238,3 +238,13 @@ def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
     if has_alpha:
         return _composite_over_white(np.asarray(image.convert("RGBA"), dtype=np.uint8))
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def require_rgb_uint8(image_rgb: np.ndarray, what: str, *, min_side: int = 8) -> np.ndarray:
+    """The (H, W, 3) uint8 RGB array every detector takes, or an InvalidInputError naming ``what``."""
+    image = np.asarray(image_rgb)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise InvalidInputError(f"{what}: expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+    if min(image.shape[:2]) < min_side:
+        raise InvalidInputError(f"{what}: image of {image.shape[1]}x{image.shape[0]} pixels is too small")
+    return image
