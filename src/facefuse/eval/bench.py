@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -521,15 +521,8 @@ def compute_predictions(conn: MeshConnection, cache: BenchCache, jobs: Sequence[
         bar = _progress(len(todo), f"{entry.name} ({entry.source})", progress)
         for job in todo:
             branches = out.branches[job.job_id]
-            try:
-                prediction = branches.mica if entry.method == "mica" else \
-                    conn.fuse(entry.strategy or entry.method, branches, options)
-            except FacefuseError as exc:
-                out.fail(entry.name, job.job_id, str(exc))
-                conn.counters.failed += 1
-            else:
-                cache.store(f"pred/{entry.name}", pred_keys[job.job_id], prediction.arrays())
-                out.predictions.setdefault(entry.name, {})[job.job_id] = prediction
+            _keep(out, cache, conn, entry, job.job_id, pred_keys[job.job_id],
+                  lambda: branches.mica if entry.method == "mica" else conn.fuse(entry.strategy or entry.method, branches, options))
             bar.update(1)
         bar.close()
 
@@ -542,24 +535,34 @@ def compute_predictions(conn: MeshConnection, cache: BenchCache, jobs: Sequence[
         bar = _progress(len(todo), f"{entry.name} ({entry.source})", progress)
         try:
             for job, result in conn.process(todo, "fuse", {**settings.gateway_options(), "strategy": entry.strategy}):
-                rec = result.reconstruction
-                try:
-                    if not _ok(result):
-                        raise InvalidInputError(_result_message(result))
-                    if rec.fallback:
-                        raise InvalidInputError(f"the gateway fell back: {rec.fallback}")
-                    prediction = Prediction.from_message(rec.shape, rec.mesh, rec.kpt7, rec.landmarks68,
-                                                         f"{job.job_id} {entry.name}")
-                except FacefuseError as exc:
-                    out.fail(entry.name, job.job_id, str(exc))
-                    conn.counters.failed += 1
-                else:
-                    cache.store(f"pred/{entry.name}", pred_keys[job.job_id], prediction.arrays())
-                    out.predictions.setdefault(entry.name, {})[job.job_id] = prediction
+                _keep(out, cache, conn, entry, job.job_id, pred_keys[job.job_id],
+                      lambda: _steered_prediction(result, f"{job.job_id} {entry.name}"))
                 bar.update(1)
         finally:
             bar.close()
     return out
+
+
+def _keep(out: PredictionSet, cache: BenchCache, conn: MeshConnection, entry: BenchEntry, job_id: str, key: str,
+          compute: Callable[[], Prediction]) -> None:
+    """Run one prediction: cache and record it, or record its failure (failures are not cached)."""
+    try:
+        prediction = compute()
+    except FacefuseError as exc:
+        out.fail(entry.name, job_id, str(exc))
+        conn.counters.failed += 1
+        return
+    cache.store(f"pred/{entry.name}", key, prediction.arrays())
+    out.predictions.setdefault(entry.name, {})[job_id] = prediction
+
+
+def _steered_prediction(result: gateway_pb2.FaceResult, where: str) -> Prediction:
+    rec = result.reconstruction
+    if not _ok(result):
+        raise InvalidInputError(_result_message(result))
+    if rec.fallback:
+        raise InvalidInputError(f"the gateway fell back: {rec.fallback}")
+    return Prediction.from_message(rec.shape, rec.mesh, rec.kpt7, rec.landmarks68, where)
 
 
 def _fail_all(out: PredictionSet, entries: Sequence[BenchEntry], job_id: str, message: str, conn: MeshConnection) -> None:

@@ -147,7 +147,7 @@ def mediapipe_regions(canonical: CanonicalFace) -> dict[str, np.ndarray]:
     """
     from skimage.measure import points_in_poly
 
-    from facefuse.fusion.visibility import MEDIAPIPE_REGIONS, region_polygon, Visibility
+    from facefuse.fusion.visibility import MEDIAPIPE_REGIONS, region_polygon
 
     frontal = canonical.vertices_mm[:, :2] * np.array([1.0, -1.0])
     regions: dict[str, np.ndarray] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import grpc
@@ -128,21 +128,19 @@ class FacePipeline:
                                          status=status(grpc.StatusCode.NOT_FOUND, "no face found"))
             return
         num = len(faces)
-        hw = (int(image.shape[0]), int(image.shape[1]))
         futures: list[Future[gateway_pb2.FaceResult]] = []
         for index, item in enumerate(faces):
             if isinstance(item, FacefuseError):
                 futures.append(_done(error_result(image_id, item, index, num)))
                 continue
             futures.append(self._faces_pool.submit(self._face_result, image_id, index, num, item, image, options, mask, deadline))
-        for future in _as_completed_in_time(futures):
+        for future in as_completed(futures):
             result = future.result()
             result.seconds = time.monotonic() - started
             yield result
 
     def _faces(self, image: np.ndarray, options: gateway_pb2.ProcessOptions) -> list[AlignedFace | FacefuseError]:
         detections = self.front_end.detect(image)  # type: ignore[attr-defined]
-        hw = (int(image.shape[0]), int(image.shape[1]))
         chosen: list[Detection | None]
         if options.boxes:
             chosen = match_given_boxes(detections, list(options.boxes))
@@ -408,9 +406,3 @@ def _done(value: gateway_pb2.FaceResult) -> Future[gateway_pb2.FaceResult]:
     future: Future[gateway_pb2.FaceResult] = Future()
     future.set_result(value)
     return future
-
-
-def _as_completed_in_time(futures: list[Future[gateway_pb2.FaceResult]]) -> Iterator[Future[gateway_pb2.FaceResult]]:
-    from concurrent.futures import as_completed
-
-    yield from as_completed(futures)

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 
 from facefuse import wire
 from facefuse.errors import FacefuseError, InvalidInputError, LimitExceededError
