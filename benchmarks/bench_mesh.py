@@ -28,12 +28,22 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--methods", default="detect,mica,ofer,fuse")
     parser.add_argument("--sampler", default="fast", choices=["fast", "official"])
+    parser.add_argument("--occluded", action="store_true",
+                        help="stream the demo's astronaut with a patch over the mouth (open pack: imputation runs)")
     args = parser.parse_args()
     import skimage.data
     from PIL import Image
 
+    image = skimage.data.astronaut()
+    if args.occluded:
+        from facefuse.assets.store import ModelStore
+        from facefuse.client.demo import occlude_mouth
+        from facefuse.face.frontend import FaceFrontEnd
+
+        (det,) = FaceFrontEnd.from_assets(None, ModelStore()).detect(image)
+        image = occlude_mouth(image, det.kps5)
     buffer = io.BytesIO()
-    Image.fromarray(skimage.data.astronaut()).save(buffer, format="JPEG", quality=92)
+    Image.fromarray(image).save(buffer, format="PNG" if args.occluded else "JPEG", quality=92)
     data = buffer.getvalue()
     rows = []
     with LocalMesh(assets=args.assets, env={} if args.assets else {"FACEFUSE_ASSETS": ""}) as mesh, \
@@ -50,7 +60,8 @@ def main() -> None:
                 if i:
                     times.append(time.perf_counter() - started)
             rows.append((method, statistics.median(times), min(times)))
-    print(f"machine: {os.cpu_count()}-core CPU; packs {packs}; samples {args.samples}; sampler {args.sampler}")
+    print(f"machine: {os.cpu_count()}-core CPU; packs {packs}; samples {args.samples}; sampler {args.sampler}; "
+          f"{'mouth occluded' if args.occluded else 'unoccluded'}")
     print(f"{'method':<10}{'median s/face':>15}{'best s/face':>13}")
     for method, median, best in rows:
         print(f"{method:<10}{median:>15.3f}{best:>13.3f}")

@@ -93,6 +93,13 @@ def box_crop_points(box: np.ndarray, size: int = BOX_CROP_SIZE, scale: float = B
     return src, dst
 
 
+def box_crop_to_image(box: np.ndarray, size: int = BOX_CROP_SIZE, scale: float = BOX_CROP_SCALE) -> np.ndarray:
+    """(2, 3) affine taking a pixel of the box crop to image pixels (the inverse of the crop's warp)."""
+    src, dst = box_crop_points(box, size, scale)
+    design = np.hstack([dst, np.ones((3, 1))])
+    return np.linalg.solve(design, src).T
+
+
 def box_crop_224(image: np.ndarray, box: np.ndarray, size: int = BOX_CROP_SIZE) -> np.ndarray:
     """The 1.6-scale square crop around a box (§1.4): (size, size, 3) float32 in [0, 1].
 

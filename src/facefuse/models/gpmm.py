@@ -112,7 +112,11 @@ def full_covariance(template_mm: np.ndarray, scales: Sequence[KernelScale] = DEF
 
 @dataclass
 class Posterior:
-    """The GP given observations: coefficient mean (K,), covariance (K, K) and its symmetric square root."""
+    """The GP given observations: coefficient mean, covariance (K, K) and its symmetric square root.
+
+    ``coeff_mean`` is (K,) for one set of observations, or (N, K) for N sets observed at the same
+    vertices with the same noise: N posteriors that share one covariance (see ``condition``).
+    """
 
     model: GaussianProcessMorphableModel
     coeff_mean: np.ndarray
@@ -120,7 +124,7 @@ class Posterior:
     coeff_sqrt: np.ndarray
 
     def mean_mm(self) -> np.ndarray:
-        """(V, 3) posterior mean shape."""
+        """(V, 3) posterior mean shape, or (N, V, 3) for a batch of posteriors."""
         return self.model.vertices_from_coefficients(self.coeff_mean)
 
     def vertex_std_mm(self) -> np.ndarray:
@@ -129,7 +133,12 @@ class Posterior:
         return np.sqrt((factor**2).sum(axis=1).reshape(-1, 3).sum(axis=1))
 
     def sample_mm(self, num_samples: int, generator: np.random.Generator) -> np.ndarray:
-        """(N, V, 3) samples; noise drawn per vertex coordinate (see the module docstring)."""
+        """(N, V, 3) samples; noise drawn per vertex coordinate (see the module docstring).
+
+        For a batch of N posteriors, ``num_samples`` must be N: sample i is drawn from posterior i.
+        """
+        if self.coeff_mean.ndim == 2 and int(num_samples) != self.coeff_mean.shape[0]:
+            raise ValueError(f"a batch of {self.coeff_mean.shape[0]} posteriors gives one sample each, not {num_samples}")
         xi = generator.standard_normal((int(num_samples), self.model.basis.shape[0]))
         eta = xi @ self.model.basis  # (N, K): exactly N(0, I) since Φ has orthonormal columns
         coeffs = self.coeff_mean + eta @ self.coeff_sqrt
@@ -214,12 +223,14 @@ class GaussianProcessMorphableModel:
 
         Per-vertex noise variance σ_v² = noise_mm² / w_v (a half-visible vertex counts half) plus the
         residual σ_r² the low-rank span cannot express. Vertices with w < 0.5 are not observed, unless
-        ``hidden_noise_mm`` is given: then they are observed with that (larger) noise, for an observation
-        that still guesses the hidden part (e.g. a landmark network's completion under an occluder).
+        ``hidden_noise_mm`` is given: then they are observed with that noise, for observations that guess
+        the hidden part (e.g. a landmark network's completion of an image whose hidden pixels were
+        replaced). ``observed_mm`` may be (N, V, 3): N observation sets at the same vertices with the same
+        noise give N posteriors that share one covariance, for the cost of one.
         """
         observed = np.asarray(observed_mm, dtype=np.float64)
         weights = np.asarray(weights, dtype=np.float64)
-        if observed.shape != self.mean_mm.shape or weights.shape != (self.num_vertices,):
+        if observed.shape[-2:] != self.mean_mm.shape or observed.ndim not in (2, 3) or weights.shape != (self.num_vertices,):
             raise ValueError(f"condition: expected ({self.num_vertices}, 3) vertices and ({self.num_vertices},) weights, "
                              f"got {observed.shape} and {weights.shape}")
         if noise_mm <= 0:
@@ -232,15 +243,18 @@ class GaussianProcessMorphableModel:
             vertex_variance = np.where(seen, vertex_variance, hidden_noise_mm**2 + self.residual_variance)
             seen = np.ones_like(seen)
         if not seen.any():
-            return self.prior()
+            prior = self.prior()
+            if observed.ndim == 3:
+                prior.coeff_mean = np.zeros((observed.shape[0], self.rank))
+            return prior
         rows = (3 * np.flatnonzero(seen)[:, None] + np.arange(3)).reshape(-1)
         variance = np.repeat(vertex_variance[seen], 3)
         sqrt_lambda = np.sqrt(self.eigenvalues)
         whitened = self.basis[rows] * sqrt_lambda / np.sqrt(variance)[:, None]  # D^-1/2 Φ_o Λ^1/2
         precision = np.eye(self.rank) + whitened.T @ whitened  # in whitened coefficients β = Λ^-1/2 α
         w, q = np.linalg.eigh(precision)
-        residual = (observed - self.mean_mm).reshape(-1)[rows] / np.sqrt(variance)
-        beta_mean = q @ ((q.T @ (whitened.T @ residual)) / w)
+        residual = (observed - self.mean_mm).reshape(*observed.shape[:-2], -1)[..., rows] / np.sqrt(variance)
+        beta_mean = ((residual @ whitened) @ q / w) @ q.T  # (…, K): Λ^1/2-whitened mean, one row per set
         cov_beta = (q / w) @ q.T
         coeff_cov = sqrt_lambda[:, None] * cov_beta * sqrt_lambda[None, :]
         cw, cq = np.linalg.eigh(0.5 * (coeff_cov + coeff_cov.T))

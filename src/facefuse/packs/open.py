@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from facefuse.fusion.space import ShapeSpace
 from facefuse.fusion.visibility import Visibility
 from facefuse.models.gpmm import GaussianProcessMorphableModel
 from facefuse.packs.base import BackendStatus, ShapeResult
+
+if TYPE_CHECKING:  # FaceMesh (LiteRT, OpenCV) is imported only where the generative backend runs it.
+    from facefuse.face.facemesh import FaceMesh
 
 PACK = "open"
 NUM_VERTICES = 468
@@ -45,6 +49,12 @@ eye outer and inner corner, image-right eye inner and outer corner, nose bottom 
 and image-right mouth corner."""
 OBSERVATION_NOISE_MM = 1.0
 """Per-coordinate noise of a visible metric FaceMesh vertex, as the GP sees it (chosen, see the docs)."""
+IMPUTED_NOISE_MM = 1.5
+"""Per-coordinate noise of a hidden vertex of one noise-imputed FaceMesh completion, as the GP sees it."""
+RANK_IMPUTATIONS = 8
+RANK_SEED = 0
+"""The ranker compares hidden vertices with the mean of this many imputed completions, drawn with this
+seed, so a candidate's score depends on the face and the candidate only."""
 ROBUST_DOF = 4.0
 """Degrees of freedom of the Student-t agreement term of :meth:`OpenGenerativeBackend.rank`."""
 MAX_SAMPLES = 1024
@@ -277,19 +287,28 @@ class OpenShapeBackend:
 
 
 class OpenGenerativeBackend:
-    """The ofer slot of the open pack: GP completions of the hidden part given the visible part."""
+    """The ofer slot of the open pack: completions of the hidden part given the visible part.
+
+    With hidden vertices and a FaceMesh model, each sample is one draw of the GP posterior conditioned
+    on the visible vertices of the deterministic mesh and on the hidden vertices of one noise-imputed
+    FaceMesh completion (:mod:`facefuse.face.imputation`); without either, a draw of the GP posterior
+    given the visible vertices alone.
+    """
 
     def __init__(self, shape_backend: OpenShapeBackend, gpmm: GaussianProcessMorphableModel,
-                 noise_mm: float = OBSERVATION_NOISE_MM, hidden_noise_mm: float | None = None) -> None:
+                 mesh: FaceMesh | None = None, noise_mm: float = OBSERVATION_NOISE_MM,
+                 imputed_noise_mm: float = IMPUTED_NOISE_MM) -> None:
         self.shape_backend = shape_backend
         self.canonical = shape_backend.canonical
         self.gpmm = gpmm
+        self.mesh = mesh
         self.noise_mm = float(noise_mm)
-        self.hidden_noise_mm = None if hidden_noise_mm is None else float(hidden_noise_mm)
+        self.imputed_noise_mm = float(imputed_noise_mm)
         self.status = BackendStatus(
-            "ofer", "gpmm", PACK, True, False, "ready", device="cpu",
+            "ofer", "gpmm+imputation" if mesh is not None else "gpmm", PACK, True, False, "ready", device="cpu",
             details={"topology": TOPOLOGY, "rank": str(gpmm.rank), "explained": f"{gpmm.explained_fraction:.3f}",
-                     "noise_mm": str(self.noise_mm)})
+                     "noise_mm": str(self.noise_mm), "imputed_noise_mm": str(self.imputed_noise_mm),
+                     "imputation": "facemesh, uniform noise" if mesh is not None else "off"})
 
     def observation(self, face: AlignedFace, start_shape: np.ndarray | None) -> np.ndarray:
         """(468, 3) mm: the deterministic mesh (``start_shape`` when the gateway passes it, else recomputed)."""
@@ -316,31 +335,54 @@ class OpenGenerativeBackend:
         _, rotation, translation = weighted_rigid_fit(observed, self.canonical.vertices_mm, fit)
         return rotation, translation
 
-    def posterior(self, face: AlignedFace, start_shape: np.ndarray | None, visibility: np.ndarray | None):
-        """The GP given the visible part, and the frame (R, t) it lives in (see :meth:`visible_frame`)."""
-        weights = _check_visibility(visibility)
-        weights = np.ones(NUM_VERTICES) if weights is None else weights
-        observed = self.observation(face, start_shape)
-        rotation, translation = self.visible_frame(observed, weights)
-        posterior = self.gpmm.condition(observed @ rotation.T + translation, weights, self.noise_mm, self.hidden_noise_mm)
-        return posterior, rotation, translation
+    def completions(self, face: AlignedFace | Detection, observed: np.ndarray, weights: np.ndarray, num: int,
+                    generator: np.random.Generator) -> np.ndarray | None:
+        """(num, 468, 3) mm noise-imputed FaceMesh meshes, each similarity-fitted to ``observed`` on its
+        visible vertices; None when nothing is hidden or there is no FaceMesh model or crop to run (a face
+        message without its box crop arrives as zeros)."""
+        hidden = weights < VISIBLE
+        if (self.mesh is None or not isinstance(face, AlignedFace) or not hidden.any() or hidden.all()
+                or not np.any(face.crop_box224)):
+            return None
+        from facefuse.face.imputation import noise_imputed_landmarks
+
+        landmarks = noise_imputed_landmarks(self.mesh, face, hidden, self.canonical.faces, num, generator)
+        iris = face.detection.iris
+        out = np.empty((int(num), NUM_VERTICES, 3))
+        for i, points in enumerate(landmarks):
+            vertices = metric_face(points, self.canonical, iris=iris).vertices_mm
+            scale, rotation, translation = weighted_rigid_fit(vertices, observed, (~hidden).astype(np.float64), with_scale=True)
+            out[i] = scale * vertices @ rotation.T + translation
+        return out
 
     def sample(self, face: AlignedFace, num_samples: int, *, mode: str = "", steps: int = 0, seed: int = 0,
                start_shape: np.ndarray | None = None, start_t0: int = 0, guide_shape: np.ndarray | None = None,
                guide_strength: float = 0.0, visibility: np.ndarray | None = None) -> np.ndarray:
-        """(N, 1404) float32 samples of the GP posterior. ``mode``, ``steps``, ``start_t0`` and ``guide_*`` are
-        diffusion-sampler settings and do not apply to the GP (ignored)."""
+        """(N, 1404) float32 samples. ``mode``, ``steps``, ``start_t0`` and ``guide_*`` are diffusion-sampler
+        settings and do not apply here (ignored). The generator seeded by ``seed`` draws the imputation
+        noise first, then the GP noise."""
         if not 1 <= int(num_samples) <= MAX_SAMPLES:
             raise (LimitExceededError if int(num_samples) > MAX_SAMPLES else InvalidInputError)(
                 f"num_samples: expected 1..{MAX_SAMPLES}, got {num_samples}")
-        posterior, rotation, translation = self.posterior(face, start_shape, visibility)
+        weights = _check_visibility(visibility)
+        weights = np.ones(NUM_VERTICES) if weights is None else weights
+        observed = self.observation(face, start_shape)
+        rotation, translation = self.visible_frame(observed, weights)
         generator = np.random.default_rng(int(seed) & 0xFFFFFFFFFFFFFFFF)
+        completions = self.completions(face, observed, weights, int(num_samples), generator)
+        if completions is None:
+            posterior = self.gpmm.condition(observed @ rotation.T + translation, weights, self.noise_mm)
+        else:
+            hidden = (weights < VISIBLE)[None, :, None]
+            targets = np.where(hidden, completions, observed[None])
+            posterior = self.gpmm.condition(targets @ rotation.T + translation, weights, self.noise_mm, self.imputed_noise_mm)
         samples = (posterior.sample_mm(int(num_samples), generator) - translation) @ rotation  # back: R⁻¹(x − t)
         return shape_from_vertices(samples, self.canonical)
 
     def rank(self, face: AlignedFace, candidates: np.ndarray, visibility: np.ndarray | None = None) -> np.ndarray:
-        """(N,) log posterior density up to a constant: −½·GP Mahalanobis − Σ_visible w·Student-t misfit to the
-        deterministic mesh. Higher is better; each score depends on its own candidate only."""
+        """(N,) log density up to a constant: −½·GP Mahalanobis − Σ Student-t misfits, to the deterministic
+        mesh on visible vertices and, on hidden ones, to the mean of :data:`RANK_IMPUTATIONS` noise-imputed
+        completions drawn with a fixed seed. Higher is better; each score depends on its own candidate only."""
         array = np.asarray(candidates, dtype=np.float64)
         if array.ndim != 2 or array.shape[1] != 3 * NUM_VERTICES or not np.all(np.isfinite(array)):
             raise InvalidInputError(f"candidates: expected (N, {3 * NUM_VERTICES}) finite open-space shapes, got {np.shape(candidates)}")
@@ -351,9 +393,16 @@ class OpenGenerativeBackend:
         rotation, translation = self.visible_frame(observed, weights)
         prior = 0.5 * self.gpmm.mahalanobis(vertices @ rotation.T + translation)
         seen = weights >= VISIBLE
-        scale2 = self.noise_mm**2 / np.clip(weights[seen], VISIBLE, 1.0) + self.gpmm.residual_variance
-        r2 = ((vertices[:, seen] - observed[seen]) ** 2).sum(axis=-1)
-        misfit = 0.5 * (ROBUST_DOF + 3.0) * np.log1p(r2 / (ROBUST_DOF * scale2))
+        target = observed.copy()
+        scale2 = np.full(NUM_VERTICES, np.inf)
+        scale2[seen] = self.noise_mm**2 / np.clip(weights[seen], VISIBLE, 1.0)
+        completions = self.completions(face, observed, weights, RANK_IMPUTATIONS, np.random.default_rng(RANK_SEED))
+        if completions is not None:
+            target[~seen] = completions.mean(axis=0)[~seen]
+            scale2[~seen] = self.imputed_noise_mm**2
+        used = np.isfinite(scale2)
+        r2 = ((vertices[:, used] - target[used]) ** 2).sum(axis=-1)
+        misfit = 0.5 * (ROBUST_DOF + 3.0) * np.log1p(r2 / (ROBUST_DOF * (scale2[used] + self.gpmm.residual_variance)))
         return (-(prior + misfit.sum(axis=1))).astype(np.float32)
 
 
@@ -361,6 +410,14 @@ def load_open_shape_backend(device: str = "cpu", store=None) -> OpenShapeBackend
     return OpenShapeBackend(load_canonical_face(store), device)
 
 
-def load_open_generative_backend(device: str = "cpu", store=None) -> OpenGenerativeBackend:
+def load_open_generative_backend(device: str = "cpu", store=None, *, imputation: bool = True) -> OpenGenerativeBackend:
+    """The GP sampler with FaceMesh imputation (the FaceMesh model comes from the model store), or the
+    GP alone with ``imputation=False``."""
+    from facefuse.assets.store import ModelStore
+    from facefuse.face.facemesh import FaceMesh
+    from facefuse.face.tflite import TFLiteModel
+
+    store = store if store is not None else ModelStore()
     canonical = load_canonical_face(store)
-    return OpenGenerativeBackend(OpenShapeBackend(canonical, device), open_gpmm(canonical))
+    mesh = FaceMesh(TFLiteModel(store.path("face_landmark"))) if imputation else None
+    return OpenGenerativeBackend(OpenShapeBackend(canonical, device), open_gpmm(canonical), mesh)
