@@ -183,3 +183,46 @@ def test_ofer_killed_mid_stream_falls_back_to_mica_flagged(tmp_path: Path, astro
     assert results[0].reconstruction.fallback == ""
     later = [r for r in results if r.image_id != results[0].image_id]
     assert all("ofer unavailable" in r.reconstruction.fallback and r.reconstruction.strategy == "mica" for r in later)
+
+
+def test_open_ofer_service_imputes_from_the_face_crop_it_is_sent(open_mesh: LocalMesh) -> None:
+    """The ofer service runs FaceMesh on the box crop inside the Face message: its samples match the
+    in-process backend's for the same seed, and a Face sent without its box crop gets the GP-only sampler."""
+    import skimage.data
+
+    from facefuse.assets.store import ModelStore
+    from facefuse.face.frontend import FaceFrontEnd
+    from facefuse.packs.open import load_open_generative_backend, open_shape_space, vertex_visibility_from_mask
+    from facefuse.v1 import ofer_pb2, ofer_pb2_grpc
+
+    store = ModelStore()
+    front_end = FaceFrontEnd.from_assets(None, store)
+    image = skimage.data.astronaut()
+    (det,) = front_end.detect(image)
+    x0, y0 = (det.landmarks[open_shape_space(store).regions["lips"], :2].min(0) - 4).astype(int)
+    x1, y1 = (det.landmarks[open_shape_space(store).regions["lips"], :2].max(0) + 4).astype(int)
+    image[y0:y1, x0:x1] = (90, 90, 100)
+    mask = np.zeros(image.shape[:2], bool)
+    mask[y0:y1, x0:x1] = True
+    (det,) = front_end.detect(image)
+    iris = front_end.estimate_iris(image, det.landmarks)
+    det.iris = np.hstack([iris.centres, iris.diameters[:, None]])
+    face = front_end.align(image, det)
+    visibility = vertex_visibility_from_mask(mask, det.landmarks).astype(np.float32)
+    seen = common_pb2.Visibility(per_vertex=wire.from_numpy(visibility), sources=["mask"])
+
+    def remote(with_box_crop: bool) -> np.ndarray:
+        message = wire.face_message(face, 0, image.shape[:2])
+        if not with_box_crop:
+            message.ClearField("crop_box224")
+        request = ofer_pb2.SampleRequest(face=message, num_samples=6, seed=3, visibility=seen)
+        with grpc.insecure_channel(open_mesh.address("ofer")) as channel:
+            chunks = ofer_pb2_grpc.OferServiceStub(channel).Sample(request, timeout=60)
+            return np.concatenate([wire.to_numpy(c.shapes, "shapes") for c in chunks])
+
+    # Measured identical to the bit on this machine; the tolerance allows another BLAS's rounding.
+    with_imputation = load_open_generative_backend("cpu", store)
+    gp_only = load_open_generative_backend("cpu", store, imputation=False)
+    np.testing.assert_allclose(remote(True), with_imputation.sample(face, 6, seed=3, visibility=visibility), atol=1e-3)
+    np.testing.assert_allclose(remote(False), gp_only.sample(face, 6, seed=3, visibility=visibility), atol=1e-3)
+    assert np.abs(remote(True) - remote(False)).max() > 1.0
