@@ -169,7 +169,13 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise _Refused(f"refusing to load the global {module}.{name}")
 
 
-def _unpickle(path: Path, what: str, *, allow_chumpy: bool, allow_torch: bool = False, header_npy: bool = False) -> tuple[Any, bool]:
+def restricted_unpickle(path: Path, what: str, *, allow_chumpy: bool, allow_torch: bool = False,
+                        header_npy: bool = False) -> tuple[Any, bool]:
+    """(object, saw_chumpy) from a pickle (or an object ``.npy`` when ``header_npy``) without running code.
+
+    Only numpy/scipy array reconstruction (and chumpy or torch stand-ins when allowed) is let through;
+    anything else is refused with an ``AssetError`` naming ``what`` was expected.
+    """
     if not path.is_file():
         raise AssetError(f"{path}: file not found (expected {what})")
     try:
@@ -265,7 +271,7 @@ def load_flame_model(
     if expect not in FLAME_VERSIONS:
         raise ValueError(f"expect must be one of {FLAME_VERSIONS}, got {expect!r}")
     what = f"a FLAME {'2020 ' if expect == '2020' else ''}model pickle (generic_model.pkl)"
-    raw, saw_chumpy = _unpickle(path, what, allow_chumpy=True)
+    raw, saw_chumpy = restricted_unpickle(path, what, allow_chumpy=True)
     if not isinstance(raw, dict):
         raise AssetError(f"{path}: not {what} (the pickle holds a {type(raw).__name__}, expected a dict of FLAME fields)")
     missing = [k for k in FLAME_FIELDS if k not in raw]
@@ -350,7 +356,7 @@ def load_landmark_embedding(path: str | Path, *, num_faces: int | None = None) -
     """Read ``landmark_embedding.npy`` (see the module docstring for how it is unpickled safely)."""
     path = Path(path)
     what = "a FLAME landmark embedding (landmark_embedding.npy: a dict in a 0-d object array)"
-    obj, _ = _unpickle(path, what, allow_chumpy=False, allow_torch=True, header_npy=True)
+    obj, _ = restricted_unpickle(path, what, allow_chumpy=False, allow_torch=True, header_npy=True)
     if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
         obj = obj.item()
     if not isinstance(obj, dict):
@@ -385,7 +391,7 @@ def load_flame_masks(path: str | Path, *, num_vertices: int | None = None) -> di
     """Read ``FLAME_masks.pkl``: region name -> int64 vertex indices."""
     path = Path(path)
     what = "FLAME vertex masks (FLAME_masks.pkl: a dict region -> vertex indices)"
-    obj, _ = _unpickle(path, what, allow_chumpy=False)
+    obj, _ = restricted_unpickle(path, what, allow_chumpy=False)
     if not isinstance(obj, dict):
         raise AssetError(f"{path}: not {what} (holds a {type(obj).__name__})")
     missing = [r for r in FLAME_MASK_REGIONS if r not in obj]

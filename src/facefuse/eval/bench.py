@@ -664,14 +664,14 @@ class NowBenchConfig:
 
 def read_now_box(path: Path) -> tuple[float, float, float, float]:
     """A NoW ``detected_face`` file: a pickled dict with left/top/right/bottom (read without running code)."""
-    from facefuse.assets.flame_file import _unpickle
+    from facefuse.assets.flame_file import restricted_unpickle
 
     what = "a NoW face box (.npy holding a dict with left, top, right, bottom)"
     try:
         array = np.load(path, allow_pickle=False)
         values = np.asarray(array, np.float64).reshape(-1)
     except ValueError:
-        obj, _ = _unpickle(path, what, allow_chumpy=False, header_npy=True)
+        obj, _ = restricted_unpickle(path, what, allow_chumpy=False, header_npy=True)
         if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
             obj = obj.item()
         if not isinstance(obj, dict) or not {"left", "top", "right", "bottom"} <= set(obj):
