@@ -52,10 +52,7 @@ def main() -> None:
     image = skimage.data.astronaut()
 
     def front() -> object:
-        (det,) = front_end.detect(image)
-        iris = front_end.estimate_iris(image, det.landmarks)
-        det.iris = np.hstack([iris.centres, iris.diameters[:, None]])
-        return front_end.align(image, det)
+        return aligned_face(front_end, image)
 
     face = front()
     (result,) = shape_backend.predict([face])
@@ -93,6 +90,13 @@ def main() -> None:
         render_gallery(args.gallery, front_end, shape_backend, generative, space)
 
 
+def aligned_face(front_end: FaceFrontEnd, image: np.ndarray) -> object:
+    """The one face of ``image``, with its iris (the open pack's metric scale), aligned."""
+    (det,) = front_end.detect(image)
+    det.iris = front_end.estimate_iris(image, det.landmarks).as_detection_iris()
+    return front_end.align(image, det)
+
+
 def render_gallery(folder: str, front_end, shape_backend, generative, space) -> None:
     from pathlib import Path
 
@@ -105,12 +109,6 @@ def render_gallery(folder: str, front_end, shape_backend, generative, space) -> 
 
     out = Path(folder)
     image = skimage.data.astronaut()
-
-    def face_of(picture):
-        (det,) = front_end.detect(picture)
-        iris = front_end.estimate_iris(picture, det.landmarks)
-        det.iris = np.hstack([iris.centres, iris.diameters[:, None]])
-        return front_end.align(picture, det)
 
     def photo_colours(picture, landmarks):
         cols = np.clip(np.rint(landmarks[:, 0]).astype(int), 0, picture.shape[1] - 1)
@@ -125,7 +123,7 @@ def render_gallery(folder: str, front_end, shape_backend, generative, space) -> 
         write_bytes_atomic(out / name, buffer.getvalue())
         print("wrote", out / name)
 
-    face = face_of(image)
+    face = aligned_face(front_end, image)
     (reference,) = shape_backend.predict([face])
     landmarks = face.detection.landmarks
     save("astronaut_open_shaded.png", render_preview(reference.vertices_mm, reference.faces, size=256))
@@ -140,7 +138,7 @@ def render_gallery(folder: str, front_end, shape_backend, generative, space) -> 
     mask[y0:y1, x0:x1] = True
     box = face.detection.box.astype(int)
     save("astronaut_occluded_input.png", occluded[max(box[1] - 20, 0):box[3] + 20, max(box[0] - 20, 0):box[2] + 20])
-    occ_face = face_of(occluded)
+    occ_face = aligned_face(front_end, occluded)
     visibility = vertex_visibility_from_mask(mask, occ_face.detection.landmarks)
     (deterministic,) = shape_backend.predict([occ_face])
     samples = generative.sample(occ_face, 10, seed=0, start_shape=deterministic.shape, visibility=visibility)

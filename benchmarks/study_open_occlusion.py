@@ -88,8 +88,7 @@ def main() -> None:
     def faces_of(image):
         out = []
         for det in front_end.detect(image):
-            iris = front_end.estimate_iris(image, det.landmarks)
-            det.iris = np.hstack([iris.centres, iris.diameters[:, None]])
+            det.iris = front_end.estimate_iris(image, det.landmarks).as_detection_iris()
             out.append(front_end.align(image, det))
         return out
 

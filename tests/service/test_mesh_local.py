@@ -205,8 +205,7 @@ def test_open_ofer_service_imputes_from_the_face_crop_it_is_sent(open_mesh: Loca
     mask = np.zeros(image.shape[:2], bool)
     mask[y0:y1, x0:x1] = True
     (det,) = front_end.detect(image)
-    iris = front_end.estimate_iris(image, det.landmarks)
-    det.iris = np.hstack([iris.centres, iris.diameters[:, None]])
+    det.iris = front_end.estimate_iris(image, det.landmarks).as_detection_iris()
     face = front_end.align(image, det)
     visibility = vertex_visibility_from_mask(mask, det.landmarks).astype(np.float32)
     seen = common_pb2.Visibility(per_vertex=wire.from_numpy(visibility), sources=["mask"])

@@ -140,8 +140,7 @@ def test_service_requirements_cover_what_its_open_pack_imports(name: str, tmp_pa
     image = skimage.data.astronaut()
     front_end = FaceFrontEnd.from_assets(None, ModelStore())
     (det,) = front_end.detect(image)
-    iris = front_end.estimate_iris(image, det.landmarks)
-    det.iris = np.hstack([iris.centres, iris.diameters[:, None]])
+    det.iris = front_end.estimate_iris(image, det.landmarks).as_detection_iris()
     visibility = np.ones(468)
     visibility[[0, 11, 12, 13, 14, 15, 16, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185,
                 191, 267, 269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415]] = 0.0

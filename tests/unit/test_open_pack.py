@@ -39,8 +39,7 @@ def front_end(store):
 
 def _face(front_end, image):
     (det,) = front_end.detect(image)
-    iris = front_end.estimate_iris(image, det.landmarks)
-    det.iris = np.hstack([iris.centres, iris.diameters[:, None]])
+    det.iris = front_end.estimate_iris(image, det.landmarks).as_detection_iris()
     return front_end.align(image, det)
 
 

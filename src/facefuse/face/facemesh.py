@@ -56,6 +56,11 @@ class IrisResult:
     iris_points: np.ndarray  # (2, 5, 3) float32 image pixels
     eye_contours: np.ndarray  # (2, 71, 3) float32 image pixels
 
+    def as_detection_iris(self) -> np.ndarray:
+        """(2, 3) float32 per eye: centre x, y and diameter, the form ``Detection.iris`` carries."""
+        return np.concatenate([np.asarray(self.centres, np.float32),
+                               np.asarray(self.diameters, np.float32)[:, None]], axis=1)
+
 
 def roi_affine(centre: np.ndarray, side: float, angle: float, out_size: int) -> np.ndarray:
     """(2, 3) crop -> image affine of a square ROI: crop pixel (u, v) lands at

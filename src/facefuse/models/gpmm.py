@@ -242,11 +242,9 @@ class GaussianProcessMorphableModel:
                 raise ValueError(f"condition: hidden noise must be > 0 mm, got {hidden_noise_mm}")
             vertex_variance = np.where(seen, vertex_variance, hidden_noise_mm**2 + self.residual_variance)
             seen = np.ones_like(seen)
-        if not seen.any():
+        if not seen.any():  # the prior, once per observation set
             prior = self.prior()
-            if observed.ndim == 3:
-                prior.coeff_mean = np.zeros((observed.shape[0], self.rank))
-            return prior
+            return Posterior(self, np.zeros((*observed.shape[:-2], self.rank)), prior.coeff_cov, prior.coeff_sqrt)
         rows = (3 * np.flatnonzero(seen)[:, None] + np.arange(3)).reshape(-1)
         variance = np.repeat(vertex_variance[seen], 3)
         sqrt_lambda = np.sqrt(self.eigenvalues)

@@ -171,7 +171,7 @@ class FacePipeline:
             if method != "detect" and face.detection.landmarks is not None and face.detection.iris is None \
                     and hasattr(self.front_end, "estimate_iris"):
                 # Iris size gives the open pack its metric scale (the human iris is ~11.7 mm across).
-                face.detection.iris = _iris_array(self.front_end.estimate_iris(image, face.detection.landmarks))  # type: ignore[attr-defined]
+                face.detection.iris = self.front_end.estimate_iris(image, face.detection.landmarks).as_detection_iris()  # type: ignore[attr-defined]
             if method in ("ofer", "fuse"):
                 visibility = self.visibility(image, face, mask, options)
             face_msg = wire.face_message(face, index, hw, with_crops=True)
@@ -386,12 +386,6 @@ def _overall_visibility(visibility: common_pb2.Visibility | None) -> float:
     if visibility is None or not visibility.regions:
         return 1.0
     return float(np.mean(list(visibility.regions.values())))
-
-
-def _iris_array(iris: object) -> np.ndarray:
-    centres = np.asarray(iris.centres, np.float32)  # type: ignore[attr-defined]
-    diameters = np.asarray(iris.diameters, np.float32)  # type: ignore[attr-defined]
-    return np.concatenate([centres, diameters[:, None]], axis=1)
 
 
 def _without_crops(face: common_pb2.Face) -> common_pb2.Face:
