@@ -1,7 +1,7 @@
 """One exception family, so servers and the CLI can map failures to status codes and exit codes.
 
 Every error carries a message meant for a person: it names the file, key or input at fault and
-what was expected. Servers map the classes to gRPC codes (see ``facefuse.servers.base``); the CLI
+what was expected. Servers map the classes to gRPC codes (see ``facefuse.rpc.status``); the CLI
 prints the message and exits non-zero instead of showing a traceback.
 """
 
@@ -30,3 +30,15 @@ class CheckpointError(AssetError):
 
 class BackendUnavailableError(FacefuseError):
     """A downstream service cannot be reached or died mid-call (UNAVAILABLE)."""
+
+
+class BackendError(FacefuseError):
+    """A downstream service failed with its own bug (UNKNOWN or INTERNAL): not a fallback case."""
+
+
+class DeadlineError(FacefuseError, TimeoutError):
+    """The caller's deadline passed before the work was done (DEADLINE_EXCEEDED)."""
+
+
+class CancelledError(FacefuseError):
+    """The caller went away (cancelled the call or disconnected); the work was stopped (CANCELLED)."""

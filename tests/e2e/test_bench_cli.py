@@ -261,7 +261,9 @@ def test_bench_occlusion_now_error_per_level(mesh: LocalMesh, now_dataset: tuple
 
 def test_entries_and_boxes_are_checked(tmp_path: Path) -> None:
     from facefuse.errors import AssetError
-    from facefuse.eval.bench import BenchEntry, bench_entries, occluder_kinds, read_now_box, variant_specs
+    from facefuse.client.bench.entries import BenchEntry, bench_entries
+    from facefuse.client.bench.now import read_now_box
+    from facefuse.client.bench.occlusion import occluder_kinds, variant_specs
 
     known = ["mica", "ofer", "linear", "pool"]
     assert bench_entries(["mica", "fuse"], [], known, "linear") == [BenchEntry("mica"), BenchEntry("fuse", "linear")]

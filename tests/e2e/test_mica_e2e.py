@@ -22,7 +22,8 @@ from facefuse.io.meshes import read_mesh
 from facefuse.packs.flame import MicaBackend
 from facefuse.packs.loading import load_shape_backend
 from facefuse.servers.local import LocalMesh
-from facefuse.servers.mica import MicaServicer
+from facefuse.servers.base import ServerOptions, start_server
+from facefuse.servers.mica import SERVICE_NAME, MicaServicer
 from facefuse.v1 import common_pb2, mica_pb2, mica_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -112,16 +113,14 @@ def test_a_damaged_checkpoint_is_failed_precondition_naming_it(mica_assets: Path
     backend = load_shape_backend("flame", tmp_path, "cpu")
     assert not backend.status.ready and expected in backend.status.message
     servicer = MicaServicer(backend)
-
-    class Context:
-        def abort(self, code, details):
-            raise RuntimeError((code, details))
-
-        def time_remaining(self):
-            return None
-
+    running = start_server(lambda server: mica_pb2_grpc.add_MicaServiceServicer_to_server(servicer, server),
+                           [SERVICE_NAME], ServerOptions())
     face = common_pb2.Face(arcface_blob=wire.from_numpy(np.zeros((3, 112, 112), np.float32)))
-    with pytest.raises(RuntimeError) as caught:
-        servicer.Predict(mica_pb2.PredictRequest(faces=[face]), Context())
-    code, details = caught.value.args[0]
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and expected in details
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                mica_pb2_grpc.MicaServiceStub(channel).Predict(mica_pb2.PredictRequest(faces=[face]), timeout=30)
+    finally:
+        running.stop(0)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert expected in caught.value.details()

@@ -15,6 +15,7 @@ from facefuse.errors import AssetError
 from facefuse.face.types import AlignedFace
 from facefuse.packs.base import BackendStatus, ShapeResult
 from facefuse.pipeline.orchestration import FacePipeline, MeshClients
+from facefuse.rpc.deadline import Deadline
 from facefuse.servers.base import ServerOptions, start_server
 from facefuse.servers.batching import DynamicBatcher
 from facefuse.servers.mica import SERVICE_NAME, MicaServicer
@@ -122,7 +123,7 @@ def test_gateway_propagates_its_deadline_to_a_slow_backend(astronaut_jpeg: bytes
     try:
         started = time.monotonic()
         (result,) = list(pipeline.process_image("a", astronaut_jpeg, gateway_pb2.ProcessOptions(method="mica"),
-                                                deadline=time.monotonic() + 0.5))
+                                                deadline=Deadline.after(0.5)))
         assert result.status.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
         assert time.monotonic() - started < 2.0
     finally:

@@ -73,7 +73,7 @@ backend.rank(face, samples, visibility=visibility)
 backend.sample(face, 2, seed=0, visibility=Visibility({"lips": 0.0}))""",
     "fusion": """
 import numpy as np
-from facefuse.servers.fusion import load_setup
+from facefuse.packs.loading import load_fusion_setup as load_setup
 from facefuse.fusion.strategies import FusionInputs, fuse
 from facefuse.fusion.visibility import Visibility
 setup = load_setup("open", None)

@@ -17,7 +17,8 @@ import grpc
 import numpy as np
 
 from facefuse import wire
-from facefuse.servers.base import channel_options, error_from_rpc
+from facefuse.rpc.options import channel_options
+from facefuse.rpc.status import error_from_rpc
 from facefuse.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 CHUNK_BYTES = 1 << 20

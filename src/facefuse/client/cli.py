@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from facefuse.client.options import parse_option
 from facefuse.errors import FacefuseError
 
 DEFAULT_GATEWAY = os.environ.get("FACEFUSE_GATEWAY", "127.0.0.1:50050")
@@ -86,22 +87,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     options: dict[str, object] = {
         "strategy": args.strategy, "num_samples": args.samples, "steps": args.steps, "seed": args.seed,
         "sampler_mode": args.sampler, "save_branches": args.save_branches, "return_crops": True,
-        "strategy_options": dict(_parse_option(o) for o in args.option),
+        "strategy_options": dict(parse_option(o) for o in args.option),
         "visibility_off": list(args.no_visibility) or None,
     }
     return _run(args, args.method, options)
-
-
-def _parse_option(text: str) -> tuple[str, float]:
-    name, sep, value = text.partition("=")
-    try:
-        if not sep:
-            raise ValueError
-        return name.strip(), float(value)
-    except ValueError:
-        from facefuse.errors import InvalidInputError
-
-        raise InvalidInputError(f"--option {text!r}: expected NAME=NUMBER, e.g. w=0.5") from None
 
 
 def cmd_assets_check(args: argparse.Namespace) -> int:

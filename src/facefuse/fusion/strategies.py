@@ -169,6 +169,22 @@ def _confidence(space: ShapeSpace, spread: np.ndarray, visibility: float) -> flo
 # --------------------------------------------------------------------------- strategies
 
 
+@dataclass(frozen=True)
+class SamplerSteering:
+    """How a strategy wants the generative branch run, so the gateway need not know strategy names.
+
+    ``mica_first``: MICA's shape is needed before sampling (the branches run one after the other);
+    ``start_t0``: start the reverse diffusion from MICA's shape noised to this step (SDEdit);
+    ``guide_strength``: pull every step's x̂₀ toward MICA's shape this hard; ``mica_in_pool``: MICA's
+    shape joins the candidates IdRank scores, as the last row.
+    """
+
+    mica_first: bool = False
+    start_t0: int | None = None
+    guide_strength: float | None = None
+    mica_in_pool: bool = False
+
+
 class FusionStrategy:
     """One way to fuse. Constructors take only keyword overrides of ``defaults`` (the same for all)."""
 
@@ -203,6 +219,10 @@ class FusionStrategy:
     def fuse(self, x: _Checked, options: dict[str, float], space: ShapeSpace) -> tuple[np.ndarray, np.ndarray]:
         """(shape (K,), spread (V,) mm) from validated inputs."""
         raise NotImplementedError
+
+    def steering(self, options: dict[str, float], visibility: float) -> SamplerSteering:
+        """How the sampler and ranker must run for this strategy (default: independent of MICA)."""
+        return SamplerSteering()
 
 
 class MicaStrategy(FusionStrategy):
@@ -249,6 +269,9 @@ class PoolStrategy(FusionStrategy):
     needs = ("samples", "scores")
     min_samples = 2
     summary = "MICA's shape joins the pool IdRank ranks (it is the last candidate); the top-scored candidate wins."
+
+    def steering(self, options, visibility):
+        return SamplerSteering(mica_first=True, mica_in_pool=True)
 
     def fuse(self, x, options, space):
         last = x.samples.shape[0] - 1
@@ -333,6 +356,9 @@ class SdeditStrategy(FusionStrategy):
     defaults = {"t0": float(SDEDIT_T_MIN)}  # informational: the t0 the ofer service used (see sdedit_t0)
     summary = "Rank-select among samples the ofer service drew starting from MICA's shape noised to t0."
 
+    def steering(self, options, visibility):
+        return SamplerSteering(mica_first=True, start_t0=int(options.get("t0", sdedit_t0(visibility))))
+
     def fuse(self, x, options, space):
         if options["t0"] == 0 and x.mica is not None:
             return x.mica, np.zeros(space.num_vertices)  # no noise: the samples are MICA's shape
@@ -344,6 +370,9 @@ class GuidedStrategy(FusionStrategy):
     needs = ("samples", "scores")
     defaults = {"strength": GUIDED_MAX_STRENGTH}  # informational: the strength the ofer service used
     summary = "Rank-select among samples whose every step's x̂₀ was pulled toward MICA's shape."
+
+    def steering(self, options, visibility):
+        return SamplerSteering(mica_first=True, guide_strength=float(options.get("strength", guided_strength(visibility))))
 
     def fuse(self, x, options, space):
         return x.samples[_best(x.scores)], _rms_spread(space, x.samples)
@@ -391,6 +420,13 @@ def create_strategy(name: str, **overrides: float) -> FusionStrategy:
     if name not in STRATEGIES:
         raise InvalidInputError(f"unknown fusion strategy {name!r}; known: {strategy_names()}")
     return type(STRATEGIES[name])(**overrides)
+
+
+def steering_for(name: str, options: dict[str, float], visibility: float) -> SamplerSteering:
+    """How the generative branch must run for strategy ``name`` with these per-request options."""
+    if name not in STRATEGIES:
+        raise InvalidInputError(f"unknown fusion strategy {name!r}; known: {strategy_names()}")
+    return STRATEGIES[name].steering(options, visibility)
 
 
 def fuse(name: str, inputs: FusionInputs, space: ShapeSpace) -> FusionResult:

@@ -7,7 +7,7 @@ fusion service works on. Services only see these interfaces.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -67,6 +67,22 @@ class GenerativeBackend(Protocol):
         ...
 
 
+Keypoints = Callable[[np.ndarray], tuple[np.ndarray | None, np.ndarray]]
+"""vertices (V,3) mm -> (68 landmarks or None, the 7 NoW points), both mm."""
+
+
+@dataclass
+class FusionSetup:
+    """What the fusion service fuses in: a shape space, how to find keypoints on it, its default strategy.
+
+    Each pack assembles its own (``flame_fusion_setup``, ``open_fusion_setup``), as it does its backends."""
+
+    space: object | None
+    status: BackendStatus
+    keypoints: Keypoints | None = None
+    default_strategy: str = ""
+
+
 class UnavailableBackend:
     """Stands in a slot whose models are missing: says so in its status and refuses to pretend."""
 
@@ -80,3 +96,14 @@ class UnavailableBackend:
     predict = _refuse
     sample = _refuse
     rank = _refuse
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; asking for a missing GPU is an AssetError."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AssetError("--device cuda was asked for but torch sees no CUDA device (install a CUDA build of torch)")
+    return name

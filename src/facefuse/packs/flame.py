@@ -12,7 +12,7 @@ import torch
 from facefuse.assets.registry import asset_path
 from facefuse.face.types import AlignedFace
 from facefuse.models.flame import METRES_TO_MM, NOW7_FROM_LMK68, FlameModelData, LandmarkEmbedding, barycentric_landmarks
-from facefuse.packs.base import BackendStatus, ShapeResult
+from facefuse.packs.base import BackendStatus, FusionSetup, ShapeResult
 
 TOPOLOGY = "flame2020"
 
@@ -55,7 +55,7 @@ class MicaBackend:
     @classmethod
     def from_assets(cls, directory: Path, device: str = "auto") -> "MicaBackend":
         from facefuse.assets.mica_checkpoint import load_mica
-        from facefuse.servers.common import resolve_device
+        from facefuse.packs.base import resolve_device
 
         device = resolve_device(device)
         path = asset_path(directory, "mica")
@@ -120,7 +120,7 @@ class OferBackend:
         from facefuse.assets.idgen_checkpoint import load_idgen
         from facefuse.assets.idrank_checkpoint import load_idrank
         from facefuse.models.flame import FlameLayer
-        from facefuse.servers.common import resolve_device
+        from facefuse.packs.base import resolve_device
 
         device = resolve_device(device)
         projections = projections or os.environ.get(PROJECTIONS_ENV, "default")
@@ -199,3 +199,26 @@ class OferBackend:
         context = self.idrank.context(blob, farl)
         vertices = self.flame.shape_vertices(torch.from_numpy(np.asarray(candidates, np.float32)).to(self.device))
         return self.idrank.score(vertices, context).to(torch.float32).cpu().numpy()
+
+
+def flame_fusion_setup(directory: Path) -> FusionSetup:
+    """The flame pack's fusion setup: FLAME 2020's linear shape space, its masks as regions, 68 + 7 keypoints."""
+    from facefuse.assets.flame_file import load_flame_masks
+    from facefuse.assets.registry import asset_path
+    from facefuse.fusion.space import ShapeSpace
+    from facefuse.fusion.strategies import DEFAULT_STRATEGY
+    from facefuse.models.flame import NOW7_FROM_LMK68
+
+    flame = load_flame(directory)
+    masks_path = asset_path(directory, "flame_masks")
+    regions = load_flame_masks(masks_path, num_vertices=flame.num_vertices) if masks_path.is_file() else {}
+    space = ShapeSpace.from_flame(flame, regions)
+    landmarks = landmark_function(flame)
+
+    def keypoints(vertices_mm: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        lmk68 = landmarks(vertices_mm)
+        return lmk68, lmk68[list(NOW7_FROM_LMK68)]
+
+    details = {"regions": ",".join(sorted(space.regions)) or "none (region strategy unavailable)"}
+    return FusionSetup(space, BackendStatus("fusion", "flame2020-linear", "flame", True, False, "ready", details=details),
+                       keypoints, DEFAULT_STRATEGY)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from facefuse.assets.registry import asset_path, assets_dir
 from facefuse.errors import AssetError
-from facefuse.packs.base import GenerativeBackend, ShapeBackend, UnavailableBackend
+from facefuse.packs.base import FusionSetup, GenerativeBackend, ShapeBackend, UnavailableBackend
 
 MICA_FILES = ("mica", "flame2020", "landmark_embedding")
 OFER_FILES = ("idgen", "idrank", "frontindices", "flame2020", "landmark_embedding")
+FUSION_FILES = ("flame2020",)
 
 
 def _missing(directory: Path | None, names: tuple[str, ...]) -> list[str]:
@@ -60,3 +61,21 @@ def load_shape_backend(pack: str, assets: str | Path | None, device: str) -> Sha
 def load_generative_backend(pack: str, assets: str | Path | None, device: str) -> GenerativeBackend:
     """The ofer service's backend: IdGen + IdRank (flame pack) or the GP sampler (open pack)."""
     return _load("ofer", pack, assets, device, OFER_FILES, "OferBackend", "load_open_generative_backend")  # type: ignore[return-value]
+
+
+def load_fusion_setup(pack: str, assets: str | Path | None) -> FusionSetup:
+    """The fusion service's setup: FLAME's shape space (flame pack) or the canonical face's (open pack)."""
+    directory = assets_dir(assets)
+    choice = _choose(pack, directory, FUSION_FILES, "fusion")
+    if isinstance(choice, UnavailableBackend):
+        return FusionSetup(None, choice.status)
+    try:
+        if choice == "flame":
+            from facefuse.packs.flame import flame_fusion_setup
+
+            return flame_fusion_setup(directory)  # type: ignore[arg-type]
+        from facefuse.packs.open import open_fusion_setup
+
+        return open_fusion_setup()
+    except AssetError as exc:
+        return FusionSetup(None, UnavailableBackend("fusion", str(exc)).status)

@@ -31,7 +31,7 @@ from facefuse.face.types import AlignedFace, Detection
 from facefuse.fusion.space import ShapeSpace
 from facefuse.fusion.visibility import Visibility
 from facefuse.models.gpmm import GaussianProcessMorphableModel
-from facefuse.packs.base import BackendStatus, ShapeResult
+from facefuse.packs.base import BackendStatus, FusionSetup, ShapeResult
 
 if TYPE_CHECKING:  # FaceMesh (LiteRT, OpenCV) is imported only where the generative backend runs it.
     from facefuse.face.facemesh import FaceMesh
@@ -421,3 +421,15 @@ def load_open_generative_backend(device: str = "cpu", store=None, *, imputation:
     canonical = load_canonical_face(store)
     mesh = FaceMesh(TFLiteModel(store.path("face_landmark"))) if imputation else None
     return OpenGenerativeBackend(OpenShapeBackend(canonical, device), open_gpmm(canonical), mesh)
+
+
+def open_fusion_setup() -> FusionSetup:
+    """The open pack's fusion setup: the canonical face's identity space with MediaPipe regions and UVs."""
+    from facefuse.assets.canonical_face import load_canonical_face
+
+    canonical = load_canonical_face()
+    space = open_shape_space(canonical=canonical)
+    space.uvs = canonical.uvs  # type: ignore[attr-defined]
+    return FusionSetup(space, BackendStatus("fusion", "mediapipe468-identity", "open", True, False, "ready",
+                                            details={"regions": ",".join(sorted(space.regions))}),
+                       lambda vertices: (None, kpt7(vertices)), OPEN_DEFAULT_STRATEGY)

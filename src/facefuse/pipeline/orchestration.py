@@ -20,13 +20,14 @@ from facefuse.errors import FacefuseError, InvalidInputError
 from facefuse.face.frontend import select_faces
 from facefuse.face.types import AlignedFace, Detection
 from facefuse.io.images import decode_image
-from facefuse.servers.base import channel_options, error_from_rpc, log_event, status_code_for
+from facefuse.rpc.logs import log_event
+from facefuse.rpc.options import channel_options
+from facefuse.rpc.deadline import Deadline
+from facefuse.rpc.status import error_from_rpc, is_backend_down, status_code_for
 from facefuse.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc, gateway_pb2, mica_pb2, mica_pb2_grpc, ofer_pb2, ofer_pb2_grpc
 
 METHODS = ("detect", "mica", "ofer", "fuse")
 DEFAULT_CALL_TIMEOUT_S = 600.0
-# Strategies that need MICA's shape before the generative branch runs (it steers the sampler or ranker).
-SEQUENTIAL_STRATEGIES = ("pool", "sdedit", "guided")
 
 
 @dataclass
@@ -108,9 +109,10 @@ class FacePipeline:
         self._branch_pool.shutdown(wait=False, cancel_futures=True)
 
     def process_image(self, image_id: str, data: bytes, options: gateway_pb2.ProcessOptions,
-                      mask: np.ndarray | None = None, deadline: float | None = None) -> Iterator[gateway_pb2.FaceResult]:
+                      mask: np.ndarray | None = None, deadline: Deadline | None = None) -> Iterator[gateway_pb2.FaceResult]:
         """Results for one image, one per face as soon as each is ready; errors become results."""
         started = time.monotonic()
+        deadline = deadline or Deadline.none()
         try:
             method = options.method or "detect"
             if method not in METHODS:
@@ -156,7 +158,7 @@ class FacePipeline:
 
     def _face_result(self, image_id: str, index: int, num: int, face: AlignedFace, image: np.ndarray,
                      options: gateway_pb2.ProcessOptions, mask: np.ndarray | None,
-                     deadline: float | None) -> gateway_pb2.FaceResult:
+                     deadline: Deadline) -> gateway_pb2.FaceResult:
         method = options.method or "detect"
         hw = (int(image.shape[0]), int(image.shape[1]))
         needs_farl = method in ("ofer", "fuse")
@@ -226,17 +228,11 @@ class FacePipeline:
 
     # -- branches --------------------------------------------------------------------------------
 
-    def _timeout(self, deadline: float | None) -> float:
-        if deadline is None:
-            return DEFAULT_CALL_TIMEOUT_S
-        left = deadline - time.monotonic()
-        if left <= 0:
-            from facefuse.servers.base import DeadlineError
+    def _timeout(self, deadline: Deadline) -> float:
+        timeout = deadline.timeout(DEFAULT_CALL_TIMEOUT_S)
+        return DEFAULT_CALL_TIMEOUT_S if timeout is None else timeout
 
-            raise DeadlineError("deadline exceeded before the branch could run")
-        return min(left, DEFAULT_CALL_TIMEOUT_S)
-
-    def _call(self, backend: str, fn: Callable[..., object], request: object, deadline: float | None) -> object:
+    def _call(self, backend: str, fn: Callable[..., object], request: object, deadline: Deadline) -> object:
         if fn is None:
             from facefuse.errors import BackendUnavailableError
 
@@ -246,7 +242,7 @@ class FacePipeline:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"{backend} service") from None
 
-    def _mica(self, face: common_pb2.Face, deadline: float | None) -> gateway_pb2.Reconstruction:
+    def _mica(self, face: common_pb2.Face, deadline: Deadline) -> gateway_pb2.Reconstruction:
         stub = self.clients.mica
         reply = self._call("mica", stub.Predict if stub else None,
                            mica_pb2.PredictRequest(faces=[face], return_mesh=True, return_landmarks=True), deadline)
@@ -254,7 +250,7 @@ class FacePipeline:
         return gateway_pb2.Reconstruction(method="mica", shape=pred.shape, mesh=pred.mesh,
                                           landmarks68=pred.landmarks68, kpt7=pred.kpt7)
 
-    def _samples(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: float | None,
+    def _samples(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: Deadline,
                  start: common_pb2.Tensor | None = None, t0: int = 0,
                  guide: common_pb2.Tensor | None = None, strength: float = 0.0,
                  visibility: common_pb2.Visibility | None = None) -> np.ndarray:
@@ -279,7 +275,7 @@ class FacePipeline:
             raise error_from_rpc(exc, "ofer service") from None
         return np.concatenate(chunks, axis=0) if chunks else np.zeros((0, 300), np.float32)
 
-    def _rank(self, face: common_pb2.Face, candidates: np.ndarray, deadline: float | None,
+    def _rank(self, face: common_pb2.Face, candidates: np.ndarray, deadline: Deadline,
               visibility: common_pb2.Visibility | None = None) -> np.ndarray:
         stub = self.clients.ofer
         request = ofer_pb2.RankRequest(face=face, candidates=wire.from_numpy(candidates.astype(np.float32)))
@@ -288,7 +284,7 @@ class FacePipeline:
         reply = self._call("ofer", stub.Rank if stub else None, request, deadline)
         return np.array(wire.to_numpy(reply.scores, "scores"))  # type: ignore[attr-defined]
 
-    def _fusion(self, request: fusion_pb2.FuseRequest, deadline: float | None) -> fusion_pb2.FuseResponse:
+    def _fusion(self, request: fusion_pb2.FuseRequest, deadline: Deadline) -> fusion_pb2.FuseResponse:
         stub = self.clients.fusion
         return self._call("fusion", stub.Fuse if stub else None, request, deadline)  # type: ignore[return-value]
 
@@ -313,30 +309,29 @@ class FacePipeline:
             request.visibility.CopyFrom(visibility)
         return request
 
-    def _ofer(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: float | None,
+    def _ofer(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: Deadline,
               visibility: common_pb2.Visibility | None) -> gateway_pb2.Reconstruction:
         samples = self._samples(face, options, deadline, visibility=visibility)
         scores = self._rank(face, samples, deadline, visibility)
         fused = self._fusion(self._fuse_request("ofer", options, samples, scores, visibility), deadline)
         return self._fused_reconstruction("ofer", fused, samples, scores, visibility)
 
-    def default_strategy(self, deadline: float | None) -> str:
+    def default_strategy(self, deadline: Deadline) -> str:
         if self._default_strategy is None:
             stub = self.clients.fusion
             reply = self._call("fusion", stub.ListStrategies if stub else None, fusion_pb2.ListStrategiesRequest(), deadline)
             self._default_strategy = reply.default_strategy  # type: ignore[attr-defined]
         return self._default_strategy
 
-    def _fuse(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: float | None,
+    def _fuse(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: Deadline,
               result: gateway_pb2.FaceResult, visibility: common_pb2.Visibility | None) -> None:
         """MICA and OFER concurrently, or MICA first when the strategy steers the sampler or ranker with it."""
-        from facefuse.errors import BackendUnavailableError
-        from facefuse.fusion.strategies import guided_strength, sdedit_t0
+        from facefuse.fusion.strategies import steering_for
 
         strategy = options.strategy or self.default_strategy(deadline)
-        overall = _overall_visibility(visibility)
+        steer = steering_for(strategy, dict(options.strategy_options), _overall_visibility(visibility))
         generative: Future[tuple[np.ndarray, np.ndarray]] | None = None
-        if strategy not in SEQUENTIAL_STRATEGIES:
+        if not steer.mica_first:
             generative = self._branch_pool.submit(self._sample_and_rank, face, options, deadline, visibility)
         mica = self._mica(face, deadline)
         try:
@@ -344,20 +339,20 @@ class FacePipeline:
                 samples, scores = generative.result()
                 candidates = samples
             else:
-                if strategy == "sdedit":
-                    t0 = int(options.strategy_options.get("t0", sdedit_t0(overall)))
-                    samples = self._samples(face, options, deadline, start=mica.shape, t0=t0, visibility=visibility)
-                elif strategy == "guided":
-                    strength = float(options.strategy_options.get("strength", guided_strength(overall)))
-                    samples = self._samples(face, options, deadline, guide=mica.shape, strength=strength, visibility=visibility)
-                else:
-                    samples = self._samples(face, options, deadline, visibility=visibility)
+                samples = self._samples(
+                    face, options, deadline, visibility=visibility,
+                    start=mica.shape if steer.start_t0 is not None else None, t0=steer.start_t0 or 0,
+                    guide=mica.shape if steer.guide_strength is not None else None, strength=steer.guide_strength or 0.0)
                 candidates = samples
-                if strategy == "pool":  # MICA's shape joins the pool as the last candidate
+                if steer.mica_in_pool:  # MICA's shape joins the pool as the last candidate
                     candidates = np.concatenate([samples, wire.to_numpy(mica.shape)[None].astype(np.float32)], axis=0)
                 scores = self._rank(face, candidates, deadline, visibility)
-        except BackendUnavailableError as exc:
-            # Documented fallback: the generative branch is down; the face still gets MICA's shape, flagged.
+        except FacefuseError as exc:
+            if not is_backend_down(exc):
+                raise
+            # Documented fallback: the generative branch is down or too slow; the face still gets MICA's
+            # shape, flagged. Any other failure (bad input, a backend's bug) is the face's own error.
+            log_event("fallback", branch="ofer", reason=str(exc))
             mica.fallback = f"ofer unavailable, fell back to mica: {exc}"
             mica.strategy = "mica"
             result.reconstruction.CopyFrom(mica)
@@ -370,7 +365,7 @@ class FacePipeline:
             ofer = self._fusion(self._fuse_request("ofer", options, samples, scores[:n], visibility), deadline)
             result.branches.add(name="ofer", reconstruction=self._fused_reconstruction("ofer", ofer, samples, scores[:n], visibility))
 
-    def _sample_and_rank(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: float | None,
+    def _sample_and_rank(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: Deadline,
                          visibility: common_pb2.Visibility | None) -> tuple[np.ndarray, np.ndarray]:
         samples = self._samples(face, options, deadline, visibility=visibility)
         return samples, self._rank(face, samples, deadline, visibility)

@@ -1,159 +1,33 @@
-"""What every facefuse server shares: health, reflection, limits, deadlines, logs, graceful shutdown.
+"""What every facefuse server shares: start-up, health, reflection, limits, graceful shutdown, its CLI.
 
 Health has two levels, like liveness and readiness: the overall service ``""`` is SERVING as soon as
 the process answers, and each RPC service's own name is SERVING only while its backend is ready (a
 placeholder or a backend whose model files are missing reports NOT_SERVING, and its ``Info`` RPC
-says why). Failures map to status codes through the ``facefuse.errors`` classes.
+says why). The transport itself (status codes, deadlines, options, the interceptor) is ``facefuse.rpc``.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import json
-import logging
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from facefuse.errors import (
-    AssetError,
-    BackendUnavailableError,
-    FacefuseError,
-    InvalidInputError,
-    LimitExceededError,
-)
+from facefuse.errors import FacefuseError
 from facefuse.io.atomic import write_text_atomic
+from facefuse.rpc.interceptors import CallObserver, ServerInterceptor
+from facefuse.rpc.logs import configure_logging, log_event
+from facefuse.rpc.options import DEFAULT_GRACE_S, DEFAULT_MAX_MESSAGE_MB, server_options
 
-LOG = logging.getLogger("facefuse")
-DEFAULT_MAX_MESSAGE_MB = 64
-DEFAULT_GRACE_S = 5.0
-
-T = TypeVar("T")
-
-
-def status_code_for(exc: BaseException) -> grpc.StatusCode:
-    """The gRPC code a facefuse error stands for."""
-    if isinstance(exc, InvalidInputError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, LimitExceededError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, AssetError):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(exc, BackendUnavailableError):
-        return grpc.StatusCode.UNAVAILABLE
-    if isinstance(exc, TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.INTERNAL
-
-
-def error_from_rpc(exc: grpc.RpcError, backend: str) -> FacefuseError:
-    """Turn a downstream RpcError back into the facefuse error it stands for."""
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    detail = exc.details() if hasattr(exc, "details") else str(exc)
-    message = f"{backend}: {detail}"
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidInputError(message)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return LimitExceededError(message)
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return AssetError(message)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineError(message)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
-        return BackendUnavailableError(f"{backend} unavailable: {detail}")
-    return FacefuseError(message)
-
-
-class DeadlineError(FacefuseError, TimeoutError):
-    """The caller's deadline passed before the work was done (DEADLINE_EXCEEDED)."""
-
-
-def unary_errors(method: Callable[..., T]) -> Callable[..., T]:
-    """Map facefuse errors raised by a unary handler to status codes; log every call once."""
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> T:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            return method(self, request, context)
-        except FacefuseError as exc:
-            code = status_code_for(exc)
-            context.abort(code, str(exc))
-        except grpc.RpcError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the boundary: never leak a traceback to the client
-            code = grpc.StatusCode.INTERNAL
-            LOG.exception("unhandled error in %s", method.__name__)
-            context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
-        finally:
-            log_event("rpc", rpc=method.__name__, code=code.name, ms=round((time.perf_counter() - started) * 1000, 2))
-        raise AssertionError("unreachable")  # context.abort raises
-
-    return wrapper
-
-
-def remaining_seconds(context: grpc.ServicerContext, default: float | None = None, margin: float = 0.05) -> float | None:
-    """Time left of the caller's deadline (minus a margin for the reply), to pass downstream."""
-    left = caller_time_left(context)
-    if left is None:
-        return default
-    left -= margin
-    if left <= 0:
-        raise DeadlineError("deadline exceeded before the call could be made")
-    return left if default is None else min(left, default)
-
-
-NO_DEADLINE_S = 1e7
-"""grpc reports a call without a deadline as an enormous time remaining; anything above this is 'none'."""
-
-
-def caller_time_left(context: grpc.ServicerContext) -> float | None:
-    """Seconds left of the caller's deadline, or None when the caller set no deadline."""
-    left = context.time_remaining()
-    return None if left is None or left > NO_DEADLINE_S else left
-
-
-def log_event(event: str, **fields: Any) -> None:
-    if LOG.isEnabledFor(logging.INFO):
-        LOG.info(json.dumps({"event": event, **fields}, default=str))
-
-
-class _JsonFormatter(logging.Formatter):
-    def __init__(self, service: str) -> None:
-        super().__init__()
-        self.service = service
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        try:
-            payload = json.loads(message) if message.startswith("{") else {"message": message}
-        except ValueError:
-            payload = {"message": message}
-        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "service": self.service, **payload}
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info).splitlines()[-1]
-        return json.dumps(entry, default=str)
-
-
-def configure_logging(service: str, level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter(service))
-    root = logging.getLogger("facefuse")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
 
 
 @dataclass
@@ -165,15 +39,11 @@ class ServerOptions:
     grace_s: float = DEFAULT_GRACE_S
     port_file: Path | None = None
     extra_options: list[tuple[str, Any]] = field(default_factory=list)
+    observers: list[CallObserver] = field(default_factory=list)
 
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
-
-
-def channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, Any]]:
-    limit = max_message_mb * 1024 * 1024
-    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
 @dataclass
@@ -202,7 +72,8 @@ def start_server(
     """Start a server with the services ``register`` adds, health and reflection; returns once bound."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers),
-        options=channel_options(options.max_message_mb) + list(options.extra_options),
+        options=server_options(options.max_message_mb) + list(options.extra_options),
+        interceptors=[ServerInterceptor(options.observers)],
         maximum_concurrent_rpcs=None,
     )
     register(server)

@@ -11,7 +11,8 @@ from typing import TypeVar
 import grpc
 
 from facefuse.packs.base import BackendStatus
-from facefuse.servers.base import DeadlineError, remaining_seconds
+from facefuse.errors import DeadlineError
+from facefuse.rpc.deadline import Deadline
 from facefuse.v1 import common_pb2
 
 T = TypeVar("T")
@@ -27,9 +28,10 @@ def backend_info(status: BackendStatus) -> common_pb2.BackendInfo:
 def wait_all(futures: Sequence[Future[T]], context: grpc.ServicerContext) -> list[T]:
     """Results of batched work, within the caller's deadline; pending work is cancelled on expiry."""
     results: list[T] = []
+    deadline = Deadline.from_context(context)
     try:
         for future in futures:
-            results.append(future.result(timeout=remaining_seconds(context)))
+            results.append(future.result(timeout=deadline.timeout()))
     except FutureTimeout:
         for future in futures:
             future.cancel()
@@ -44,15 +46,3 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the networks run")
     parser.add_argument("--max-batch", type=int, default=16, help="largest dynamic batch")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        from facefuse.errors import AssetError
-
-        raise AssetError("--device cuda was asked for but torch sees no CUDA device (install a CUDA build of torch)")
-    return name

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +19,9 @@ import grpc
 from facefuse import wire
 from facefuse.errors import FacefuseError, InvalidInputError, LimitExceededError
 from facefuse.pipeline.orchestration import FacePipeline, MeshClients, error_result
-from facefuse.servers.base import caller_time_left, log_event, run_cli, unary_errors
+from facefuse.rpc.deadline import Deadline
+from facefuse.rpc.logs import log_event
+from facefuse.servers.base import run_cli
 from facefuse.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 SERVICE_NAME = "facefuse.v1.Gateway"
@@ -50,10 +51,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         out: queue.Queue[object] = queue.Queue()
         in_flight = threading.Semaphore(self.image_workers * 2)
         pool = ThreadPoolExecutor(max_workers=self.image_workers, thread_name_prefix="image")
-        cancelled = threading.Event()
-        context.add_callback(cancelled.set)
-        left = caller_time_left(context)
-        deadline = None if left is None else time.monotonic() + left
+        deadline = Deadline.from_context(context)
+        cancelled = deadline.cancelled
         tasks: list[object] = []
         reader_error: list[BaseException] = []
 
@@ -120,7 +119,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if reader_error:
             context.abort(grpc.StatusCode.INTERNAL, f"reading the stream failed: {reader_error[0]}")
 
-    @unary_errors
     def Info(self, request: object, context: grpc.ServicerContext) -> gateway_pb2.GatewayInfo:
         from facefuse.v1 import common_pb2 as c
 

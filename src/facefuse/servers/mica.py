@@ -11,7 +11,7 @@ from facefuse import wire
 from facefuse.errors import InvalidInputError, LimitExceededError
 from facefuse.face.types import AlignedFace
 from facefuse.packs.base import ShapeBackend, ShapeResult
-from facefuse.servers.base import run_cli, unary_errors
+from facefuse.servers.base import run_cli
 from facefuse.servers.batching import DynamicBatcher
 from facefuse.servers.common import add_model_arguments, backend_info, wait_all
 from facefuse.v1 import mica_pb2, mica_pb2_grpc
@@ -26,7 +26,6 @@ class MicaServicer(mica_pb2_grpc.MicaServiceServicer):
         self.batcher: DynamicBatcher[AlignedFace, ShapeResult] = DynamicBatcher(
             lambda faces: backend.predict(faces), max_batch=max_batch, max_wait_s=batch_wait_s, name="mica-batcher")
 
-    @unary_errors
     def Predict(self, request: mica_pb2.PredictRequest, context: grpc.ServicerContext) -> mica_pb2.PredictResponse:
         if not request.faces:
             raise InvalidInputError("PredictRequest.faces is empty")
@@ -41,7 +40,6 @@ class MicaServicer(mica_pb2_grpc.MicaServiceServicer):
             backend=backend_info(self.backend.status),
         )
 
-    @unary_errors
     def Info(self, request: object, context: grpc.ServicerContext) -> object:
         return backend_info(self.backend.status)
 

@@ -11,9 +11,10 @@ import grpc
 import numpy as np
 
 from facefuse import wire
-from facefuse.errors import FacefuseError, InvalidInputError, LimitExceededError
+from facefuse.errors import InvalidInputError, LimitExceededError
 from facefuse.packs.base import GenerativeBackend
-from facefuse.servers.base import log_event, run_cli, status_code_for, unary_errors
+from facefuse.rpc.logs import log_event
+from facefuse.servers.base import run_cli
 from facefuse.servers.batching import DynamicBatcher
 from facefuse.servers.common import add_model_arguments, backend_info, wait_all
 from facefuse.v1 import common_pb2, ofer_pb2, ofer_pb2_grpc
@@ -44,35 +45,31 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
             self.batcher = DynamicBatcher(run, max_batch=max_batch, max_wait_s=batch_wait_s, name="ofer-batcher")
 
     def Sample(self, request: ofer_pb2.SampleRequest, context: grpc.ServicerContext) -> Iterator[ofer_pb2.SampleChunk]:
-        try:
-            face = wire.aligned_face_from_message(request.face)
-            count = request.num_samples or 10
-            if not 1 <= count <= MAX_SAMPLES:
-                raise LimitExceededError(f"num_samples {count}; allowed 1..{MAX_SAMPLES}")
-            mode = request.mode or "fast"
-            if mode not in MODES:
-                raise InvalidInputError(f"mode {mode!r}; expected one of {MODES}")
-            start = wire.require(request.start_shape, "start_shape", shape=(None,)) if wire.has(request, "start_shape") else None
-            guide = wire.require(request.guide_shape, "guide_shape", shape=(None,)) if wire.has(request, "guide_shape") else None
-            if not 0 <= request.start_t0 <= 999:
-                raise InvalidInputError(f"start_t0 {request.start_t0}; expected 0..999")
-            if not 0.0 <= request.guide_strength <= 1.0:
-                raise InvalidInputError(f"guide_strength {request.guide_strength}; expected 0..1")
-            visibility = _visibility(request)
-            if self.batcher is not None and start is None and (guide is None or request.guide_strength == 0):
-                from facefuse.packs.flame import SampleJob
+        face = wire.aligned_face_from_message(request.face)
+        count = request.num_samples or 10
+        if not 1 <= count <= MAX_SAMPLES:
+            raise LimitExceededError(f"num_samples {count}; allowed 1..{MAX_SAMPLES}")
+        mode = request.mode or "fast"
+        if mode not in MODES:
+            raise InvalidInputError(f"mode {mode!r}; expected one of {MODES}")
+        start = wire.require(request.start_shape, "start_shape", shape=(None,)) if wire.has(request, "start_shape") else None
+        guide = wire.require(request.guide_shape, "guide_shape", shape=(None,)) if wire.has(request, "guide_shape") else None
+        if not 0 <= request.start_t0 <= 999:
+            raise InvalidInputError(f"start_t0 {request.start_t0}; expected 0..999")
+        if not 0.0 <= request.guide_strength <= 1.0:
+            raise InvalidInputError(f"guide_strength {request.guide_strength}; expected 0..1")
+        visibility = _visibility(request)
+        if self.batcher is not None and start is None and (guide is None or request.guide_strength == 0):
+            from facefuse.packs.flame import SampleJob
 
-                job = SampleJob(face, count, mode, request.steps, request.seed)
-                shapes = wait_all([self.batcher.submit(job)], context)[0]
-            else:
-                with self._lock:
-                    shapes = self.backend.sample(face, count, mode=mode, steps=request.steps, seed=request.seed,
-                                                 start_shape=start, start_t0=request.start_t0,
-                                                 guide_shape=guide, guide_strength=request.guide_strength,
-                                                 visibility=visibility)
-        except FacefuseError as exc:
-            context.abort(status_code_for(exc), str(exc))
-            return
+            job = SampleJob(face, count, mode, request.steps, request.seed)
+            shapes = wait_all([self.batcher.submit(job)], context)[0]
+        else:
+            with self._lock:
+                shapes = self.backend.sample(face, count, mode=mode, steps=request.steps, seed=request.seed,
+                                             start_shape=start, start_t0=request.start_t0,
+                                             guide_shape=guide, guide_strength=request.guide_strength,
+                                             visibility=visibility)
         shapes = np.asarray(shapes, dtype=np.float32)
         chunk = request.chunk_size or len(shapes)
         for offset in range(0, len(shapes), chunk):
@@ -81,7 +78,6 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
             yield ofer_pb2.SampleChunk(offset=offset, shapes=wire.from_numpy(shapes[offset:offset + chunk]), total=len(shapes))
         log_event("sample", samples=len(shapes), mode=mode)
 
-    @unary_errors
     def Rank(self, request: ofer_pb2.RankRequest, context: grpc.ServicerContext) -> ofer_pb2.RankResponse:
         face = wire.aligned_face_from_message(request.face)
         candidates = wire.require(request.candidates, "candidates", shape=(None, None))  # K checked by the backend
@@ -91,7 +87,6 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
             scores = self.backend.rank(face, np.asarray(candidates, dtype=np.float32), visibility=_visibility(request))
         return ofer_pb2.RankResponse(scores=wire.from_numpy(np.asarray(scores, dtype=np.float32)))
 
-    @unary_errors
     def Info(self, request: common_pb2.InfoRequest, context: grpc.ServicerContext) -> common_pb2.BackendInfo:
         return backend_info(self.backend.status)
 

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from facefuse.errors import InvalidInputError
 
 if TYPE_CHECKING:
-    from facefuse.eval.bench import MeshConnection, SamplingSettings
+    from facefuse.client.bench.connection import MeshConnection
+    from facefuse.client.bench.entries import SamplingSettings
 
 DEFAULT_METHODS = "mica,ofer,fuse"
 
@@ -83,20 +84,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _sampling(args: argparse.Namespace) -> "SamplingSettings":
-    from facefuse.client.cli import _parse_option
-    from facefuse.eval.bench import SamplingSettings
+    from facefuse.client.options import parse_option
+    from facefuse.client.bench.entries import SamplingSettings
 
     if args.samples < 1:
         raise InvalidInputError(f"--samples must be at least 1, got {args.samples}")
     if args.workers < 1:
         raise InvalidInputError(f"--workers must be at least 1, got {args.workers}")
-    options = tuple(sorted(dict(_parse_option(o) for o in args.option).items()))
+    options = tuple(sorted(dict(parse_option(o) for o in args.option).items()))
     return SamplingSettings(num_samples=args.samples, seed=args.seed, steps=args.steps, sampler=args.sampler,
                             strategy_options=options)
 
 
 def _connection(args: argparse.Namespace) -> "MeshConnection":
-    from facefuse.eval.bench import MeshConnection
+    from facefuse.client.bench.connection import MeshConnection
 
     return MeshConnection(gateway=args.gateway, fusion=args.fusion, local=bool(args.local), assets=args.assets,
                           pack=args.pack, timeout_s=args.timeout)
@@ -117,7 +118,8 @@ def _print_summary(summary: dict, title: str) -> None:
 
 
 def cmd_bench_now(args: argparse.Namespace) -> int:
-    from facefuse.eval.bench import NowBenchConfig, parse_list, run_now_bench
+    from facefuse.client.bench.entries import parse_list
+    from facefuse.client.bench.now import NowBenchConfig, run_now_bench
 
     config = NowBenchConfig(dataset=args.dataset, out=args.out, methods=tuple(parse_list(args.methods)),
                             strategies=tuple(parse_list(args.strategies)), split=args.split, challenge=args.challenge,
@@ -137,7 +139,8 @@ def cmd_bench_now(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_occlusion(args: argparse.Namespace) -> int:
-    from facefuse.eval.bench import OcclusionBenchConfig, parse_list, run_occlusion_bench
+    from facefuse.client.bench.entries import parse_list
+    from facefuse.client.bench.occlusion import OcclusionBenchConfig, run_occlusion_bench
 
     try:
         coverages = tuple(float(c) for c in parse_list(args.coverage))
