@@ -7,6 +7,7 @@ other faces and images go on.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -20,7 +21,9 @@ from facefuse.errors import FacefuseError, InvalidInputError
 from facefuse.face.frontend import select_faces
 from facefuse.face.types import AlignedFace, Detection
 from facefuse.io.images import decode_image
+from facefuse.rpc.interceptors import request_metadata
 from facefuse.rpc.logs import log_event
+from facefuse.rpc.metrics import count_face, observe_decode_bytes
 from facefuse.rpc.options import channel_options
 from facefuse.rpc.deadline import Deadline
 from facefuse.rpc.status import error_from_rpc, is_backend_down, status_code_for
@@ -118,6 +121,7 @@ class FacePipeline:
             if method not in METHODS:
                 raise InvalidInputError(f"method {method!r}; expected one of {METHODS}")
             image = decode_image(data, max_pixels=self.max_pixels)
+            observe_decode_bytes(len(data), image.nbytes)
             faces = self._faces(image, options)
         except FacefuseError as exc:
             yield error_result(image_id, exc)
@@ -135,10 +139,13 @@ class FacePipeline:
             if isinstance(item, FacefuseError):
                 futures.append(_done(error_result(image_id, item, index, num)))
                 continue
-            futures.append(self._faces_pool.submit(self._face_result, image_id, index, num, item, image, options, mask, deadline))
+            # copy_context: the face thread carries this image's request id (logs, metadata downstream)
+            futures.append(self._faces_pool.submit(contextvars.copy_context().run, self._face_result,
+                                                   image_id, index, num, item, image, options, mask, deadline))
         for future in as_completed(futures):
             result = future.result()
             result.seconds = time.monotonic() - started
+            count_face(method, result.status.code)
             yield result
 
     def _faces(self, image: np.ndarray, options: gateway_pb2.ProcessOptions) -> list[AlignedFace | FacefuseError]:
@@ -238,7 +245,7 @@ class FacePipeline:
 
             raise BackendUnavailableError(f"{backend} service is not configured on this gateway")
         try:
-            return fn(request, timeout=self._timeout(deadline))
+            return fn(request, timeout=self._timeout(deadline), metadata=request_metadata())
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"{backend} service") from None
 
@@ -269,7 +276,7 @@ class FacePipeline:
             self._call("ofer", None, request, deadline)
         chunks = []
         try:
-            for chunk in stub.Sample(request, timeout=self._timeout(deadline)):  # type: ignore[union-attr]
+            for chunk in stub.Sample(request, timeout=self._timeout(deadline), metadata=request_metadata()):  # type: ignore[union-attr]
                 chunks.append(wire.to_numpy(chunk.shapes, "shapes"))
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, "ofer service") from None
@@ -332,7 +339,7 @@ class FacePipeline:
         steer = steering_for(strategy, dict(options.strategy_options), _overall_visibility(visibility))
         generative: Future[tuple[np.ndarray, np.ndarray]] | None = None
         if not steer.mica_first:
-            generative = self._branch_pool.submit(self._sample_and_rank, face, options, deadline, visibility)
+            generative = self._branch_pool.submit(contextvars.copy_context().run, self._sample_and_rank, face, options, deadline, visibility)
         mica = self._mica(face, deadline)
         try:
             if generative is not None:

@@ -26,6 +26,7 @@ from facefuse.errors import FacefuseError
 from facefuse.io.atomic import write_text_atomic
 from facefuse.rpc.interceptors import CallObserver, ServerInterceptor
 from facefuse.rpc.logs import configure_logging, log_event
+from facefuse.rpc.metrics import MetricsEndpoint, ServerMetrics
 from facefuse.rpc.options import DEFAULT_GRACE_S, DEFAULT_MAX_MESSAGE_MB, server_options
 
 
@@ -40,6 +41,7 @@ class ServerOptions:
     port_file: Path | None = None
     extra_options: list[tuple[str, Any]] = field(default_factory=list)
     observers: list[CallObserver] = field(default_factory=list)
+    metrics_port: int = 0  # Prometheus /metrics on this port of ``host``; 0 = off
 
     @property
     def max_message_bytes(self) -> int:
@@ -52,6 +54,7 @@ class RunningServer:
     health: health.HealthServicer
     port: int
     service_names: tuple[str, ...]
+    metrics: MetricsEndpoint | None = None
 
     def set_ready(self, service_name: str, ready: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -61,6 +64,8 @@ class RunningServer:
         """Refuse new calls, report NOT_SERVING, let calls in flight finish within the grace period."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def start_server(
@@ -70,10 +75,22 @@ def start_server(
     ready: dict[str, bool] | None = None,
 ) -> RunningServer:
     """Start a server with the services ``register`` adds, health and reflection; returns once bound."""
+    metrics = ServerMetrics().serve(options.host, options.metrics_port) if options.metrics_port else None
+    try:
+        return _start_grpc(register, service_names, options, ready, metrics)
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        raise
+
+
+def _start_grpc(register: Callable[[grpc.Server], None], service_names: Sequence[str], options: ServerOptions,
+                ready: dict[str, bool] | None, metrics: MetricsEndpoint | None) -> RunningServer:
+    observers = [*options.observers, *([metrics.metrics] if metrics is not None else [])]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers),
         options=server_options(options.max_message_mb) + list(options.extra_options),
-        interceptors=[ServerInterceptor(options.observers)],
+        interceptors=[ServerInterceptor(observers)],
         maximum_concurrent_rpcs=None,
     )
     register(server)
@@ -85,13 +102,14 @@ def start_server(
     if port == 0:
         raise OSError(f"could not bind {options.host}:{options.port}")
     server.start()
-    running = RunningServer(server, health_servicer, port, names)
+    running = RunningServer(server, health_servicer, port, names, metrics)
     running.set_ready("", True)
     for name in names:
         running.set_ready(name, (ready or {}).get(name, True))
     if options.port_file is not None:
         write_text_atomic(options.port_file, str(port))
-    log_event("listening", host=options.host, port=port, services=list(names))
+    log_event("listening", host=options.host, port=port, services=list(names),
+              metrics_port=metrics.port if metrics is not None else None)
     return running
 
 
@@ -119,14 +137,23 @@ def server_arg_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB, help="gRPC message size limit")
     parser.add_argument("--workers", type=int, default=16, help="RPC worker threads")
     parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, help="seconds calls in flight get on SIGTERM")
+    parser.add_argument("--metrics-port", type=_port_number, default=0,
+                        help="serve Prometheus metrics over HTTP on this port of --host; 0 = off")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
+
+
+def _port_number(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0..65535)")
+    return port
 
 
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
     return ServerOptions(
         host=args.host, port=args.port, max_message_mb=args.max_message_mb, max_workers=args.workers,
-        grace_s=args.grace, port_file=args.port_file,
+        grace_s=args.grace, port_file=args.port_file, metrics_port=args.metrics_port,
     )
 
 

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Generic, TypeVar
 
+from facefuse.rpc.metrics import observe_batch, set_queue_depth
+
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
 
@@ -46,6 +48,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             raise RuntimeError("batcher is closed")
         future: Future[ResultT] = Future()
         self._queue.put((item, future))
+        set_queue_depth(self._thread.name, self._queue.qsize())
         return future
 
     def submit_many(self, items: Sequence[ItemT]) -> list[Future[ResultT]]:
@@ -74,6 +77,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     stop_after = True
                     break
                 batch.append(entry)
+            set_queue_depth(self._thread.name, self._queue.qsize())
             self._run(batch)  # type: ignore[arg-type]
             if stop_after:
                 return
@@ -84,6 +88,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             return
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, len(live))
+        observe_batch(self._thread.name, len(live))
         try:
             results = self._run_batch([item for item, _ in live])
             if len(results) != len(live):

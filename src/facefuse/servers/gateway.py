@@ -20,7 +20,7 @@ from facefuse import wire
 from facefuse.errors import FacefuseError, InvalidInputError, LimitExceededError
 from facefuse.pipeline.orchestration import FacePipeline, MeshClients, error_result
 from facefuse.rpc.deadline import Deadline
-from facefuse.rpc.logs import log_event
+from facefuse.rpc.logs import current_request_id, log_event
 from facefuse.servers.base import run_cli
 from facefuse.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -50,7 +50,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 context: grpc.ServicerContext) -> Iterator[gateway_pb2.FaceResult]:
         out: queue.Queue[object] = queue.Queue()
         in_flight = threading.Semaphore(self.image_workers * 2)
-        pool = ThreadPoolExecutor(max_workers=self.image_workers, thread_name_prefix="image")
+        # The stream's request id, set by the interceptor in this thread only: bound to the image threads too.
+        pool = ThreadPoolExecutor(max_workers=self.image_workers, thread_name_prefix="image",
+                                  initializer=current_request_id.set, initargs=(current_request_id.get(),))
         deadline = Deadline.from_context(context)
         cancelled = deadline.cancelled
         tasks: list[object] = []

@@ -14,6 +14,7 @@ from facefuse import wire
 from facefuse.errors import InvalidInputError, LimitExceededError
 from facefuse.packs.base import GenerativeBackend
 from facefuse.rpc.logs import log_event
+from facefuse.rpc.metrics import queued
 from facefuse.servers.base import run_cli
 from facefuse.servers.batching import DynamicBatcher
 from facefuse.servers.common import add_model_arguments, backend_info, wait_all
@@ -65,7 +66,7 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
             job = SampleJob(face, count, mode, request.steps, request.seed)
             shapes = wait_all([self.batcher.submit(job)], context)[0]
         else:
-            with self._lock:
+            with queued(self._lock, "ofer-model"):
                 shapes = self.backend.sample(face, count, mode=mode, steps=request.steps, seed=request.seed,
                                              start_shape=start, start_t0=request.start_t0,
                                              guide_shape=guide, guide_strength=request.guide_strength,
@@ -83,7 +84,7 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
         candidates = wire.require(request.candidates, "candidates", shape=(None, None))  # K checked by the backend
         if len(candidates) == 0:
             raise InvalidInputError("candidates is empty")
-        with self._lock:
+        with queued(self._lock, "ofer-model"):
             scores = self.backend.rank(face, np.asarray(candidates, dtype=np.float32), visibility=_visibility(request))
         return ofer_pb2.RankResponse(scores=wire.from_numpy(np.asarray(scores, dtype=np.float32)))
 
