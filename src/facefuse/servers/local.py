@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,10 +34,17 @@ class ServiceProcess:
     port_file: Path
     log_path: Path
     port: int = 0
+    metrics_port: int = 0
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        if not self.metrics_port:
+            raise ValueError(f"{self.name} runs without metrics (LocalMesh(metrics=True) turns them on)")
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
 
 def wait_for_port(proc: ServiceProcess, timeout_s: float) -> int:
@@ -49,6 +57,13 @@ def wait_for_port(proc: ServiceProcess, timeout_s: float) -> int:
             return proc.port
         time.sleep(0.05)
     raise BackendUnavailableError(f"{proc.name} did not start listening within {timeout_s:.0f} s:\n{_tail(proc.log_path)}")
+
+
+def free_port() -> int:
+    """A loopback port free right now (the metrics side port cannot be 0: that means off)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def health_status(address: str, service: str = "", timeout_s: float = 2.0) -> int:
@@ -90,6 +105,7 @@ class LocalMesh:
     workdir: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     extra_args: dict[str, list[str]] = field(default_factory=dict)
+    metrics: bool = False  # every service serves Prometheus metrics on a free side port (``metrics_url``)
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -102,6 +118,9 @@ class LocalMesh:
     def address(self, name: str) -> str:
         return self.processes[name].address
 
+    def metrics_url(self, name: str) -> str:
+        return self.processes[name].metrics_url
+
     def _spawn(self, name: str, args: list[str]) -> ServiceProcess:
         assert self.workdir is not None
         port_file = self.workdir / f"{name}.port"
@@ -109,11 +128,12 @@ class LocalMesh:
         log_path = self.workdir / f"{name}.log"
         # Several processes share the machine's cores: numpy's BLAS threads would only thrash (docs/open-pack.md).
         env = {"OPENBLAS_NUM_THREADS": "1", **os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        metrics_port = free_port() if self.metrics else 0
         command = [sys.executable, "-m", f"facefuse.servers.{name}", "--port", "0", "--port-file", str(port_file),
-                   "--grace", str(self.grace_s), *args, *self.extra_args.get(name, [])]
+                   "--grace", str(self.grace_s), "--metrics-port", str(metrics_port), *args, *self.extra_args.get(name, [])]
         with open(log_path, "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        proc = ServiceProcess(name, process, port_file, log_path)
+        proc = ServiceProcess(name, process, port_file, log_path, metrics_port=metrics_port)
         self.processes[name] = proc
         return proc
 
