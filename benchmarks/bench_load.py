@@ -1,21 +1,23 @@
 """Load on the local open-pack mesh: many concurrent gateway streams, before and after a change, in one run.
 
-    python benchmarks/bench_load.py                       # before = commit 67ff244, after = this tree
-    python benchmarks/bench_load.py --streams 16 --images 1 --method mica
+    python benchmarks/bench_load.py                                  # before = commit 67ff244, after = this tree
+    python benchmarks/bench_load.py --loads detect:16:1,mica:16:1
 
-Each variant's mesh (gateway + mica, ofer, fusion as processes, no assets: the open pack) runs from its
-own source tree (``PYTHONPATH``), in a child process of this script. Every stream is its own channel,
-sends ``--images`` copies of skimage's astronaut and reads its results; a deadline bounds every stream.
-Reported per variant: latency per image (from the image's last chunk sent to its result), failures
-(a non-OK result, or a stream that ended with an error other than RESOURCE_EXHAUSTED), streams refused
-with RESOURCE_EXHAUSTED (counted apart: a clear "come back later", not a failure), health-check
-latency of every service probed every ~100 ms during the load (a probe that gets no answer within
-``--probe-timeout-s`` counts as that long and as failed), and peak RSS per service process during the
-load (sampled every 200 ms; psutil if installed, else /proc).
+Each variant's mesh (gateway + mica, ofer, fusion as processes, no assets: the open pack, default
+flags) runs from its own source tree (``PYTHONPATH``) in a child process of this script, and takes
+each load in turn. A load is METHOD:STREAMS:IMAGES: STREAMS clients at once, each on its own channel,
+each sending IMAGES copies of skimage's astronaut on one stream and reading its results, every stream
+with a deadline. Reported per load: latency per image (its chunk sent to its result received),
+failures (a non-OK result, or a stream ended by an error other than RESOURCE_EXHAUSTED), streams
+refused with RESOURCE_EXHAUSTED (counted apart: a clear "come back later", not a failure), health
+latency of every service probed every ~100 ms during the load (a probe without an answer within
+``--probe-timeout-s`` counts as that long), and RSS per service before and at its peak during the load
+(sampled every 200 ms; psutil if installed, else /proc).
 
-With ``--method detect`` (the default) the load is the gateway's own work per image (decode,
-detection, alignment, crops) plus its streaming, i.e. what the gateway's limits govern; the model
-services only answer health checks. ``mica``, ``ofer`` or ``fuse`` put the model services under load too.
+What the default loads measure: ``detect`` is the gateway's own work per image (decode, detection,
+alignment, crops) and its streaming, i.e. what the gateway's limits govern; ``fuse`` adds the model
+services (MICA, OFER sampling with ``--samples`` and ranking, fusion); ``detect:80:1`` goes past the
+gateway's default cap of 64 streams.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ import sys
 import tarfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 BASELINE_COMMIT = "67ff244"
+DEFAULT_LOADS = "detect:64:2,fuse:64:2,detect:80:1"
 
 
 def _rss_bytes(pid: int) -> int | None:
@@ -134,40 +138,49 @@ def _one_stream(address: str, index: int, data: bytes, args: argparse.Namespace,
                 record["failed_streams"].append(f"stream {index}: {exc.code().name} {(exc.details() or '')[:120]}")
 
 
-def run_variant(args: argparse.Namespace) -> dict[str, Any]:
-    """In the child process: start this tree's mesh, load it, measure."""
-    import facefuse
-    from facefuse.servers.local import LocalMesh
+@dataclass(frozen=True)
+class Load:
+    method: str
+    streams: int
+    images: int
 
-    data = _photo()
-    with LocalMesh(env={"FACEFUSE_ASSETS": ""}, start_timeout_s=300) as mesh:
-        pids = {name: proc.process.pid for name, proc in mesh.processes.items()}
-        warm: dict[str, Any] = {"latencies": [], "failed_results": [], "failed_streams": [], "refused": 0,
-                                "started": time.perf_counter()}
-        _one_stream(mesh.gateway_address, -1, data, argparse.Namespace(**{**vars(args), "images": 1}), warm)
-        idle_rss = {name: _rss_bytes(pid) for name, pid in pids.items()}
-        probers = {name: Prober(mesh.address(name), args.probe_period_s, args.probe_timeout_s) for name in pids}
-        sampler = RssSampler(pids)
-        record: dict[str, Any] = {"latencies": [], "failed_results": [], "failed_streams": [], "refused": 0}
-        for thread in [*probers.values(), sampler]:
-            thread.start()
-        time.sleep(0.5)  # a few probes at rest first
-        started = time.perf_counter()
-        record["started"] = started
-        clients = [threading.Thread(target=_one_stream, args=(mesh.gateway_address, i, data, args, record), daemon=True)
-                   for i in range(args.streams)]
-        for thread in clients:
-            thread.start()
-        for thread in clients:
-            thread.join(args.deadline_s + 30)
-        wall = time.perf_counter() - started
-        for thread in [*probers.values(), sampler]:
-            thread.stop.set()
-            thread.join(10)
+    @property
+    def label(self) -> str:
+        return f"{self.method}: {self.streams} streams x {self.images} image(s)"
+
+    @classmethod
+    def parse(cls, text: str) -> Load:
+        method, streams, images = text.split(":")
+        return cls(method, int(streams), int(images))
+
+
+def run_load(mesh: Any, data: bytes, load: Load, args: argparse.Namespace) -> dict[str, Any]:
+    """One load on a running mesh: every stream at once, health probes and RSS sampling meanwhile."""
+    pids = {name: proc.process.pid for name, proc in mesh.processes.items()}
+    stream_args = argparse.Namespace(**{**vars(args), "method": load.method, "images": load.images})
+    rss_before = {name: _rss_bytes(pid) for name, pid in pids.items()}
+    probers = {name: Prober(mesh.address(name), args.probe_period_s, args.probe_timeout_s) for name in pids}
+    sampler = RssSampler(pids)
+    record: dict[str, Any] = {"latencies": [], "failed_results": [], "failed_streams": [], "refused": 0}
+    background: list[Prober | RssSampler] = [*probers.values(), sampler]
+    for thread in background:
+        thread.start()
+    time.sleep(0.5)  # a few probes at rest first
+    started = time.perf_counter()
+    record["started"] = started
+    clients = [threading.Thread(target=_one_stream, args=(mesh.gateway_address, i, data, stream_args, record), daemon=True)
+               for i in range(load.streams)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(args.deadline_s + 30)
+    wall = time.perf_counter() - started
+    time.sleep(0.5)
+    for thread in background:
+        thread.stop.set()
+        thread.join(10)
     lat = record["latencies"]
     return {
-        "source": str(Path(facefuse.__file__).resolve().parents[1]),
-        "streams": args.streams, "images_per_stream": args.images, "method": args.method,
         "wall_s": round(wall, 2),
         "results": len(lat),
         "latency_s": {"p50": _percentile(lat, 50), "p99": _percentile(lat, 99), "max": max(lat, default=None)},
@@ -177,10 +190,26 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         "health": {name: {"probes": len(p.latencies), "failed": p.failed, "p50_s": _percentile(p.latencies, 50),
                           "p99_s": _percentile(p.latencies, 99), "max_s": max(p.latencies, default=None)}
                    for name, p in probers.items()},
-        "rss_mb": {name: {"idle": round((idle_rss[name] or 0) / 2**20, 1), "peak_under_load": round(sampler.peak[name] / 2**20, 1)}
+        "rss_mb": {name: {"before": round((rss_before[name] or 0) / 2**20, 1), "peak": round(sampler.peak[name] / 2**20, 1)}
                    for name in pids},
-        "warmup_failures": warm["failed_results"] + warm["failed_streams"],
     }
+
+
+def run_variant(args: argparse.Namespace) -> dict[str, Any]:
+    """In the child process: start this tree's mesh, warm it up, run every load in turn."""
+    import facefuse
+    from facefuse.servers.local import LocalMesh
+
+    data = _photo()
+    loads = [Load.parse(text) for text in args.loads.split(",")]
+    with LocalMesh(env={"FACEFUSE_ASSETS": ""}, start_timeout_s=300) as mesh:
+        warm: dict[str, Any] = {"latencies": [], "failed_results": [], "failed_streams": [], "refused": 0,
+                                "started": time.perf_counter()}
+        for method in sorted({load.method for load in loads}):
+            _one_stream(mesh.gateway_address, -1, data, argparse.Namespace(**{**vars(args), "method": method, "images": 1}), warm)
+        results = {load.label: run_load(mesh, data, load, args) for load in loads}
+    return {"source": str(Path(facefuse.__file__).resolve().parents[1]), "loads": results,
+            "warmup_failures": warm["failed_results"] + warm["failed_streams"]}
 
 
 def _photo() -> bytes:
@@ -214,39 +243,46 @@ def write_report(variants: dict[str, dict[str, Any]], args: argparse.Namespace, 
             "command": "python benchmarks/bench_load.py " + " ".join(sys.argv[1:]), "baseline": args.baseline}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "variants": variants}, indent=2) + "\n")
     names = list(variants)
-    lines = [f"# Load: {args.streams} concurrent gateway streams x {args.images} image(s), method `{args.method}`, open pack",
-             "", f"{meta['machine']}; {meta['when']}; `{meta['command']}`.",
-             (f"before = commit {args.baseline}, after = this tree. A stream's deadline: {args.deadline_s:g} s; "
-              f"health probed every {args.probe_period_s:g} s per service (a probe without an answer in "
-              f"{args.probe_timeout_s:g} s counts as that long)."), "",
-             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-
-    def row(label: str, cell: Any) -> None:
-        lines.append(f"| {label} | " + " | ".join(cell(variants[n]) for n in names) + " |")
-
-    row("wall time", lambda v: _fmt(v.get("wall_s")))
-    row("results", lambda v: str(v.get("results", "-")))
-    row("latency per image p50", lambda v: _fmt(v.get("latency_s", {}).get("p50")))
-    row("latency per image p99", lambda v: _fmt(v.get("latency_s", {}).get("p99")))
-    row("failures (goal 0)", lambda v: str(v.get("failures", v.get("error", "-"))))
-    row("streams refused (RESOURCE_EXHAUSTED)", lambda v: str(v.get("refused_streams", "-")))
-    for service in ("gateway", "mica", "ofer", "fusion"):
-        row(f"health p99 {service} (goal < 1 s)", lambda v, s=service: _fmt(v.get("health", {}).get(s, {}).get("p99_s")))
-        row(f"health probes failed {service}", lambda v, s=service: str(v.get("health", {}).get(s, {}).get("failed", "-")))
-    for service in ("gateway", "mica", "ofer", "fusion"):
-        row(f"RSS {service} idle -> peak", lambda v, s=service: (
-            f"{v['rss_mb'][s]['idle']:.0f} -> {v['rss_mb'][s]['peak_under_load']:.0f} MB" if "rss_mb" in v else "-"))
+    lines = ["# Load on the open-pack mesh: concurrent gateway streams, before and after", "",
+             f"{meta['machine']}; {meta['when']}; `{meta['command']}`.",
+             (f"before = commit {args.baseline}, after = this tree; both meshes run the gateway's default flags. "
+              f"A stream's deadline: {args.deadline_s:g} s; health probed every {args.probe_period_s:g} s per service "
+              f"(a probe without an answer in {args.probe_timeout_s:g} s counts as that long). Latency per image: "
+              "from its chunk sent to its result received. Failures: a non-OK result or a stream ended by an error "
+              "other than RESOURCE_EXHAUSTED; refusals are counted apart.")]
     for name in names:
-        if variants[name].get("failure_examples"):
-            lines += ["", f"{name}, first failures: " + "; ".join(f"`{e}`" for e in variants[name]["failure_examples"])]
+        if "error" in variants[name]:
+            lines += ["", f"**{name} did not run**: `{variants[name]['error']}`"]
+    for label in [load.label for load in (Load.parse(t) for t in args.loads.split(","))]:
+        per = {n: variants[n].get("loads", {}).get(label, {}) for n in names}
+        lines += ["", f"## {label}", "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+
+        def row(title: str, cell: Any, per: dict[str, dict[str, Any]] = per, lines: list[str] = lines) -> None:
+            lines.append(f"| {title} | " + " | ".join(cell(per[n]) if per[n] else "-" for n in names) + " |")
+
+        row("wall time", lambda v: _fmt(v["wall_s"]))
+        row("results", lambda v: str(v["results"]))
+        row("latency per image p50", lambda v: _fmt(v["latency_s"]["p50"]))
+        row("latency per image p99", lambda v: _fmt(v["latency_s"]["p99"]))
+        row("failures (goal 0)", lambda v: str(v["failures"]))
+        row("streams refused (RESOURCE_EXHAUSTED)", lambda v: str(v["refused_streams"]))
+        for service in ("gateway", "mica", "ofer", "fusion"):
+            row(f"health p99 / max, {service} (goal < 1 s)", lambda v, s=service: (
+                f"{_fmt(v['health'][s]['p99_s'])} / {_fmt(v['health'][s]['max_s'])}"
+                + (f", {v['health'][s]['failed']} of {v['health'][s]['probes']} failed" if v["health"][s]["failed"] else "")))
+        for service in ("gateway", "mica", "ofer", "fusion"):
+            row(f"RSS {service}: before -> peak", lambda v, s=service: (
+                f"{v['rss_mb'][s]['before']:.0f} -> {v['rss_mb'][s]['peak']:.0f} MB"))
+        for name in names:
+            if per[name].get("failure_examples"):
+                lines += ["", f"{name}, first failures: " + "; ".join(f"`{e}`" for e in per[name]["failure_examples"])]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--streams", type=int, default=64)
-    parser.add_argument("--images", type=int, default=2, help="images per stream")
-    parser.add_argument("--method", default="detect", choices=["detect", "mica", "ofer", "fuse"])
+    parser.add_argument("--loads", default=DEFAULT_LOADS,
+                        help="comma-separated METHOD:STREAMS:IMAGES, run in turn on each variant's mesh")
     parser.add_argument("--samples", type=int, default=4, help="OFER samples per face (ofer, fuse)")
     parser.add_argument("--deadline-s", type=float, default=240.0, help="deadline of every stream")
     parser.add_argument("--probe-period-s", type=float, default=0.1)
