@@ -170,10 +170,10 @@ def run_load(mesh: Any, data: bytes, load: Load, args: argparse.Namespace) -> di
     record["started"] = started
     clients = [threading.Thread(target=_one_stream, args=(mesh.gateway_address, i, data, stream_args, record), daemon=True)
                for i in range(load.streams)]
-    for thread in clients:
-        thread.start()
-    for thread in clients:
-        thread.join(args.deadline_s + 30)
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(args.deadline_s + 30)
     wall = time.perf_counter() - started
     time.sleep(0.5)
     for thread in background:
