@@ -243,3 +243,16 @@ def test_a_blocked_stream_ends_at_its_deadline(gateway: Gateway) -> None:
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     code, details, count = _code_of(gateway.stub.Process(iter([_image("after")]), timeout=10))
     assert (code, count) == (grpc.StatusCode.OK, 1), details
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--workers", "10"], "--max-streams 64"),
+    (["--stream-in-flight", "0"], "stream limits must be positive"),
+    (["--image-workers", "0"], "--image-workers must be at least 1"),
+])
+def test_gateway_flags_that_cannot_work_are_a_usage_error(argv: list[str], expected: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from facefuse.servers import gateway
+
+    assert gateway.main(argv) == 2
+    assert expected in capsys.readouterr().err
