@@ -29,6 +29,8 @@ from facefuse.rpc.logs import configure_logging, log_event
 from facefuse.rpc.metrics import MetricsEndpoint, ServerMetrics
 from facefuse.rpc.options import DEFAULT_GRACE_S, DEFAULT_MAX_MESSAGE_MB, server_options
 
+RPC_LIMIT_PER_WORKER = 4
+"""Default ``--max-concurrent-rpcs`` per worker thread: a short queue absorbs bursts, a flood is refused."""
 
 
 @dataclass
@@ -37,6 +39,7 @@ class ServerOptions:
     port: int = 0
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
     max_workers: int = 16
+    max_concurrent_rpcs: int | None = None
     grace_s: float = DEFAULT_GRACE_S
     port_file: Path | None = None
     extra_options: list[tuple[str, Any]] = field(default_factory=list)
@@ -46,6 +49,11 @@ class ServerOptions:
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
+
+    @property
+    def rpc_limit(self) -> int:
+        """RPCs running or waiting for a thread; gRPC refuses more with RESOURCE_EXHAUSTED (default 4 x workers)."""
+        return self.max_concurrent_rpcs or RPC_LIMIT_PER_WORKER * self.max_workers
 
 
 @dataclass
@@ -91,7 +99,7 @@ def _start_grpc(register: Callable[[grpc.Server], None], service_names: Sequence
         futures.ThreadPoolExecutor(max_workers=options.max_workers),
         options=server_options(options.max_message_mb) + list(options.extra_options),
         interceptors=[ServerInterceptor(observers)],
-        maximum_concurrent_rpcs=None,
+        maximum_concurrent_rpcs=options.rpc_limit,
     )
     register(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -136,6 +144,8 @@ def server_arg_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB, help="gRPC message size limit")
     parser.add_argument("--workers", type=int, default=16, help="RPC worker threads")
+    parser.add_argument("--max-concurrent-rpcs", type=int, default=None,
+                        help="RPCs running or queued before new ones get RESOURCE_EXHAUSTED; default 4 x --workers")
     parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, help="seconds calls in flight get on SIGTERM")
     parser.add_argument("--metrics-port", type=_port_number, default=0,
                         help="serve Prometheus metrics over HTTP on this port of --host; 0 = off")
@@ -153,7 +163,8 @@ def _port_number(text: str) -> int:
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
     return ServerOptions(
         host=args.host, port=args.port, max_message_mb=args.max_message_mb, max_workers=args.workers,
-        grace_s=args.grace, port_file=args.port_file, metrics_port=args.metrics_port,
+        max_concurrent_rpcs=args.max_concurrent_rpcs, grace_s=args.grace, port_file=args.port_file,
+        metrics_port=args.metrics_port,
     )
 
 
