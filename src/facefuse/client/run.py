@@ -200,6 +200,8 @@ def run_stream(items: list[InputItem], out: Path, client: GatewayClient, method:
     bar = tqdm(total=len(todo), unit="img", desc=method, disable=not progress or not todo, file=sys.stderr)
     stream = _Stream(out, log, method, bar)
     try:
+        if not todo:  # everything is done already: no stream to open
+            return report
         results = client.process(stream.images(todo, masks or {}), method=method, **(options or {}))
         while True:
             try:
