@@ -39,7 +39,7 @@ def _stream_arguments(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> int:
     from facefuse.client.api import GatewayClient
     from facefuse.client.inputs import collect_inputs
-    from facefuse.client.run import GatewayStreamError, run_stream
+    from facefuse.client.run import run_stream
 
     items = collect_inputs(args.inputs, every_n_frames=args.every)
     groups = None
@@ -53,12 +53,10 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> i
         try:
             report = run_stream(items, args.out, client, method, options={"selection": args.selection, **options},
                                 progress=not args.no_progress, masks=masks)
-        except GatewayStreamError as exc:
-            print(f"facefuse: error: {exc}", file=sys.stderr)
-            if exc.refused_input:
-                return EXIT_USAGE
-            print(f"facefuse: finished outputs are kept in {args.out}; rerun the same command to resume", file=sys.stderr)
-            return EXIT_GATEWAY
+        except BackendUnavailableError:
+            print(f"facefuse: finished outputs are kept in {display(str(args.out))}; rerun the same command to resume",
+                  file=sys.stderr)
+            raise
     print(f"{report.processed} image(s) processed, {report.skipped} already done, {report.faces} face(s) written "
           f"to {display(str(args.out))} in {report.seconds:.1f} s; statuses {report.statuses or '{}'}")
     if report.unknown_results:

@@ -22,7 +22,7 @@ from facefuse.client.api import GatewayClient, ImageInput
 from facefuse.client.inputs import InputItem, read_bytes, read_rgb
 from facefuse.client.outputs import ResultsLog, code_name, status_entry, summarize, write_face
 from facefuse.client.validate import InvalidResponseError, check_face, check_numbers, text
-from facefuse.errors import FacefuseError, InvalidInputError
+from facefuse.errors import BackendUnavailableError, FacefuseError, InvalidInputError
 
 # Statuses the client itself gives (next to the gateway's gRPC code names):
 INVALID_RESPONSE = "INVALID_RESPONSE"  # the gateway's result broke the protocol; nothing of it was written
@@ -30,14 +30,6 @@ NO_RESULT = "NO_RESULT"  # the stream ended without (all of) this image's result
 WRITE_FAILED = "WRITE_FAILED"  # the result was fine but its files could not be written here
 MAX_VIOLATIONS = 1000  # protocol violations tolerated in one stream before the client hangs up
 SHOWN_VIOLATIONS = 5  # unknown-id warnings printed before they are only counted
-
-
-class GatewayStreamError(FacefuseError):
-    """The gateway refused or cut the whole stream (down, busy, deadline, or our options refused)."""
-
-    def __init__(self, message: str, *, refused_input: bool = False) -> None:
-        super().__init__(message)
-        self.refused_input = refused_input
 
 
 @dataclass
@@ -162,7 +154,7 @@ class _Stream:
     def _violation(self) -> None:
         self.violations += 1
         if self.violations > MAX_VIOLATIONS:
-            raise GatewayStreamError(f"the gateway sent more than {MAX_VIOLATIONS} unusable results; hanging up")
+            raise BackendUnavailableError(f"the gateway sent more than {MAX_VIOLATIONS} unusable results; hanging up")
 
     def finish(self) -> None:
         """The stream ended normally: every image still missing results gets a line saying so."""
@@ -186,7 +178,8 @@ def run_stream(items: list[InputItem], out: Path, client: GatewayClient, method:
                masks: dict[str, np.ndarray] | None = None) -> RunReport:
     """Send every input not done yet, write what comes back; ``masks`` is keyed by ``InputItem.key``.
 
-    Raises GatewayStreamError when the gateway refuses or cuts the whole stream (finished outputs stay).
+    Raises InvalidInputError when the gateway refuses the stream's options, BackendUnavailableError when it
+    cannot be reached or cuts the stream; finished outputs and their lines stay either way.
     """
     from tqdm import tqdm
 
@@ -208,8 +201,10 @@ def run_stream(items: list[InputItem], out: Path, client: GatewayClient, method:
                 result = next(results)
             except StopIteration:
                 break
-            except FacefuseError as exc:  # raised by the gRPC call itself, not by one image
-                raise GatewayStreamError(str(exc), refused_input=isinstance(exc, InvalidInputError)) from None
+            except InvalidInputError:  # the gateway refused the stream's options: bad usage
+                raise
+            except FacefuseError as exc:  # the call itself failed (down, busy, deadline): not one image
+                raise BackendUnavailableError(f"the stream ended early: {exc}") from None
             stream.handle(result)
         stream.finish()
     finally:
