@@ -48,7 +48,12 @@ class _Servicer(gateway_pb2_grpc.GatewayServicer):
 
     def Process(self, request_iterator: Iterator[gateway_pb2.ImageChunk],
                 context: grpc.ServicerContext) -> Iterator[gateway_pb2.FaceResult]:
-        ids = [chunk.image_id for chunk in request_iterator if chunk.last]
+        ids = []
+        for chunk in request_iterator:
+            if chunk.last:
+                ids.append(chunk.image_id)
+                if len(ids) == self.owner.read_only:
+                    break
         self.owner.received.append(ids)
         if self.owner.abort is not None:
             code, message, after = self.owner.abort
@@ -63,8 +68,10 @@ class _Servicer(gateway_pb2_grpc.GatewayServicer):
 class GatewayDouble:
     """``with GatewayDouble(script) as gateway:`` serves facefuse.v1.Gateway at ``gateway.address``."""
 
-    def __init__(self, script: Script, *, abort: tuple[grpc.StatusCode, str, int] | None = None) -> None:
+    def __init__(self, script: Script, *, abort: tuple[grpc.StatusCode, str, int] | None = None,
+                 read_only: int | None = None) -> None:
         self.script = script
+        self.read_only = read_only  # stop reading the request stream after this many images
         self.abort = abort  # (code, message, results sent first): end the stream with that status
         self.received: list[list[str]] = []  # ids per stream, as the client sent them
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))

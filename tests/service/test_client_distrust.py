@@ -271,6 +271,10 @@ def test_exit_codes_tell_failures_a_dead_gateway_and_bad_usage_apart(workdir: Pa
 
     with GatewayDouble(one_failure) as gateway:
         assert _run(gateway, ["in"], out) == EXIT_FAILED
+    # The gateway reads one image, answers it and ends the stream "OK": the others are not silently lost.
+    with GatewayDouble(honest(), read_only=1) as gateway:
+        assert _run(gateway, ["in"], workdir / "out1") == EXIT_FAILED
+    assert sorted(line["status"] for line in _results(workdir / "out1")) == ["NO_RESULT"] * 3 + ["OK"]
     # The gateway refuses our options for the whole stream: bad usage, like an unknown path.
     with GatewayDouble(honest(), abort=(grpc.StatusCode.INVALID_ARGUMENT, "unknown strategy 'x'", 0)) as gateway:
         assert _run(gateway, ["in"], workdir / "out2") == EXIT_USAGE

@@ -156,9 +156,10 @@ class _Stream:
         if self.violations > MAX_VIOLATIONS:
             raise BackendUnavailableError(f"the gateway sent more than {MAX_VIOLATIONS} unusable results; hanging up")
 
-    def finish(self) -> None:
-        """The stream ended normally: every image still missing results gets a line saying so."""
-        for image in self.sent.values():
+    def finish(self, todo: list[InputItem]) -> None:
+        """The stream ended normally: every input still missing results gets a line saying so."""
+        sent = list(self.sent.values())  # the request thread may still be adding: work on a snapshot
+        for image in sent:
             if image.closed:
                 continue
             if image.num_faces is None:
@@ -171,6 +172,11 @@ class _Stream:
                 self.record(status_entry(image.item, self.method, NO_RESULT,
                                          f"the gateway ended the stream without face {index} of {image.num_faces}",
                                          face_index=index, num_faces=image.num_faces), image)
+        answered = {image.item.key for image in sent} | {entry["key"] for entry in list(self.entries)}
+        for item in todo:
+            if item.key not in answered:
+                self.record(status_entry(item, self.method, NO_RESULT,
+                                         "the gateway ended the stream before it read this image"))
 
 
 def run_stream(items: list[InputItem], out: Path, client: GatewayClient, method: str, *,
@@ -206,7 +212,7 @@ def run_stream(items: list[InputItem], out: Path, client: GatewayClient, method:
             except FacefuseError as exc:  # the call itself failed (down, busy, deadline): not one image
                 raise BackendUnavailableError(f"the stream ended early: {exc}") from None
             stream.handle(result)
-        stream.finish()
+        stream.finish(todo)
     finally:
         bar.close()
         log.compact()
