@@ -21,7 +21,7 @@ import numpy as np
 from facefuse.client.api import GatewayClient, ImageInput
 from facefuse.client.inputs import InputItem, read_bytes, read_rgb
 from facefuse.client.outputs import ResultsLog, code_name, status_entry, summarize, write_face
-from facefuse.client.validate import InvalidResponseError, check_face, check_numbers, text
+from facefuse.client.validate import MAX_MESSAGE, InvalidResponseError, check_face, check_numbers, text
 from facefuse.errors import BackendUnavailableError, FacefuseError, InvalidInputError
 
 # Statuses the client itself gives (next to the gateway's gRPC code names):
@@ -120,7 +120,7 @@ class _Stream:
                 new_face = True
             status = code_name(result.status.code)
             if status != "OK":
-                entry = status_entry(item, self.method, status, text(result.status.message, 2000),
+                entry = status_entry(item, self.method, status, text(result.status.message, MAX_MESSAGE),
                                      face_index=index, num_faces=result.num_faces)
             else:
                 entry = self._write(image, check_face(result, self.method))
@@ -129,10 +129,7 @@ class _Stream:
             message = f"the gateway's result was refused: {exc}"
             if not new_face:  # not tied to one face: an image-level line; the image stays open for its real results
                 image.flagged = True
-                with self._lock:
-                    entry = status_entry(item, self.method, INVALID_RESPONSE, message, num_faces=image.num_faces or 0)
-                    self.log.append(entry)
-                    self.entries.append(entry)
+                self.record(status_entry(item, self.method, INVALID_RESPONSE, message, num_faces=image.num_faces or 0))
                 return
             entry = status_entry(item, self.method, INVALID_RESPONSE, message, face_index=result.face_index,
                                  num_faces=result.num_faces)
