@@ -299,3 +299,19 @@ def test_the_exit_codes_are_in_the_help() -> None:
     for code in (EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_GATEWAY):
         assert f"\n  {code} " in run.stdout
     assert "gateway is down" in run.stdout and "bad usage" in run.stdout
+
+
+def test_a_face_whose_files_cannot_be_written_is_a_status_not_an_abort(workdir: Path) -> None:
+    from facefuse.client.names import folder_name
+
+    (workdir / "in").mkdir()
+    for name in ("blocked.png", "fine.png"):
+        (workdir / "in" / name).write_bytes(_png(0))
+    out = workdir / "out"
+    out.mkdir()
+    (out / folder_name("in/blocked.png")).write_bytes(b"a file where the face folder should go")
+    with GatewayDouble(honest()) as gateway:
+        assert _run(gateway, ["in"], out) == EXIT_FAILED
+    lines = {line["image_id"]: line for line in _results(out)}
+    assert lines["in/blocked.png"]["status"] == "WRITE_FAILED" and "could not write" in lines["in/blocked.png"]["message"]
+    assert lines["in/fine.png"]["status"] == "OK"
