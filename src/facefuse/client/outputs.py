@@ -39,33 +39,34 @@ def code_name(code: int) -> str:
 LEGACY = "legacy:"  # lines of runs before folder keys: matched by image id
 
 
-def _line_key(entry: dict[str, Any]) -> tuple[str, int]:
-    return (entry.get("key") or LEGACY + str(entry["image_id"]), int(entry["face_index"]))
+def _input_key(entry: dict[str, Any]) -> str:
+    return entry.get("key") or LEGACY + str(entry["image_id"])
 
 
 @dataclass
 class ResultsLog:
-    """``results.jsonl``: one line per face (or per failed input), keyed by the input's folder key."""
+    """``results.jsonl``: one line per face (or per failed input), grouped by the input's folder key."""
 
     directory: Path
-    lines: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    lines: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # input key -> face index -> line
     shared_legacy_dirs: set[str] = field(default_factory=set)
 
     @classmethod
-    def open(cls, directory: Path) -> "ResultsLog":
+    def open(cls, directory: Path) -> ResultsLog:
         log = cls(directory)
         path = directory / RESULTS
         if path.is_file():
             for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     entry = json.loads(raw)
-                    log.lines[_line_key(entry)] = entry
+                    log.lines.setdefault(_input_key(entry), {})[int(entry["face_index"])] = entry
                 except (ValueError, KeyError, TypeError, AttributeError):
                     continue  # a torn last line from an interrupted run
         owners: dict[str, set[str]] = {}
-        for (key, _), entry in log.lines.items():
-            if key.startswith(LEGACY) and isinstance(entry.get("dir"), str):
-                owners.setdefault(entry["dir"].split("/")[0], set()).add(key)
+        for key, faces in log.lines.items():
+            for entry in faces.values():
+                if key.startswith(LEGACY) and isinstance(entry.get("dir"), str):
+                    owners.setdefault(entry["dir"].split("/")[0], set()).add(key)
         # Older runs named folders after the id with characters replaced: where two ids shared a folder,
         # one overwrote the other, so neither counts as done.
         log.shared_legacy_dirs = {folder for folder, keys in owners.items() if len(keys) > 1}
@@ -73,10 +74,10 @@ class ResultsLog:
 
     def entries(self, item: InputItem, method: str) -> list[dict[str, Any]]:
         """This input's lines for ``method``: its own, else those an older run wrote under its id."""
-        own = [e for (k, _), e in self.lines.items() if k == item.key and e.get("method") == method]
+        own = [e for e in self.lines.get(item.key, {}).values() if e.get("method") == method]
         if own:
             return own
-        legacy = [e for (k, _), e in self.lines.items() if k == LEGACY + item.name and e.get("method") == method]
+        legacy = [e for e in self.lines.get(LEGACY + item.name, {}).values() if e.get("method") == method]
         if any(str(e.get("dir", "")).split("/")[0] in self.shared_legacy_dirs for e in legacy):
             return []
         return legacy
@@ -95,11 +96,13 @@ class ResultsLog:
 
     def forget(self, item: InputItem, method: str) -> None:
         """Drop an input's lines for ``method`` before it is processed again."""
-        for line in [k for k, e in self.lines.items() if k[0] in (item.key, LEGACY + item.name) and e.get("method") == method]:
-            del self.lines[line]
+        for key in (item.key, LEGACY + item.name):
+            faces = self.lines.get(key, {})
+            for index in [i for i, e in faces.items() if e.get("method") == method]:
+                del faces[index]
 
     def append(self, entry: dict[str, Any]) -> None:
-        self.lines[_line_key(entry)] = entry
+        self.lines.setdefault(_input_key(entry), {})[int(entry["face_index"])] = entry
         self.directory.mkdir(parents=True, exist_ok=True)
         with open(self.directory / RESULTS, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
@@ -107,7 +110,8 @@ class ResultsLog:
             os.fsync(handle.fileno())
 
     def compact(self) -> None:
-        text = "".join(json.dumps(e, sort_keys=True) + "\n" for _, e in sorted(self.lines.items()))
+        text = "".join(json.dumps(faces[index], sort_keys=True) + "\n"
+                       for _, faces in sorted(self.lines.items()) for index in sorted(faces))
         write_text_atomic(self.directory / RESULTS, text)
 
 
