@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 import numpy as np
@@ -36,20 +37,25 @@ class ImageInput:
         return cls(image_id or str(path), path.read_bytes())
 
 
-def process_options(method: str = "detect", **fields: object) -> gateway_pb2.ProcessOptions:
+def process_options(method: str = "detect", **fields: Any) -> gateway_pb2.ProcessOptions:
     """ProcessOptions from keyword arguments; unknown names fail loudly, None means default."""
-    options = gateway_pb2.ProcessOptions(method=method)
-    for name, value in fields.items():
-        if value is None:
-            continue
-        if name == "strategy_options":
-            options.strategy_options.update({k: float(v) for k, v in value.items()})  # type: ignore[union-attr]
-        elif name == "boxes":
-            options.boxes.extend(common_pb2.Box(x1=b[0], y1=b[1], x2=b[2], y2=b[3]) for b in value)  # type: ignore[union-attr]
-        elif isinstance(value, (list, tuple)):
-            getattr(options, name).extend(value)
-        else:
-            setattr(options, name, value)
+    try:
+        options = gateway_pb2.ProcessOptions(method=method)
+        for name, value in fields.items():
+            if value is None:
+                continue
+            if name == "strategy_options":
+                options.strategy_options.update({k: float(v) for k, v in value.items()})
+            elif name == "boxes":
+                options.boxes.extend(common_pb2.Box(x1=b[0], y1=b[1], x2=b[2], y2=b[3]) for b in value)
+            elif isinstance(value, (list, tuple)):
+                getattr(options, name).extend(value)
+            else:
+                setattr(options, name, value)
+    except (TypeError, ValueError) as exc:  # e.g. a string with undecodable bytes, a number out of range
+        from facefuse.errors import InvalidInputError
+
+        raise InvalidInputError(f"options cannot be sent: {exc}") from None
     return options
 
 

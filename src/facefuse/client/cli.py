@@ -1,7 +1,7 @@
 """The ``facefuse`` command: thin over the client, the local mesh runner and the asset tools.
 
 Errors meant for the user end the command with a one-line message and a non-zero exit code
-(2: bad input or setup, 1: some images failed, 130: interrupted; rerun to resume).
+(see EXIT_CODES; rerun to resume).
 """
 
 from __future__ import annotations
@@ -12,10 +12,20 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from facefuse.client.names import display
 from facefuse.client.options import parse_option
-from facefuse.errors import FacefuseError
+from facefuse.errors import BackendUnavailableError, FacefuseError
 
 DEFAULT_GATEWAY = os.environ.get("FACEFUSE_GATEWAY", "127.0.0.1:50050")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_GATEWAY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK}    every input done (OK, or no face found)
+  {EXIT_FAILED}    the run finished but some images or faces failed (their lines in OUT/results.jsonl say why)
+  {EXIT_USAGE}    bad usage: wrong arguments, missing input paths, options the gateway refused
+  {EXIT_GATEWAY}    the gateway is down, unreachable or busy, or the stream was cut or ran past --timeout
+       (finished outputs are kept)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+a rerun of the same command resumes: finished inputs are skipped"""
 
 
 def _stream_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,10 +52,17 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> i
     with GatewayClient(args.gateway, timeout_s=args.timeout) as client:
         client.wait_ready()
         masks = read_masks(items, args.masks) if getattr(args, "masks", None) else None
-        report = run_stream(items, args.out, client, method, options={"selection": args.selection, **options},
-                            progress=not args.no_progress, masks=masks)
+        try:
+            report = run_stream(items, args.out, client, method, options={"selection": args.selection, **options},
+                                progress=not args.no_progress, masks=masks)
+        except BackendUnavailableError:
+            print(f"facefuse: finished outputs are kept in {display(str(args.out))}; rerun the same command to resume",
+                  file=sys.stderr)
+            raise
     print(f"{report.processed} image(s) processed, {report.skipped} already done, {report.faces} face(s) written "
-          f"to {args.out} in {report.seconds:.1f} s; statuses {report.statuses or '{}'}")
+          f"to {display(str(args.out))} in {report.seconds:.1f} s; statuses {report.statuses or '{}'}")
+    if report.unknown_results:
+        print(f"facefuse: the gateway sent {report.unknown_results} result(s) for images never sent; ignored", file=sys.stderr)
     if groups is not None:
         from facefuse.client.identity import write_identities
 
@@ -53,12 +70,12 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> i
             print(f"identity {entry['identity']}: {entry['status']}, {entry.get('used', 0)}/{entry['images']} image(s) fused")
     if report.failed:
         print(f"facefuse: {report.failed} image(s)/face(s) failed; see {args.out / 'results.jsonl'}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def read_masks(items: list, folder: Path) -> dict:
-    """image id -> (H,W) uint8 mask for the inputs that have DIR/<stem>.png (255 = occluded)."""
+    """input key -> (H,W) uint8 mask for the inputs that have DIR/<stem>.png (255 = occluded)."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
@@ -73,9 +90,9 @@ def read_masks(items: list, folder: Path) -> dict:
             continue
         try:
             with Image.open(path) as image:
-                masks[item.image_id] = np.where(np.asarray(image.convert("L")) > 127, 255, 0).astype(np.uint8)
+                masks[item.key] = np.where(np.asarray(image.convert("L")) > 127, 255, 0).astype(np.uint8)
         except (OSError, UnidentifiedImageError) as exc:
-            raise InvalidInputError(f"{path}: not a readable mask image ({exc})") from None
+            raise InvalidInputError(f"{display(str(path))}: not a readable mask image ({exc})") from None
     return masks
 
 
@@ -164,11 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facefuse", description="Metric, occlusion-robust 3D faces (MICA + OFER fused).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    detect = sub.add_parser("detect", help="detect and align faces through the gateway")
+    detect = sub.add_parser("detect", help="detect and align faces through the gateway", epilog=EXIT_CODES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _stream_arguments(detect)
     detect.set_defaults(func=cmd_detect)
 
-    rec = sub.add_parser("reconstruct", help="reconstruct 3D faces through the gateway")
+    rec = sub.add_parser("reconstruct", help="reconstruct 3D faces through the gateway", epilog=EXIT_CODES,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _stream_arguments(rec)
     rec.add_argument("--method", default="fuse", choices=["mica", "ofer", "fuse"], help="which branch (default fuse)")
     rec.add_argument("--strategy", default=None, help="fusion strategy (method fuse); `facefuse strategies` lists them")
@@ -227,12 +246,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except BackendUnavailableError as exc:
+        print(f"facefuse: error: {exc}", file=sys.stderr)
+        return EXIT_GATEWAY
     except FacefuseError as exc:
         print(f"facefuse: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("facefuse: interrupted; finished outputs are kept, rerun the same command to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

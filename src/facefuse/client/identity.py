@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from facefuse.client.inputs import InputItem
+from facefuse.client.names import display, folder_name
 from facefuse.client.outputs import ResultsLog
 from facefuse.errors import InvalidInputError
 from facefuse.fusion.identity import fuse_identity, image_weight
@@ -18,22 +19,22 @@ from facefuse.io.meshes import heat_colors, read_mesh, write_obj, write_ply
 FOLDERS = "folders"
 
 
-def group_items(items: list[InputItem], spec: str) -> dict[str, list[str]]:
-    """identity -> image ids: by parent folder name (``folders``) or from a CSV of ``image,identity`` rows."""
+def group_items(items: list[InputItem], spec: str) -> dict[str, list[InputItem]]:
+    """identity -> inputs: by parent folder name (``folders``) or from a CSV of ``image,identity`` rows."""
     if spec == FOLDERS:
-        groups: dict[str, list[str]] = {}
+        groups: dict[str, list[InputItem]] = {}
         for item in items:
-            groups.setdefault(item.path.parent.name or "root", []).append(item.image_id)
+            groups.setdefault(display(item.path.parent.name) or "root", []).append(item)
         return groups
     path = Path(spec)
     if not path.is_file():
         raise InvalidInputError(f"--identity-group {spec}: expected 'folders' or a CSV file of image,identity rows")
-    by_path = {str(item.path.resolve()): item.image_id for item in items}
-    by_name: dict[str, list[str]] = {}
+    by_path = {str(item.path.resolve()): item for item in items}
+    by_name: dict[str, list[InputItem]] = {}
     for item in items:
-        by_name.setdefault(item.path.name, []).append(item.image_id)
+        by_name.setdefault(item.path.name, []).append(item)
     groups = {}
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
         for row_number, row in enumerate(csv.reader(handle), start=1):
             if not row or row[0].startswith("#") or row[0].strip().lower() == "image":
                 continue
@@ -48,19 +49,19 @@ def group_items(items: list[InputItem], spec: str) -> dict[str, list[str]]:
     return groups
 
 
-def write_identities(out: Path, groups: dict[str, list[str]], method: str) -> list[dict[str, Any]]:
-    """Fuse every group's OK faces (the first face of each image) and write OUT/identities/<name>/..."""
+def write_identities(out: Path, groups: dict[str, list[InputItem]], method: str) -> list[dict[str, Any]]:
+    """Fuse every group's OK faces (the first face of each image) and write OUT/identities/<folder>/..."""
     log = ResultsLog.open(out)
     summary = []
-    for name, image_ids in sorted(groups.items()):
-        members = [log.lines.get((image_id, 0)) for image_id in image_ids]
-        members = [m for m in members if m and m.get("status") == "OK" and m.get("method") == method]
-        target = out / "identities" / _safe(name)
+    for name, group in sorted(groups.items()):
+        firsts = [next((e for e in log.entries(item, method) if e.get("face_index") == 0), None) for item in group]
+        members = [m for m in firsts if m is not None and m.get("status") == "OK" and _inside(out, m.get("dir"))]
+        target = out / "identities" / folder_name(name)
         if not members:
-            summary.append({"identity": name, "status": "NO_FACES", "images": len(image_ids)})
+            summary.append({"identity": name, "status": "NO_FACES", "images": len(group)})
             continue
         vertices, shapes, spreads, kpts, weights = [], [], [], [], []
-        faces = None
+        faces = np.zeros((0, 3), np.int64)
         for m in members:
             face_dir = out / m["dir"]
             v, f = read_mesh(face_dir / "mesh.ply")
@@ -81,7 +82,7 @@ def write_identities(out: Path, groups: dict[str, list[str]], method: str) -> li
             write_npy_atomic(target / "shape.npy", result.shape)
         if result.kpt7_mm is not None:
             write_npy_atomic(target / "kpt7.npy", result.kpt7_mm)
-        entry = {"identity": name, "status": "OK", "images": len(image_ids), "used": len(members),
+        entry = {"identity": name, "status": "OK", "images": len(group), "used": len(members),
                  "members": [{"image_id": m["image_id"], "weight": round(float(w), 4)} for m, w in zip(members, result.weights)],
                  "dir": str(target.relative_to(out)), "spread_mm_mean": round(float(result.vertex_spread_mm.mean()), 4)}
         write_json_atomic(target / "identity.json", entry)
@@ -92,5 +93,8 @@ def write_identities(out: Path, groups: dict[str, list[str]], method: str) -> li
     return summary
 
 
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "unnamed"
+def _inside(out: Path, relative: object) -> bool:
+    """A face folder named in results.jsonl that really lies under ``out`` (the log is a file anyone can edit)."""
+    if not isinstance(relative, str):
+        return False
+    return (out / relative).resolve().is_relative_to(out.resolve())

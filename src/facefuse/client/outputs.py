@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,12 +17,13 @@ from typing import Any
 import grpc
 import numpy as np
 
-from facefuse import wire
+from facefuse.client.inputs import InputItem
+from facefuse.client.names import display
+from facefuse.client.validate import CheckedFace, CheckedReconstruction
 from facefuse.io.atomic import write_bytes_atomic, write_json_atomic, write_npy_atomic, write_npz_atomic, write_text_atomic
 from facefuse.io.gltf import write_glb
 from facefuse.io.meshes import heat_colors, write_obj, write_ply
 from facefuse.render import render_preview
-from facefuse.v1 import gateway_pb2
 
 RESULTS = "results.jsonl"
 DONE_CODES = {"OK", "NOT_FOUND"}
@@ -35,29 +36,57 @@ def code_name(code: int) -> str:
     return str(code)
 
 
+LEGACY = "legacy:"  # lines of runs before folder keys: matched by image id
+
+
+def _input_key(entry: dict[str, Any]) -> str:
+    return entry.get("key") or LEGACY + str(entry["image_id"])
+
+
 @dataclass
 class ResultsLog:
+    """``results.jsonl``: one line per face (or per failed input), grouped by the input's folder key."""
+
     directory: Path
-    lines: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    lines: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # input key -> face index -> line
+    shared_legacy_dirs: set[str] = field(default_factory=set)
 
     @classmethod
-    def open(cls, directory: Path) -> "ResultsLog":
+    def open(cls, directory: Path) -> ResultsLog:
         log = cls(directory)
         path = directory / RESULTS
         if path.is_file():
-            for raw in path.read_text().splitlines():
+            for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     entry = json.loads(raw)
-                    log.lines[(entry["image_id"], int(entry["face_index"]))] = entry
-                except (ValueError, KeyError, TypeError):
+                    log.lines.setdefault(_input_key(entry), {})[int(entry["face_index"])] = entry
+                except (ValueError, KeyError, TypeError, AttributeError):
                     continue  # a torn last line from an interrupted run
+        owners: dict[str, set[str]] = {}
+        for key, faces in log.lines.items():
+            for entry in faces.values():
+                if key.startswith(LEGACY) and isinstance(entry.get("dir"), str):
+                    owners.setdefault(entry["dir"].split("/")[0], set()).add(key)
+        # Older runs named folders after the id with characters replaced: where two ids shared a folder,
+        # one overwrote the other, so neither counts as done.
+        log.shared_legacy_dirs = {folder for folder, keys in owners.items() if len(keys) > 1}
         return log
 
-    def is_done(self, image_id: str, method: str) -> bool:
-        entries = [e for (i, _), e in self.lines.items() if i == image_id and e.get("method") == method]
+    def entries(self, item: InputItem, method: str) -> list[dict[str, Any]]:
+        """This input's lines for ``method``: its own, else those an older run wrote under its id."""
+        own = [e for e in self.lines.get(item.key, {}).values() if e.get("method") == method]
+        if own:
+            return own
+        legacy = [e for e in self.lines.get(LEGACY + item.name, {}).values() if e.get("method") == method]
+        if any(str(e.get("dir", "")).split("/")[0] in self.shared_legacy_dirs for e in legacy):
+            return []
+        return legacy
+
+    def is_done(self, item: InputItem, method: str) -> bool:
+        entries = self.entries(item, method)
         if not entries:
             return False
-        if any(e["status"] not in DONE_CODES for e in entries):
+        if any(e.get("status") not in DONE_CODES for e in entries):
             return False
         if any(e["face_index"] == -1 for e in entries):
             return True
@@ -65,8 +94,15 @@ class ResultsLog:
         indices = {e["face_index"] for e in entries}
         return indices == set(range(expected)) and all(_files_exist(self.directory, e) for e in entries)
 
+    def forget(self, item: InputItem, method: str) -> None:
+        """Drop an input's lines for ``method`` before it is processed again."""
+        for key in (item.key, LEGACY + item.name):
+            faces = self.lines.get(key, {})
+            for index in [i for i, e in faces.items() if e.get("method") == method]:
+                del faces[index]
+
     def append(self, entry: dict[str, Any]) -> None:
-        self.lines[(entry["image_id"], int(entry["face_index"]))] = entry
+        self.lines.setdefault(_input_key(entry), {})[int(entry["face_index"])] = entry
         self.directory.mkdir(parents=True, exist_ok=True)
         with open(self.directory / RESULTS, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
@@ -74,12 +110,20 @@ class ResultsLog:
             os.fsync(handle.fileno())
 
     def compact(self) -> None:
-        text = "".join(json.dumps(e, sort_keys=True) + "\n" for _, e in sorted(self.lines.items()))
+        text = "".join(json.dumps(faces[index], sort_keys=True) + "\n"
+                       for _, faces in sorted(self.lines.items()) for index in sorted(faces))
         write_text_atomic(self.directory / RESULTS, text)
 
 
 def _files_exist(directory: Path, entry: dict[str, Any]) -> bool:
-    return all((directory / f).is_file() for f in entry.get("files", []))
+    return all(isinstance(f, str) and (directory / f).is_file() for f in entry.get("files", []))
+
+
+def status_entry(item: InputItem, method: str, status: str, message: str, *, face_index: int = -1,
+                 num_faces: int = 0) -> dict[str, Any]:
+    """A results.jsonl line; names come from the client's own input, never from the gateway."""
+    return {"key": item.key, "image_id": item.name, "input": display(str(item.path)), "face_index": face_index,
+            "num_faces": num_faces, "status": status, "message": message, "method": method, "files": []}
 
 
 def _png(path: Path, rgb: np.ndarray) -> Path:
@@ -139,41 +183,38 @@ def visibility_overlay(image: np.ndarray, box: np.ndarray, landmarks: np.ndarray
     return canvas
 
 
-def write_face(out: Path, key: str, result: gateway_pb2.FaceResult, image: np.ndarray | None,
-               *, method: str) -> dict[str, Any]:
-    """Write one face's files; returns its results.jsonl entry (files relative to ``out``)."""
-    face_dir = Path(key) / f"face_{result.face_index:02d}"
+def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None) -> dict[str, Any]:
+    """Write one checked face's files under OUT/<key>/face_NN; returns its results.jsonl fields.
+
+    ``key`` is the input's own folder name (``InputItem.key``) and the face index was range-checked,
+    so every path stays inside ``out``.
+    """
+    face_dir = Path(key) / f"face_{face.face_index:02d}"
     target = out / face_dir
     files: list[str] = []
 
     def keep(path: Path) -> None:
         files.append(str(path.relative_to(out)))
 
-    face = result.face
-    box = np.array([face.box.x1, face.box.y1, face.box.x2, face.box.y2], np.float32)
-    kps5 = wire.to_numpy(face.kps5) if wire.has(face, "kps5") else np.zeros((5, 2), np.float32)
-    landmarks = wire.to_numpy(face.landmarks) if wire.has(face, "landmarks") else None
-    if wire.has(face, "crop112"):
-        keep(_png(target / "crop112.png", wire.to_numpy(face.crop112)))
-    if wire.has(face, "crop224"):
-        keep(_png(target / "crop224.png", wire.to_numpy(face.crop224)))
-    keep(write_npy_atomic(target / "kps5.npy", kps5))
-    if landmarks is not None:
-        keep(write_npy_atomic(target / "landmarks.npy", landmarks))
+    if face.crop112 is not None:
+        keep(_png(target / "crop112.png", face.crop112))
+    if face.crop224 is not None:
+        keep(_png(target / "crop224.png", face.crop224))
+    keep(write_npy_atomic(target / "kps5.npy", face.kps5))
+    if face.landmarks is not None:
+        keep(write_npy_atomic(target / "landmarks.npy", face.landmarks))
     if image is not None:
-        keep(_png(target / "overlay.png", overlay(image, box, kps5, landmarks)))
-    entry: dict[str, Any] = {
-        "box": [round(float(v), 2) for v in box], "score": round(float(face.score or face.box.score), 4),
-        "detector": face.detector,
-    }
-    if result.HasField("reconstruction"):
-        colors = _landmark_colors(image, landmarks)
-        entry.update(write_reconstruction(out, target, result.reconstruction, keep, colors))
-        rec = result.reconstruction
-        if rec.HasField("visibility") and image is not None and landmarks is not None and len(landmarks) >= 468:
-            keep(_png(target / "visibility_overlay.png", visibility_overlay(image, box, landmarks, dict(rec.visibility.regions))))
-        for branch in result.branches:
-            write_reconstruction(out, target / f"branch_{branch.name}", branch.reconstruction, keep, colors)
+        keep(_png(target / "overlay.png", overlay(image, face.box, face.kps5, face.landmarks)))
+    entry: dict[str, Any] = {"box": [round(float(v), 2) for v in face.box], "score": round(face.score, 4),
+                             "detector": face.detector}
+    rec = face.reconstruction
+    if rec is not None:
+        colors = _landmark_colors(image, face.landmarks)
+        entry.update(write_reconstruction(target, rec, keep, colors))
+        if rec.visibility is not None and image is not None and face.landmarks is not None and len(face.landmarks) >= 468:
+            keep(_png(target / "visibility_overlay.png", visibility_overlay(image, face.box, face.landmarks, rec.visibility)))
+        for name, branch in face.branches:
+            write_reconstruction(target / f"branch_{name}", branch, keep, colors)
     entry["files"] = files
     entry["dir"] = str(face_dir)
     return entry
@@ -188,65 +229,54 @@ def _landmark_colors(image: np.ndarray | None, landmarks: np.ndarray | None) -> 
     return image[np.clip(xy[:, 1], 0, h - 1), np.clip(xy[:, 0], 0, w - 1)].astype(np.uint8)
 
 
-def write_reconstruction(out: Path, target: Path, rec: gateway_pb2.Reconstruction, keep: Any,
+def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callable[[Path], None],
                          photo_colors: np.ndarray | None = None) -> dict[str, Any]:
     info: dict[str, Any] = {"strategy": rec.strategy or rec.method}
     if rec.method != "mica":  # MICA alone has no confidence measure; fused and sampled results do
-        info["confidence"] = round(float(rec.confidence), 4)
+        info["confidence"] = round(rec.confidence, 4)
     if rec.fallback:
         info["fallback"] = rec.fallback
-    if rec.HasField("visibility"):
-        visibility = {k: round(float(v), 3) for k, v in sorted(rec.visibility.regions.items())}
-        keep(write_json_atomic(target / "visibility.json", {"regions": visibility, "sources": list(rec.visibility.sources)}))
+    if rec.visibility is not None:
+        visibility = {k: round(v, 3) for k, v in sorted(rec.visibility.items())}
+        keep(write_json_atomic(target / "visibility.json", {"regions": visibility, "sources": rec.visibility_sources}))
         info["visibility"] = visibility
     params: dict[str, np.ndarray] = {}
-    if wire.has(rec, "mesh"):
-        vertices = wire.to_numpy(rec.mesh.vertices)
-        faces = wire.to_numpy(rec.mesh.faces)
-        colors = photo_colors if rec.mesh.topology == "mediapipe468" and photo_colors is not None \
+    vertices, faces = rec.vertices, rec.faces
+    if vertices is not None and faces is not None:
+        colors = photo_colors if rec.topology == "mediapipe468" and photo_colors is not None \
             and len(photo_colors) == len(vertices) else None
-        uvs = wire.to_numpy(rec.mesh.uvs) if wire.has(rec.mesh, "uvs") else None
         keep(write_obj(target / "mesh.obj", vertices, faces))
         keep(write_ply(target / "mesh.ply", vertices, faces, colors))
-        keep(write_glb(target / "mesh.glb", vertices, faces, colors=colors, uvs=uvs))
+        keep(write_glb(target / "mesh.glb", vertices, faces, colors=colors, uvs=rec.uvs))
         keep(_png(target / "preview.png", render_preview(vertices, faces, colors=colors)))
-        info["topology"] = rec.mesh.topology
+        info["topology"] = rec.topology
         info["units"] = "mm"
-        if wire.has(rec, "vertex_spread"):
-            spread = wire.to_numpy(rec.vertex_spread)
-            keep(write_npy_atomic(target / "uncertainty.npy", spread))
-            keep(write_ply(target / "mesh_uncertainty.ply", vertices, faces, heat_colors(spread)))
-            info["spread_mm_mean"] = round(float(np.mean(spread)), 4) if spread.size else 0.0
-    flame = rec.mesh.topology == "flame2020" or not wire.has(rec, "mesh")
-    if wire.has(rec, "shape"):
-        shape = wire.to_numpy(rec.shape)
-        keep(write_npy_atomic(target / "shape.npy", shape))
-        params["shape"] = shape
+        if rec.vertex_spread is not None:
+            keep(write_npy_atomic(target / "uncertainty.npy", rec.vertex_spread))
+            keep(write_ply(target / "mesh_uncertainty.ply", vertices, faces, heat_colors(rec.vertex_spread)))
+            info["spread_mm_mean"] = round(float(np.mean(rec.vertex_spread)), 4) if rec.vertex_spread.size else 0.0
+    flame = rec.topology == "flame2020" or vertices is None
+    if rec.shape is not None:
+        keep(write_npy_atomic(target / "shape.npy", rec.shape))
+        params["shape"] = rec.shape
         if flame:  # the neutral FLAME shape: expression and pose are zero by construction
             params["expression"] = np.zeros(100, np.float32)
             params["pose"] = np.zeros(15, np.float32)
-    for name, field_name in (("kpt7", "kpt7"), ("kpt68", "landmarks68")):
-        if wire.has(rec, field_name):
-            keep(write_npy_atomic(target / f"{name}.npy", wire.to_numpy(getattr(rec, field_name))))
-    if wire.has(rec, "samples"):
-        samples = wire.to_numpy(rec.samples)
-        scores = wire.to_numpy(rec.sample_scores) if wire.has(rec, "sample_scores") else np.zeros(len(samples), np.float32)
-        keep(write_npz_atomic(target / "samples.npz", {"shapes": samples, "scores": scores}))
+    for name, points in (("kpt7", rec.kpt7), ("kpt68", rec.landmarks68)):
+        if points is not None:
+            keep(write_npy_atomic(target / f"{name}.npy", points))
+    if rec.samples is not None:
+        scores = rec.sample_scores if rec.sample_scores is not None else np.zeros(len(rec.samples), np.float32)
+        keep(write_npz_atomic(target / "samples.npz", {"shapes": rec.samples, "scores": scores}))
     if params:
         keep(write_npz_atomic(target / "params.npz", params))
         keep(write_json_atomic(target / "params.json", {
-            "model": "FLAME 2020" if flame else f"{rec.mesh.topology} (open pack)",
+            "model": "FLAME 2020" if flame else f"{rec.topology} (open pack)",
             "units": {"vertices": "mm", "shape": "FLAME coefficients" if flame else "mm displacement from the canonical face, xyz per vertex"},
             "method": rec.method, "strategy": rec.strategy or rec.method,
             **{k: [float(x) for x in v.ravel()] for k, v in params.items()},
         }))
     return info
-
-
-def image_error_entry(result: gateway_pb2.FaceResult, method: str, input_path: str) -> dict[str, Any]:
-    return {"image_id": result.image_id, "input": input_path, "face_index": result.face_index,
-            "num_faces": result.num_faces, "status": code_name(result.status.code), "message": result.status.message,
-            "method": method, "files": []}
 
 
 def summarize(entries: Iterable[dict[str, Any]]) -> dict[str, int]:

@@ -1,8 +1,15 @@
-"""Stream inputs through the gateway and write every face's files, resuming where a run stopped."""
+"""Stream inputs through the gateway and write every face's files, resuming where a run stopped.
+
+The gateway is not trusted: each image is sent under an opaque id the client made (its position in
+this run), results are mapped back through that id only, and each result is checked in full
+(``validate.py``) before anything is written. A result the client cannot use becomes that face's
+(or image's) error line and the run goes on; a result for an id never sent is counted and dropped.
+"""
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,9 +19,17 @@ from typing import Any
 import numpy as np
 
 from facefuse.client.api import GatewayClient, ImageInput
-from facefuse.client.inputs import InputItem, read_bytes
-from facefuse.client.outputs import ResultsLog, code_name, image_error_entry, summarize, write_face
-from facefuse.errors import FacefuseError
+from facefuse.client.inputs import InputItem, read_bytes, read_rgb
+from facefuse.client.outputs import ResultsLog, code_name, status_entry, summarize, write_face
+from facefuse.client.validate import MAX_MESSAGE, InvalidResponseError, check_face, check_numbers, text
+from facefuse.errors import BackendUnavailableError, FacefuseError, InvalidInputError
+
+# Statuses the client itself gives (next to the gateway's gRPC code names):
+INVALID_RESPONSE = "INVALID_RESPONSE"  # the gateway's result broke the protocol; nothing of it was written
+NO_RESULT = "NO_RESULT"  # the stream ended without (all of) this image's results
+WRITE_FAILED = "WRITE_FAILED"  # the result was fine but its files could not be written here
+MAX_VIOLATIONS = 1000  # protocol violations tolerated in one stream before the client hangs up
+SHOWN_VIOLATIONS = 5  # unknown-id warnings printed before they are only counted
 
 
 @dataclass
@@ -24,76 +39,190 @@ class RunReport:
     faces: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    unknown_results: int = 0  # results for image ids this client never sent
 
     @property
     def failed(self) -> int:
-        return sum(n for s, n in self.statuses.items() if s not in ("OK", "NOT_FOUND"))
+        return sum(n for s, n in self.statuses.items() if s not in ("OK", "NOT_FOUND")) + self.unknown_results
 
 
-def run_stream(items: list[InputItem], out: Path, client: GatewayClient, method: str, *,
-               options: dict[str, Any] | None = None, progress: bool = True, masks: dict[str, np.ndarray] | None = None) -> RunReport:
-    out.mkdir(parents=True, exist_ok=True)
-    log = ResultsLog.open(out)
-    todo = [item for item in items if not log.is_done(item.image_id, method)]
-    report = RunReport(skipped=len(items) - len(todo))
-    by_id = {item.image_id: item for item in todo}
-    decoded: dict[str, np.ndarray | None] = {}
-    arrived: dict[str, int] = {}
-    new_entries: list[dict[str, Any]] = []
-    started = time.perf_counter()
+@dataclass
+class _Image:
+    """What has arrived for one sent image."""
 
-    def images() -> Iterator[ImageInput]:
-        for item in todo:
+    item: InputItem
+    num_faces: int | None = None
+    seen: set[int] = field(default_factory=set)
+    closed: bool = False  # all its results are in (or a whole-image status came)
+    flagged: bool = False  # an image-level error line was written for it
+    pixels: np.ndarray | None = None  # decoded once for overlays, dropped when closed
+
+
+class _Stream:
+    """The bookkeeping of one run: sent ids, arrivals, the log; results handled one at a time."""
+
+    def __init__(self, out: Path, log: ResultsLog, method: str, progress: Any) -> None:
+        self.out, self.log, self.method, self.progress = out, log, method, progress
+        self.sent: dict[str, _Image] = {}
+        self.entries: list[dict[str, Any]] = []
+        self.faces = 0
+        self.unknown = 0
+        self.violations = 0
+        self._lock = threading.Lock()  # the request iterator runs on a gRPC thread and records too
+
+    def record(self, entry: dict[str, Any], image: _Image | None = None) -> None:
+        with self._lock:
+            self.log.append(entry)
+            self.entries.append(entry)
+            if image is not None and not image.closed and (entry["face_index"] < 0 or image.num_faces is not None
+                                                            and len(image.seen) >= image.num_faces):
+                image.closed = True
+                image.pixels = None
+                self.progress.update(1)
+
+    def images(self, todo: list[InputItem], masks: dict[str, np.ndarray]) -> Iterator[ImageInput]:
+        for index, item in enumerate(todo):
             try:
                 data = read_bytes(item)
             except (OSError, FacefuseError) as exc:
-                entry = {"image_id": item.image_id, "input": str(item.path), "face_index": -1, "num_faces": 0,
-                         "status": "INVALID_ARGUMENT", "message": str(exc), "method": method, "files": []}
-                log.append(entry)
-                new_entries.append(entry)
-                bar.update(1)
+                message = str(exc) if isinstance(exc, FacefuseError) else f"{item.name}: {exc.strerror or exc}"
+                self.record(status_entry(item, self.method, "INVALID_ARGUMENT", message))
+                self.progress.update(1)
                 continue
-            yield ImageInput(item.image_id, data, (masks or {}).get(item.image_id))
+            wire_id = str(index)
+            self.sent[wire_id] = _Image(item)
+            yield ImageInput(wire_id, data, masks.get(item.key))
 
+    def handle(self, result: Any) -> None:
+        image = self.sent.get(result.image_id)
+        if image is None:
+            self.unknown += 1
+            self._violation()
+            if self.unknown <= SHOWN_VIOLATIONS:
+                print(f"facefuse: warning: the gateway sent a result for an image id this client never sent "
+                      f"({text(repr(result.image_id), 80)}); ignored", file=sys.stderr)
+            return
+        item = image.item
+        new_face = False  # the result claims a face index not seen before: its error line is that face's
+        try:
+            check_numbers(result)
+            if image.closed:
+                raise InvalidResponseError("a result after the image was complete")
+            index = result.face_index
+            if index >= 0:
+                if image.num_faces is None:
+                    image.num_faces = result.num_faces
+                elif result.num_faces != image.num_faces:
+                    raise InvalidResponseError(f"num_faces changed from {image.num_faces} to {result.num_faces}")
+                if index in image.seen:
+                    raise InvalidResponseError(f"face {index} sent twice")
+                image.seen.add(index)
+                new_face = True
+            status = code_name(result.status.code)
+            if status != "OK":
+                entry = status_entry(item, self.method, status, text(result.status.message, MAX_MESSAGE),
+                                     face_index=index, num_faces=result.num_faces)
+            else:
+                entry = self._write(image, check_face(result, self.method))
+        except InvalidResponseError as exc:
+            self._violation()
+            message = f"the gateway's result was refused: {exc}"
+            if not new_face:  # not tied to one face: an image-level line; the image stays open for its real results
+                image.flagged = True
+                self.record(status_entry(item, self.method, INVALID_RESPONSE, message, num_faces=image.num_faces or 0))
+                return
+            entry = status_entry(item, self.method, INVALID_RESPONSE, message, face_index=result.face_index,
+                                 num_faces=result.num_faces)
+        self.record(entry, image)
+
+    def _write(self, image: _Image, face: Any) -> dict[str, Any]:
+        item = image.item
+        if image.pixels is None:
+            image.pixels = _decode_for_overlay(item)
+        base = status_entry(item, self.method, "OK", "", face_index=face.face_index, num_faces=face.num_faces)
+        try:
+            files = write_face(self.out, item.key, face, image.pixels)
+        except Exception as exc:  # noqa: BLE001 - one face's files (disk full, a renderer error) never end the run
+            base.update(status=WRITE_FAILED, message=f"could not write this face's files: {type(exc).__name__}: {exc}")
+            return base
+        self.faces += 1
+        return {**base, "seconds": round(face.seconds, 3), **files}
+
+    def _violation(self) -> None:
+        self.violations += 1
+        if self.violations > MAX_VIOLATIONS:
+            raise BackendUnavailableError(f"the gateway sent more than {MAX_VIOLATIONS} unusable results; hanging up")
+
+    def finish(self, todo: list[InputItem]) -> None:
+        """The stream ended normally: every input still missing results gets a line saying so."""
+        sent = list(self.sent.values())  # the request thread may still be adding: work on a snapshot
+        for image in sent:
+            if image.closed:
+                continue
+            if image.num_faces is None:
+                if not image.flagged:
+                    self.record(status_entry(image.item, self.method, NO_RESULT,
+                                             "the gateway ended the stream without a result for this image"), image)
+                continue
+            for index in sorted(set(range(image.num_faces)) - image.seen):
+                image.seen.add(index)
+                self.record(status_entry(image.item, self.method, NO_RESULT,
+                                         f"the gateway ended the stream without face {index} of {image.num_faces}",
+                                         face_index=index, num_faces=image.num_faces), image)
+        answered = {image.item.key for image in sent} | {entry["key"] for entry in list(self.entries)}
+        for item in todo:
+            if item.key not in answered:
+                self.record(status_entry(item, self.method, NO_RESULT,
+                                         "the gateway ended the stream before it read this image"))
+
+
+def run_stream(items: list[InputItem], out: Path, client: GatewayClient, method: str, *,
+               options: dict[str, Any] | None = None, progress: bool = True,
+               masks: dict[str, np.ndarray] | None = None) -> RunReport:
+    """Send every input not done yet, write what comes back; ``masks`` is keyed by ``InputItem.key``.
+
+    Raises InvalidInputError when the gateway refuses the stream's options, BackendUnavailableError when it
+    cannot be reached or cuts the stream; finished outputs and their lines stay either way.
+    """
     from tqdm import tqdm
 
+    out.mkdir(parents=True, exist_ok=True)
+    log = ResultsLog.open(out)
+    todo = [item for item in items if not log.is_done(item, method)]
+    for item in todo:
+        log.forget(item, method)  # its old lines (failures, partial faces) would outlive this run's
+    report = RunReport(skipped=len(items) - len(todo))
+    started = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", desc=method, disable=not progress or not todo, file=sys.stderr)
+    stream = _Stream(out, log, method, bar)
     try:
-        for result in client.process(images(), method=method, **(options or {})):
-            item = by_id.get(result.image_id)
-            input_path = str(item.path) if item else ""
-            if result.face_index < 0 or code_name(result.status.code) != "OK":
-                entry = image_error_entry(result, method, input_path)
-            else:
-                if result.image_id not in decoded:
-                    decoded[result.image_id] = _decode_for_overlay(item)
-                entry = {"image_id": result.image_id, "input": input_path, "face_index": result.face_index,
-                         "num_faces": result.num_faces, "status": "OK", "message": "", "method": method,
-                         "seconds": round(result.seconds, 3)}
-                entry.update(write_face(out, item.key if item else result.image_id, result, decoded[result.image_id],
-                                        method=method))
-                report.faces += 1
-            log.append(entry)
-            new_entries.append(entry)
-            arrived[result.image_id] = arrived.get(result.image_id, 0) + 1
-            if result.face_index < 0 or arrived[result.image_id] >= max(result.num_faces, 1):
-                bar.update(1)
-                decoded.pop(result.image_id, None)
+        if not todo:  # everything is done already: no stream to open
+            return report
+        results = client.process(stream.images(todo, masks or {}), method=method, **(options or {}))
+        while True:
+            try:
+                result = next(results)
+            except StopIteration:
+                break
+            except InvalidInputError:  # the gateway refused the stream's options: bad usage
+                raise
+            except FacefuseError as exc:  # the call itself failed (down, busy, deadline): not one image
+                raise BackendUnavailableError(f"the stream ended early: {exc}") from None
+            stream.handle(result)
+        stream.finish(todo)
     finally:
         bar.close()
         log.compact()
-    report.processed = len(todo)
-    report.statuses = summarize(new_entries)
-    report.seconds = time.perf_counter() - started
+        report.processed = len(todo)
+        report.faces = stream.faces
+        report.unknown_results = stream.unknown
+        report.statuses = summarize(stream.entries)
+        report.seconds = time.perf_counter() - started
     return report
 
 
-def _decode_for_overlay(item: InputItem | None) -> np.ndarray | None:
-    if item is None:
-        return None
+def _decode_for_overlay(item: InputItem) -> np.ndarray | None:
     try:
-        from facefuse.client.inputs import read_rgb
-
         return read_rgb(item)
     except (OSError, FacefuseError):
         return None
