@@ -30,3 +30,11 @@ class CheckpointError(AssetError):
 
 class BackendUnavailableError(FacefuseError):
     """A downstream service cannot be reached or died mid-call (UNAVAILABLE)."""
+
+
+class BackendFailedError(FacefuseError):
+    """A downstream service answered INTERNAL or UNKNOWN: its bug, not the caller's input (INTERNAL)."""
+
+
+class CallCancelledError(FacefuseError):
+    """A downstream call was cancelled (CANCELLED): neither bad input nor a dead backend."""

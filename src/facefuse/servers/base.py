@@ -28,7 +28,9 @@ from grpc_reflection.v1alpha import reflection
 
 from facefuse.errors import (
     AssetError,
+    BackendFailedError,
     BackendUnavailableError,
+    CallCancelledError,
     FacefuseError,
     InvalidInputError,
     LimitExceededError,
@@ -54,6 +56,8 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(exc, CallCancelledError):
+        return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.INTERNAL
 
 
@@ -70,9 +74,12 @@ def error_from_rpc(exc: grpc.RpcError, backend: str) -> FacefuseError:
         return AssetError(message)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineError(message)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
+    if code == grpc.StatusCode.UNAVAILABLE:
         return BackendUnavailableError(f"{backend} unavailable: {detail}")
-    return FacefuseError(message)
+    if code == grpc.StatusCode.CANCELLED:
+        return CallCancelledError(f"{backend} call cancelled: {detail}")
+    # INTERNAL, UNKNOWN (an exception the backend did not map) and anything else: the backend's bug.
+    return BackendFailedError(f"{backend} failed ({code.name}): {detail}")
 
 
 class DeadlineError(FacefuseError, TimeoutError):
