@@ -20,7 +20,7 @@ from facefuse import wire
 from facefuse.errors import BackendUnavailableError, FacefuseError, InvalidInputError, LimitExceededError
 from facefuse.face.frontend import SELECTIONS, select_faces
 from facefuse.face.types import AlignedFace, Detection
-from facefuse.io.images import decode_image
+from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES, decode_image
 from facefuse.servers.base import LOG, DeadlineError, channel_options, error_from_rpc, log_event, status_code_for
 from facefuse.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc, gateway_pb2, mica_pb2, mica_pb2_grpc, ofer_pb2, ofer_pb2_grpc
 
@@ -145,10 +145,11 @@ class FacePipeline:
     """Per-image work of the gateway, independent of the transport that feeds it."""
 
     def __init__(self, front_end: object, clients: MeshClients, *, max_pixels: int = 40_000_000,
-                 face_workers: int = 4) -> None:
+                 max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES, face_workers: int = 4) -> None:
         self.front_end = front_end
         self.clients = clients
         self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
         self._faces_pool = ThreadPoolExecutor(max_workers=face_workers, thread_name_prefix="face")
         self._hands: object | None = None
         self._branch_pool = ThreadPoolExecutor(max_workers=face_workers, thread_name_prefix="branch")
@@ -164,7 +165,7 @@ class FacePipeline:
         started = time.monotonic()
         try:
             check_options(options)
-            image = decode_image(data, max_pixels=self.max_pixels)
+            image = decode_image(data, max_pixels=self.max_pixels, max_decode_bytes=self.max_decode_bytes)
             check_mask(mask, image.shape)
             faces = self._faces(image, options)
         except FacefuseError as exc:

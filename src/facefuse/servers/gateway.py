@@ -19,12 +19,14 @@ import grpc
 
 from facefuse import wire
 from facefuse.errors import FacefuseError, InvalidInputError, LimitExceededError
+from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES
 from facefuse.pipeline.orchestration import FacePipeline, MeshClients, error_result
 from facefuse.servers.base import caller_time_left, log_event, run_cli, unary_errors
 from facefuse.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 SERVICE_NAME = "facefuse.v1.Gateway"
 DEFAULT_MAX_IMAGE_MB = 50
+MAX_IMAGE_ID_CHARS = 1024  # echoed in every result of the image: a name, not a payload
 _END = object()
 
 
@@ -80,6 +82,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         break
                     if not chunk.image_id:
                         out.put(error_result("", InvalidInputError("ImageChunk.image_id is empty")))
+                        continue
+                    if len(chunk.image_id) > MAX_IMAGE_ID_CHARS:
+                        out.put(error_result(chunk.image_id[:64], InvalidInputError(
+                            f"ImageChunk.image_id has {len(chunk.image_id)} characters; at most {MAX_IMAGE_ID_CHARS}")))
                         continue
                     item = pending.get(chunk.image_id)
                     if item is None:
@@ -144,6 +150,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--assets", help="folder with the official files (SCRFD detector); default $FACEFUSE_ASSETS")
     parser.add_argument("--max-image-mb", type=int, default=DEFAULT_MAX_IMAGE_MB, help="largest encoded image accepted")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest decoded image accepted (pixels)")
+    parser.add_argument("--max-decode-mb", type=int, default=DEFAULT_MAX_DECODE_BYTES >> 20,
+                        help="memory one image's decoding may take, charged from its header (MiB)")
     parser.add_argument("--image-workers", type=int, default=4, help="images processed at once per stream")
     parser.add_argument("--det-thresh", type=float, default=None, help="detector score threshold")
 
@@ -155,7 +163,7 @@ def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequ
 
     front_end = FaceFrontEnd.from_assets(assets_dir(args.assets), ModelStore(), det_thresh=args.det_thresh)
     clients = MeshClients.connect(args.mica, args.ofer, args.fusion, args.max_message_mb)
-    pipeline = FacePipeline(front_end, clients, max_pixels=args.max_pixels)
+    pipeline = FacePipeline(front_end, clients, max_pixels=args.max_pixels, max_decode_bytes=args.max_decode_mb << 20)
     servicer = GatewayServicer(pipeline, max_image_bytes=args.max_image_mb << 20, image_workers=args.image_workers,
                                front_end_name=front_end.name)
     return (lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
