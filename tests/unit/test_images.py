@@ -14,7 +14,12 @@ from PIL import Image, ImageOps
 
 from facefuse.errors import InvalidInputError, LimitExceededError
 from facefuse.io import images
-from facefuse.io.images import apply_exif_orientation, decode_image, iter_video_frames, read_image_file
+from facefuse.io.images import (
+    apply_exif_orientation,
+    decode_image,
+    iter_video_frames,
+    read_image_file,
+)
 
 
 def _smooth_rgb(h: int = 48, w: int = 64) -> np.ndarray:

@@ -49,8 +49,8 @@ from facefuse.errors import InvalidInputError, LimitExceededError
 
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-DEFAULT_MAX_DECODE_BYTES = 512 * 1024 * 1024
-"""Fits every 8-bit image (and 16-bit RGB) at the default pixel limit; one image never takes more."""
+DEFAULT_MAX_DECODE_BYTES = 384 * 1024 * 1024
+"""Fits an 8-bit RGB photo or a 16-bit RGB PNG at the default pixel limit (40 M); refuses a 16-bit RGBA one."""
 _STRIP_PIXELS = 1 << 20
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")  # JPEG also opens MPO (multi-picture) files
 
