@@ -252,3 +252,86 @@ def test_gateway_gives_each_bad_field_its_code_per_image(open_mesh: LocalMesh, a
 
 def _code_name(value: int) -> str:
     return next(code.name for code in grpc.StatusCode if code.value[0] == value)
+
+
+class _AbortingOfer(ofer_pb2_grpc.OferServiceServicer):
+    """An ofer service double that answers every call with one status code."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def Sample(self, request, context):
+        context.abort(self.code, f"double says {self.code.name}")
+
+    def Rank(self, request, context):
+        context.abort(self.code, f"double says {self.code.name}")
+
+
+class _ZeroMica:
+    def __init__(self) -> None:
+        from facefuse.packs.base import BackendStatus
+
+        self.status = BackendStatus("mica", "zero", "test", True, False, "ready")
+
+    def predict(self, faces):
+        from facefuse.packs.base import ShapeResult
+
+        return [ShapeResult(vertices_mm=np.zeros((3, 3), np.float32), faces=np.array([[0, 1, 2]], np.int32),
+                            topology="test", shape=np.zeros(300, np.float32)) for _ in faces]
+
+
+class _OneFace:
+    name = "fixed"
+
+    def detect(self, image):
+        from facefuse.face.types import Detection
+
+        return [Detection(box=np.array([10, 10, 100, 100], np.float32), score=0.9, kps5=np.full((5, 2), 50.0, np.float32),
+                          detector="fixed")]
+
+    def align(self, image, detection):
+        from facefuse.face.types import AlignedFace
+
+        return AlignedFace(detection, np.zeros((112, 112, 3), np.uint8), np.zeros((224, 224, 3), np.uint8),
+                           np.zeros((224, 224, 3), np.float32), np.zeros((3, 112, 112), np.float32))
+
+
+@pytest.mark.parametrize(("ofer_code", "face_code", "falls_back"), [
+    (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK, True),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.OK, True),
+    (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT, False),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.RESOURCE_EXHAUSTED, False),
+    (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, False),
+    (grpc.StatusCode.INTERNAL, grpc.StatusCode.INTERNAL, False),
+    (grpc.StatusCode.CANCELLED, grpc.StatusCode.CANCELLED, False),
+], ids=lambda v: v.name if isinstance(v, grpc.StatusCode) else str(v))
+def test_fuse_falls_back_to_mica_only_when_ofer_is_down_or_late(ofer_code: grpc.StatusCode, face_code: grpc.StatusCode,
+                                                               falls_back: bool, astronaut_jpeg: bytes) -> None:
+    """Real mica and ofer servers on loopback (ofer a double answering ``ofer_code``), the gateway's pipeline
+    in process: only UNAVAILABLE/DEADLINE_EXCEEDED give MICA's shape flagged; any other code is the face's."""
+    from facefuse.pipeline.orchestration import FacePipeline, MeshClients
+    from facefuse.servers.base import ServerOptions, start_server
+    from facefuse.servers.mica import SERVICE_NAME as MICA
+    from facefuse.servers.mica import MicaServicer
+    from facefuse.servers.ofer import SERVICE_NAME as OFER
+
+    mica = start_server(lambda s: mica_pb2_grpc.add_MicaServiceServicer_to_server(MicaServicer(_ZeroMica()), s),
+                        [MICA], ServerOptions())
+    ofer = start_server(lambda s: ofer_pb2_grpc.add_OferServiceServicer_to_server(_AbortingOfer(ofer_code), s),
+                        [OFER], ServerOptions())
+    clients = MeshClients.connect(f"127.0.0.1:{mica.port}", f"127.0.0.1:{ofer.port}", None)
+    pipeline = FacePipeline(_OneFace(), clients)
+    try:
+        options = gateway_pb2.ProcessOptions(method="fuse", strategy="linear")
+        (result,) = list(pipeline.process_image("a", astronaut_jpeg, options, deadline=time.monotonic() + 30))
+    finally:
+        pipeline.close()
+        clients.close()
+        mica.stop(0)
+        ofer.stop(0)
+    assert _code_name(result.status.code) == face_code.name, result.status.message
+    assert (result.reconstruction.fallback != "") == falls_back
+    if falls_back:
+        assert result.reconstruction.strategy == "mica" and "ofer unavailable" in result.reconstruction.fallback
+    else:
+        assert f"double says {ofer_code.name}" in result.status.message
