@@ -32,9 +32,14 @@ class BackendUnavailableError(FacefuseError):
     """A downstream service cannot be reached or died mid-call (UNAVAILABLE)."""
 
 
-class BackendFailedError(FacefuseError):
-    """A downstream service answered INTERNAL or UNKNOWN: its bug, not the caller's input (INTERNAL)."""
+
+class BackendError(FacefuseError):
+    """A downstream service failed with its own bug (UNKNOWN or INTERNAL): not a fallback case."""
 
 
-class CallCancelledError(FacefuseError):
-    """A downstream call was cancelled (CANCELLED): neither bad input nor a dead backend."""
+class DeadlineError(FacefuseError, TimeoutError):
+    """The caller's deadline passed before the work was done (DEADLINE_EXCEEDED)."""
+
+
+class CancelledError(FacefuseError):
+    """The caller went away (cancelled the call or disconnected); the work was stopped (CANCELLED)."""

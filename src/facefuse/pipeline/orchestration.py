@@ -17,11 +17,11 @@ import grpc
 import numpy as np
 
 from facefuse import wire
-from facefuse.errors import BackendUnavailableError, FacefuseError, InvalidInputError, LimitExceededError
+from facefuse.errors import BackendUnavailableError, DeadlineError, FacefuseError, InvalidInputError, LimitExceededError
 from facefuse.face.frontend import SELECTIONS, select_faces
 from facefuse.face.types import AlignedFace, Detection
 from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES, decode_image
-from facefuse.servers.base import LOG, DeadlineError, channel_options, error_from_rpc, log_event, status_code_for
+from facefuse.servers.base import LOG, channel_options, error_from_rpc, log_event, status_code_for
 from facefuse.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc, gateway_pb2, mica_pb2, mica_pb2_grpc, ofer_pb2, ofer_pb2_grpc
 
 METHODS = ("detect", "mica", "ofer", "fuse")

@@ -28,9 +28,10 @@ from grpc_reflection.v1alpha import reflection
 
 from facefuse.errors import (
     AssetError,
-    BackendFailedError,
+    BackendError,
     BackendUnavailableError,
-    CallCancelledError,
+    CancelledError,
+    DeadlineError,
     FacefuseError,
     InvalidInputError,
     LimitExceededError,
@@ -56,7 +57,7 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED
-    if isinstance(exc, CallCancelledError):
+    if isinstance(exc, CancelledError):
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.INTERNAL
 
@@ -77,13 +78,9 @@ def error_from_rpc(exc: grpc.RpcError, backend: str) -> FacefuseError:
     if code == grpc.StatusCode.UNAVAILABLE:
         return BackendUnavailableError(f"{backend} unavailable: {detail}")
     if code == grpc.StatusCode.CANCELLED:
-        return CallCancelledError(f"{backend} call cancelled: {detail}")
+        return CancelledError(f"{backend} call cancelled: {detail}")
     # INTERNAL, UNKNOWN (an exception the backend did not map) and anything else: the backend's bug.
-    return BackendFailedError(f"{backend} failed ({code.name}): {detail}")
-
-
-class DeadlineError(FacefuseError, TimeoutError):
-    """The caller's deadline passed before the work was done (DEADLINE_EXCEEDED)."""
+    return BackendError(f"{backend} failed ({code.name}): {detail}")
 
 
 def unary_errors(method: Callable[..., T]) -> Callable[..., T]:
