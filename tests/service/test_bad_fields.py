@@ -223,7 +223,7 @@ def _gateway_cases(jpeg: bytes) -> dict[str, tuple[gateway_pb2.ImageChunk, grpc.
         "mask dims overflow": (image(mask=OVERFLOW), INVALID),
         "ok with a mask": (image(mask=mask), grpc.StatusCode.OK),
         "16-bit bomb under the pixel limit": (gateway_pb2.ImageChunk(
-            data=_sixteen_bit_rgba_png_bomb(6400, 6100), last=True), EXHAUSTED),  # 39 M px, 11 B/px
+            data=_sixteen_bit_rgba_png_bomb(6400, 6100), last=True), EXHAUSTED),  # 39 M px at 16 B/px: 625 MB
     }
 
 

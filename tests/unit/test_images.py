@@ -238,9 +238,9 @@ def test_decode_budget_is_charged_by_mode_not_pixels():
     costs = {}
     for name, data in (("rgb", rgb), ("gray", gray)):
         with Image.open(io.BytesIO(data)) as image:
-            costs[name] = images.decode_cost_bytes(image) - 2 * images._STRIP_PIXELS * 16
+            costs[name] = images.decode_cost_bytes(image) - images._STRIP_PIXELS * images._STRIP_BYTES_PER_PIXEL
     assert costs == {"rgb": 400 * 500 * 8, "gray": 400 * 500 * 4}
-    budget = 400 * 500 * 6 + 2 * images._STRIP_PIXELS * 16
+    budget = 400 * 500 * 6 + images._STRIP_PIXELS * images._STRIP_BYTES_PER_PIXEL
     assert decode_image(gray, max_decode_bytes=budget).shape == (400, 500, 3)
     with pytest.raises(LimitExceededError, match="decode budget"):
         decode_image(rgb, max_decode_bytes=budget)

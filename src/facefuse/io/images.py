@@ -22,16 +22,20 @@ Rules (the gateway applies them to every upload):
 * Float (mode "F") images: values in [0, 1] are scaled by 255, otherwise clipped to [0, 255].
 
 Memory (what ``decode_cost_bytes`` charges against the budget, per pixel, beyond the encoded bytes):
-the decoder's canvas (Pillow: 1 B for L/P, 2 B for 16-bit gray, 4 B for every other mode; OpenCV's
-16-bit colour: 6 B RGB, 8 B RGBA) + the 3 B output, or two Pillow canvases while an EXIF rotation
-runs if that is more (the orientation is not known before decoding: a PNG may store it last).
-Conversion (16 -> 8 bit scaling, alpha over white) runs in integer arithmetic on strips of about a
-million pixels, so its temporaries are bounded whatever the canvas; rounding is exact, so the output
+the decoder's canvas (Pillow: 1 B for L/P, 2 B for 16-bit gray, 4 B for every other mode) + the 3 B
+output, or two Pillow canvases while an EXIF rotation runs if that is more (the orientation is not
+known before decoding: a PNG may store it last). 16-bit colour goes through OpenCV, whose decoder
+peaks at two 16-bit canvases (12 B/px RGB, 16 B/px RGBA, measured); the output and a rotation's
+copy come after it has let go of one.
+Conversion (16 -> 8 bit scaling, alpha over white) runs in integer arithmetic on strips of 2^18
+pixels, so its temporaries are bounded (16 MiB charged) whatever the canvas; rounding is exact, so the output
 equals the float formulas above. Decoders that hold more add it: progressive JPEG keeps every DCT
 coefficient (2 B per sample of each component), WebP decodes into a full 4 B/px buffer first, TIFF
 may hold a whole uncompressed strip. Mode "F" (float TIFF) is converted on the whole canvas (its
 scaling depends on the global range): 44 B/px. Charged for an 8-bit RGB PNG or baseline JPEG:
-8 B/px; for a 16-bit RGBA PNG: 11 B/px (it was about 80 B/px with float64 copies of the canvas).
+8 B/px; for a 16-bit RGBA PNG: 16 B/px. Measured peaks (benchmarks/results/decode_memory.md, 12 M px):
+16-bit RGBA PNG 16.4 B/px (112.5 B/px with the float64 copies this replaced), 16-bit RGB 12.4 (78.4),
+8-bit RGBA PNG 7.9 (60.3), RGB JPEG 7.5 (14.3).
 """
 
 from __future__ import annotations
@@ -49,9 +53,10 @@ from facefuse.errors import InvalidInputError, LimitExceededError
 
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-DEFAULT_MAX_DECODE_BYTES = 384 * 1024 * 1024
-"""Fits an 8-bit RGB photo or a 16-bit RGB PNG at the default pixel limit (40 M); refuses a 16-bit RGBA one."""
-_STRIP_PIXELS = 1 << 20
+DEFAULT_MAX_DECODE_BYTES = 512 * 1024 * 1024
+"""Fits any 8-bit photo or a 16-bit RGB PNG at the default pixel limit (40 M px); refuses a 16-bit RGBA one over 33 M px."""
+_STRIP_PIXELS = 1 << 18
+_STRIP_BYTES_PER_PIXEL = 64  # the most any conversion's temporaries take per pixel of a strip
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")  # JPEG also opens MPO (multi-picture) files
 
 _EXIF_ORIENTATION = 0x0112
@@ -222,11 +227,20 @@ def _sixteen_bit_bgr_to_rgb8(bgr: np.ndarray) -> np.ndarray:
     """BGR(A) uint16 -> RGB uint8, alpha over white: ``rint(255 * (c * a + 1 - a))`` with c, a in [0, 1],
     computed exactly in integers (the float formula never lands on a tie, so both round alike)."""
     if bgr.shape[2] == 3:
-        return ((bgr[:, :, 2::-1].astype(np.uint32) + 128) // 257).astype(np.uint8)
-    colour = bgr[:, :, 2::-1].astype(np.uint64)
+        colour = bgr[:, :, 2::-1].astype(np.uint32)
+        colour += 128
+        colour //= 257
+        return colour.astype(np.uint8)
+    colour = bgr[:, :, 2::-1].astype(np.uint64)  # in place from here: one uint64 copy of the strip
     alpha = bgr[:, :, 3:4].astype(np.uint64)
-    mixed = colour * alpha + 65535 * (65535 - alpha)  # 65535² * (c * a + 1 - a)
-    return ((mixed * 510 + _SQUARED_MAX16) // (2 * _SQUARED_MAX16)).astype(np.uint8)
+    colour *= alpha
+    np.subtract(65535, alpha, out=alpha)
+    alpha *= 65535
+    colour += alpha  # 65535² * (c * a + 1 - a)
+    colour *= 510
+    colour += _SQUARED_MAX16
+    colour //= 2 * _SQUARED_MAX16
+    return colour.astype(np.uint8)
 
 
 def _orientation(image: Image.Image) -> int:
@@ -266,7 +280,8 @@ def decode_cost_bytes(image: Image.Image) -> int:
     width, height = image.size
     # The EXIF orientation is not read here: a PNG's may sit after the pixels, and reading it decodes them.
     if _is_sixteen_bit_colour(image):
-        per_pixel: float = (8 if image.mode == "RGBA" else 6) + 3  # a rotation copies the output once OpenCV's is freed
+        canvas = 8 if image.mode == "RGBA" else 6
+        per_pixel: float = 2 * canvas  # OpenCV's PNG decoder holds two 16-bit canvases at its peak (measured)
     else:
         canvas = _PILLOW_BYTES_PER_PIXEL.get(image.mode, 4)
         per_pixel = max(2 * canvas, canvas + 3)  # a rotation briefly holds two canvases, before the output exists
@@ -281,7 +296,7 @@ def decode_cost_bytes(image: Image.Image) -> int:
             per_pixel += 4
         elif image.format == "TIFF":
             per_pixel += canvas
-    return int(width * height * per_pixel) + 2 * _STRIP_PIXELS * 16  # + the bounded strip temporaries
+    return int(width * height * per_pixel) + _STRIP_PIXELS * _STRIP_BYTES_PER_PIXEL  # + the strip temporaries
 
 
 def _pillow_to_rgb(image: Image.Image) -> np.ndarray:
