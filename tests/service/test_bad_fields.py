@@ -335,3 +335,35 @@ def test_fuse_falls_back_to_mica_only_when_ofer_is_down_or_late(ofer_code: grpc.
         assert result.reconstruction.strategy == "mica" and "ofer unavailable" in result.reconstruction.fallback
     else:
         assert f"double says {ofer_code.name}" in result.status.message
+
+
+NOT_UTF8_ID = b"\x0a\x02\xff\xfe"  # field 1 (a string) holding bytes that are not UTF-8
+TRUNCATED = b"\x0a\x10\x2a"  # field 1 says 16 bytes follow; one does
+
+
+@pytest.mark.parametrize("raw", [NOT_UTF8_ID, TRUNCATED], ids=["not-utf8", "truncated"])
+def test_request_bytes_that_do_not_parse_are_invalid_argument(open_mesh: LocalMesh, astronaut_jpeg: bytes, raw: bytes) -> None:
+    """gRPC's own answer would be INTERNAL ("Exception deserializing request!"), a bug's code."""
+    unary = {"mica": "/facefuse.v1.MicaService/Predict", "fusion": "/facefuse.v1.FusionService/Fuse",
+             "ofer": "/facefuse.v1.OferService/Rank"}
+    for service, method in unary.items():
+        with grpc.insecure_channel(open_mesh.address(service)) as channel:
+            call = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as caught:
+                call(raw, timeout=30)
+            assert caught.value.code() == INVALID, (service, caught.value.details())
+    with grpc.insecure_channel(open_mesh.address("ofer")) as channel:
+        sample = channel.unary_stream("/facefuse.v1.OferService/Sample", request_serializer=lambda b: b,
+                                      response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(sample(raw, timeout=30))
+        assert caught.value.code() == INVALID
+    good = gateway_pb2.ImageChunk(image_id="good", data=astronaut_jpeg, last=True).SerializeToString()
+    with grpc.insecure_channel(open_mesh.address("gateway")) as channel:
+        process = channel.stream_stream("/facefuse.v1.Gateway/Process", request_serializer=lambda b: b,
+                                        response_deserializer=gateway_pb2.FaceResult.FromString)
+        results: list[gateway_pb2.FaceResult] = []
+        with pytest.raises(grpc.RpcError) as caught:
+            results.extend(process(iter([good, raw]), timeout=60))  # keeps what arrived before the error
+        assert caught.value.code() == INVALID
+        assert [r.image_id for r in results] == ["good"] and results[0].status.code == 0  # what came before stands

@@ -37,6 +37,7 @@ from facefuse.errors import (
     LimitExceededError,
 )
 from facefuse.io.atomic import write_text_atomic
+from facefuse.servers.request_decoding import decoding_server
 
 LOG = logging.getLogger("facefuse")
 DEFAULT_MAX_MESSAGE_MB = 64
@@ -209,7 +210,7 @@ def start_server(
         options=channel_options(options.max_message_mb) + list(options.extra_options),
         maximum_concurrent_rpcs=None,
     )
-    register(server)
+    register(decoding_server(server))  # undecodable request bytes: INVALID_ARGUMENT, not gRPC's INTERNAL
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(service_names)
