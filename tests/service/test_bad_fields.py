@@ -367,3 +367,22 @@ def test_request_bytes_that_do_not_parse_are_invalid_argument(open_mesh: LocalMe
             results.extend(process(iter([good, raw]), timeout=60))  # keeps what arrived before the error
         assert caught.value.code() == INVALID
         assert [r.image_id for r in results] == ["good"] and results[0].status.code == 0  # what came before stands
+
+
+def test_our_own_bug_is_internal_for_that_face_and_logged_with_its_traceback(astronaut_jpeg: bytes,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    from facefuse.pipeline.orchestration import FacePipeline, MeshClients
+
+    class BrokenAlign(_OneFace):
+        def align(self, image, detection):
+            raise ZeroDivisionError("a bug in alignment")
+
+    pipeline = FacePipeline(BrokenAlign(), MeshClients(None, None, None))
+    try:
+        with caplog.at_level("ERROR", logger="facefuse"):
+            (result,) = list(pipeline.process_image("a", astronaut_jpeg, gateway_pb2.ProcessOptions(method="detect")))
+    finally:
+        pipeline.close()
+    assert _code_name(result.status.code) == "INTERNAL" and "a bug in alignment" in result.status.message
+    logged = [r for r in caplog.records if r.exc_info and r.exc_info[0] is ZeroDivisionError]
+    assert logged, "an INTERNAL result must be logged with its traceback"
