@@ -8,9 +8,9 @@ contiguous.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -65,6 +65,10 @@ def _torch_dtypes() -> dict[int, "torch.dtype"]:
 
 
 SUPPORTED_DTYPES: tuple[str, ...] = tuple(DType.Name(k) for k in _ITEMSIZE)
+FLOAT_DTYPES: tuple[int, ...] = (DType.FLOAT32, DType.FLOAT64, DType.FLOAT16, DType.BFLOAT16)
+MAX_NDIM = 8
+MAX_DIM = 2**31 - 1
+"""Bounds no facefuse tensor comes near; beyond them a shape is malformed (even with a zero-sized axis)."""
 
 
 def _wire_dtype_of_numpy(dtype: np.dtype) -> int:
@@ -99,19 +103,32 @@ def from_torch(tensor: "torch.Tensor", unit: str = "") -> common_pb2.Tensor:
 
 
 def _checked_shape(message: common_pb2.Tensor, name: str) -> tuple[int, ...]:
+    """The shape, once dtype, rank, every dimension and the byte count agree (exact integer arithmetic:
+    dimensions whose product overflows int64 are refused like any other mismatch)."""
     if message.dtype not in _ITEMSIZE:
         raise InvalidInputError(f"{name}: unsupported or missing dtype {message.dtype}")
+    if len(message.shape) > MAX_NDIM:
+        raise InvalidInputError(f"{name}: {len(message.shape)} dimensions; at most {MAX_NDIM} are accepted")
     shape = tuple(int(s) for s in message.shape)
     if any(s < 0 for s in shape):
         raise InvalidInputError(f"{name}: negative dimension in shape {shape}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    expected = count * _ITEMSIZE[message.dtype]
+    if any(s > MAX_DIM for s in shape):
+        raise InvalidInputError(f"{name}: dimension over {MAX_DIM} in shape {shape}")
+    expected = math.prod(shape) * _ITEMSIZE[message.dtype]
     if len(message.data) != expected:
         raise InvalidInputError(
             f"{name}: {len(message.data)} bytes do not match dtype {DType.Name(message.dtype)} and shape {shape} "
             f"({expected} bytes expected)"
         )
     return shape
+
+
+def require_finite(array: np.ndarray, name: str) -> np.ndarray:
+    """Refuse NaN and infinities in a float array that a model or a fusion will consume."""
+    is_bfloat16 = _NP_BFLOAT16 is not None and array.dtype == _NP_BFLOAT16
+    if (array.dtype.kind == "f" or is_bfloat16) and not np.isfinite(array.astype(np.float32) if is_bfloat16 else array).all():
+        raise InvalidInputError(f"{name}: contains NaN or infinite values")
+    return array
 
 
 def to_numpy(message: common_pb2.Tensor, name: str = "tensor") -> np.ndarray:
@@ -136,8 +153,10 @@ def to_torch(message: common_pb2.Tensor, name: str = "tensor") -> "torch.Tensor"
     return flat.reshape(shape)
 
 
-def require(message: common_pb2.Tensor, name: str, *, shape: Sequence[int | None], dtypes: Sequence[int] | None = None) -> np.ndarray:
-    """Decode and check the shape (None = any size on that axis) and dtype of a request tensor."""
+def require(message: common_pb2.Tensor, name: str, *, shape: Sequence[int | None],
+            dtypes: Sequence[int] | None = FLOAT_DTYPES) -> np.ndarray:
+    """Decode and check the shape (None = any size on that axis), dtype (floats unless told otherwise)
+    and, for floats, finiteness of a request tensor."""
     array = to_numpy(message, name)
     if len(array.shape) != len(shape) or any(e is not None and e != a for e, a in zip(shape, array.shape)):
         wanted = "(" + ", ".join("N" if s is None else str(s) for s in shape) + ")"
@@ -146,7 +165,7 @@ def require(message: common_pb2.Tensor, name: str, *, shape: Sequence[int | None
         raise InvalidInputError(
             f"{name}: dtype {DType.Name(message.dtype)}, expected one of {[DType.Name(d) for d in dtypes]}"
         )
-    return array
+    return require_finite(array, name)
 
 
 def has(message: object, field: str) -> bool:
@@ -204,6 +223,11 @@ def aligned_face_from_message(message: common_pb2.Face, name: str = "face") -> "
     if not has(message, "arcface_blob"):
         raise InvalidInputError(f"{name}: arcface_blob is missing (the gateway sends aligned crops)")
     box = message.box
+    numbers = {"box.x1": box.x1, "box.y1": box.y1, "box.x2": box.x2, "box.y2": box.y2, "box.score": box.score,
+               "score": message.score}
+    for field_name, value in numbers.items():
+        if not math.isfinite(value):
+            raise InvalidInputError(f"{name}.{field_name}: {value} is not a finite number")
     landmarks = require(message.landmarks, f"{name}.landmarks", shape=(None, 3)) if has(message, "landmarks") else None
     detection = Detection(
         box=np.array([box.x1, box.y1, box.x2, box.y2], np.float32), score=message.score or box.score,

@@ -13,7 +13,13 @@ import pytest
 from PIL import Image, ImageOps
 
 from facefuse.errors import InvalidInputError, LimitExceededError
-from facefuse.io.images import apply_exif_orientation, decode_image, iter_video_frames, read_image_file
+from facefuse.io import images
+from facefuse.io.images import (
+    apply_exif_orientation,
+    decode_image,
+    iter_video_frames,
+    read_image_file,
+)
 
 
 def _smooth_rgb(h: int = 48, w: int = 64) -> np.ndarray:
@@ -205,3 +211,70 @@ def test_video_frames_every_n(tmp_path):
         assert np.abs(frame.reshape(-1, 3).mean(0) - np.array(colours[index])).max() < 12
     with pytest.raises(InvalidInputError):
         list(iter_video_frames(tmp_path / "none.avi"))
+
+
+def _sixteen_bit_png(rgba16: np.ndarray) -> bytes:
+    order = [2, 1, 0, 3][: rgba16.shape[2]]
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(rgba16[:, :, order]), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    assert ok
+    return encoded.tobytes()
+
+
+def test_sixteen_bit_bomb_under_the_pixel_limit_is_refused_by_the_decode_budget():
+    # 3000 x 3000 16-bit RGBA: 9 M pixels (under the 40 M pixel limit) in a file of a few tens of KB.
+    bomb = _sixteen_bit_png(np.full((3000, 3000, 4), 40000, np.uint16))
+    assert len(bomb) < 400_000
+    with Image.open(io.BytesIO(bomb)) as image:
+        cost = images.decode_cost_bytes(image)
+    assert cost >= 3000 * 3000 * 11  # OpenCV's 8 B/px canvas + the 3 B/px output
+    with pytest.raises(LimitExceededError, match="over the decode budget of 64 MiB"):
+        decode_image(bomb, max_decode_bytes=64 << 20)
+    assert decode_image(bomb, max_decode_bytes=cost).shape == (3000, 3000, 3)
+
+
+def test_decode_budget_is_charged_by_mode_not_pixels():
+    rgb = _encode(Image.fromarray(_smooth_rgb(400, 500)), "PNG")
+    gray = _encode(Image.fromarray(_smooth_rgb(400, 500)[:, :, 0]), "PNG")
+    costs = {}
+    for name, data in (("rgb", rgb), ("gray", gray)):
+        with Image.open(io.BytesIO(data)) as image:
+            costs[name] = images.decode_cost_bytes(image) - images._STRIP_PIXELS * images._STRIP_BYTES_PER_PIXEL
+    assert costs == {"rgb": 400 * 500 * 8, "gray": 400 * 500 * 4}
+    budget = 400 * 500 * 6 + images._STRIP_PIXELS * images._STRIP_BYTES_PER_PIXEL
+    assert decode_image(gray, max_decode_bytes=budget).shape == (400, 500, 3)
+    with pytest.raises(LimitExceededError, match="decode budget"):
+        decode_image(rgb, max_decode_bytes=budget)
+
+
+def test_sixteen_bit_rgba_matches_the_float_formula_exactly():
+    rng = np.random.default_rng(5)
+    rgba16 = rng.integers(0, 65536, (40, 50, 4), dtype=np.uint16)
+    rgba16[0, :6, 3] = [0, 1, 2, 32767, 65534, 65535]
+    out = decode_image(_sixteen_bit_png(rgba16))
+    values = rgba16[:, :, :3] / 65535.0
+    alpha = rgba16[:, :, 3:4] / 65535.0
+    expected = np.clip(np.rint((values * alpha + (1.0 - alpha)) * 255.0), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_rgba_over_white_is_exact_for_every_colour_and_alpha():
+    colour, alpha = np.meshgrid(np.arange(256), np.arange(256))
+    rgba = np.stack([colour, colour, colour, alpha], -1).astype(np.uint8)
+    out = decode_image(_encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    a = alpha[:, :, None] / 255.0
+    expected = np.rint(colour[:, :, None] * a + 255.0 * (1.0 - a)).astype(np.uint8)
+    np.testing.assert_array_equal(out, np.broadcast_to(expected, out.shape))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "I;16", "L", "16-bit RGBA"])
+def test_strip_conversion_equals_whole_canvas(mode, monkeypatch):
+    rng = np.random.default_rng(2)
+    if mode == "16-bit RGBA":
+        data = _sixteen_bit_png(rng.integers(0, 65536, (37, 29, 4), dtype=np.uint16))
+    elif mode == "I;16":
+        data = _encode(Image.fromarray(rng.integers(0, 65536, (37, 29), dtype=np.uint16)), "PNG")
+    else:
+        data = _encode(Image.fromarray(rng.integers(0, 256, (37, 29, 4), dtype=np.uint8), "RGBA").convert(mode), "PNG")
+    whole = decode_image(data)
+    monkeypatch.setattr(images, "_STRIP_PIXELS", 100)  # 3 rows a strip, the last one short
+    np.testing.assert_array_equal(decode_image(data), whole)

@@ -96,3 +96,65 @@ def test_mesh_message_carries_units_and_topology() -> None:
                              colors=np.full((4, 3), 200), uvs=np.zeros((4, 2)))
     assert mesh.vertices.unit == "mm" and mesh.topology == "flame2020"
     assert wire.to_numpy(mesh.faces).dtype == np.int32 and wire.to_numpy(mesh.vertex_colors).dtype == np.uint8
+
+
+def _tensor(dtype: int, shape: list[int], data: bytes = b"") -> common_pb2.Tensor:
+    return common_pb2.Tensor(dtype=dtype, shape=shape, data=data)
+
+
+F32, U8 = common_pb2.DType.FLOAT32, common_pb2.DType.UINT8
+
+
+@pytest.mark.parametrize("tensor, message", [
+    (_tensor(F32, [2**32, 2**32]), "dimension over"),                 # product wraps int64 to 0 bytes
+    (_tensor(F32, [2**31 - 1, 2**31 - 1, 4], b"\0" * 16), "do not match"),  # product far past the bytes
+    (_tensor(U8, [0, 2**40]), "dimension over"),                      # zero-sized yet absurd
+    (_tensor(U8, [-3, -4], b"\0" * 12), "negative dimension"),        # negatives multiplying to a match
+    (_tensor(U8, [1] * 9, b"\0"), "dimensions; at most"),
+    (_tensor(99, [1], b"\0"), "unsupported or missing dtype"),        # an enum value the proto never had
+    (_tensor(F32, [3], b"\0" * 8), "do not match"),
+], ids=["int64-wrap", "past-bytes", "zero-and-huge", "negatives", "too-many-axes", "bad-enum", "short"])
+def test_hostile_shapes_and_dtypes_are_invalid_input_not_a_crash(tensor: common_pb2.Tensor, message: str) -> None:
+    for decode in (wire.to_numpy, wire.to_torch):
+        with pytest.raises(InvalidInputError, match=message):
+            decode(tensor, "t")
+
+
+def test_empty_tensors_with_zero_sized_axes_still_decode() -> None:
+    assert wire.to_numpy(wire.from_numpy(np.zeros((0, 300), np.float32))).shape == (0, 300)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", ["<f4", "<f8", "<f2"])
+def test_require_refuses_non_finite_floats(bad: float, dtype: str) -> None:
+    values = np.zeros(5, dtype)
+    values[3] = bad
+    with pytest.raises(InvalidInputError, match="start_shape: contains NaN or infinite"):
+        wire.require(wire.from_numpy(values), "start_shape", shape=(None,))
+    np.testing.assert_array_equal(wire.require(wire.from_numpy(np.ones(5, dtype)), "s", shape=(5,)), np.ones(5))
+
+
+def test_require_refuses_non_finite_bfloat16() -> None:
+    tensor = wire.from_torch(torch.tensor([1.0, float("nan")], dtype=torch.bfloat16))
+    with pytest.raises(InvalidInputError, match="NaN"):
+        wire.require(tensor, "x", shape=(2,))
+
+
+def test_require_takes_floats_unless_told_otherwise() -> None:
+    with pytest.raises(InvalidInputError, match="expected one of"):
+        wire.require(wire.from_numpy(np.zeros(3, np.int64)), "candidates", shape=(3,))
+    assert wire.require(wire.from_numpy(np.zeros(3, np.uint8)), "c", shape=(3,), dtypes=[U8]).dtype == np.uint8
+
+
+@pytest.mark.parametrize("field", ["x1", "y2", "score"])
+def test_a_face_box_with_nan_is_invalid_input(field: str) -> None:
+    face = common_pb2.Face(arcface_blob=wire.from_numpy(np.zeros((3, 112, 112), np.float32)),
+                           box=common_pb2.Box(x1=1, y1=2, x2=30, y2=40, score=0.9))
+    wire.aligned_face_from_message(face)
+    setattr(face.box, field, float("nan"))
+    with pytest.raises(InvalidInputError, match=f"face.box.{field}: nan is not a finite"):
+        wire.aligned_face_from_message(face)
+    nan_blob = np.zeros((3, 112, 112), np.float32)
+    nan_blob[0, 0, 0] = np.inf
+    with pytest.raises(InvalidInputError, match="arcface_blob: contains NaN"):
+        wire.aligned_face_from_message(common_pb2.Face(arcface_blob=wire.from_numpy(nan_blob)))

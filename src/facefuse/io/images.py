@@ -4,7 +4,8 @@ Rules (the gateway applies them to every upload):
 * Formats: JPEG (and MPO, what many phones write), PNG, WebP, BMP, TIFF. Anything else, empty or
   random bytes -> ``InvalidInputError``.
 * Size limits are checked before any pixel is decoded: the byte count first, then the width x height
-  read from the header against ``max_pixels`` -> ``LimitExceededError``. A decompression bomb (a tiny
+  read from the header against ``max_pixels``, then the memory decoding will take against
+  ``max_decode_bytes`` (the decode budget) -> ``LimitExceededError``. A decompression bomb (a tiny
   file whose header claims a huge canvas) therefore never allocates its canvas. Pillow's own bomb
   guard (``Image.MAX_IMAGE_PIXELS``) is left as it is; if it trips first it maps to the same error.
 * Truncated files are errors: the whole image is decoded (``load()``) and Pillow's "image file is
@@ -19,6 +20,22 @@ Rules (the gateway applies them to every upload):
   (``rgb * a + 255 * (1 - a)``): transparent margins of a cut-out portrait become a neutral
   background instead of the arbitrary colour hidden under alpha = 0.
 * Float (mode "F") images: values in [0, 1] are scaled by 255, otherwise clipped to [0, 255].
+
+Memory (what ``decode_cost_bytes`` charges against the budget, per pixel, beyond the encoded bytes):
+the decoder's canvas (Pillow: 1 B for L/P, 2 B for 16-bit gray, 4 B for every other mode) + the 3 B
+output, or two Pillow canvases while an EXIF rotation runs if that is more (the orientation is not
+known before decoding: a PNG may store it last). 16-bit colour goes through OpenCV, whose decoder
+peaks at two 16-bit canvases (12 B/px RGB, 16 B/px RGBA, measured); the output and a rotation's
+copy come after it has let go of one.
+Conversion (16 -> 8 bit scaling, alpha over white) runs in integer arithmetic on strips of 2^18
+pixels, so its temporaries are bounded (16 MiB charged) whatever the canvas; rounding is exact, so the output
+equals the float formulas above. Decoders that hold more add it: progressive JPEG keeps every DCT
+coefficient (2 B per sample of each component), WebP decodes into a full 4 B/px buffer first, TIFF
+may hold a whole uncompressed strip. Mode "F" (float TIFF) is converted on the whole canvas (its
+scaling depends on the global range): 44 B/px. Charged for an 8-bit RGB PNG or baseline JPEG:
+8 B/px; for a 16-bit RGBA PNG: 16 B/px. Measured peaks (benchmarks/results/decode_memory.md, 12 M px):
+16-bit RGBA PNG 16.4 B/px (112.5 B/px with the float64 copies this replaced), 16-bit RGB 12.4 (78.4),
+8-bit RGBA PNG 7.9 (60.3), RGB JPEG 7.5 (14.3).
 """
 
 from __future__ import annotations
@@ -36,6 +53,10 @@ from facefuse.errors import InvalidInputError, LimitExceededError
 
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_DECODE_BYTES = 512 * 1024 * 1024
+"""Fits any 8-bit photo or a 16-bit RGB PNG at the default pixel limit (40 M px); refuses a 16-bit RGBA one over 33 M px."""
+_STRIP_PIXELS = 1 << 18
+_STRIP_BYTES_PER_PIXEL = 64  # the most any conversion's temporaries take per pixel of a strip
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")  # JPEG also opens MPO (multi-picture) files
 
 _EXIF_ORIENTATION = 0x0112
@@ -46,6 +67,7 @@ def decode_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
     source: str = "image",
 ) -> np.ndarray:
     """Decode encoded image bytes into an upright (H, W, 3) uint8 RGB array (see module rules)."""
@@ -83,12 +105,18 @@ def decode_image(
             raise LimitExceededError(
                 f"{source}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels} pixels"
             )
+        cost = decode_cost_bytes(image)
+        if cost > max_decode_bytes:
+            raise LimitExceededError(
+                f"{source}: decoding this {width}x{height} {image.format} ({image.mode}) would take about "
+                f"{cost / 2**20:.0f} MiB, over the decode budget of {max_decode_bytes / 2**20:.0f} MiB"
+            )
         try:
             if _is_sixteen_bit_colour(image):
                 rgb = _decode_sixteen_bit_colour(data, image, source)
             else:
-                image.load()
-                rgb = _to_rgb_uint8(ImageOps.exif_transpose(image))
+                ImageOps.exif_transpose(image, in_place=True)  # loads; a rotation replaces the canvas
+                rgb = _pillow_to_rgb(image)
         except (InvalidInputError, LimitExceededError):
             raise
         except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
@@ -104,6 +132,7 @@ def read_image_file(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> np.ndarray:
     """Read and decode an image file with the same rules and limits as uploaded bytes."""
     path = Path(path)
@@ -117,7 +146,8 @@ def read_image_file(
         data = path.read_bytes()
     except OSError as exc:
         raise InvalidInputError(f"{path}: cannot read image file ({exc.strerror or exc})") from None
-    return decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes, source=str(path))
+    return decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes, max_decode_bytes=max_decode_bytes,
+                        source=str(path))
 
 
 def iter_video_frames(
@@ -176,16 +206,41 @@ def _decode_sixteen_bit_colour(data: bytes, image: Image.Image, source: str) -> 
     """Pillow keeps only the high byte of 16-bit colour samples; OpenCV decodes all 16 bits."""
     import cv2
 
+    orientation = _orientation(image)  # for a PNG this decodes Pillow's 8-bit canvas: read, then free it
+    image.close()
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if decoded is None or decoded.dtype != np.uint16 or decoded.ndim != 3 or decoded.shape[2] not in (3, 4):
         raise InvalidInputError(f"{source}: corrupt or truncated 16-bit image data")
-    order = [2, 1, 0, 3][: decoded.shape[2]]
-    values = decoded[:, :, order].astype(np.float64) / 65535.0
-    if values.shape[2] == 4:
-        alpha = values[:, :, 3:4]
-        values = values[:, :, :3] * alpha + (1.0 - alpha)
-    rgb = np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
-    return apply_exif_orientation(rgb, _orientation(image))
+    height, width = decoded.shape[:2]
+    rgb = np.empty((height, width, 3), np.uint8)
+    rows = max(1, _STRIP_PIXELS // width)
+    for top in range(0, height, rows):
+        rgb[top:top + rows] = _sixteen_bit_bgr_to_rgb8(decoded[top:top + rows])
+    del decoded
+    return apply_exif_orientation(rgb, orientation)
+
+
+_SQUARED_MAX16 = 65535 * 65535
+
+
+def _sixteen_bit_bgr_to_rgb8(bgr: np.ndarray) -> np.ndarray:
+    """BGR(A) uint16 -> RGB uint8, alpha over white: ``rint(255 * (c * a + 1 - a))`` with c, a in [0, 1],
+    computed exactly in integers (the float formula never lands on a tie, so both round alike)."""
+    if bgr.shape[2] == 3:
+        colour = bgr[:, :, 2::-1].astype(np.uint32)
+        colour += 128
+        colour //= 257
+        return colour.astype(np.uint8)
+    colour = bgr[:, :, 2::-1].astype(np.uint64)  # in place from here: one uint64 copy of the strip
+    alpha = bgr[:, :, 3:4].astype(np.uint64)
+    colour *= alpha
+    np.subtract(65535, alpha, out=alpha)
+    alpha *= 65535
+    colour += alpha  # 65535² * (c * a + 1 - a)
+    colour *= 510
+    colour += _SQUARED_MAX16
+    colour //= 2 * _SQUARED_MAX16
+    return colour.astype(np.uint8)
 
 
 def _orientation(image: Image.Image) -> int:
@@ -211,21 +266,66 @@ def apply_exif_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _composite_over_white(rgba: np.ndarray) -> np.ndarray:
-    rgb = rgba[:, :, :3].astype(np.float32)
-    alpha = rgba[:, :, 3:4].astype(np.float32) / 255.0
-    return np.clip(np.rint(rgb * alpha + 255.0 * (1.0 - alpha)), 0, 255).astype(np.uint8)
+    """``rint(rgb * a / 255 + 255 * (1 - a / 255))`` exactly, in uint16 (the largest sum is 65152)."""
+    rgb = rgba[:, :, :3].astype(np.uint16)
+    alpha = rgba[:, :, 3:4].astype(np.uint16)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
-def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
+_PILLOW_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}  # others: 4
+
+
+def decode_cost_bytes(image: Image.Image) -> int:
+    """Peak bytes decoding ``image`` (opened, not loaded) allocates beyond its encoded bytes (module docstring)."""
+    width, height = image.size
+    # The EXIF orientation is not read here: a PNG's may sit after the pixels, and reading it decodes them.
+    if _is_sixteen_bit_colour(image):
+        canvas = 8 if image.mode == "RGBA" else 6
+        per_pixel: float = 2 * canvas  # OpenCV's PNG decoder holds two 16-bit canvases at its peak (measured)
+    else:
+        canvas = _PILLOW_BYTES_PER_PIXEL.get(image.mode, 4)
+        per_pixel = max(2 * canvas, canvas + 3)  # a rotation briefly holds two canvases, before the output exists
+        if image.mode == "F":
+            per_pixel = 40 + canvas
+        if image.format in ("JPEG", "MPO") and "progressive" in image.info:
+            layers = getattr(image, "layer", None) or [("", 1, 1, 0)] * len(image.getbands())
+            h_max = max(layer[1] for layer in layers) or 1
+            v_max = max(layer[2] for layer in layers) or 1
+            per_pixel += sum(2 * layer[1] * layer[2] / (h_max * v_max) for layer in layers)
+        elif image.format == "WEBP":
+            per_pixel += 4
+        elif image.format == "TIFF":
+            per_pixel += canvas
+    return int(width * height * per_pixel) + _STRIP_PIXELS * _STRIP_BYTES_PER_PIXEL  # + the strip temporaries
+
+
+def _pillow_to_rgb(image: Image.Image) -> np.ndarray:
+    """A loaded Pillow image -> RGB uint8, converted strip by strip into the one output array."""
+    if image.mode == "F":  # its scaling depends on the whole image's range
+        return _to_rgb_uint8(image)
+    width, height = image.size
+    sixteen_bit_range = image.mode != "I" or image.getextrema()[1] > 255  # type: ignore[index,operator]
+    rgb = np.empty((height, width, 3), np.uint8)
+    rows = max(1, _STRIP_PIXELS // width)
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        strip = image if rows >= height else image.crop((0, top, width, bottom))
+        rgb[top:bottom] = _to_rgb_uint8(strip, sixteen_bit_range)
+    return rgb
+
+
+def _to_rgb_uint8(image: Image.Image, sixteen_bit_range: bool = True) -> np.ndarray:
     mode = image.mode
     if mode == "RGB":
         return np.asarray(image, dtype=np.uint8)
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        values = np.asarray(image).astype(np.float64)
-        # "I" from a 16-bit source holds 0..65535; 8-bit-range data in "I" stays as it is.
-        if mode != "I" or values.max(initial=0) > 255:
-            values = values * (255.0 / 65535.0)
-        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        values = np.asarray(image)
+        # "I" from a 16-bit source holds 0..65535; 8-bit-range data in "I" stays as it is. rint(v * 255 / 65535)
+        # is (v + 128) // 257 exactly (65535 = 255 * 257; no value lies on a tie).
+        if mode != "I" or sixteen_bit_range:
+            gray = ((np.clip(values, 0, 65535).astype(np.uint32) + 128) // 257).astype(np.uint8)
+        else:
+            gray = np.clip(values, 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if mode == "F":
         values = np.asarray(image, dtype=np.float64)

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from facefuse.assets.registry import asset_path
+from facefuse.errors import InvalidInputError
 from facefuse.face.types import AlignedFace
-from facefuse.models.flame import METRES_TO_MM, NOW7_FROM_LMK68, FlameModelData, LandmarkEmbedding, barycentric_landmarks
+from facefuse.models.flame import METRES_TO_MM, N_SHAPE, NOW7_FROM_LMK68, FlameModelData, LandmarkEmbedding, barycentric_landmarks
 from facefuse.packs.base import BackendStatus, FusionSetup, ShapeResult
 
 TOPOLOGY = "flame2020"
@@ -141,6 +142,9 @@ class OferBackend:
                guide_strength: float, visibility: object | None = None) -> np.ndarray:
         from facefuse.models.diffusion import DDIMSampler, OfficialSampler
 
+        for name, given in (("start_shape", start_shape), ("guide_shape", guide_shape)):
+            if given is not None and np.shape(given) != (N_SHAPE,):
+                raise InvalidInputError(f"{name}: expected ({N_SHAPE},) FLAME coefficients, got {np.shape(given)}")
         blob = torch.from_numpy(np.ascontiguousarray(face.arcface_blob))[None].to(self.device)
         context = self.idgen.context(blob)
         sampler = OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
@@ -190,10 +194,10 @@ class OferBackend:
 
     @torch.inference_mode()
     def rank(self, face: AlignedFace, candidates: np.ndarray, visibility: object | None = None) -> np.ndarray:
-        from facefuse.errors import InvalidInputError
-
         if face.farl_input is None:
             raise InvalidInputError("face.farl_input is missing: IdRank needs the CLIP-normalised face crop")
+        if np.ndim(candidates) != 2 or np.shape(candidates)[1] != N_SHAPE:
+            raise InvalidInputError(f"candidates: expected (N, {N_SHAPE}) FLAME coefficients, got {np.shape(candidates)}")
         blob = torch.from_numpy(np.ascontiguousarray(face.arcface_blob))[None].to(self.device)
         farl = torch.from_numpy(np.ascontiguousarray(face.farl_input))[None].to(self.device)
         context = self.idrank.context(blob, farl)

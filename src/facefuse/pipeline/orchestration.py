@@ -8,6 +8,7 @@ other faces and images go on.
 from __future__ import annotations
 
 import contextvars
+import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -17,12 +18,12 @@ import grpc
 import numpy as np
 
 from facefuse import wire
-from facefuse.errors import FacefuseError, InvalidInputError
-from facefuse.face.frontend import select_faces
+from facefuse.errors import BackendUnavailableError, FacefuseError, InvalidInputError, LimitExceededError
+from facefuse.face.frontend import SELECTIONS, select_faces
 from facefuse.face.types import AlignedFace, Detection
-from facefuse.io.images import decode_image
+from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES, decode_image
 from facefuse.rpc.interceptors import request_metadata
-from facefuse.rpc.logs import log_event
+from facefuse.rpc.logs import LOG, log_event
 from facefuse.rpc.metrics import count_face, observe_decode_bytes
 from facefuse.rpc.options import channel_options
 from facefuse.rpc.deadline import Deadline
@@ -31,6 +32,8 @@ from facefuse.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc, gateway_pb2, mi
 
 METHODS = ("detect", "mica", "ofer", "fuse")
 DEFAULT_CALL_TIMEOUT_S = 600.0
+VISIBILITY_SOURCES = ("mask", "photometric", "hands")
+MAX_GIVEN_BOXES = 64
 
 
 @dataclass
@@ -89,19 +92,68 @@ def status(code: grpc.StatusCode, message: str = "") -> common_pb2.Status:
 
 
 def error_result(image_id: str, exc: BaseException, face_index: int = -1, num_faces: int = 0) -> gateway_pb2.FaceResult:
+    """A result carrying ``exc``'s status; an exception that is not a facefuse error is our bug: INTERNAL, logged."""
     code = status_code_for(exc) if isinstance(exc, (FacefuseError, TimeoutError)) else grpc.StatusCode.INTERNAL
+    if not isinstance(exc, (FacefuseError, TimeoutError)):
+        LOG.error("internal error on image %r face %d", image_id, face_index, exc_info=exc)
     return gateway_pb2.FaceResult(image_id=image_id, face_index=face_index, num_faces=num_faces,
                                   status=status(code, str(exc)))
+
+
+def check_options(options: gateway_pb2.ProcessOptions) -> None:
+    """Refuse ProcessOptions a caller got wrong before any work (INVALID_ARGUMENT, RESOURCE_EXHAUSTED for
+    limits). Upper limits of the model services (num_samples, steps, sampler_mode) stay theirs: their
+    INVALID_ARGUMENT/RESOURCE_EXHAUSTED reaches the face unchanged."""
+    from facefuse.fusion.strategies import NUM_TRAIN_STEPS, strategy_names
+
+    if (options.method or "detect") not in METHODS:
+        raise InvalidInputError(f"method {options.method!r}; expected one of {METHODS}")
+    if options.strategy and options.strategy not in strategy_names():
+        raise InvalidInputError(f"strategy {options.strategy!r}; known: {strategy_names()}")
+    if options.selection and options.selection not in SELECTIONS:
+        raise InvalidInputError(f"selection {options.selection!r}; expected one of {SELECTIONS}")
+    for name in ("num_samples", "steps"):
+        if getattr(options, name) < 0:
+            raise InvalidInputError(f"{name} {getattr(options, name)}; expected >= 0 (0 = the default)")
+    for key, value in options.strategy_options.items():
+        if not math.isfinite(value):
+            raise InvalidInputError(f"strategy_options[{key!r}]: {value} is not a finite number")
+    t0 = options.strategy_options.get("t0")
+    if t0 is not None and not (t0 == int(t0) and 0 <= t0 < NUM_TRAIN_STEPS):
+        raise InvalidInputError(f"strategy_options['t0']: {t0}; expected a whole number in 0..{NUM_TRAIN_STEPS - 1}")
+    strength = options.strategy_options.get("strength")
+    if strength is not None and not 0.0 <= strength <= 1.0:
+        raise InvalidInputError(f"strategy_options['strength']: {strength}; expected 0..1")
+    unknown = set(options.visibility_off) - set(VISIBILITY_SOURCES)
+    if unknown:
+        raise InvalidInputError(f"visibility_off: unknown source(s) {sorted(unknown)}; known: {', '.join(VISIBILITY_SOURCES)}")
+    if len(options.boxes) > MAX_GIVEN_BOXES:
+        raise LimitExceededError(f"{len(options.boxes)} boxes given; the limit is {MAX_GIVEN_BOXES}")
+    for i, box in enumerate(options.boxes):
+        corners = (box.x1, box.y1, box.x2, box.y2)
+        if not all(math.isfinite(v) for v in (*corners, box.score)) or box.x2 <= box.x1 or box.y2 <= box.y1:
+            raise InvalidInputError(f"boxes[{i}]: {corners} is not a finite box with x2 > x1 and y2 > y1")
+
+
+def check_mask(mask: np.ndarray | None, image_shape: tuple[int, ...]) -> None:
+    """The occlusion mask must be an (H, W) uint8 array the size of the decoded image."""
+    if mask is None:
+        return
+    if mask.ndim != 2 or mask.dtype != np.uint8:
+        raise InvalidInputError(f"mask: expected an (H, W) uint8 array, got {mask.shape} {mask.dtype}")
+    if mask.shape != tuple(image_shape[:2]):
+        raise InvalidInputError(f"mask is {mask.shape}, the image is {tuple(image_shape[:2])}: they must match")
 
 
 class FacePipeline:
     """Per-image work of the gateway, independent of the transport that feeds it."""
 
     def __init__(self, front_end: object, clients: MeshClients, *, max_pixels: int = 40_000_000,
-                 face_workers: int = 4) -> None:
+                 max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES, face_workers: int = 4) -> None:
         self.front_end = front_end
         self.clients = clients
         self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
         self._faces_pool = ThreadPoolExecutor(max_workers=face_workers, thread_name_prefix="face")
         self._hands: object | None = None
         self._branch_pool = ThreadPoolExecutor(max_workers=face_workers, thread_name_prefix="branch")
@@ -117,11 +169,10 @@ class FacePipeline:
         started = time.monotonic()
         deadline = deadline or Deadline.none()
         try:
-            method = options.method or "detect"
-            if method not in METHODS:
-                raise InvalidInputError(f"method {method!r}; expected one of {METHODS}")
-            image = decode_image(data, max_pixels=self.max_pixels)
+            check_options(options)
+            image = decode_image(data, max_pixels=self.max_pixels, max_decode_bytes=self.max_decode_bytes)
             observe_decode_bytes(len(data), image.nbytes)
+            check_mask(mask, image.shape)
             faces = self._faces(image, options)
         except FacefuseError as exc:
             yield error_result(image_id, exc)
@@ -145,7 +196,7 @@ class FacePipeline:
         for future in as_completed(futures):
             result = future.result()
             result.seconds = time.monotonic() - started
-            count_face(method, result.status.code)
+            count_face(options.method or "detect", result.status.code)
             yield result
 
     def _faces(self, image: np.ndarray, options: gateway_pb2.ProcessOptions) -> list[AlignedFace | FacefuseError]:
@@ -191,9 +242,8 @@ class FacePipeline:
                 result.reconstruction.CopyFrom(self._ofer(face_msg, options, deadline, visibility))
             elif method == "fuse":
                 self._fuse(face_msg, options, deadline, result, visibility)
-        except FacefuseError as exc:
-            code = status_code_for(exc)
-            result.status.CopyFrom(status(code, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one face's failure is that face's status; bugs are logged
+            return error_result(image_id, exc, index, num)
         return result
 
     def visibility(self, image: np.ndarray, face: AlignedFace, mask: np.ndarray | None,
@@ -204,12 +254,7 @@ class FacePipeline:
         landmarks = face.detection.landmarks
         if landmarks is None or len(landmarks) < 468:
             return None  # no dense landmarks (SCRFD front end): fusion assumes full visibility
-        off = set(options.visibility_off)
-        unknown = off - {"mask", "photometric", "hands"}
-        if unknown:
-            raise InvalidInputError(f"visibility_off: unknown source(s) {sorted(unknown)}; known: mask, photometric, hands")
-        if mask is not None and mask.shape[:2] != image.shape[:2]:
-            raise InvalidInputError(f"mask is {mask.shape[:2]}, the image is {image.shape[:2]}: they must match")
+        off = set(options.visibility_off)  # names and the mask's shape checked at the edge (check_options, check_mask)
         sources = VisibilitySources(mask="mask" not in off, photometric="photometric" not in off, hands="hands" not in off)
         hand_points = None
         if sources.hands:
@@ -241,8 +286,6 @@ class FacePipeline:
 
     def _call(self, backend: str, fn: Callable[..., object], request: object, deadline: Deadline) -> object:
         if fn is None:
-            from facefuse.errors import BackendUnavailableError
-
             raise BackendUnavailableError(f"{backend} service is not configured on this gateway")
         try:
             return fn(request, timeout=self._timeout(deadline), metadata=request_metadata())
@@ -357,9 +400,10 @@ class FacePipeline:
         except FacefuseError as exc:
             if not is_backend_down(exc):
                 raise
-            # Documented fallback: the generative branch is down or too slow; the face still gets MICA's
-            # shape, flagged. Any other failure (bad input, a backend's bug) is the face's own error.
-            log_event("fallback", branch="ofer", reason=str(exc))
+            # Documented fallback, only when the generative branch is down or out of time: the face still
+            # gets MICA's shape, flagged. Anything else the ofer service says (bad input, its own bug) is
+            # this face's status, raised on.
+            log_event("fallback", branch="ofer", to="mica", code=status_code_for(exc).name, reason=str(exc))
             mica.fallback = f"ofer unavailable, fell back to mica: {exc}"
             mica.strategy = "mica"
             result.reconstruction.CopyFrom(mica)

@@ -27,6 +27,7 @@ from facefuse.io.atomic import write_text_atomic
 from facefuse.rpc.interceptors import CallObserver, ServerInterceptor
 from facefuse.rpc.logs import configure_logging, log_event
 from facefuse.rpc.metrics import MetricsEndpoint, ServerMetrics
+from facefuse.rpc.request_decoding import decoding_server
 from facefuse.rpc.options import DEFAULT_GRACE_S, DEFAULT_MAX_MESSAGE_MB, server_options
 
 RPC_LIMIT_PER_WORKER = 4
@@ -101,7 +102,7 @@ def _start_grpc(register: Callable[[grpc.Server], None], service_names: Sequence
         interceptors=[ServerInterceptor(observers)],
         maximum_concurrent_rpcs=options.rpc_limit,
     )
-    register(server)
+    register(decoding_server(server))  # undecodable request bytes: INVALID_ARGUMENT, not gRPC's INTERNAL
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(service_names)

@@ -9,7 +9,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
 import grpc
+import numpy as np
 
+from facefuse.errors import InvalidInputError
 from facefuse.packs.base import BackendStatus
 from facefuse.errors import DeadlineError
 from facefuse.rpc.deadline import Deadline
@@ -23,6 +25,15 @@ def backend_info(status: BackendStatus) -> common_pb2.BackendInfo:
         service=status.service, backend=status.backend, pack=status.pack, placeholder=status.placeholder,
         ready=status.ready, message=status.message, device=status.device, details=dict(status.details),
     )
+
+
+def check_visibility_values(message: common_pb2.Visibility, per_vertex: np.ndarray | None) -> None:
+    """Visibility is a fraction: every region value and per-vertex entry finite and in [0, 1]."""
+    for region, value in message.regions.items():
+        if not 0.0 <= value <= 1.0:  # NaN fails this too
+            raise InvalidInputError(f"visibility.regions[{region!r}]: {value}; expected 0..1")
+    if per_vertex is not None and per_vertex.size and not (per_vertex.min() >= 0.0 and per_vertex.max() <= 1.0):
+        raise InvalidInputError("visibility.per_vertex: values must lie in [0, 1]")
 
 
 def wait_all(futures: Sequence[Future[T]], context: grpc.ServicerContext) -> list[T]:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Sequence
 
 import grpc
 import numpy as np
 
 from facefuse import wire
-from facefuse.errors import AssetError, InvalidInputError
+from facefuse.errors import AssetError, InvalidInputError, LimitExceededError
 from facefuse.packs.base import FusionSetup
 from facefuse.servers.base import run_cli
-from facefuse.servers.common import backend_info
+from facefuse.servers.common import backend_info, check_visibility_values
+from facefuse.servers.ofer import MAX_CANDIDATES
 from facefuse.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc
 
 SERVICE_NAME = "facefuse.v1.FusionService"
@@ -35,11 +37,19 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         mica = wire.require(request.mica_shape, "mica_shape", shape=(k,)) if wire.has(request, "mica_shape") else None
         samples = wire.require(request.samples, "samples", shape=(None, k)) if wire.has(request, "samples") else None
         scores = wire.require(request.scores, "scores", shape=(None,)) if wire.has(request, "scores") else None
+        if samples is not None and len(samples) > MAX_CANDIDATES:
+            raise LimitExceededError(f"{len(samples)} samples; the limit is {MAX_CANDIDATES}")
         if samples is not None and scores is not None and len(scores) != len(samples):
             raise InvalidInputError(f"scores has {len(scores)} entries for {len(samples)} samples")
+        for key, value in request.options.items():
+            if not math.isfinite(value):
+                raise InvalidInputError(f"options[{key!r}]: {value} is not a finite number")
         visibility = None
         if request.HasField("visibility"):
-            per_vertex = wire.to_numpy(request.visibility.per_vertex) if wire.has(request.visibility, "per_vertex") else None
+            v = self.space.num_vertices  # type: ignore[attr-defined]
+            per_vertex = (wire.require(request.visibility.per_vertex, "visibility.per_vertex", shape=(v,))
+                          if wire.has(request.visibility, "per_vertex") else None)
+            check_visibility_values(request.visibility, per_vertex)
             visibility = Visibility(regions=dict(request.visibility.regions), per_vertex=per_vertex,
                                     sources=tuple(request.visibility.sources))
         inputs = FusionInputs(mica_shape=None if mica is None else np.array(mica, np.float32),

@@ -26,6 +26,7 @@ import grpc
 
 from facefuse import wire
 from facefuse.errors import DeadlineError, FacefuseError, InvalidInputError, LimitExceededError
+from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES
 from facefuse.pipeline.orchestration import FacePipeline, MeshClients, error_result
 from facefuse.rpc.deadline import Deadline
 from facefuse.rpc.logs import current_request_id, log_event
@@ -46,6 +47,7 @@ PENDING_IMAGE_OVERHEAD = 1024
 POLL_S = 0.25
 """How often a waiting stream looks at its deadline, its caller and its idle clock."""
 
+MAX_IMAGE_ID_CHARS = 1024  # echoed in every result of the image: a name, not a payload
 _READER_DONE = object()
 _IMAGE_DONE = object()
 
@@ -166,6 +168,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     if not chunk.image_id:
                         out.put(error_result("", InvalidInputError("ImageChunk.image_id is empty")))
                         continue
+                    if len(chunk.image_id) > MAX_IMAGE_ID_CHARS:
+                        out.put(error_result(chunk.image_id[:64], InvalidInputError(
+                            f"ImageChunk.image_id has {len(chunk.image_id)} characters; at most {MAX_IMAGE_ID_CHARS}")))
+                        continue
                     item = pending.get(chunk.image_id)
                     if item is None:
                         item = pending[chunk.image_id] = _PendingImage(options=chunk.options)
@@ -279,6 +285,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-workers", type=int, default=DEFAULT_IMAGE_WORKERS,
                         help="images processed at once, shared by all streams")
     parser.set_defaults(workers=None)
+    parser.add_argument("--max-decode-mb", type=int, default=DEFAULT_MAX_DECODE_BYTES >> 20,
+                        help="memory one image's decoding may take, charged from its header (MiB)")
     parser.add_argument("--det-thresh", type=float, default=None, help="detector score threshold")
 
 
@@ -300,7 +308,7 @@ def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequ
                                 f"--max-streams {args.max_streams}; use at least {args.max_streams + 1} or omit it")
     front_end = FaceFrontEnd.from_assets(assets_dir(args.assets), ModelStore(), det_thresh=args.det_thresh)
     clients = MeshClients.connect(args.mica, args.ofer, args.fusion, args.max_message_mb)
-    pipeline = FacePipeline(front_end, clients, max_pixels=args.max_pixels)
+    pipeline = FacePipeline(front_end, clients, max_pixels=args.max_pixels, max_decode_bytes=args.max_decode_mb << 20)
     servicer = GatewayServicer(pipeline, limits=limits, image_workers=args.image_workers, front_end_name=front_end.name)
     return (lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
             [SERVICE_NAME], {SERVICE_NAME: True})

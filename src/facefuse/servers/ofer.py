@@ -17,7 +17,12 @@ from facefuse.rpc.logs import log_event
 from facefuse.rpc.metrics import queued
 from facefuse.servers.base import run_cli
 from facefuse.servers.batching import DynamicBatcher
-from facefuse.servers.common import add_model_arguments, backend_info, wait_all
+from facefuse.servers.common import (
+    add_model_arguments,
+    backend_info,
+    check_visibility_values,
+    wait_all,
+)
 from facefuse.v1 import common_pb2, ofer_pb2, ofer_pb2_grpc
 
 if TYPE_CHECKING:
@@ -25,6 +30,8 @@ if TYPE_CHECKING:
 
 SERVICE_NAME = "facefuse.v1.OferService"
 MAX_SAMPLES = 1000
+MAX_CANDIDATES = MAX_SAMPLES + 1  # the samples plus MICA's shape ("pool")
+MAX_STEPS = 1000  # IdGen's schedule length: more DDIM steps than that do not exist
 MODES = ("fast", "official")
 
 
@@ -46,10 +53,27 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
             self.batcher = DynamicBatcher(run, max_batch=max_batch, max_wait_s=batch_wait_s, name="ofer-batcher")
 
     def Sample(self, request: ofer_pb2.SampleRequest, context: grpc.ServicerContext) -> Iterator[ofer_pb2.SampleChunk]:
+        shapes = self._sample(request, context)
+        chunk = request.chunk_size or len(shapes)
+        for offset in range(0, len(shapes), chunk):
+            if not context.is_active():
+                return
+            yield ofer_pb2.SampleChunk(offset=offset, shapes=wire.from_numpy(shapes[offset:offset + chunk]), total=len(shapes))
+        log_event("sample", samples=len(shapes), mode=request.mode or "fast")
+
+    def _sample(self, request: ofer_pb2.SampleRequest, context: grpc.ServicerContext) -> np.ndarray:
+        """Check every field of the request, then sample."""
         face = wire.aligned_face_from_message(request.face)
         count = request.num_samples or 10
-        if not 1 <= count <= MAX_SAMPLES:
+        if count < 0:
+            raise InvalidInputError(f"num_samples {count}; expected 1..{MAX_SAMPLES} (0 = 10)")
+        if count > MAX_SAMPLES:
             raise LimitExceededError(f"num_samples {count}; allowed 1..{MAX_SAMPLES}")
+        if not 0 <= request.steps <= MAX_STEPS:
+            raise (LimitExceededError if request.steps > MAX_STEPS else InvalidInputError)(
+                f"steps {request.steps}; expected 0..{MAX_STEPS} (0 = the sampler's default)")
+        if request.chunk_size < 0:
+            raise InvalidInputError(f"chunk_size {request.chunk_size}; expected >= 0 (0 = all samples in one chunk)")
         mode = request.mode or "fast"
         if mode not in MODES:
             raise InvalidInputError(f"mode {mode!r}; expected one of {MODES}")
@@ -57,7 +81,7 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
         guide = wire.require(request.guide_shape, "guide_shape", shape=(None,)) if wire.has(request, "guide_shape") else None
         if not 0 <= request.start_t0 <= 999:
             raise InvalidInputError(f"start_t0 {request.start_t0}; expected 0..999")
-        if not 0.0 <= request.guide_strength <= 1.0:
+        if not 0.0 <= request.guide_strength <= 1.0:  # NaN fails this too
             raise InvalidInputError(f"guide_strength {request.guide_strength}; expected 0..1")
         visibility = _visibility(request)
         if self.batcher is not None and start is None and (guide is None or request.guide_strength == 0):
@@ -71,19 +95,15 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
                                              start_shape=start, start_t0=request.start_t0,
                                              guide_shape=guide, guide_strength=request.guide_strength,
                                              visibility=visibility)
-        shapes = np.asarray(shapes, dtype=np.float32)
-        chunk = request.chunk_size or len(shapes)
-        for offset in range(0, len(shapes), chunk):
-            if not context.is_active():
-                return
-            yield ofer_pb2.SampleChunk(offset=offset, shapes=wire.from_numpy(shapes[offset:offset + chunk]), total=len(shapes))
-        log_event("sample", samples=len(shapes), mode=mode)
+        return np.asarray(shapes, dtype=np.float32)
 
     def Rank(self, request: ofer_pb2.RankRequest, context: grpc.ServicerContext) -> ofer_pb2.RankResponse:
         face = wire.aligned_face_from_message(request.face)
         candidates = wire.require(request.candidates, "candidates", shape=(None, None))  # K checked by the backend
         if len(candidates) == 0:
             raise InvalidInputError("candidates is empty")
+        if len(candidates) > MAX_CANDIDATES:
+            raise LimitExceededError(f"{len(candidates)} candidates; the limit is {MAX_CANDIDATES}")
         with queued(self._lock, "ofer-model"):
             scores = self.backend.rank(face, np.asarray(candidates, dtype=np.float32), visibility=_visibility(request))
         return ofer_pb2.RankResponse(scores=wire.from_numpy(np.asarray(scores, dtype=np.float32)))
@@ -100,9 +120,7 @@ def _visibility(request: ofer_pb2.SampleRequest | ofer_pb2.RankRequest) -> "Visi
 
     message = request.visibility
     per_vertex = wire.require(message.per_vertex, "visibility.per_vertex", shape=(None,)) if wire.has(message, "per_vertex") else None
-    values = list(message.regions.values()) + ([] if per_vertex is None else [float(np.min(per_vertex)), float(np.max(per_vertex))])
-    if any(not 0.0 <= v <= 1.0 for v in values):
-        raise InvalidInputError("visibility values must lie in [0, 1]")
+    check_visibility_values(message, per_vertex)
     return Visibility(regions=dict(message.regions), per_vertex=None if per_vertex is None else np.asarray(per_vertex, np.float32),
                       sources=tuple(message.sources))
 
