@@ -33,9 +33,9 @@ from facefuse.assets.store import ModelStore
 from facefuse.face.frontend import FaceFrontEnd
 from facefuse.fusion.strategies import FusionInputs, fuse
 from facefuse.fusion.visibility import Visibility
+from facefuse.geometry import umeyama
 from facefuse.packs.open import (
     load_open_generative_backend, load_open_shape_backend, open_shape_space, vertex_visibility_from_mask,
-    weighted_rigid_fit,
 )
 
 OCCLUDERS = ("grey", "black", "skin")
@@ -69,8 +69,7 @@ def occlude(image: np.ndarray, lips_px: np.ndarray, kind: str) -> tuple[np.ndarr
 
 
 def hidden_error(vertices: np.ndarray, truth: np.ndarray, hidden: np.ndarray) -> float:
-    s, r, t = weighted_rigid_fit(np.asarray(vertices, np.float64), truth, (~hidden).astype(float), with_scale=True)
-    aligned = s * np.asarray(vertices, np.float64) @ r.T + t
+    aligned = umeyama(vertices, truth, (~hidden).astype(float)).apply(vertices)
     return float(np.linalg.norm(aligned[hidden] - truth[hidden], axis=1).mean())
 
 

@@ -35,7 +35,8 @@ from scipy.spatial.transform import Rotation
 
 from facefuse.errors import AssetError, FacefuseError, InvalidInputError, LimitExceededError
 from facefuse.eval.geometry import TriangleMeshDistance
-from facefuse.eval.procrustes import SimilarityTransform, similarity_procrustes
+from facefuse.eval.procrustes import similarity_procrustes
+from facefuse.geometry import SimilarityTransform
 
 CHALLENGES: dict[str, str] = {
     "neutral": "multiview_neutral",

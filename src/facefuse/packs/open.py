@@ -30,6 +30,7 @@ from facefuse.errors import InvalidInputError, LimitExceededError
 from facefuse.face.types import AlignedFace, Detection
 from facefuse.fusion.space import ShapeSpace
 from facefuse.fusion.visibility import Visibility
+from facefuse.geometry import umeyama
 from facefuse.models.gpmm import GaussianProcessMorphableModel
 from facefuse.packs.base import BackendStatus, ShapeResult
 
@@ -74,23 +75,6 @@ REGION_NAMES_FLAME = {
 # --------------------------------------------------------------------------- geometry
 
 
-def weighted_rigid_fit(source: np.ndarray, target: np.ndarray, weights: np.ndarray, *,
-                       with_scale: bool = False) -> tuple[float, np.ndarray, np.ndarray]:
-    """(s, R, t) minimising Σ w_i ‖s R x_i + t − y_i‖² (Umeyama's weighted solution, det R = +1)."""
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    mu_x, mu_y = w @ source, w @ target
-    xc, yc = source - mu_x, target - mu_y
-    cov = (yc * w[:, None]).T @ xc
-    u, sing, vt = np.linalg.svd(cov)
-    d = np.ones(3)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        d[2] = -1.0
-    rotation = (u * d) @ vt
-    scale = float((sing * d).sum() / (w @ (xc**2).sum(axis=1))) if with_scale else 1.0
-    return scale, rotation, mu_y - scale * rotation @ mu_x
-
-
 @dataclass
 class MetricFace:
     """A face's metric mesh in the canonical face's frame (mm) and how it was made."""
@@ -132,14 +116,16 @@ def metric_face(landmarks: np.ndarray, canonical: CanonicalFace, *, iris: np.nda
             weights = np.clip(np.asarray(visibility, dtype=np.float64), 0.0, 1.0)
     if weights.sum() <= 0:
         raise InvalidInputError("metric face: no visible landmark to fit the pose on (visibility is all zero)")
-    size_scale, _, _ = weighted_rigid_fit(points, canonical.vertices_mm, weights, with_scale=True)
+    size_scale = umeyama(points, canonical.vertices_mm, weights).scale
+    if size_scale <= 0:
+        raise InvalidInputError("metric face: the landmarks are degenerate (no positive scale fits the canonical face)")
     mm_per_px, source = size_scale, "canonical-size"
     from_iris = iris_mm_per_px(iris)
     if from_iris is not None and IRIS_SCALE_RANGE[0] <= from_iris / size_scale <= IRIS_SCALE_RANGE[1]:
         mm_per_px, source = from_iris, "iris"
     metric = points * mm_per_px
-    _, rotation, translation = weighted_rigid_fit(metric, canonical.vertices_mm, weights)
-    vertices = metric @ rotation.T + translation
+    pose = umeyama(metric, canonical.vertices_mm, weights, scale=1.0)
+    rotation, vertices = pose.rotation, pose.apply(metric)
     rms = float(np.sqrt((weights @ ((vertices - canonical.vertices_mm) ** 2).sum(axis=1)) / weights.sum()))
     return MetricFace(vertices, float(mm_per_px), source, rotation, rms)
 
@@ -332,8 +318,8 @@ class OpenGenerativeBackend:
             fit = weights.copy()
         if np.all(weights >= 1.0) or fit.sum() <= 0:
             return np.eye(3), np.zeros(3)
-        _, rotation, translation = weighted_rigid_fit(observed, self.canonical.vertices_mm, fit)
-        return rotation, translation
+        frame = umeyama(observed, self.canonical.vertices_mm, fit, scale=1.0)
+        return frame.rotation, frame.translation
 
     def completions(self, face: AlignedFace | Detection, observed: np.ndarray, weights: np.ndarray, num: int,
                     generator: np.random.Generator) -> np.ndarray | None:
@@ -351,8 +337,7 @@ class OpenGenerativeBackend:
         out = np.empty((int(num), NUM_VERTICES, 3))
         for i, points in enumerate(landmarks):
             vertices = metric_face(points, self.canonical, iris=iris).vertices_mm
-            scale, rotation, translation = weighted_rigid_fit(vertices, observed, (~hidden).astype(np.float64), with_scale=True)
-            out[i] = scale * vertices @ rotation.T + translation
+            out[i] = umeyama(vertices, observed, (~hidden).astype(np.float64)).apply(vertices)
         return out
 
     def sample(self, face: AlignedFace, num_samples: int, *, mode: str = "", steps: int = 0, seed: int = 0,
