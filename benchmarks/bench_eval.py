@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,11 +23,10 @@ import trimesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from eval_fixtures import apply, head_mesh, mesh_landmarks, random_similarity  # noqa: E402
+from facefuse.eval.geometry import TriangleMeshDistance, closest_points_on_triangles
+from facefuse.eval.now import align_and_measure, crop_scan, read_mesh, read_scan_vertices
 
-from facefuse.eval.geometry import TriangleMeshDistance, closest_points_on_triangles  # noqa: E402
-from facefuse.eval.now import align_and_measure, crop_scan, read_mesh, read_scan_vertices  # noqa: E402
-import tempfile  # noqa: E402
+from eval_fixtures import apply, head_mesh, mesh_landmarks, random_similarity
 
 
 def sample_scan(head: trimesh.Trimesh, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -111,9 +111,9 @@ def main() -> None:
 
 def end_to_end(per_challenge: int, workers: int) -> None:
     """The whole runner (files, crop, workers, outputs) on a synthetic NoW-layout dataset."""
-    from eval_fixtures import make_now_dataset
-
     from facefuse.eval.now import NowEvalConfig, run_now_evaluation
+
+    from eval_fixtures import make_now_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         fx = make_now_dataset(Path(tmp), n_subjects=2, images_per_challenge=per_challenge, head_subdivisions=5,

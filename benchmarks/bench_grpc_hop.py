@@ -66,7 +66,7 @@ def bench_grpc(repeats: int) -> list[float]:
 class JsonHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:  # http.server names the handler
         body = self.rfile.read(int(self.headers["Content-Length"]))
         blob = np.asarray(json.loads(body)["arcface"], dtype=np.float32)
         assert blob.shape == (3, 112, 112)

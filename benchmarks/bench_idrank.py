@@ -15,10 +15,10 @@ import platform
 
 import torch
 
-from timing import timed
-
 from facefuse.assets.synthetic.ofer_idrank import synthetic_front_indices, synthetic_idrank_sections
 from facefuse.models.idrank import IdRank, rank_features
+
+from timing import timed
 
 
 def main() -> None:

@@ -23,13 +23,13 @@ import time
 import numpy as np
 import skimage.data
 
-from timing import timed
-
 from facefuse.assets.store import ModelStore
 from facefuse.face.frontend import FaceFrontEnd
 from facefuse.fusion.strategies import FusionInputs, fuse
 from facefuse.fusion.visibility import Visibility
 from facefuse.packs.open import load_open_generative_backend, load_open_shape_backend, open_shape_space
+
+from timing import timed
 
 
 def main() -> None:

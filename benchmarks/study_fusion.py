@@ -47,7 +47,12 @@ import torch
 from facefuse.assets.synthetic.flame import flame_masks, flame_model_fields
 from facefuse.fusion.space import ShapeSpace
 from facefuse.fusion.strategies import (
-    DEFAULT_STRATEGY, FusionInputs, create_strategy, guided_strength, sdedit_t0, strategy_names,
+    DEFAULT_STRATEGY,
+    FusionInputs,
+    create_strategy,
+    guided_strength,
+    sdedit_t0,
+    strategy_names,
 )
 from facefuse.fusion.visibility import REGION_NAMES, Visibility
 from facefuse.models.diffusion import DDIMSampler, SamplingTables

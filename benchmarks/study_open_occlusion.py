@@ -35,7 +35,10 @@ from facefuse.fusion.strategies import FusionInputs, fuse
 from facefuse.fusion.visibility import Visibility
 from facefuse.geometry import umeyama
 from facefuse.packs.open import (
-    load_open_generative_backend, load_open_shape_backend, open_shape_space, vertex_visibility_from_mask,
+    load_open_generative_backend,
+    load_open_shape_backend,
+    open_shape_space,
+    vertex_visibility_from_mask,
 )
 
 OCCLUDERS = ("grey", "black", "skin")

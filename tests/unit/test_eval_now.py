@@ -14,10 +14,8 @@ from scipy.optimize import least_squares
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval_fixtures import apply, head_mesh, make_now_dataset, mesh_landmarks, random_similarity  # noqa: E402
-
-from facefuse.errors import AssetError, InvalidInputError  # noqa: E402
-from facefuse.eval.now import (  # noqa: E402
+from facefuse.errors import AssetError, InvalidInputError
+from facefuse.eval.now import (
     NowEvalConfig,
     NowLayout,
     align_and_measure,
@@ -26,7 +24,9 @@ from facefuse.eval.now import (  # noqa: E402
     read_prediction_landmarks,
     run_now_evaluation,
 )
-from facefuse.eval.procrustes import similarity_procrustes  # noqa: E402
+from facefuse.eval.procrustes import similarity_procrustes
+
+from eval_fixtures import apply, head_mesh, make_now_dataset, mesh_landmarks, random_similarity
 
 # ------------------------------------------------------------------------------------------------
 # Procrustes

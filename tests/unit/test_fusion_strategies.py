@@ -8,8 +8,17 @@ import pytest
 from facefuse.errors import InvalidInputError
 from facefuse.fusion.space import ShapeSpace
 from facefuse.fusion.strategies import (
-    DEFAULT_STRATEGY, SDEDIT_T_MAX, SDEDIT_T_MIN, STRATEGIES, FusionInputs, GaussianStrategy, create_strategy, fuse,
-    guided_strength, sdedit_t0, strategy_names,
+    DEFAULT_STRATEGY,
+    SDEDIT_T_MAX,
+    SDEDIT_T_MIN,
+    STRATEGIES,
+    FusionInputs,
+    GaussianStrategy,
+    create_strategy,
+    fuse,
+    guided_strength,
+    sdedit_t0,
+    strategy_names,
 )
 from facefuse.fusion.visibility import REGION_NAMES, Visibility
 

@@ -19,8 +19,16 @@ import skimage.data
 from facefuse.assets.store import ModelStore
 from facefuse.errors import AssetError, InvalidInputError
 from facefuse.face.facemesh import roi_affine
-from facefuse.face.hands import (HAND_ROI_SCALE, NUM_HAND_LANDMARKS, HandDetector, HandResult, PalmBox,
-                                 decode_palms, hand_roi, palm_anchors)
+from facefuse.face.hands import (
+    HAND_ROI_SCALE,
+    NUM_HAND_LANDMARKS,
+    HandDetector,
+    HandResult,
+    PalmBox,
+    decode_palms,
+    hand_roi,
+    palm_anchors,
+)
 from facefuse.face.tflite import TFLiteModel
 from facefuse.fusion.visibility import visibility_from_hands
 

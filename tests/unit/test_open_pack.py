@@ -20,7 +20,10 @@ from facefuse.fusion.visibility import Visibility
 from facefuse.geometry import umeyama
 from facefuse.packs.base import ShapeResult
 from facefuse.packs.open import (
-    KPT7_INDICES, load_open_generative_backend, load_open_shape_backend, open_shape_space,
+    KPT7_INDICES,
+    load_open_generative_backend,
+    load_open_shape_backend,
+    open_shape_space,
     vertex_visibility_from_mask,
 )
 

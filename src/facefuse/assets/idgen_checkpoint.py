@@ -39,7 +39,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from facefuse.assets.checkpoint_io import check_state_dict, expected_state, load_checkpoint, load_strict, require_sections
+from facefuse.assets.checkpoint_io import (
+    check_state_dict,
+    expected_state,
+    load_checkpoint,
+    load_strict,
+    require_sections,
+)
 from facefuse.errors import AssetError, CheckpointError
 from facefuse.io.atomic import atomic_open
 from facefuse.models.diffusion import VarianceSchedule

@@ -198,7 +198,7 @@ class NowLayout:
     detected_faces: Path | None
 
     @staticmethod
-    def discover(root: str | os.PathLike[str], split: str = "val") -> "NowLayout":
+    def discover(root: str | os.PathLike[str], split: str = "val") -> NowLayout:
         base = Path(root)
         if not base.is_dir():
             raise InvalidInputError(f"NoW dataset folder {base} does not exist or is not a folder")
@@ -509,7 +509,7 @@ def _evaluate_task(task: _Task) -> ImageResult:
         result.message = f"{type(exc).__name__}: {exc}"
         return result
     errors = out.errors.astype(np.float32)
-    result.n_points = int(len(errors))
+    result.n_points = len(errors)
     result.median_mm = float(np.median(out.errors))
     result.mean_mm = float(np.mean(out.errors))
     result.std_mm = float(np.std(out.errors))
@@ -538,7 +538,7 @@ def error_statistics(errors: np.ndarray) -> dict[str, float | int]:
     if len(errors) == 0:
         return {"median_mm": None, "mean_mm": None, "std_mm": None, "n_points": 0}  # type: ignore[dict-item]
     e = np.asarray(errors, dtype=np.float64)
-    return {"median_mm": float(np.median(e)), "mean_mm": float(np.mean(e)), "std_mm": float(np.std(e)), "n_points": int(len(e))}
+    return {"median_mm": float(np.median(e)), "mean_mm": float(np.mean(e)), "std_mm": float(np.std(e)), "n_points": len(e)}
 
 
 def cumulative_curve(errors: np.ndarray, max_mm: float = CURVE_MAX_MM, n: int = 801) -> tuple[np.ndarray, np.ndarray]:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from facefuse.io.images import require_rgb_uint8
 from facefuse.assets.store import ModelStore
 from facefuse.errors import InvalidInputError
 from facefuse.face.align import arcface_blob, box_crop_224, norm_crop
 from facefuse.face.facemesh import IrisResult
 from facefuse.face.types import AlignedFace, Detection
+from facefuse.io.images import require_rgb_uint8
 
 SCRFD_RELPATH = "antelopev2/scrfd_10g_bnkps.onnx"
 SELECTIONS = ("all", "largest", "center")

@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from facefuse.io.images import require_rgb_uint8
 from facefuse.errors import AssetError, InvalidInputError
 from facefuse.face.blazeface import SCORE_CLIP, anchor_centres, letterbox, weighted_nms
 from facefuse.face.facemesh import crop_roi, project, roi_affine
 from facefuse.face.tflite import TFLiteModel
+from facefuse.io.images import require_rgb_uint8
 
 if TYPE_CHECKING:
     from facefuse.assets.store import ModelStore

@@ -11,7 +11,13 @@ import torch
 
 from facefuse.assets.registry import asset_path
 from facefuse.face.types import AlignedFace
-from facefuse.models.flame import METRES_TO_MM, NOW7_FROM_LMK68, FlameModelData, LandmarkEmbedding, barycentric_landmarks
+from facefuse.models.flame import (
+    METRES_TO_MM,
+    NOW7_FROM_LMK68,
+    FlameModelData,
+    LandmarkEmbedding,
+    barycentric_landmarks,
+)
 from facefuse.packs.base import BackendStatus, ShapeResult
 
 TOPOLOGY = "flame2020"
@@ -53,7 +59,7 @@ class MicaBackend:
                                     details={"checkpoint": source, "vertices": str(flame.num_vertices)})
 
     @classmethod
-    def from_assets(cls, directory: Path, device: str = "auto") -> "MicaBackend":
+    def from_assets(cls, directory: Path, device: str = "auto") -> MicaBackend:
         from facefuse.assets.mica_checkpoint import load_mica
         from facefuse.servers.common import resolve_device
 
@@ -114,7 +120,7 @@ class OferBackend:
         self.status = BackendStatus("ofer", "ofer-idgen-idrank", "flame", True, False, "ready", device=device, details=details)
 
     @classmethod
-    def from_assets(cls, directory: Path, device: str = "auto", projections: str | None = None) -> "OferBackend":
+    def from_assets(cls, directory: Path, device: str = "auto", projections: str | None = None) -> OferBackend:
         import os
 
         from facefuse.assets.idgen_checkpoint import load_idgen

@@ -33,8 +33,14 @@ import torch
 from facefuse.models.flame import N_JOINTS, NOW7_FROM_LMK68, FlameModelData
 
 __all__ = [
-    "FLAME_SIZES", "FlameSize", "flame_generator", "synthetic_flame_data", "synthetic_flame_mesh",
-    "write_flame_model", "write_landmark_embedding", "write_flame_masks",
+    "FLAME_SIZES",
+    "FlameSize",
+    "flame_generator",
+    "synthetic_flame_data",
+    "synthetic_flame_mesh",
+    "write_flame_masks",
+    "write_flame_model",
+    "write_landmark_embedding",
 ]
 
 
