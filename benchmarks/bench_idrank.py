@@ -59,7 +59,7 @@ def main() -> None:
     print(f"{'step':44s} {'wall ms':>10s} {'cpu ms':>10s}")
     for name, wall, cpu in rows:
         print(f"{name:44s} {wall * 1e3:10.1f} {cpu * 1e3:10.1f}")
-    for n, row in zip((10, 100), (rows[4], rows[6])):
+    for n, row in zip((10, 100), (rows[4], rows[6]), strict=True):
         print(f"{f'per face, N={n} (context + score)':44s} {(context_wall + row[1]) * 1e3:10.1f}")
 
 

@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
             eigval, eigvec = eig_cache[(kind, level)]
             eps = GaussianEps(tables, ofer_mean, np.maximum(eigval, 0.0), eigvec)
 
-            def draw(**hooks) -> np.ndarray:
+            def draw(eps: GaussianEps = eps, rng: np.random.Generator = rng, **hooks: object) -> np.ndarray:
                 noise = torch.from_numpy(rng.standard_normal((n, K)).astype(np.float32))
                 return sampler.sample(eps, tables, n, dim=K, initial_noise=noise, **hooks).numpy()
 
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     print("\nmean per-vertex error over the face region, mm (lower is better); "
           f"{args.faces} faces per level, N = {n} samples; default strategy: {DEFAULT_STRATEGY}")
     print(text)
-    print("largest standard error of a cell: %.3f mm" % max(max(r.values()) for r in sems.values()))
+    print(f"largest standard error of a cell: {max(max(r.values()) for r in sems.values()):.3f} mm")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

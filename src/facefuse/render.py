@@ -66,7 +66,7 @@ def _face_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 def shade(vertices: np.ndarray, faces: np.ndarray, index: np.ndarray, bary: np.ndarray,
           colors: np.ndarray | None) -> np.ndarray:
     """Lambert (two-sided, flat per triangle) times the interpolated vertex colour; background elsewhere."""
-    image = np.full(index.shape + (3,), float(BACKGROUND))
+    image = np.full((*index.shape, 3), float(BACKGROUND))
     hit = index >= 0
     if not hit.any():
         return image.astype(np.uint8)

@@ -25,7 +25,7 @@ from facefuse.face.align import (
 def _closed_form_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Linear least squares in (a, b, tx, ty) with x' = a x - b y + tx, y' = b x + a y + ty."""
     rows, rhs = [], []
-    for (x, y), (u, v) in zip(src, dst):
+    for (x, y), (u, v) in zip(src, dst, strict=True):
         rows += [[x, -y, 1, 0], [y, x, 0, 1]]
         rhs += [u, v]
     (a, b, tx, ty), *_ = np.linalg.lstsq(np.array(rows, float), np.array(rhs, float), rcond=None)

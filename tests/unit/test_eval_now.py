@@ -135,7 +135,7 @@ def test_crop_keeps_exactly_the_vertices_inside_the_protocol_radius() -> None:
 def head_case() -> dict:
     head = head_mesh(4)
     lmk = mesh_landmarks(head)
-    sv, sf = trimesh.remesh.subdivide(head.vertices, head.faces)
+    sv, _sf = trimesh.remesh.subdivide(head.vertices, head.faces)
     return {"head": head, "lmk": lmk, "scan": np.asarray(sv)}
 
 
@@ -240,7 +240,7 @@ def test_layout_discovery_accepts_both_arrangements(tmp_path: Path, fixture_data
     flat = make_now_dataset(tmp_path, n_subjects=1, missing=0, layout="flat")
     flat_layout = NowLayout.discover(flat.root, "val")
     assert flat_layout.scans == flat.root / "scans"
-    with pytest.raises(AssetError, match="imagepathstest.txt"):
+    with pytest.raises(AssetError, match=r"imagepathstest\.txt"):
         NowLayout.discover(flat.root, "test")
     with pytest.raises(InvalidInputError, match="does not exist"):
         NowLayout.discover(tmp_path / "nowhere", "val")

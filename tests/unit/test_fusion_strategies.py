@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -121,7 +123,7 @@ def test_gaussian_moves_toward_ofer_as_visibility_drops(space, data):
         distances.append(np.linalg.norm(shape - mean))
         # Between the inputs: never farther from either input than they are from each other.
         assert np.linalg.norm(shape - mica) <= np.linalg.norm(mean - mica) + 1e-6
-    assert all(a > b for a, b in zip(distances, distances[1:]))
+    assert all(a > b for a, b in itertools.pairwise(distances))
 
 
 def test_gaussian_automatic_shrinkage_matches_the_formula(data):

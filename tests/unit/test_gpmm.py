@@ -25,7 +25,7 @@ def test_mirror_map(template):
     np.testing.assert_array_equal(m[25:50], np.arange(25))
     np.testing.assert_array_equal(m[50:], np.arange(50, 56))
     with pytest.raises(ValueError, match="not mirror-symmetric"):
-        mirror_map(template + [3.0, 0, 0])
+        mirror_map(template + np.array([3.0, 0.0, 0.0]))
 
 
 def test_covariance_matches_the_written_formula(template):

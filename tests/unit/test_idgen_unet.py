@@ -212,7 +212,7 @@ def test_construction_consumes_rng_like_official_unet() -> None:
     net = IdGenUnet()
     assert torch.equal(torch.random.get_rng_state(), shadow_state)
     mine = net.get_projections()
-    for name, expected in zip(ATTENTION_BLOCK_NAMES, captured):
+    for name, expected in zip(ATTENTION_BLOCK_NAMES, captured, strict=True):
         assert torch.equal(mine[name], expected), name
 
 

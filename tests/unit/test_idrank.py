@@ -158,7 +158,7 @@ def test_wrong_shape_is_named(section: str, key: str, shape: tuple[int, ...]) ->
 def test_wrong_dtype_is_named() -> None:
     ckpt = _meta_checkpoint()
     ckpt["net"]["ranklayers.4.mlp.bias"] = torch.empty(1, dtype=torch.float16, device="meta")
-    with pytest.raises(CheckpointError, match="ranklayers.4.mlp.bias: dtype torch.float16"):
+    with pytest.raises(CheckpointError, match=r"ranklayers\.4\.mlp\.bias: dtype torch\.float16"):
         check_idrank_checkpoint(ckpt, "model_idrank.tar")
 
 
@@ -175,7 +175,7 @@ def test_missing_section_file_fails_naming_it(tmp_path: Path, files: dict[str, P
 def test_unreadable_checkpoint_is_named(tmp_path: Path) -> None:
     path = tmp_path / "model_idrank.tar"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="model_idrank.tar"):
+    with pytest.raises(CheckpointError, match=r"model_idrank\.tar"):
         validate_idrank_checkpoint(path)
 
 
@@ -202,7 +202,7 @@ def _small_farl(tmp_path: Path, state: dict[str, torch.Tensor], wrap: bool = Tru
 
 def test_farl_missing_image_tower_is_named(tmp_path: Path) -> None:
     path = _small_farl(tmp_path, {"visual.class_embedding": torch.zeros(768), "ln_final.weight": torch.zeros(512)})
-    with pytest.raises(CheckpointError, match="image-tower key.*'visual.positional_embedding'"):
+    with pytest.raises(CheckpointError, match=r"image-tower key.*'visual\.positional_embedding'"):
         validate_farl_weights(path)
 
 
@@ -243,7 +243,7 @@ def test_front_indices_corruptions(tmp_path: Path) -> None:
         assert str(path) in _error(path)
     pickled = tmp_path / "obj.npy"
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(AssetError, match="obj.npy"):
+    with pytest.raises(AssetError, match=r"obj\.npy"):
         load_front_indices(pickled)
     with pytest.raises(AssetError, match="not found"):
         load_front_indices(tmp_path / "absent.npy")

@@ -118,5 +118,5 @@ def test_renamed_key_and_wrong_shape_are_named(tmp_path, checkpoint):
 def test_not_a_checkpoint_is_refused(tmp_path):
     path = tmp_path / "mica.tar"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(AssetError, match="mica.tar"):
+    with pytest.raises(AssetError, match=r"mica\.tar"):
         validate_mica_checkpoint(path)

@@ -122,7 +122,7 @@ def test_validator_rejects_six_outputs(tmp_path):
 
 def test_validator_rejects_wrong_input_name(tmp_path):
     path = build_scrfd_like(tmp_path / "renamed.onnx", input_name="images")
-    with pytest.raises(AssetError, match="input.1"):
+    with pytest.raises(AssetError, match=r"input\.1"):
         validate_scrfd_model(path)
 
 

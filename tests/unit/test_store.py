@@ -198,7 +198,7 @@ def test_unknown_model(tmp_path, fake_entries):
 
 def test_npm_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(store_module.shutil, "which", lambda _name: None)
-    with pytest.raises(AssetError, match="Node.js/npm"):
+    with pytest.raises(AssetError, match=r"Node\.js/npm"):
         download_package(Package("npm", "@mediapipe/face_mesh", "0.4.1657299874", None), tmp_path)
 
 

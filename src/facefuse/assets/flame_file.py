@@ -223,7 +223,7 @@ def to_array(value: Any) -> np.ndarray:
         return value
     if isinstance(value, ChumpyStandIn):
         state = value.state
-        module, _, name = value.chumpy_class.rpartition(".")
+        _module, _, name = value.chumpy_class.rpartition(".")
         if name == "Ch":
             return np.asarray(to_array(state["x"]))
         if name == "Select":

@@ -103,10 +103,7 @@ def read_prediction_landmarks(path: str | os.PathLike[str]) -> np.ndarray:
     """A predicted 7x3 landmark file: ``.npy`` or whitespace-separated ``.txt``."""
     p = Path(path)
     try:
-        if p.suffix == ".npy":
-            arr = np.load(p, allow_pickle=False)
-        else:
-            arr = np.loadtxt(p, dtype=np.float64, ndmin=2)
+        arr = np.load(p, allow_pickle=False) if p.suffix == ".npy" else np.loadtxt(p, dtype=np.float64, ndmin=2)
     except (OSError, ValueError) as exc:
         raise InvalidInputError(f"{p}: unreadable landmark file ({exc})") from exc
     arr = np.asarray(arr, dtype=np.float64)
@@ -437,7 +434,7 @@ def align_and_measure(
     transform = initial
     iterations = 0
     if len(points) > 2 * coarse_points:
-        subset = points[:: int(math.ceil(len(points) / coarse_points))]
+        subset = points[:: math.ceil(len(points) / coarse_points)]
         transform, _, iterations, _ = refine_alignment(
             subset, surface, transform, fit_scale=not metrical, ftol=1e-5, xtol=1e-2
         )

@@ -204,10 +204,10 @@ def _rectangle_occluder(img: np.ndarray, box: tuple[int, int, int, int], coverag
     bw, bh = x1 - x0, y1 - y0
     area = coverage * bw * bh
     aspect = float(np.exp(rng.uniform(math.log(0.5), math.log(2.0))))
-    w = int(round(min(bw, max(1.0, math.sqrt(area * aspect)))))
-    h = int(round(min(bh, max(1.0, area / w))))
+    w = round(min(bw, max(1.0, math.sqrt(area * aspect))))
+    h = round(min(bh, max(1.0, area / w)))
     if h == bh and w < bw:  # too tall for the box: widen instead
-        w = int(round(min(bw, area / h)))
+        w = round(min(bw, area / h))
     rx = x0 + int(rng.integers(0, bw - w + 1))
     ry = y0 + int(rng.integers(0, bh - h + 1))
     mask = np.zeros(img.shape[:2], bool)

@@ -45,8 +45,8 @@ def farl_preprocess(image_rgb: np.ndarray) -> np.ndarray:
     if (new_w, new_h) != (width, height):
         pil = Image.fromarray(np.ascontiguousarray(image_rgb))
         image_rgb = np.asarray(pil.resize((new_w, new_h), Image.Resampling.BICUBIC))
-    top = int(round((new_h - FARL_SIZE) / 2.0))
-    left = int(round((new_w - FARL_SIZE) / 2.0))
+    top = round((new_h - FARL_SIZE) / 2.0)
+    left = round((new_w - FARL_SIZE) / 2.0)
     crop = image_rgb[top:top + FARL_SIZE, left:left + FARL_SIZE]
     chw = crop.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
     mean = np.asarray(CLIP_MEAN, dtype=np.float32).reshape(3, 1, 1)

@@ -115,4 +115,4 @@ class ScrfdDetector:
     def detect(self, image_rgb: np.ndarray) -> list[Detection]:
         boxes, kpss = self.detect_arrays(image_rgb)
         return [Detection(box=b[:4], score=float(b[4]), kps5=k, landmarks=None, detector=self.name)
-                for b, k in zip(boxes, kpss)]
+                for b, k in zip(boxes, kpss, strict=True)]

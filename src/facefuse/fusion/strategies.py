@@ -82,7 +82,7 @@ def sdedit_t0(visibility: Visibility | float | None, t_min: int = SDEDIT_T_MIN, 
     if not 0 <= t_min <= t_max <= NUM_TRAIN_STEPS:
         raise InvalidInputError(f"sdedit_t0: need 0 <= t_min <= t_max <= {NUM_TRAIN_STEPS}, got {t_min}, {t_max}")
     v = _visibility_value(visibility)
-    return int(round(t_min + (1.0 - v) * (t_max - t_min)))
+    return round(t_min + (1.0 - v) * (t_max - t_min))
 
 
 def guided_strength(visibility: Visibility | float | None, max_strength: float = GUIDED_MAX_STRENGTH) -> float:
@@ -227,7 +227,7 @@ class OferStrategy(FusionStrategy):
 class LinearStrategy(FusionStrategy):
     name = "linear"
     needs = ("mica_shape", "samples", "scores")
-    defaults = {"w": 0.5}
+    defaults: ClassVar[dict[str, float]] = {"w": 0.5}
     summary = "w·MICA + (1 − w)·IdRank's pick (the seed project's blend; w = 0 is 'ofer', w = 1 is 'mica')."
 
     def fuse(self, x, options, space):
@@ -276,7 +276,7 @@ class GaussianStrategy(FusionStrategy):
 
     name = "gaussian"
     needs = ("mica_shape", "samples")
-    defaults = {"sigma_mica": 0.3, "occlusion_gain": 1.0, "ofer_bias": 0.3, "shrinkage": -1.0, "min_variance": 1e-4}
+    defaults: ClassVar[dict[str, float]] = {"sigma_mica": 0.3, "occlusion_gain": 1.0, "ofer_bias": 0.3, "shrinkage": -1.0, "min_variance": 1e-4}
     min_samples = 2
     summary = "Precision-weighted product of OFER's sample distribution and a MICA likelihood widened by occlusion."
 
@@ -330,7 +330,7 @@ class GaussianStrategy(FusionStrategy):
 class SdeditStrategy(FusionStrategy):
     name = "sdedit"
     needs = ("samples", "scores")
-    defaults = {"t0": float(SDEDIT_T_MIN)}  # informational: the t0 the ofer service used (see sdedit_t0)
+    defaults: ClassVar[dict[str, float]] = {"t0": float(SDEDIT_T_MIN)}  # informational: the t0 the ofer service used (see sdedit_t0)
     summary = "Rank-select among samples the ofer service drew starting from MICA's shape noised to t0."
 
     def fuse(self, x, options, space):
@@ -342,7 +342,7 @@ class SdeditStrategy(FusionStrategy):
 class GuidedStrategy(FusionStrategy):
     name = "guided"
     needs = ("samples", "scores")
-    defaults = {"strength": GUIDED_MAX_STRENGTH}  # informational: the strength the ofer service used
+    defaults: ClassVar[dict[str, float]] = {"strength": GUIDED_MAX_STRENGTH}  # informational: the strength the ofer service used
     summary = "Rank-select among samples whose every step's x̂₀ was pulled toward MICA's shape."
 
     def fuse(self, x, options, space):
@@ -359,7 +359,7 @@ class RegionStrategy(FusionStrategy):
 
     name = "region"
     needs = ("mica_shape", "samples", "scores")
-    defaults = {"smooth": 2.0}
+    defaults: ClassVar[dict[str, float]] = {"smooth": 2.0}
     summary = "Visible regions from MICA, occluded ones from IdRank's pick; projected back to a valid shape."
 
     def fuse(self, x, options, space):

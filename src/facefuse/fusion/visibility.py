@@ -59,15 +59,15 @@ MEDIAPIPE_REGIONS: dict[str, RegionShape] = {
     # The forehead: above both brows, up to the top of the FaceMesh silhouette (mid-forehead).
     "forehead": RegionShape((70, 63, 105, 66, 107, 336, 296, 334, 293, 300, 284, 332, 297, 338, 10, 109, 67, 103, 54), False),
     # Each eye region: brow (lower line) down to the second ring under the eye, both corners included.
-    "right_eye": RegionShape(_RIGHT_BROW_LOWER + (55,) + _RIGHT_EYE_LOWER2 + _RIGHT_EYE_CORNERS, True),
-    "left_eye": RegionShape(_LEFT_BROW_LOWER + (285,) + _LEFT_EYE_LOWER2 + _LEFT_EYE_CORNERS, True),
+    "right_eye": RegionShape((*_RIGHT_BROW_LOWER, 55, *_RIGHT_EYE_LOWER2, *_RIGHT_EYE_CORNERS), True),
+    "left_eye": RegionShape((*_LEFT_BROW_LOWER, 285, *_LEFT_EYE_LOWER2, *_LEFT_EYE_CORNERS), True),
     # The nose: bridge line plus the base (both alae and the subnasale).
     "nose": RegionShape(_NOSE_LINE + _NOSE_BASE, True),
     "lips": RegionShape(_LIPS_OUTER, True),
     # Each cheek: the third ring under the eye, down the side of the nose to the mouth corner, then
     # the silhouette from the jaw up to eye level.
-    "right_cheek": RegionShape(_RIGHT_EYE_LOWER3 + (98, 61, 58, 132, 93, 234), False),
-    "left_cheek": RegionShape(_LEFT_EYE_LOWER3 + (327, 291, 288, 361, 323, 454), False),
+    "right_cheek": RegionShape((*_RIGHT_EYE_LOWER3, 98, 61, 58, 132, 93, 234), False),
+    "left_cheek": RegionShape((*_LEFT_EYE_LOWER3, 327, 291, 288, 361, 323, 454), False),
 }
 REGION_NAMES = tuple(MEDIAPIPE_REGIONS)
 

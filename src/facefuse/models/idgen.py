@@ -19,6 +19,7 @@ the batch size made explicit, so a batch of one gives the same numbers as the ma
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 
@@ -187,7 +188,7 @@ class IdGenUnet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         shape_dim = LEVEL_DIMS[0]
-        in_out = list(zip(LEVEL_DIMS[:-1], LEVEL_DIMS[1:]))
+        in_out = list(itertools.pairwise(LEVEL_DIMS))
         self.init_conv = nn.Conv1d(SHAPE_DIM, shape_dim, 1)
         self.time_mlp = nn.Sequential(
             SinusoidalTimeEmbedding(TIME_DIM), nn.Linear(TIME_DIM, TIME_DIM), nn.GELU(), nn.Linear(TIME_DIM, TIME_DIM)
@@ -264,7 +265,7 @@ def draw_default_projections(generator: torch.Generator) -> dict[str, Tensor]:
     """The 6 blocks' projections drawn from ``generator`` in official construction order."""
     return {
         name: init_projections(NUM_PROJECTIONS, dim, generator)
-        for name, dim in zip(ATTENTION_BLOCK_NAMES, _attention_dims())
+        for name, dim in zip(ATTENTION_BLOCK_NAMES, _attention_dims(), strict=True)
     }
 
 
@@ -273,7 +274,7 @@ def _attention_dims() -> tuple[int, ...]:
     return (*levels, mid, *reversed(levels), LEVEL_DIMS[0])
 
 
-ATTENTION_BLOCK_DIMS: dict[str, int] = dict(zip(ATTENTION_BLOCK_NAMES, _attention_dims()))
+ATTENTION_BLOCK_DIMS: dict[str, int] = dict(zip(ATTENTION_BLOCK_NAMES, _attention_dims(), strict=True))
 """Channel count of each attention block (300, 50, 10, 50, 300, 300)."""
 
 
