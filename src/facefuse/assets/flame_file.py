@@ -128,8 +128,9 @@ _BASE_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
     ("numpy._core.multiarray", "scalar"): lambda: _numpy_multiarray("scalar"),
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
-    ("copy_reg", "_reconstructor"): lambda: copyreg._reconstructor,
-    ("copyreg", "_reconstructor"): lambda: copyreg._reconstructor,
+    # typeshed leaves out copyreg's private _reconstructor, which protocol-2 pickles of objects name.
+    ("copy_reg", "_reconstructor"): lambda: copyreg._reconstructor,  # type: ignore[attr-defined]
+    ("copyreg", "_reconstructor"): lambda: copyreg._reconstructor,  # type: ignore[attr-defined]
     ("__builtin__", "object"): lambda: object,
     ("builtins", "object"): lambda: object,
     ("__builtin__", "set"): lambda: set,
@@ -217,7 +218,7 @@ def _first_line(exc: BaseException) -> str:
 _CH_OPS = {"add": np.add, "subtract": np.subtract, "multiply": np.multiply, "divide": np.divide}
 
 
-def to_array(value: Any) -> np.ndarray:
+def to_array(value: Any) -> np.ndarray | scipy.sparse.spmatrix:
     """Evaluate a stand-in (or pass an array through) to a numpy array; sparse stays scipy-sparse."""
     if isinstance(value, np.ndarray):
         return value
@@ -237,7 +238,7 @@ def to_array(value: Any) -> np.ndarray:
             return _CH_OPS[name](to_array(state["a"]), to_array(state["b"]))
         raise ValueError(f"cannot evaluate chumpy class {value.chumpy_class} (supported: {sorted('.'.join(c) for c in _CHUMPY_SUPPORTED)})")
     if isinstance(value, SparseStandIn):
-        return sparse_from_state(value)  # type: ignore[return-value]
+        return sparse_from_state(value)
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
     return np.asarray(value)
@@ -246,14 +247,17 @@ def to_array(value: Any) -> np.ndarray:
 def sparse_from_state(value: SparseStandIn) -> scipy.sparse.spmatrix:
     state = value.state
     shape = state.get("_shape", state.get("shape"))
+    if shape is None:
+        raise ValueError(f"{value.sparse_class} without a shape")
     parts = (np.asarray(state["data"]), np.asarray(state["indices"]), np.asarray(state["indptr"]))
     make = scipy.sparse.csr_matrix if value.sparse_class == "csr_matrix" else scipy.sparse.csc_matrix
     return make(parts, shape=tuple(int(s) for s in shape))
 
 
 def _dense(value: Any) -> np.ndarray:
-    array = to_array(value)
-    return np.asarray(array.toarray()) if scipy.sparse.issparse(array) else np.asarray(array)
+    if isinstance(value, SparseStandIn):
+        return np.asarray(sparse_from_state(value).toarray())
+    return np.asarray(to_array(value))
 
 
 # --------------------------------------------------------------------------- FLAME model pickle

@@ -640,10 +640,11 @@ def _write_outputs(config: NowEvalConfig, layout: NowLayout, results: list[Image
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     evaluated = [r for r in results if r.status == "ok"]
-    all_errors = np.concatenate([r.errors for r in evaluated]) if evaluated else np.zeros(0, np.float32)
+    errors = [(r.challenge, r.errors) for r in evaluated if r.errors is not None]  # every "ok" result has them
+    all_errors = np.concatenate([e for _, e in errors]) if errors else np.zeros(0, np.float32)
     per_challenge: dict[str, np.ndarray] = {}
     for cli_name, folder in CHALLENGES.items():
-        errs = [r.errors for r in evaluated if r.challenge == folder]
+        errs = [e for challenge, e in errors if challenge == folder]
         if errs:
             per_challenge[cli_name] = np.concatenate(errs)
 
@@ -665,6 +666,7 @@ def _write_outputs(config: NowEvalConfig, layout: NowLayout, results: list[Image
 
     missing = [r for r in results if r.status == "missing"]
     failed = [r for r in results if r.status == "failed"]
+    files = {"per_image_csv": csv_path.name, "cumulative_error_png": png_path.name}
     summary = {
         "benchmark": "NoW",
         "evaluator": "facefuse built-in (exact point-to-triangle distances, Levenberg-Marquardt refinement)",
@@ -688,11 +690,11 @@ def _write_outputs(config: NowEvalConfig, layout: NowLayout, results: list[Image
         "per_challenge": {k: error_statistics(v) for k, v in per_challenge.items()},
         "missing": [f"{r.subject}/{r.challenge}/{r.image}: {r.message}" for r in missing],
         "failed": [f"{r.subject}/{r.challenge}/{r.image}: {r.message}" for r in failed],
-        "files": {"per_image_csv": csv_path.name, "cumulative_error_png": png_path.name},
+        "files": files,
     }
     json_path = out / "now_summary.json"
     json_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    summary["files"]["summary_json"] = json_path.name
+    files["summary_json"] = json_path.name  # after writing: the summary does not list itself
     return summary
 
 

@@ -141,7 +141,7 @@ def _mask_occluder(img: np.ndarray, kps: np.ndarray, rng: np.random.Generator, t
         raise InvalidInputError(f"unknown mask texture {name!r}; available: {sorted(textures)}")
     tex = _load_texture(textures[name]).astype(np.float32) * float(rng.uniform(0.85, 1.1))
     # Map the texture rectangle onto the mask's bounding rectangle in the face frame.
-    src = np.float32([[0, 0], [tex.shape[1], 0], [0, tex.shape[0]]])
+    src = np.array([[0, 0], [tex.shape[1], 0], [0, tex.shape[0]]], dtype=np.float32)
     dst = _to_image(np.array([[-half, top], [half, top], [-half, bottom]]), eyes_mid, angle).astype(np.float32)
     warped = cv2.warpAffine(
         np.clip(tex, 0, 255).astype(np.uint8), cv2.getAffineTransform(src, dst), (img.shape[1], img.shape[0]),
@@ -237,15 +237,16 @@ def occlude(
             raise InvalidInputError(f"occluder {kind!r} needs a coverage in (0, 1], got {coverage}")
     elif coverage is not None:
         raise InvalidInputError(f"occluder {kind!r} is placed by the landmarks; it takes no coverage")
+    share = 0.0 if coverage is None else float(coverage)  # validated above for the kinds that use it
     rng = np.random.default_rng(seed)
     if kind == "mask":
         mask, fill, detail = _mask_occluder(img, kps, rng, texture)
     elif kind == "eye_band":
         mask, fill, detail = _eye_band_occluder(img, kps, rng)
     elif kind == "hand":
-        mask, fill, detail = _hand_occluder(img, ibox, float(coverage), rng)
+        mask, fill, detail = _hand_occluder(img, ibox, share, rng)
     else:
-        mask, fill, detail = _rectangle_occluder(img, ibox, float(coverage), rng)
+        mask, fill, detail = _rectangle_occluder(img, ibox, share, rng)
     out = img.copy()
     out[mask] = fill[mask]
     return OccludedImage(out, mask, kind, _box_coverage(mask, ibox), seed, detail)

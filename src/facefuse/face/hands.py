@@ -214,10 +214,12 @@ class HandDetector:
         self._handedness_name = scalars[1] if len(scalars) > 1 else None
 
     @classmethod
-    def from_store(cls, store: ModelStore, *, num_threads: int | None = None, **options: float) -> HandDetector:
+    def from_store(cls, store: ModelStore, *, num_threads: int | None = None, score_thresh: float = DEFAULT_SCORE_THRESH,
+                   max_hands: int = 4, presence_thresh: float = DEFAULT_PRESENCE_THRESH) -> HandDetector:
         """Both models from the model store (``palm_detection_full``, ``hand_landmark_full``)."""
         return cls(TFLiteModel(store.path("palm_detection_full"), num_threads=num_threads),
-                   TFLiteModel(store.path("hand_landmark_full"), num_threads=num_threads), **options)
+                   TFLiteModel(store.path("hand_landmark_full"), num_threads=num_threads),
+                   score_thresh=score_thresh, max_hands=max_hands, presence_thresh=presence_thresh)
 
     def detect_palms(self, image_rgb: np.ndarray, region: Sequence[float] | np.ndarray | None = None) -> list[PalmBox]:
         """Palm detections in image pixels, best first, at most ``max_hands``.

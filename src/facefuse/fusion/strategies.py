@@ -127,7 +127,7 @@ def _check_inputs(name: str, needs: tuple[str, ...], inputs: FusionInputs, space
         samples = space.check_shape(inputs.samples, "samples")
         if samples.ndim != 2 or samples.shape[0] < 1:
             raise InvalidInputError(f"samples: expected (N >= 1, {space.num_coeffs}), got {samples.shape}")
-    if "samples" in needs and samples.shape[0] < min_samples:
+    if samples is not None and "samples" in needs and samples.shape[0] < min_samples:
         raise InvalidInputError(f"fusion strategy {name!r} needs at least {min_samples} samples, got {samples.shape[0]}")
     if inputs.scores is not None:
         scores = np.asarray(inputs.scores, dtype=np.float64).reshape(-1)

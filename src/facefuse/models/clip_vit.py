@@ -170,10 +170,10 @@ class ClipViT(nn.Module):
         proj_std = width ** -0.5 * (2 * layers) ** -0.5
         fc_std = (2 * width) ** -0.5
         for block in self.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+            nn.init.normal_(block.get_parameter("attn.in_proj_weight"), std=attn_std)
+            nn.init.normal_(block.get_parameter("attn.out_proj.weight"), std=proj_std)
+            nn.init.normal_(block.get_parameter("mlp.c_fc.weight"), std=fc_std)
+            nn.init.normal_(block.get_parameter("mlp.c_proj.weight"), std=proj_std)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
 
     @property

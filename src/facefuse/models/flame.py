@@ -81,6 +81,22 @@ def _buffer(array: np.ndarray, dtype: torch.dtype) -> Tensor:
 class FlameLayer(nn.Module):
     """FLAME with MICA's state-dict names (``faces_tensor``, ``v_template``, ... ``neck_kin_chain``)."""
 
+    # Buffers, declared so that type checkers see tensors rather than nn.Module.__getattr__'s union.
+    faces_tensor: Tensor
+    v_template: Tensor
+    shapedirs: Tensor
+    posedirs: Tensor
+    J_regressor: Tensor
+    parents: Tensor
+    lbs_weights: Tensor
+    lmk_faces_idx: Tensor
+    lmk_bary_coords: Tensor
+    dynamic_lmk_faces_idx: Tensor
+    dynamic_lmk_bary_coords: Tensor
+    full_lmk_faces_idx: Tensor
+    full_lmk_bary_coords: Tensor
+    neck_kin_chain: Tensor
+
     def __init__(self, data: FlameModelData, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if data.landmarks is None:

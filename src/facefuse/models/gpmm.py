@@ -170,7 +170,9 @@ class GaussianProcessMorphableModel:
         num_vertices = template.shape[0]
         mirror = mirror_map(template) if mirror is None else np.asarray(mirror)
         blocks = coordinate_covariances(scalar_kernel(template, scales), mirror, symmetry)
-        values, vectors, coords = [], [], []
+        values: list[np.ndarray] = []
+        vectors: list[np.ndarray] = []
+        coords: list[np.ndarray] = []
         for c, sign in enumerate(MIRROR):
             w, u = np.linalg.eigh(blocks[float(sign)]) if c < 2 else (values[1], vectors[1])
             values.append(w)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from facefuse.models.diffusion import DDIMSampler, EpsModel, OfficialSampler, SamplingTables
+from facefuse.models.diffusion import DDIMSampler, EpsModel, OfficialSampler, SamplingTables, VarianceSchedule
 
 SHAPE_DIM = 300
 CONTEXT_DIM = 512
@@ -136,6 +136,8 @@ class ProjectionAttention(nn.Module):
     RNG as the official one does. Loaders always replace them explicitly (:meth:`set_projections`).
     """
 
+    projections: Tensor  # a non-persistent buffer
+
     def __init__(self, dim: int, num_projections: int = NUM_PROJECTIONS) -> None:
         super().__init__()
         self.dim = dim
@@ -212,7 +214,13 @@ class IdGenUnet(nn.Module):
     # --- the unregistered q/k/v projections ---------------------------------------------------------
     def attention_blocks(self) -> list[tuple[str, ProjectionAttention]]:
         """(name, attention) for the 6 attention blocks, in official construction order."""
-        return [(name, self.get_submodule(name).fn.fn) for name in ATTENTION_BLOCK_NAMES]
+        blocks = []
+        for name in ATTENTION_BLOCK_NAMES:
+            block = self.get_submodule(f"{name}.fn.fn")
+            if not isinstance(block, ProjectionAttention):
+                raise TypeError(f"{name}.fn.fn is a {type(block).__name__}, not ProjectionAttention")
+            blocks.append((name, block))
+        return blocks
 
     def set_projections(self, projections: Mapping[str, Tensor]) -> None:
         names = set(ATTENTION_BLOCK_NAMES)
@@ -231,7 +239,9 @@ class IdGenUnet(nn.Module):
         residual = x.clone()
         embedding = torch.cat([self.time_mlp(t), context], dim=1)
         skips: list[Tensor] = []
-        for block1, block2, attention, downsample in self.downs:
+        # Each level is a ModuleList; children() unpacks it in registration order with a Module type.
+        for level in self.downs:
+            block1, block2, attention, downsample = level.children()
             x = block1(x, embedding)
             skips.append(x)
             x = attention(block2(x, embedding))
@@ -240,13 +250,15 @@ class IdGenUnet(nn.Module):
         x = self.mid_block1(x, embedding)
         x = self.mid_attn(x)
         x = self.mid_block2(x, embedding)
-        for upsample, block1, block2, attention in self.ups:
+        for level in self.ups:
+            upsample, block1, block2, attention = level.children()
             x = upsample(x.reshape(batch, -1)).reshape(batch, -1, 1)
             x = block1(torch.cat((x, skips.pop()), dim=1), embedding)
             x = block2(torch.cat((x, skips.pop()), dim=1), embedding)
             x = attention(x)
         x = torch.cat((x, residual), dim=1)
-        for block, attention, out_conv in self.finals:
+        for level in self.finals:
+            block, attention, out_conv = level.children()
             x = out_conv(attention(block(x, embedding)))
         return x.reshape(batch, -1)
 
@@ -285,7 +297,7 @@ class IdGen(nn.Module):
     attribute names. Sampling is delegated to a sampler object (see ``facefuse.models.diffusion``).
     """
 
-    def __init__(self, arcface: nn.Module, net: IdGenUnet, var_sched: nn.Module) -> None:
+    def __init__(self, arcface: nn.Module, net: IdGenUnet, var_sched: VarianceSchedule) -> None:
         super().__init__()
         self.arcface = arcface
         self.net = net

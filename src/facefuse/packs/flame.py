@@ -14,10 +14,14 @@ from facefuse.face.types import AlignedFace
 from facefuse.models.flame import (
     METRES_TO_MM,
     NOW7_FROM_LMK68,
+    FlameLayer,
     FlameModelData,
     LandmarkEmbedding,
     barycentric_landmarks,
 )
+from facefuse.models.idgen import IdGen
+from facefuse.models.idrank import IdRank
+from facefuse.models.mica import Mica
 from facefuse.packs.base import BackendStatus, ShapeResult
 
 TOPOLOGY = "flame2020"
@@ -50,10 +54,10 @@ def landmark_function(flame: FlameModelData, embedding: LandmarkEmbedding | None
 class MicaBackend:
     """MICA on ``mica.tar``: aligned ArcFace blobs -> β (300), neutral FLAME mesh and landmarks in mm."""
 
-    def __init__(self, mica: torch.nn.Module, device: str, source: str) -> None:
+    def __init__(self, mica: Mica, device: str, source: str) -> None:
         self.mica = mica
         self.device = device
-        flame = mica.flame  # type: ignore[attr-defined]
+        flame = mica.flame
         self.faces = flame.faces_tensor.cpu().numpy().astype(np.int32)
         self.status = BackendStatus("mica", "mica", "flame", True, False, "ready", device=device,
                                     details={"checkpoint": source, "vertices": str(flame.num_vertices)})
@@ -73,7 +77,7 @@ class MicaBackend:
         blob = torch.from_numpy(np.stack([f.arcface_blob for f in faces])).to(self.device)
         out = self.mica(blob)
         vertices_mm = (out.vertices * METRES_TO_MM).float()
-        landmarks_mm = self.mica.flame.landmarks68(vertices_mm)  # type: ignore[attr-defined]
+        landmarks_mm = self.mica.flame.landmarks68(vertices_mm)
         results = []
         for i in range(len(faces)):
             lmk68 = landmarks_mm[i].cpu().numpy()
@@ -111,8 +115,7 @@ PROJECTIONS_ENV = "FACEFUSE_IDGEN_PROJECTIONS"
 class OferBackend:
     """OFER on the flame pack: IdGen samples β for a face, IdRank scores candidate shapes."""
 
-    def __init__(self, idgen: torch.nn.Module, idrank: torch.nn.Module, flame: torch.nn.Module, device: str,
-                 details: dict[str, str]) -> None:
+    def __init__(self, idgen: IdGen, idrank: IdRank, flame: FlameLayer, device: str, details: dict[str, str]) -> None:
         self.idgen = idgen
         self.idrank = idrank
         self.flame = flame
@@ -125,7 +128,6 @@ class OferBackend:
 
         from facefuse.assets.idgen_checkpoint import load_idgen
         from facefuse.assets.idrank_checkpoint import load_idrank
-        from facefuse.models.flame import FlameLayer
         from facefuse.servers.common import resolve_device
 
         device = resolve_device(device)
@@ -170,7 +172,7 @@ class OferBackend:
         """
         from facefuse.models.diffusion import DDIMSampler, OfficialSampler
 
-        results: list[np.ndarray | None] = [None] * len(jobs)
+        results: dict[int, np.ndarray] = {}
         groups: dict[tuple[str, int], list[int]] = {}
         for index, job in enumerate(jobs):
             if job.has_hooks:
@@ -187,12 +189,12 @@ class OferBackend:
             noise = torch.cat([torch.randn(jobs[i].num_samples, 300, generator=torch.Generator().manual_seed(int(jobs[i].seed)))
                                for i in members])
             sampler = OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
-            shapes = self.idgen.sample(context, len(noise), sampler, initial_noise=noise.to(self.device))
-            shapes = shapes.to(torch.float32).cpu().numpy()
+            sampled = self.idgen.sample(context, len(noise), sampler, initial_noise=noise.to(self.device))
+            shapes = sampled.to(torch.float32).cpu().numpy()
             offsets = np.cumsum([0, *counts])
             for k, i in enumerate(members):
                 results[i] = shapes[offsets[k]:offsets[k + 1]]
-        return results  # type: ignore[return-value]
+        return [results[i] for i in range(len(jobs))]
 
     @torch.inference_mode()
     def rank(self, face: AlignedFace, candidates: np.ndarray, visibility: object | None = None) -> np.ndarray:

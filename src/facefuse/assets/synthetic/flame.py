@@ -270,17 +270,18 @@ def flame_model_fields(size: str, generator: torch.Generator) -> dict[str, np.nd
 
 def write_flame_model(path: Path, size: str, generator: torch.Generator, *, chumpy: bool = True) -> None:
     """FLAME 2020-format ``generic_model.pkl``; ``chumpy=False`` writes plain numpy (FLAME 2023-style)."""
-    fields = flame_model_fields(size, flame_generator(generator, _MODEL_STREAM))
+    arrays = flame_model_fields(size, flame_generator(generator, _MODEL_STREAM))
+    fields: dict[str, object] = dict(arrays)
     if chumpy:
         for key in ("v_template", "shapedirs", "posedirs", "weights", "J"):
-            fields[key] = _AsChumpyCh(fields[key])  # type: ignore[arg-type]
-        fields["J_regressor"] = _AsScipyCsc(fields["J_regressor"])  # type: ignore[arg-type]
-        Path(path).write_bytes(official_style_pickle(fields))
+            fields[key] = _AsChumpyCh(np.asarray(arrays[key]))
+        fields["J_regressor"] = _AsScipyCsc(np.asarray(arrays["J_regressor"]))
     else:
         import scipy.sparse
 
-        fields["J_regressor"] = scipy.sparse.csc_matrix(fields["J_regressor"])  # type: ignore[assignment]
-        Path(path).write_bytes(official_style_pickle(fields))
+        fields["J_regressor"] = scipy.sparse.csc_matrix(arrays["J_regressor"])
+    Path(path).write_bytes(official_style_pickle(fields))
+
 
 
 # --------------------------------------------------------------------------- landmarks
@@ -364,14 +365,15 @@ def _stable_storage_keys(blob: bytes) -> bytes:
     header_end = blob.index(b"\n") + 1  # the .npy header ends with a newline
     keys: list[bytes] = []
     for op, arg, _ in pickletools.genops(io.BytesIO(blob[header_end:])):
-        if op.name in ("BINBYTES", "SHORT_BINBYTES", "BINBYTES8"):
+        if op.name in ("BINBYTES", "SHORT_BINBYTES", "BINBYTES8") and isinstance(arg, bytes):
             inner = io.BytesIO(arg)
             while inner.tell() < len(arg):
                 try:
                     ops = list(pickletools.genops(inner))
                 except ValueError:  # the raw storage bytes after the last pickle
                     break
-                keys += [a.encode() for o, a, _ in ops if o.name == "BINUNICODE" and a.isdigit() and a.encode() not in keys]
+                keys += [a.encode() for o, a, _ in ops
+                         if o.name == "BINUNICODE" and isinstance(a, str) and a.isdigit() and a.encode() not in keys]
     for number, key in enumerate(keys, start=1):
         blob = blob.replace(struct.pack("<cI", b"X", len(key)) + key, struct.pack("<cI", b"X", len(key)) + str(number).zfill(len(key)).encode())
     return blob

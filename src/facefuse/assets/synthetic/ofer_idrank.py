@@ -89,7 +89,7 @@ def _farl_mim_extras(width: int) -> dict[str, tuple[tuple[int, ...], torch.dtype
         "mlp.c_proj.weight": ((width, 4 * width), f32), "mlp.c_proj.bias": ((width,), f32),
         "ln_2.weight": ((width,), f32), "ln_2.bias": ((width,), f32),
     }
-    extras = {"visual.mask_token": ((width,), f32)}
+    extras: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"visual.mask_token": ((width,), f32)}
     extras.update({f"visual.lm_transformer.resblocks.0.{k}": v for k, v in block.items()})
     extras.update({"visual.ln_lm.weight": ((width,), f32), "visual.ln_lm.bias": ((width,), f32),
                    "visual.lm_head.weight": ((_MIM_VOCAB, width), f32), "visual.lm_head.bias": ((_MIM_VOCAB,), f32)})
