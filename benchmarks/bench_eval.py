@@ -74,7 +74,8 @@ def main() -> None:
         t0 = time.process_time()
         read_mesh(pred_path)
         t_pred = time.process_time() - t0
-    print(f"reading: {len(scan) // 1000}k-vertex scan OBJ {t_scan:.2f} s CPU (once per subject), prediction OBJ {t_pred * 1000:.0f} ms CPU")
+    print(f"reading: {len(scan) // 1000}k-vertex scan OBJ {t_scan:.2f} s CPU (once per subject), prediction OBJ "
+          f"{t_pred * 1000:.0f} ms CPU")
     for label, pred in (("prediction 2562 v / 5120 f", head_mesh(4)), ("prediction 10242 v / 20480 f", head_mesh(5))):
         ps, prot, pt = random_similarity(rng, scale=1.0)
         pv = apply(pred.vertices, ps, prot, pt)
@@ -91,7 +92,8 @@ def main() -> None:
             p = np.repeat(points[i : i + 1], len(tri), axis=0)
             _, d = closest_points_on_triangles(p, tri[:, 0], tri[:, 1], tri[:, 2])
             worst = max(worst, abs(d.min() - q.distances[i]))
-        print(f"{label}: one exact query over the crop {t_query * 1000:.0f} ms CPU, |query - brute force| max {worst:.2e} mm")
+        print(f"{label}: one exact query over the crop {t_query * 1000:.0f} ms CPU, |query - brute "
+              f"force| max {worst:.2e} mm")
         for metrical in (False, True):
             times, walls = [], []
             for _ in range(args.repeats):

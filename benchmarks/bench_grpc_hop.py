@@ -132,8 +132,10 @@ def main() -> None:
     args = parser.parse_args()
     grpc_t = bench_grpc(args.repeats)
     json_t = bench_json(args.repeats)
-    print(f"machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}")
-    print("payload: request 3x112x112 float32 blob; reply 300-float shape + 5023x3 float32 vertices + 9976x3 int32 faces")
+    print(f"machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, Python "
+          f"{platform.python_version()}")
+    print("payload: request 3x112x112 float32 blob; reply 300-float shape + 5023x3 float32 "
+          "vertices + 9976x3 int32 faces")
     print(f"{'transport':<34}{'median ms':>10}{'p90 ms':>10}")
     for name, times in (("gRPC, raw tensor bytes", grpc_t), ("HTTP/1.1 + JSON float lists", json_t)):
         ms = sorted(t * 1000 for t in times)

@@ -112,7 +112,8 @@ def main() -> None:
                 visibility = vertex_visibility_from_mask(mask, face.detection.landmarks)
                 hidden = visibility < 0.5
                 if hidden.sum() < 20:
-                    skipped.append(f"{name}/{kind}: only {hidden.sum()} landmarks under the patch (FaceMesh moved the mouth)")
+                    skipped.append(f"{name}/{kind}: only {hidden.sum()} landmarks under the patch "
+                                   "(FaceMesh moved the mouth)")
                     continue
                 (deterministic,) = shape_backend.predict([face])
                 row = {"face": name, "occluder": kind, "hidden": int(hidden.sum()),

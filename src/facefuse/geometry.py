@@ -73,7 +73,8 @@ def umeyama(
     src = np.asarray(source, dtype=np.float64)
     dst = np.asarray(target, dtype=np.float64)
     if src.ndim != 2 or src.shape != dst.shape or src.shape[0] < 2 or src.shape[1] < 1:
-        raise InvalidInputError(f"alignment needs two (N>=2, D) point sets of equal shape, got {src.shape} and {dst.shape}")
+        raise InvalidInputError("alignment needs two (N>=2, D) point sets of equal shape, got "
+                                f"{src.shape} and {dst.shape}")
     if not (np.all(np.isfinite(src)) and np.all(np.isfinite(dst))):
         raise InvalidInputError("alignment points contain NaN or infinite coordinates")
     if reflection not in ("best", True, False):

@@ -111,7 +111,8 @@ def test_renamed_key_and_wrong_shape_are_named(tmp_path, checkpoint):
     reshaped["regressor.output.weight"] = torch.zeros(300, 299)
     path = tmp_path / "reshaped.tar"
     torch.save({"arcface": checkpoint["arcface"], "flameModel": reshaped}, path)
-    with pytest.raises(CheckpointError, match=r"flameModel.*regressor\.output\.weight: shape \(300, 299\), expected \(300, 300\)"):
+    with pytest.raises(CheckpointError, match=r"flameModel.*regressor\.output\.weight: shape \(300, "
+                                              r"299\), expected \(300, 300\)"):
         load_mica(path)
 
 

@@ -99,7 +99,8 @@ class _Reader:
             elif wire == _LENGTH:
                 length, pos = self._varint(pos)
                 if pos + length > len(self.data):
-                    raise AssetError(f"{self.what}: field {number} claims {length} bytes, only {len(self.data) - pos} left")
+                    raise AssetError(f"{self.what}: field {number} claims {length} bytes, only "
+                                     f"{len(self.data) - pos} left")
                 out.append((number, wire, self.data[pos:pos + length]))
                 pos += length
             else:
@@ -162,9 +163,11 @@ def parse_canonical_face(data: bytes, source: str = "canonical face metadata") -
     buffer = _repeated_floats(mesh, 3, source)
     indices = _repeated_uints(mesh, 4, source)
     if buffer.size != NUM_VERTICES * 5:
-        raise AssetError(f"{source}: vertex_buffer holds {buffer.size} floats, expected {NUM_VERTICES} x 5 = {NUM_VERTICES * 5}")
+        raise AssetError(f"{source}: vertex_buffer holds {buffer.size} floats, expected {NUM_VERTICES} "
+                         f"x 5 = {NUM_VERTICES * 5}")
     if indices.size != NUM_TRIANGLES * 3:
-        raise AssetError(f"{source}: index_buffer holds {indices.size} indices, expected {NUM_TRIANGLES} x 3 = {NUM_TRIANGLES * 3}")
+        raise AssetError(f"{source}: index_buffer holds {indices.size} indices, expected {NUM_TRIANGLES} "
+                         f"x 3 = {NUM_TRIANGLES * 3}")
     if not np.all(np.isfinite(buffer)):
         raise AssetError(f"{source}: vertex_buffer contains NaN or infinite values")
     if indices.max() >= NUM_VERTICES:
@@ -189,7 +192,8 @@ def parse_canonical_face(data: bytes, source: str = "canonical face metadata") -
     if ids_arr.size == 0:
         raise AssetError(f"{source}: no procrustes_landmark_basis entries (field 2)")
     if ids_arr.max() >= NUM_VERTICES or not np.all(np.isfinite(weights_arr)) or np.any(weights_arr <= 0):
-        raise AssetError(f"{source}: procrustes_landmark_basis has ids outside [0, {NUM_VERTICES}) or non-positive weights")
+        raise AssetError(f"{source}: procrustes_landmark_basis has ids outside [0, "
+                         f"{NUM_VERTICES}) or non-positive weights")
     vertices = vertex[:, :3] * CM_TO_MM
     vertices.setflags(write=False)
     return CanonicalFace(vertices_mm=vertices, uvs=uvs.astype(np.float32), faces=faces.astype(np.int32),

@@ -207,7 +207,8 @@ def _read_object_npy_header(handle: Any, path: Path, what: str) -> None:
     except ValueError as exc:
         raise AssetError(f"{path}: not {what} (not a .npy file: {_first_line(exc)})") from None
     if dtype != np.dtype(object) or shape != ():
-        raise AssetError(f"{path}: not {what} (expected a 0-d object array holding a dict, found dtype {dtype} shape {shape})")
+        raise AssetError(f"{path}: not {what} (expected a 0-d object array holding a dict, found "
+                         f"dtype {dtype} shape {shape})")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -236,7 +237,8 @@ def to_array(value: Any) -> np.ndarray | scipy.sparse.spmatrix:
             return np.ascontiguousarray(np.transpose(to_array(state["a"]), axes=state.get("axes")))
         if name in _CH_OPS:
             return _CH_OPS[name](to_array(state["a"]), to_array(state["b"]))
-        raise ValueError(f"cannot evaluate chumpy class {value.chumpy_class} (supported: {sorted('.'.join(c) for c in _CHUMPY_SUPPORTED)})")
+        raise ValueError(f"cannot evaluate chumpy class {value.chumpy_class} (supported: "
+                         f"{sorted('.'.join(c) for c in _CHUMPY_SUPPORTED)})")
     if isinstance(value, SparseStandIn):
         return sparse_from_state(value)
     if isinstance(value, torch.Tensor):
@@ -277,7 +279,8 @@ def load_flame_model(
     what = f"a FLAME {'2020 ' if expect == '2020' else ''}model pickle (generic_model.pkl)"
     raw, saw_chumpy = restricted_unpickle(path, what, allow_chumpy=True)
     if not isinstance(raw, dict):
-        raise AssetError(f"{path}: not {what} (the pickle holds a {type(raw).__name__}, expected a dict of FLAME fields)")
+        raise AssetError(f"{path}: not {what} (the pickle holds a {type(raw).__name__}, "
+                         "expected a dict of FLAME fields)")
     missing = [k for k in FLAME_FIELDS if k not in raw]
     if missing:
         raise AssetError(f"{path}: not {what} (missing field(s) {missing}; found {sorted(map(str, raw))[:12]})")
@@ -331,7 +334,8 @@ def _check_flame_shapes(data: FlameModelData, path: Path, what: str, expect: str
     if data.lbs_weights.shape != (n_v, n_j):
         problems.append(f"weights {data.lbs_weights.shape}, expected ({n_v}, {n_j})")
     if data.posedirs.shape != (9 * (n_j - 1), 3 * n_v):
-        problems.append(f"posedirs has {data.posedirs.shape[0]} pose correctives, expected 9 x (J - 1) = {9 * (n_j - 1)}")
+        problems.append(f"posedirs has {data.posedirs.shape[0]} pose correctives, expected 9 x "
+                        f"(J - 1) = {9 * (n_j - 1)}")
     if data.parents.shape != (n_j,) or np.any(data.parents[1:] < 0) or np.any(data.parents[1:] >= np.arange(1, n_j)):
         problems.append(f"kintree_table parents {data.parents.tolist()} are not a tree over {n_j} joints")
     if data.faces.ndim != 2 or data.faces.shape[1] != 3 or data.faces.min() < 0 or data.faces.max() >= n_v:
@@ -405,7 +409,8 @@ def load_flame_masks(path: str | Path, *, num_vertices: int | None = None) -> di
     for name, value in obj.items():
         array = np.asarray(to_array(value))
         if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer) or array.size == 0:
-            raise AssetError(f"{path}: region {name!r} is {array.dtype} {array.shape}, expected a non-empty 1-D array of vertex indices")
+            raise AssetError(f"{path}: region {name!r} is {array.dtype} {array.shape}, expected a non-empty "
+                             "1-D array of vertex indices")
         limit = num_vertices if num_vertices is not None else OFFICIAL_NUM_VERTICES
         if array.min() < 0 or array.max() >= limit:
             raise AssetError(f"{path}: region {name!r} holds vertex indices outside [0, {limit})")

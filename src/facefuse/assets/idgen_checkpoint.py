@@ -114,7 +114,8 @@ def _split_stray_qkv(state: Mapping[str, Any], prefix: str, dims: Mapping[str, i
         dropped.append(key)
     if dropped and len(dropped) != len(dims):
         missing = [f"{prefix}{n}{STRAY_QKV_SUFFIX}" for n in dims if f"{prefix}{n}{STRAY_QKV_SUFFIX}" not in dropped]
-        raise CheckpointError(f"{source}: has {len(dropped)} of the 6 stray q/k/v keys; missing {missing} (expected all or none)")
+        raise CheckpointError(f"{source}: has {len(dropped)} of the 6 stray q/k/v keys; missing "
+                              f"{missing} (expected all or none)")
     return clean, dropped
 
 
@@ -257,7 +258,8 @@ def load_projections(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], d
     check_state_dict(expected, weights, f"{path} [projections]")
     sha = projections_sha256(weights)
     if sha != payload.get("sha256"):
-        raise AssetError(f"{path}: sha256 mismatch (stored {payload.get('sha256')}, computed {sha}); the file is corrupt")
+        raise AssetError(f"{path}: sha256 mismatch (stored {payload.get('sha256')}, computed "
+                         f"{sha}); the file is corrupt")
     return dict(weights), {"source": str(path), "version": payload.get("version"), "seed": payload.get("seed"), "sha256": sha}
 
 

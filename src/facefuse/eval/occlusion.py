@@ -94,7 +94,8 @@ def _face_frame(kps: np.ndarray) -> tuple[np.ndarray, float, float, np.ndarray]:
     eye_vec = kps[1] - kps[0]
     eye_dist = float(np.linalg.norm(eye_vec))
     if eye_dist < 2.0:
-        raise InvalidInputError(f"the eye key-points are {eye_dist:.1f} px apart; the face is too small or the points are wrong")
+        raise InvalidInputError(f"the eye key-points are {eye_dist:.1f} px apart; the face is too "
+                                "small or the points are wrong")
     angle = math.atan2(eye_vec[1], eye_vec[0])
     down = np.array([-math.sin(angle), math.cos(angle)])
     return eyes_mid, eye_dist, angle, down

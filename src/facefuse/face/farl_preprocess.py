@@ -37,7 +37,8 @@ def farl_preprocess(image_rgb: np.ndarray) -> np.ndarray:
     if not isinstance(image_rgb, np.ndarray) or image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
         shape = getattr(image_rgb, "shape", None)
         dtype = getattr(image_rgb, "dtype", type(image_rgb).__name__)
-        raise InvalidInputError(f"FaRL preprocessing: expected an (H,W,3) uint8 RGB array, got shape {shape} dtype {dtype}")
+        raise InvalidInputError("FaRL preprocessing: expected an (H,W,3) uint8 RGB array, got "
+                                f"shape {shape} dtype {dtype}")
     height, width = image_rgb.shape[:2]
     if min(height, width) < 1:
         raise InvalidInputError(f"FaRL preprocessing: empty image of shape {image_rgb.shape}")

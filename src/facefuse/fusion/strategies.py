@@ -181,7 +181,8 @@ class FusionStrategy:
     def __init__(self, **overrides: float) -> None:
         unknown = sorted(set(overrides) - set(self.defaults))
         if unknown:
-            raise InvalidInputError(f"fusion strategy {self.name!r}: unknown option(s) {unknown}; known: {sorted(self.defaults)}")
+            raise InvalidInputError(f"fusion strategy {self.name!r}: unknown option(s) {unknown}; "
+                                    f"known: {sorted(self.defaults)}")
         self.params = {**self.defaults, **{k: float(v) for k, v in overrides.items()}}
 
     def __repr__(self) -> str:
@@ -303,7 +304,8 @@ class GaussianStrategy(FusionStrategy):
         cov = centred.T @ centred / max(n - 1, 1)
         alpha = options["shrinkage"]
         if alpha > 1.0:
-            raise InvalidInputError(f"fusion strategy 'gaussian': shrinkage must be <= 1 (negative: automatic), got {alpha}")
+            raise InvalidInputError("fusion strategy 'gaussian': shrinkage must be <= 1 "
+                                    f"(negative: automatic), got {alpha}")
         if alpha < 0:
             alpha = self.shrinkage_intensity(samples, options["min_variance"])
         diag = np.maximum(np.diag(cov), options["min_variance"])

@@ -307,7 +307,8 @@ def visibility_photometric(image_rgb: np.ndarray, landmarks468: np.ndarray,
     settings = settings or PhotometricSettings()
     image = np.asarray(image_rgb)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise InvalidInputError(f"visibility_photometric: expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+        raise InvalidInputError("visibility_photometric: expected an (H, W, 3) uint8 RGB image, got "
+                                f"{image.shape} {image.dtype}")
     ycc = _ycrcb(image)
     pixels = region_pixels(landmarks468, image.shape)
     seed_rows = np.concatenate([pixels[r][0] for r in SKIN_REFERENCE_REGIONS])

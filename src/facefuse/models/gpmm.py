@@ -62,7 +62,8 @@ def mirror_map(template_mm: np.ndarray, tolerance_mm: float = 1.0) -> np.ndarray
     template = np.asarray(template_mm, dtype=np.float64)
     distance, index = cKDTree(template).query(template * MIRROR)
     if distance.max() > tolerance_mm:
-        raise ValueError(f"template is not mirror-symmetric: a reflected vertex lies {distance.max():.3g} mm from any vertex")
+        raise ValueError("template is not mirror-symmetric: a reflected vertex lies "
+                         f"{distance.max():.3g} mm from any vertex")
     if not np.array_equal(index[index], np.arange(template.shape[0])):
         raise ValueError("the nearest-neighbour mirror map is not an involution")
     return index
@@ -138,7 +139,8 @@ class Posterior:
         For a batch of N posteriors, ``num_samples`` must be N: sample i is drawn from posterior i.
         """
         if self.coeff_mean.ndim == 2 and int(num_samples) != self.coeff_mean.shape[0]:
-            raise ValueError(f"a batch of {self.coeff_mean.shape[0]} posteriors gives one sample each, not {num_samples}")
+            raise ValueError(f"a batch of {self.coeff_mean.shape[0]} posteriors gives one "
+                             f"sample each, not {num_samples}")
         xi = generator.standard_normal((int(num_samples), self.model.basis.shape[0]))
         eta = xi @ self.model.basis  # (N, K): exactly N(0, I) since Φ has orthonormal columns
         coeffs = self.coeff_mean + eta @ self.coeff_sqrt
@@ -156,7 +158,8 @@ class GaussianProcessMorphableModel:
         self.num_vertices = self.mean_mm.shape[0]
         self.rank = self.basis.shape[1]
         if self.basis.shape[0] != 3 * self.num_vertices or self.eigenvalues.shape != (self.rank,):
-            raise ValueError(f"GPMM: basis {self.basis.shape} / eigenvalues {self.eigenvalues.shape} do not fit {self.num_vertices} vertices")
+            raise ValueError(f"GPMM: basis {self.basis.shape} / eigenvalues {self.eigenvalues.shape} do not fit "
+                             f"{self.num_vertices} vertices")
         if np.any(self.eigenvalues <= 0) or self.residual_variance <= 0:
             raise ValueError("GPMM: eigenvalues and the residual variance must be positive")
 

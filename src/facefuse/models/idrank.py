@@ -115,7 +115,8 @@ class IdRank(nn.Module):
         self.net = RankMLPNet()
         front_indices = torch.as_tensor(front_indices, dtype=torch.int64)
         if front_indices.shape != (FRONT_VERTEX_COUNT,):
-            raise InvalidInputError(f"front indices: expected shape ({FRONT_VERTEX_COUNT},), got {tuple(front_indices.shape)}")
+            raise InvalidInputError(f"front indices: expected shape ({FRONT_VERTEX_COUNT},), got "
+                                    f"{tuple(front_indices.shape)}")
         self.register_buffer("front_indices", front_indices.clone(), persistent=False)
 
     @torch.no_grad()
@@ -147,7 +148,8 @@ class IdRank(nn.Module):
         module docstring); their order does not.
         """
         if candidate_vertices.ndim != 3 or candidate_vertices.shape[0] < 1 or candidate_vertices.shape[2] != 3:
-            raise InvalidInputError(f"candidate_vertices: expected shape (N>=1, V, 3), got {tuple(candidate_vertices.shape)}")
+            raise InvalidInputError("candidate_vertices: expected shape (N>=1, V, 3), got "
+                                    f"{tuple(candidate_vertices.shape)}")
         needed = int(self.front_indices.max()) + 1
         if candidate_vertices.shape[1] < needed:
             raise InvalidInputError(

@@ -242,7 +242,8 @@ def _check_visibility(visibility: np.ndarray | Visibility | None) -> np.ndarray 
         visibility = visibility.per_vertex
     array = np.asarray(visibility, dtype=np.float64)
     if array.shape != (NUM_VERTICES,) or not np.all(np.isfinite(array)):
-        raise InvalidInputError(f"visibility: expected ({NUM_VERTICES},) finite per-vertex values in [0, 1], got {array.shape}")
+        raise InvalidInputError(f"visibility: expected ({NUM_VERTICES},) finite per-vertex values in "
+                                f"[0, 1], got {array.shape}")
     return np.clip(array, 0.0, 1.0)
 
 
@@ -302,7 +303,8 @@ class OpenGenerativeBackend:
             return self.shape_backend.reconstruct(face).vertices_mm
         shape = np.asarray(start_shape, dtype=np.float64).reshape(-1)
         if shape.shape != (3 * NUM_VERTICES,) or not np.all(np.isfinite(shape)):
-            raise InvalidInputError(f"start_shape: expected ({3 * NUM_VERTICES},) finite open-space coefficients, got {np.shape(start_shape)}")
+            raise InvalidInputError(f"start_shape: expected ({3 * NUM_VERTICES},) finite open-space coefficients, "
+                                    f"got {np.shape(start_shape)}")
         return vertices_from_shape(shape, self.canonical)
 
     def visible_frame(self, observed: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -370,7 +372,8 @@ class OpenGenerativeBackend:
         completions drawn with a fixed seed. Higher is better; each score depends on its own candidate only."""
         array = np.asarray(candidates, dtype=np.float64)
         if array.ndim != 2 or array.shape[1] != 3 * NUM_VERTICES or not np.all(np.isfinite(array)):
-            raise InvalidInputError(f"candidates: expected (N, {3 * NUM_VERTICES}) finite open-space shapes, got {np.shape(candidates)}")
+            raise InvalidInputError(f"candidates: expected (N, {3 * NUM_VERTICES}) finite open-space shapes, "
+                                    f"got {np.shape(candidates)}")
         weights = _check_visibility(visibility)
         weights = np.ones(NUM_VERTICES) if weights is None else weights
         observed = self.shape_backend.reconstruct(face).vertices_mm

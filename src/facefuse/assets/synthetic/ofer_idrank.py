@@ -120,7 +120,8 @@ def synthetic_front_indices(size: str, generator: torch.Generator) -> np.ndarray
         low, high = 0, num_vertices - 1
     span = high - low + 1
     if span < FRONT_VERTEX_COUNT or high >= num_vertices:
-        raise ValueError(f"synthetic FLAME size {size!r} has {num_vertices} vertices; IdRank needs {FRONT_VERTEX_COUNT} front vertices")
+        raise ValueError(f"synthetic FLAME size {size!r} has {num_vertices} vertices; IdRank needs "
+                         f"{FRONT_VERTEX_COUNT} front vertices")
     inner = torch.randperm(span - 2, generator=generator)[: FRONT_VERTEX_COUNT - 2] + low + 1
     indices = torch.cat([torch.tensor([low, high]), inner]).sort().values
     return indices.numpy().astype(np.int64)
