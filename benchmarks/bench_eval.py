@@ -3,8 +3,9 @@
 A synthetic subject stands in for the licence-gated data: a 100k-vertex "scan" sampled on a
 head-sized surface (denser on the face, 0.3 mm noise, about half of it inside the NoW crop) and a
 FLAME-sized prediction (a 5k-vertex, 10k-triangle head in a random pose, with noisy landmarks).
-Times are process CPU seconds (the machine may be shared) with wall time alongside. Reports the crop size, the time of one exact distance query over the crop, and the time per image
-for the non-metrical and metrical variants (median over repeats), plus an exactness spot check.
+Times are process CPU seconds (the machine may be shared) with wall time alongside. Reports the crop
+size, the time of one exact distance query over the crop, and the time per image for the
+non-metrical and metrical variants (median over repeats), plus an exactness spot check.
 
     .venv/bin/python benchmarks/bench_eval.py [--repeats 3] [--scan-vertices 100000]
 """

@@ -44,7 +44,9 @@ def bench_grpc(repeats: int) -> list[float]:
     import grpc
 
     servicer = MicaServicer(FixedBackend(), max_batch=1, batch_wait_s=0.0)
-    running = start_server(lambda s: mica_pb2_grpc.add_MicaServiceServicer_to_server(servicer, s), [SERVICE_NAME], ServerOptions())
+    running = start_server(
+        lambda s: mica_pb2_grpc.add_MicaServiceServicer_to_server(servicer, s), [SERVICE_NAME], ServerOptions()
+    )
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     stub = mica_pb2_grpc.MicaServiceStub(channel)
     request = mica_pb2.PredictRequest(faces=[common_pb2.Face(arcface_blob=wire.from_numpy(BLOB))], return_mesh=True)
@@ -88,7 +90,9 @@ def bench_json(repeats: int) -> list[float]:
     times = []
     for i in range(repeats + 10):
         t = time.perf_counter()
-        conn.request("POST", "/infer", body=json.dumps({"arcface": BLOB.tolist()}), headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST", "/infer", body=json.dumps({"arcface": BLOB.tolist()}), headers={"Content-Type": "application/json"}
+        )
         reply = json.loads(conn.getresponse().read())
         shape = np.asarray(reply["shape"], np.float32)
         vertices = np.asarray(reply["vertices"], np.float32)

@@ -45,14 +45,28 @@ def main() -> None:
 
     rows: list[tuple[str, float, float]] = []
     with torch.no_grad():
-        rows.append(("FaRL CLIP ViT-B/16 encode_image (1x224)", *timed(lambda: model.farl.encode_image(image), args.repeats)))
-        rows.append(("ArcFace IResNet-100 (1x112)", *timed(lambda: model.arcface(blob, apply_features=True), args.repeats)))
+        rows.append(
+            ("FaRL CLIP ViT-B/16 encode_image (1x224)", *timed(lambda: model.farl.encode_image(image), args.repeats))
+        )
+        rows.append(
+            ("ArcFace IResNet-100 (1x112)", *timed(lambda: model.arcface(blob, apply_features=True), args.repeats))
+        )
         rows.append(("context total (both + concat)", *timed(lambda: model.context(blob, image), args.repeats)))
         for n in (10, 100):
             base = torch.randn(1, 5023, 3, generator=generator) * 0.08
             candidates = base + torch.randn(n, 5023, 3, generator=generator) * 0.003
-            rows.append((f"features only, N={n}", *timed(lambda c=candidates: rank_features(c, model.front_indices), args.repeats)))
-            rows.append((f"score (features + RankMLPNet), N={n}", *timed(lambda c=candidates: model.score(c, context), args.repeats)))
+            rows.append(
+                (
+                    f"features only, N={n}",
+                    *timed(lambda c=candidates: rank_features(c, model.front_indices), args.repeats),
+                )
+            )
+            rows.append(
+                (
+                    f"score (features + RankMLPNet), N={n}",
+                    *timed(lambda c=candidates: model.score(c, context), args.repeats),
+                )
+            )
     context_wall = rows[2][1]
     print(f"# IdRank on {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")

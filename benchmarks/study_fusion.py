@@ -108,8 +108,13 @@ coefficients ~9x larger than any face has)."""
 def occlusion(space: ShapeSpace, kind: str, level: float) -> Occlusion:
     regions = {name: (1.0 - level if name in OCCLUDERS[kind] else 1.0) for name in REGION_NAMES}
     vis = Visibility(regions, None, ("study",))
-    space = ShapeSpace(space.template_mm / 1000.0, space.basis_mm().reshape(space.num_vertices, 3, K) / 1000.0, space.faces,
-                       regions=space.regions, ridge_mm2=LOCAL_RIDGE_MM2)
+    space = ShapeSpace(
+        space.template_mm / 1000.0,
+        space.basis_mm().reshape(space.num_vertices, 3, K) / 1000.0,
+        space.faces,
+        regions=space.regions,
+        ridge_mm2=LOCAL_RIDGE_MM2,
+    )
     mask = 1.0 - space.region_weights(Visibility({n: (0.0 if n in OCCLUDERS[kind] else 1.0) for n in REGION_NAMES}),
                                       smooth_iterations=2)
     mask = np.where(np.isin(np.arange(space.num_vertices), space.regions["face"]), mask, 0.0)
@@ -178,7 +183,9 @@ def calibrate(space: ShapeSpace, n_samples: int, faces: int = 300) -> tuple[floa
 
 
 def sampler_scale(tables: SamplingTables, sampler: DDIMSampler, spread: float, n: int = 400) -> float:
-    """The model spread whose DDIM samples have standard deviation ``spread`` (few-step DDIM narrows narrow Gaussians)."""
+    """The model spread whose DDIM samples have standard deviation ``spread``.
+
+    Few-step DDIM narrows narrow Gaussians, so the two differ."""
     rng = np.random.default_rng(3)
     model = spread
     for _ in range(4):
@@ -215,7 +222,9 @@ def run(args: argparse.Namespace) -> int:
             truth = rng.standard_normal(K)
             mica = truth + SIGMA_MICA * (1 + 0.3 * level) * rng.standard_normal(K) \
                 + 2.0 * SIGMA_MICA * level * (occ.local @ rng.standard_normal(K))
-            ofer_mean = truth + b * rng.standard_normal(K) + 0.3 * SIGMA_MICA * level * (occ.local @ rng.standard_normal(K))
+            ofer_mean = (
+                truth + b * rng.standard_normal(K) + 0.3 * SIGMA_MICA * level * (occ.local @ rng.standard_normal(K))
+            )
             if (kind, level) not in eig_cache:
                 cov = s_model**2 * np.eye(K) + (s_model * level) ** 2 * occ.local @ occ.local.T
                 eig_cache[(kind, level)] = np.linalg.eigh(cov)

@@ -123,7 +123,9 @@ def main() -> None:
                 for method, sampler in samplers.items():
                     samples = sampler.sample(face, 10, seed=0, start_shape=deterministic.shape, visibility=visibility)
                     scores = sampler.rank(face, samples, visibility=visibility)
-                    fused = fuse("region", FusionInputs(deterministic.shape, samples, scores, Visibility({}, visibility)), space)
+                    fused = fuse(
+                        "region", FusionInputs(deterministic.shape, samples, scores, Visibility({}, visibility)), space
+                    )
                     row[method] = hidden_error(fused.vertices_mm, truth, hidden)
                 rows.append(row)
                 print(f"{name:10s} {kind:6s} " + "  ".join(f"{m} {row[m]:5.2f}" for m in METHODS), flush=True)
@@ -137,7 +139,11 @@ def main() -> None:
              f"{len(rows)} cases, N = 10 samples, seed 0, 'region' fusion; {machine}. Lower is better.", "",
              "| face | occluder | hidden | " + " | ".join(METHODS) + " |", "|---|---|---|" + "---|" * len(METHODS)]
     for row in rows:
-        lines.append(f"| {row['face']} | {row['occluder']} | {row['hidden']} | " + " | ".join(f"{row[m]:.2f}" for m in METHODS) + " |")
+        lines.append(
+            f"| {row['face']} | {row['occluder']} | {row['hidden']} | "
+            + " | ".join(f"{row[m]:.2f}" for m in METHODS)
+            + " |"
+        )
     for stat in ("mean", "median"):
         lines.append(f"| **{stat}** | | | " + " | ".join(f"**{summary[m][stat]:.2f}**" for m in METHODS) + " |")
     lines.append("| **better than deterministic** | | | " + " | ".join(

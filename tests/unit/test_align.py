@@ -127,5 +127,7 @@ def test_arcface_blob_is_gen_mod_rgb_blob():
     assert blob.shape == (3, 112, 112) and blob.dtype == np.float32
     np.testing.assert_allclose(blob, (crop.transpose(2, 0, 1) - 127.5) / 127.5, atol=1e-6)
     # gen_mod: RGB crop -> BGR -> blobFromImages(swapRB=True) gives RGB planes.
-    official = cv2.dnn.blobFromImages([crop[:, :, ::-1].copy()], 1.0 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True)
+    official = cv2.dnn.blobFromImages(
+        [crop[:, :, ::-1].copy()], 1.0 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True
+    )
     np.testing.assert_allclose(blob, official[0], atol=1e-6)

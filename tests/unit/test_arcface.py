@@ -77,7 +77,9 @@ def _np_conv(x: np.ndarray, w: np.ndarray, stride: int, pad: int) -> np.ndarray:
 
 def _np_bn(x: np.ndarray, bn: torch.nn.Module) -> np.ndarray:
     shape = (1, -1) + (1,) * (x.ndim - 2)
-    p = {k: v.detach().double().numpy().reshape(shape) for k, v in bn.state_dict().items() if k != "num_batches_tracked"}
+    p = {
+        k: v.detach().double().numpy().reshape(shape) for k, v in bn.state_dict().items() if k != "num_batches_tracked"
+    }
     return (x - p["running_mean"]) / np.sqrt(p["running_var"] + 1e-5) * p["weight"] + p["bias"]
 
 

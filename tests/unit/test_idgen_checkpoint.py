@@ -76,7 +76,10 @@ def test_load_strict_and_sample(idgen_file: Path, idgen_sections) -> None:
     for key, value in model.net.state_dict().items():
         assert torch.equal(value, idgen_sections["diffusion"][f"net.{key}"]), key
     for key, value in model.var_sched.state_dict().items():
-        assert torch.equal(value, idgen_sections["var_sched"][key]) and value.dtype == idgen_sections["var_sched"][key].dtype
+        assert (
+            torch.equal(value, idgen_sections["var_sched"][key])
+            and value.dtype == idgen_sections["var_sched"][key].dtype
+        )
     assert isinstance(model.arcface, IResNet100)
     for key, value in model.arcface.state_dict().items():
         assert torch.equal(value, idgen_sections["arcface"][key]), key
@@ -122,7 +125,9 @@ def _corrupt(sections: dict, kind: str) -> tuple[dict, str]:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["renamed", "shape", "dtype", "missing_section", "arcface", "diffusion_extra", "stray_shape"])
+@pytest.mark.parametrize(
+    "kind", ["renamed", "shape", "dtype", "missing_section", "arcface", "diffusion_extra", "stray_shape"]
+)
 def test_corruptions_fail_naming_the_fault(monkeypatch, idgen_sections, tmp_path: Path, kind: str) -> None:
     sections, name = _corrupt(idgen_sections, kind)
     monkeypatch.setattr(idgen_checkpoint, "load_checkpoint", lambda path: sections)

@@ -70,7 +70,9 @@ def _meta_checkpoint() -> dict[str, dict[str, torch.Tensor]]:
 # Layout
 
 
-@pytest.mark.parametrize("section, tsv", [("net", "idrank_net.tsv"), ("arcface", "idrank_arcface.tsv"), ("farl", "idrank_farl.tsv")])
+@pytest.mark.parametrize(
+    "section, tsv", [("net", "idrank_net.tsv"), ("arcface", "idrank_arcface.tsv"), ("farl", "idrank_farl.tsv")]
+)
 def test_expected_sections_equal_official_key_lists(section: str, tsv: str) -> None:
     expected = expected_idrank_sections()[section]
     official = _official(tsv)
@@ -109,7 +111,9 @@ def test_rank_net_construction_replays_official_rng_order() -> None:
 def test_rank_net_module_tree_has_the_33_official_keys() -> None:
     with torch.device("meta"):
         net = RankMLPNet()
-    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == {k: s for k, (s, _) in _official("idrank_net.tsv").items()}
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == {
+        k: s for k, (s, _) in _official("idrank_net.tsv").items()
+    }
 
 
 def test_synthetic_files_validate_and_load_strictly(files: dict[str, Path], model: IdRank, tar_lazy: dict) -> None:
@@ -133,8 +137,15 @@ def test_meta_checkpoint_passes() -> None:
     check_idrank_checkpoint(_meta_checkpoint(), "ckpt")
 
 
-@pytest.mark.parametrize("section, key", [("net", "ranklayers.2.shift.weight"), ("arcface", "layer3.7.conv2.weight"),
-                                          ("farl", "visual.transformer.resblocks.5.attn.in_proj_weight"), ("farl", "token_embedding.weight")])
+@pytest.mark.parametrize(
+    "section, key",
+    [
+        ("net", "ranklayers.2.shift.weight"),
+        ("arcface", "layer3.7.conv2.weight"),
+        ("farl", "visual.transformer.resblocks.5.attn.in_proj_weight"),
+        ("farl", "token_embedding.weight"),
+    ],
+)
 def test_renamed_key_is_named(section: str, key: str) -> None:
     ckpt = _meta_checkpoint()
     ckpt[section]["renamed." + key] = ckpt[section].pop(key)
@@ -207,7 +218,8 @@ def test_farl_missing_image_tower_is_named(tmp_path: Path) -> None:
 
 
 def test_farl_wrong_shape_and_missing_state_dict(tmp_path: Path) -> None:
-    path = _small_farl(tmp_path, {"module.visual.proj": torch.zeros(768, 256)})  # DDP prefix stripped, then shape checked
+    # The DDP prefix is stripped, then the shape checked.
+    path = _small_farl(tmp_path, {"module.visual.proj": torch.zeros(768, 256)})
     with pytest.raises(CheckpointError, match=r"visual.proj: shape \(768, 256\), expected \(768, 512\)"):
         validate_farl_weights(path)
     path = _small_farl(tmp_path, {"visual.proj": torch.zeros(768, 512)}, wrap=False)

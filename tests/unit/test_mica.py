@@ -20,7 +20,9 @@ def mica_path(synthetic_assets):
 
 @pytest.fixture(scope="module")
 def flame_file_data(synthetic_assets):
-    return load_flame_model(synthetic_assets.path("flame2020"), landmark_embedding=synthetic_assets.path("landmark_embedding"))
+    return load_flame_model(
+        synthetic_assets.path("flame2020"), landmark_embedding=synthetic_assets.path("landmark_embedding")
+    )
 
 
 @pytest.fixture(scope="module")

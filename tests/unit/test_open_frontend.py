@@ -45,7 +45,11 @@ def group_photo() -> np.ndarray:
 
 
 def _inside(points: np.ndarray, box: np.ndarray) -> bool:
-    return bool(np.all((points[:, 0] >= box[0]) & (points[:, 0] <= box[2]) & (points[:, 1] >= box[1]) & (points[:, 1] <= box[3])))
+    return bool(
+        np.all(
+            (points[:, 0] >= box[0]) & (points[:, 0] <= box[2]) & (points[:, 1] >= box[1]) & (points[:, 1] <= box[3])
+        )
+    )
 
 
 def test_astronaut_has_one_face_with_consistent_points(front_end, astronaut):

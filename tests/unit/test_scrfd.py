@@ -41,7 +41,10 @@ def build_scrfd_like(path: Path, *, n_outputs: int = 9, input_name: str = "input
                 bias[:] = BOX_DIST
             else:
                 bias[:] = np.tile(KPS_OFFSETS.reshape(-1), 2)
-            inits += [numpy_helper.from_array(weight, f"{kind}{stride}_w"), numpy_helper.from_array(bias, f"{kind}{stride}_b")]
+            inits += [
+                numpy_helper.from_array(weight, f"{kind}{stride}_w"),
+                numpy_helper.from_array(bias, f"{kind}{stride}_b"),
+            ]
             conv, last = f"{kind}{stride}_conv", f"{kind}{stride}_conv"
             nodes.append(helper.make_node("Conv", [pooled, f"{kind}{stride}_w", f"{kind}{stride}_b"], [conv]))
             if kind == "score":

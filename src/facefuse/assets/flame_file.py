@@ -191,7 +191,17 @@ def restricted_unpickle(path: Path, what: str, *, allow_chumpy: bool, allow_torc
         raise AssetError(f"{path}: not {what}: {exc}") from None
     except (pickle.UnpicklingError, EOFError) as exc:
         raise AssetError(f"{path}: not {what} (not a readable pickle, or truncated: {_first_line(exc)})") from None
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError, RuntimeError, OSError, MemoryError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        UnicodeDecodeError,
+        RuntimeError,
+        OSError,
+        MemoryError,
+    ) as exc:
         raise AssetError(f"{path}: not {what} (corrupt pickle: {type(exc).__name__}: {_first_line(exc)})") from None
 
 
@@ -297,7 +307,9 @@ def load_flame_model(
         raise AssetError(f"{path}: not {what} (bad field: {_first_line(exc)})") from None
     _check_flame_shapes(data, path, what, expect)
     version = "2020" if expect == "2020" else ("2023" if expect == "2023" else ("2020" if saw_chumpy else "2023"))
-    landmarks = load_landmark_embedding(landmark_embedding, num_faces=data.faces.shape[0]) if landmark_embedding else None
+    landmarks = (
+        load_landmark_embedding(landmark_embedding, num_faces=data.faces.shape[0]) if landmark_embedding else None
+    )
     return FlameModelData(**{**data.__dict__, "landmarks": landmarks, "version": version})
 
 
@@ -350,7 +362,11 @@ def _check_flame_shapes(data: FlameModelData, path: Path, what: str, expect: str
 
 
 def flame_description(data: FlameModelData) -> str:
-    topology = "" if data.num_vertices == OFFICIAL_NUM_VERTICES else f" (not the official {OFFICIAL_NUM_VERTICES}-vertex topology)"
+    topology = (
+        ""
+        if data.num_vertices == OFFICIAL_NUM_VERTICES
+        else f" (not the official {OFFICIAL_NUM_VERTICES}-vertex topology)"
+    )
     return (
         f"FLAME {data.version}: {data.num_vertices} vertices, {data.faces.shape[0]} faces, "
         f"{N_SHAPE} shape + {data.num_expression} expression components, {data.J_regressor.shape[0]} joints{topology}"
@@ -372,7 +388,9 @@ def load_landmark_embedding(path: str | Path, *, num_faces: int | None = None) -
     return landmark_embedding_from_dict(obj, source=str(path), num_faces=num_faces)
 
 
-def landmark_embedding_from_dict(obj: dict[str, Any], *, source: str, num_faces: int | None = None) -> LandmarkEmbedding:
+def landmark_embedding_from_dict(
+    obj: dict[str, Any], *, source: str, num_faces: int | None = None
+) -> LandmarkEmbedding:
     """Check and convert the embedding dict (numpy arrays or torch tensors) to int64 / float32 arrays."""
     what = "a FLAME landmark embedding"
     missing = [k for k in LANDMARK_KEYS if k not in obj]

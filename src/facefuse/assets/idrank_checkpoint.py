@@ -120,12 +120,15 @@ def _match_farl(expected: Expected, state: Mapping[str, Any], source: str) -> Fa
         elif tuple(value.shape) != expected[key][0]:
             wrong.append(f"{key}: shape {tuple(value.shape)}, expected {expected[key][0]}")
     if wrong:
-        raise CheckpointError(f"{source}: " + "; ".join(wrong[:5]) + (f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else ""))
+        raise CheckpointError(
+            f"{source}: " + "; ".join(wrong[:5]) + (f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else "")
+        )
     missing_image = [k for k in missing if k.startswith(FARL_IMAGE_PREFIX)]
     if missing_image:
         raise CheckpointError(
             f"{source}: not a FaRL ViT-B/16 checkpoint: image-tower key(s) missing "
-            f"{', '.join(repr(k) for k in missing_image[:5])}" + (f" (+{len(missing_image) - 5} more)" if len(missing_image) > 5 else "")
+            f"{', '.join(repr(k) for k in missing_image[:5])}"
+            + (f" (+{len(missing_image) - 5} more)" if len(missing_image) > 5 else "")
         )
     return FarlLoadReport(len(matched), len(expected), missing, unexpected)
 

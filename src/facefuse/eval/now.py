@@ -488,7 +488,11 @@ def _evaluate_task(task: _Task) -> ImageResult:
     item = task.item
     result = ImageResult(item.subject, item.challenge, item.image, status="ok")
     if task.mesh is None or task.landmarks is None:
-        missing = [what for what, p in (("mesh (.obj/.ply)", task.mesh), ("landmarks (.npy/.txt)", task.landmarks)) if p is None]
+        missing = [
+            what
+            for what, p in (("mesh (.obj/.ply)", task.mesh), ("landmarks (.npy/.txt)", task.landmarks))
+            if p is None
+        ]
         result.status = "missing"
         result.message = "missing predicted " + " and ".join(missing)
         return result
@@ -535,7 +539,12 @@ def error_statistics(errors: np.ndarray) -> dict[str, float | int]:
     if len(errors) == 0:
         return {"median_mm": None, "mean_mm": None, "std_mm": None, "n_points": 0}  # type: ignore[dict-item]
     e = np.asarray(errors, dtype=np.float64)
-    return {"median_mm": float(np.median(e)), "mean_mm": float(np.mean(e)), "std_mm": float(np.std(e)), "n_points": len(e)}
+    return {
+        "median_mm": float(np.median(e)),
+        "mean_mm": float(np.mean(e)),
+        "std_mm": float(np.std(e)),
+        "n_points": len(e),
+    }
 
 
 def cumulative_curve(errors: np.ndarray, max_mm: float = CURVE_MAX_MM, n: int = 801) -> tuple[np.ndarray, np.ndarray]:

@@ -46,7 +46,9 @@ def mask_textures() -> dict[str, Path]:
     try:
         folder = resources.files("insightface") / "data" / "images"
     except ModuleNotFoundError as exc:
-        raise AssetError("the insightface package is not installed; its mask textures are needed for kind 'mask'") from exc
+        raise AssetError(
+            "the insightface package is not installed; its mask textures are needed for kind 'mask'"
+        ) from exc
     found = {}
     for entry in sorted(Path(str(folder)).glob(MASK_TEXTURE_GLOB)):
         found[entry.stem.removeprefix("mask_")] = entry
@@ -182,7 +184,12 @@ def _hand_polygons(scale: float, centre: np.ndarray, angle: float) -> list[np.nd
 
 def _hand_occluder(img: np.ndarray, box: tuple[int, int, int, int], coverage: float, rng: np.random.Generator):
     x0, y0, x1, y1 = box
-    centre = np.array([rng.uniform(x0 + 0.3 * (x1 - x0), x1 - 0.3 * (x1 - x0)), rng.uniform(y0 + 0.3 * (y1 - y0), y1 - 0.3 * (y1 - y0))])
+    centre = np.array(
+        [
+            rng.uniform(x0 + 0.3 * (x1 - x0), x1 - 0.3 * (x1 - x0)),
+            rng.uniform(y0 + 0.3 * (y1 - y0), y1 - 0.3 * (y1 - y0)),
+        ]
+    )
     angle = float(rng.uniform(-0.6, 0.6))
     size = max(x1 - x0, y1 - y0)
     lo, hi = 0.0, 4.0 * size

@@ -64,7 +64,9 @@ def norm_crop(image: np.ndarray, kps5: np.ndarray, size: int = 112) -> np.ndarra
         return face_align.norm_crop(image, np.asarray(kps5, dtype=np.float32).reshape(5, 2), image_size=size)
 
 
-def box_crop_points(box: np.ndarray, size: int = BOX_CROP_SIZE, scale: float = BOX_CROP_SCALE) -> tuple[np.ndarray, np.ndarray]:
+def box_crop_points(
+    box: np.ndarray, size: int = BOX_CROP_SIZE, scale: float = BOX_CROP_SCALE
+) -> tuple[np.ndarray, np.ndarray]:
     """Source and destination points of the §1.4 crop (the correct formula, not gen_mod's ``cy - 1``)."""
     left, top, right, bottom = (float(v) for v in np.asarray(box).reshape(4))
     old_size = ((right - left) + (bottom - top)) / 2.0

@@ -34,7 +34,12 @@ def resized_size(width: int, height: int, size: int = FARL_SIZE) -> tuple[int, i
 
 def farl_preprocess(image_rgb: np.ndarray) -> np.ndarray:
     """(H,W,3) RGB uint8 image -> (3,224,224) float32, CLIP-normalised, ready for ``encode_image``."""
-    if not isinstance(image_rgb, np.ndarray) or image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+    if (
+        not isinstance(image_rgb, np.ndarray)
+        or image_rgb.dtype != np.uint8
+        or image_rgb.ndim != 3
+        or image_rgb.shape[2] != 3
+    ):
         shape = getattr(image_rgb, "shape", None)
         dtype = getattr(image_rgb, "dtype", type(image_rgb).__name__)
         raise InvalidInputError("FaRL preprocessing: expected an (H,W,3) uint8 RGB array, got "

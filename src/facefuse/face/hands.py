@@ -214,8 +214,15 @@ class HandDetector:
         self._handedness_name = scalars[1] if len(scalars) > 1 else None
 
     @classmethod
-    def from_store(cls, store: ModelStore, *, num_threads: int | None = None, score_thresh: float = DEFAULT_SCORE_THRESH,
-                   max_hands: int = 4, presence_thresh: float = DEFAULT_PRESENCE_THRESH) -> HandDetector:
+    def from_store(
+        cls,
+        store: ModelStore,
+        *,
+        num_threads: int | None = None,
+        score_thresh: float = DEFAULT_SCORE_THRESH,
+        max_hands: int = 4,
+        presence_thresh: float = DEFAULT_PRESENCE_THRESH,
+    ) -> HandDetector:
         """Both models from the model store (``palm_detection_full``, ``hand_landmark_full``)."""
         return cls(TFLiteModel(store.path("palm_detection_full"), num_threads=num_threads),
                    TFLiteModel(store.path("hand_landmark_full"), num_threads=num_threads),
@@ -238,9 +245,14 @@ class HandDetector:
         boxes, scores, keypoints = decode_palms(outputs[self._regressor_name], outputs[self._logit_name],
                                                 self._anchors, self.score_thresh)
         origin = np.array([x0, y0], np.float64)
-        palms = [PalmBox(((box * PALM_INPUT - [pad_x, pad_y, pad_x, pad_y]) / scale + np.tile(origin, 2)).astype(np.float32),
-                         score, ((kps * PALM_INPUT - [pad_x, pad_y]) / scale + origin).astype(np.float32))
-                 for box, score, kps in weighted_nms(boxes, scores, keypoints, PALM_NMS_IOU)]
+        palms = [
+            PalmBox(
+                ((box * PALM_INPUT - [pad_x, pad_y, pad_x, pad_y]) / scale + np.tile(origin, 2)).astype(np.float32),
+                score,
+                ((kps * PALM_INPUT - [pad_x, pad_y]) / scale + origin).astype(np.float32),
+            )
+            for box, score, kps in weighted_nms(boxes, scores, keypoints, PALM_NMS_IOU)
+        ]
         palms.sort(key=lambda p: -p.score)
         return palms[:self.max_hands]
 

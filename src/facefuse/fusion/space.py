@@ -39,7 +39,9 @@ def derive_cheeks(regions: dict[str, np.ndarray], template: np.ndarray) -> dict[
     out = {name: np.asarray(idx, dtype=np.int64) for name, idx in regions.items()}
     if "face" not in out or ("left_cheek" in out and "right_cheek" in out):
         return out
-    rest = np.setdiff1d(out["face"], np.concatenate([out[n] for n in _CHEEK_EXCLUDES if n in out] or [np.zeros(0, np.int64)]))
+    rest = np.setdiff1d(
+        out["face"], np.concatenate([out[n] for n in _CHEEK_EXCLUDES if n in out] or [np.zeros(0, np.int64)])
+    )
     split = float(np.median(template[out["nose"], 0])) if "nose" in out else 0.0
     out.setdefault("left_cheek", rest[template[rest, 0] > split])
     out.setdefault("right_cheek", rest[template[rest, 0] <= split])
@@ -76,7 +78,9 @@ class ShapeSpace:
                                         f"[0, {self.num_vertices})")
 
     @classmethod
-    def from_flame(cls, flame: FlameModelData, regions: dict[str, np.ndarray] | None = None, num_coeffs: int = 300) -> ShapeSpace:
+    def from_flame(
+        cls, flame: FlameModelData, regions: dict[str, np.ndarray] | None = None, num_coeffs: int = 300
+    ) -> ShapeSpace:
         """FLAME's neutral shape space: the template and the first ``num_coeffs`` identity blendshapes."""
         from facefuse.models.flame import N_SHAPE
 

@@ -126,7 +126,9 @@ class VisionTransformer(nn.Module):
         super().__init__()
         width = config.vision_width
         self.input_resolution = config.image_resolution
-        self.conv1 = nn.Conv2d(3, width, kernel_size=config.vision_patch_size, stride=config.vision_patch_size, bias=False)
+        self.conv1 = nn.Conv2d(
+            3, width, kernel_size=config.vision_patch_size, stride=config.vision_patch_size, bias=False
+        )
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(config.grid_size ** 2 + 1, width))

@@ -38,7 +38,9 @@ EpsModel = Callable[[Tensor, Tensor], Tensor]
 """eps_model(x float32 (B, D), t int64 (B,)) -> predicted noise float32 (B, D)."""
 
 
-def _linear_schedule(num_steps: int, beta_1: float, beta_T: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _linear_schedule(
+    num_steps: int, beta_1: float, beta_T: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """betas, alphas, ᾱ (all float32, numpy arithmetic as upstream) and ᾱ_prev (float64, ᾱ_prev[0] = 1)."""
     betas = torch.linspace(beta_1, beta_T, steps=num_steps).numpy().astype(np.float32)
     alphas = 1 - betas
@@ -198,7 +200,9 @@ class _Sampler:
         return x, [start, *(t for t in grid if t < start)], False
 
     @staticmethod
-    def _guidance(batch: int, guide_target: Tensor | None, guide_strength: float | Tensor | None, dim: int) -> Guidance | None:
+    def _guidance(
+        batch: int, guide_target: Tensor | None, guide_strength: float | Tensor | None, dim: int
+    ) -> Guidance | None:
         if guide_target is None:
             return None
         if guide_target.dim() != 2 or guide_target.shape[1] != dim or guide_target.shape[0] not in (1, batch):

@@ -151,7 +151,9 @@ class FlameLayer(nn.Module):
 
     def landmarks68(self, vertices: Tensor) -> Tensor:
         """(B,V,3) -> (B,68,3) iBUG landmarks from the ``full_lmk`` embedding."""
-        return barycentric_landmarks(vertices, self.faces_tensor, self.full_lmk_faces_idx[0], self.full_lmk_bary_coords[0])
+        return barycentric_landmarks(
+            vertices, self.faces_tensor, self.full_lmk_faces_idx[0], self.full_lmk_bary_coords[0]
+        )
 
     def forward(
         self,
@@ -179,7 +181,12 @@ class FlameLayer(nn.Module):
 
         zeros3 = shape.new_zeros(1, 3)
         full_pose = torch.cat(
-            [pose(global_pose, zeros3), pose(neck_pose, self.neck_pose), pose(jaw_pose, zeros3), pose(eye_pose, self.eye_pose)],
+            [
+                pose(global_pose, zeros3),
+                pose(neck_pose, self.neck_pose),
+                pose(jaw_pose, zeros3),
+                pose(eye_pose, self.eye_pose),
+            ],
             dim=1,
         )
         vertices, joints = linear_blend_skinning(

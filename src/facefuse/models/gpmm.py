@@ -150,7 +150,9 @@ class Posterior:
 class GaussianProcessMorphableModel:
     """Low-rank GP: vertices = mean + Φα (+ isotropic residual σ_r² outside the span), α ~ N(0, diag(λ))."""
 
-    def __init__(self, mean_mm: np.ndarray, basis: np.ndarray, eigenvalues: np.ndarray, residual_variance: float) -> None:
+    def __init__(
+        self, mean_mm: np.ndarray, basis: np.ndarray, eigenvalues: np.ndarray, residual_variance: float
+    ) -> None:
         self.mean_mm = np.asarray(mean_mm, dtype=np.float64)
         self.basis = np.asarray(basis, dtype=np.float64)  # (3V, K), orthonormal columns
         self.eigenvalues = np.asarray(eigenvalues, dtype=np.float64)  # (K,) mm², descending
@@ -164,9 +166,16 @@ class GaussianProcessMorphableModel:
             raise ValueError("GPMM: eigenvalues and the residual variance must be positive")
 
     @classmethod
-    def build(cls, template_mm: np.ndarray, scales: Sequence[KernelScale] = DEFAULT_SCALES,
-              symmetry: float = DEFAULT_SYMMETRY, *, rank: int | None = None,
-              variance_fraction: float = DEFAULT_VARIANCE_FRACTION, mirror: np.ndarray | None = None) -> GaussianProcessMorphableModel:
+    def build(
+        cls,
+        template_mm: np.ndarray,
+        scales: Sequence[KernelScale] = DEFAULT_SCALES,
+        symmetry: float = DEFAULT_SYMMETRY,
+        *,
+        rank: int | None = None,
+        variance_fraction: float = DEFAULT_VARIANCE_FRACTION,
+        mirror: np.ndarray | None = None,
+    ) -> GaussianProcessMorphableModel:
         """Eigen-decompose the prior on ``template_mm`` and keep ``rank`` components (or enough for
         ``variance_fraction``); the kept set never splits an eigenvalue shared by the y and z blocks."""
         template = np.asarray(template_mm, dtype=np.float64)
@@ -235,9 +244,15 @@ class GaussianProcessMorphableModel:
         """
         observed = np.asarray(observed_mm, dtype=np.float64)
         weights = np.asarray(weights, dtype=np.float64)
-        if observed.shape[-2:] != self.mean_mm.shape or observed.ndim not in (2, 3) or weights.shape != (self.num_vertices,):
-            raise ValueError(f"condition: expected ({self.num_vertices}, 3) vertices and ({self.num_vertices},) weights, "
-                             f"got {observed.shape} and {weights.shape}")
+        if (
+            observed.shape[-2:] != self.mean_mm.shape
+            or observed.ndim not in (2, 3)
+            or weights.shape != (self.num_vertices,)
+        ):
+            raise ValueError(
+                f"condition: expected ({self.num_vertices}, 3) vertices and ({self.num_vertices},) weights, "
+                f"got {observed.shape} and {weights.shape}"
+            )
         if noise_mm <= 0:
             raise ValueError(f"condition: noise must be > 0 mm, got {noise_mm}")
         seen = weights >= 0.5

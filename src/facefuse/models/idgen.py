@@ -196,7 +196,9 @@ class IdGenUnet(nn.Module):
             SinusoidalTimeEmbedding(TIME_DIM), nn.Linear(TIME_DIM, TIME_DIM), nn.GELU(), nn.Linear(TIME_DIM, TIME_DIM)
         )
         self.downs = nn.ModuleList(
-            nn.ModuleList([ResnetBlock(d_in, d_in), ResnetBlock(d_in, d_in), attention_block(d_in), dense_resampler(d_in, d_out)])
+            nn.ModuleList(
+                [ResnetBlock(d_in, d_in), ResnetBlock(d_in, d_in), attention_block(d_in), dense_resampler(d_in, d_out)]
+            )
             for d_in, d_out in in_out
         )
         mid = LEVEL_DIMS[-1]
@@ -204,11 +206,26 @@ class IdGenUnet(nn.Module):
         self.mid_attn = attention_block(mid)
         self.mid_block2 = ResnetBlock(mid, mid)
         self.ups = nn.ModuleList(
-            nn.ModuleList([dense_resampler(d_in, d_out), ResnetBlock(2 * d_out, d_out), ResnetBlock(2 * d_out, d_out), attention_block(d_out)])
+            nn.ModuleList(
+                [
+                    dense_resampler(d_in, d_out),
+                    ResnetBlock(2 * d_out, d_out),
+                    ResnetBlock(2 * d_out, d_out),
+                    attention_block(d_out),
+                ]
+            )
             for d_out, d_in in reversed(in_out)
         )
         self.finals = nn.ModuleList(
-            [nn.ModuleList([ResnetBlock(2 * shape_dim, shape_dim), attention_block(shape_dim), nn.Conv1d(shape_dim, SHAPE_DIM, 1)])]
+            [
+                nn.ModuleList(
+                    [
+                        ResnetBlock(2 * shape_dim, shape_dim),
+                        attention_block(shape_dim),
+                        nn.Conv1d(shape_dim, SHAPE_DIM, 1),
+                    ]
+                )
+            ]
         )
 
     # --- the unregistered q/k/v projections ---------------------------------------------------------

@@ -46,7 +46,9 @@ class ScaleShiftRankLayer(nn.Module):
     official forward does). The context is a Linear input, so it modulates per output channel.
     """
 
-    def __init__(self, dim_in: int, dim_out: int, dim_ctx: int, *, is_last: bool, groups: int = GROUP_NORM_GROUPS) -> None:
+    def __init__(
+        self, dim_in: int, dim_out: int, dim_ctx: int, *, is_last: bool, groups: int = GROUP_NORM_GROUPS
+    ) -> None:
         super().__init__()
         self.is_last = is_last
         # Construction order mlp, scale, shift matches the official RNG consumption.
@@ -76,7 +78,8 @@ class RankMLPNet(nn.Module):
         super().__init__()
         last = len(widths) - 2
         self.ranklayers = nn.ModuleList(
-            ScaleShiftRankLayer(widths[i], widths[i + 1], context_dim, is_last=i == last) for i in range(len(widths) - 1)
+            ScaleShiftRankLayer(widths[i], widths[i + 1], context_dim, is_last=i == last)
+            for i in range(len(widths) - 1)
         )
 
     def forward(self, features: Tensor, context: Tensor) -> Tensor:

@@ -49,7 +49,7 @@ class MappingNetwork(nn.Module):
 
 
 class MicaGenerator(nn.Module):
-    """The ``flameModel`` section: ``regressor`` (identity -> β) and ``generator`` (FLAME, buffers from the checkpoint)."""
+    """The ``flameModel`` section: ``regressor`` (identity -> β), ``generator`` (FLAME, buffers from the checkpoint)."""
 
     def __init__(self, flame: FlameModelData) -> None:
         super().__init__()

@@ -35,7 +35,9 @@ def load_flame(directory: Path) -> FlameModelData:
                             landmark_embedding=asset_path(directory, "landmark_embedding"))
 
 
-def landmark_function(flame: FlameModelData, embedding: LandmarkEmbedding | None = None) -> Callable[[np.ndarray], np.ndarray]:
+def landmark_function(
+    flame: FlameModelData, embedding: LandmarkEmbedding | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
     """vertices (V,3) in any unit -> the 68 iBUG landmarks (68,3) in the same unit."""
     lmk = embedding or flame.landmarks
     if lmk is None:
@@ -120,7 +122,9 @@ class OferBackend:
         self.idrank = idrank
         self.flame = flame
         self.device = device
-        self.status = BackendStatus("ofer", "ofer-idgen-idrank", "flame", True, False, "ready", device=device, details=details)
+        self.status = BackendStatus(
+            "ofer", "ofer-idgen-idrank", "flame", True, False, "ready", device=device, details=details
+        )
 
     @classmethod
     def from_assets(cls, directory: Path, device: str = "auto", projections: str | None = None) -> OferBackend:
@@ -151,14 +155,21 @@ class OferBackend:
 
         blob = torch.from_numpy(np.ascontiguousarray(face.arcface_blob))[None].to(self.device)
         context = self.idgen.context(blob)
-        sampler = OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
+        sampler = (
+            OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
+        )
         generator = torch.Generator().manual_seed(int(seed))
         options: dict[str, object] = {}
         if start_shape is not None:
-            options.update(x0_start=torch.from_numpy(np.asarray(start_shape, np.float32))[None].expand(num_samples, -1), t0=start_t0)
+            options.update(
+                x0_start=torch.from_numpy(np.asarray(start_shape, np.float32))[None].expand(num_samples, -1),
+                t0=start_t0,
+            )
         if guide_shape is not None and guide_strength > 0:
-            options.update(guide_target=torch.from_numpy(np.asarray(guide_shape, np.float32))[None].expand(num_samples, -1),
-                           guide_strength=float(guide_strength))
+            options.update(
+                guide_target=torch.from_numpy(np.asarray(guide_shape, np.float32))[None].expand(num_samples, -1),
+                guide_strength=float(guide_strength),
+            )
         shapes = self.idgen.sample(context, num_samples, sampler, generator, **options)
         return shapes.to(torch.float32).cpu().numpy()
 
@@ -186,9 +197,15 @@ class OferBackend:
             contexts = self.idgen.context(blobs)
             counts = [jobs[i].num_samples for i in members]
             context = torch.cat([contexts[k:k + 1].expand(n, -1) for k, n in enumerate(counts)])
-            noise = torch.cat([torch.randn(jobs[i].num_samples, 300, generator=torch.Generator().manual_seed(int(jobs[i].seed)))
-                               for i in members])
-            sampler = OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
+            noise = torch.cat(
+                [
+                    torch.randn(jobs[i].num_samples, 300, generator=torch.Generator().manual_seed(int(jobs[i].seed)))
+                    for i in members
+                ]
+            )
+            sampler = (
+                OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
+            )
             sampled = self.idgen.sample(context, len(noise), sampler, initial_noise=noise.to(self.device))
             shapes = sampled.to(torch.float32).cpu().numpy()
             offsets = np.cumsum([0, *counts])

@@ -156,7 +156,9 @@ def mediapipe_regions(canonical: CanonicalFace) -> dict[str, np.ndarray]:
     return regions
 
 
-def vertex_visibility_from_mask(occluder_mask: np.ndarray, landmarks: np.ndarray, *, radius_px: float = 2.0) -> np.ndarray:
+def vertex_visibility_from_mask(
+    occluder_mask: np.ndarray, landmarks: np.ndarray, *, radius_px: float = 2.0
+) -> np.ndarray:
     """(468,) visibility per FaceMesh vertex: the clear fraction of 9 pixels around its landmark.
 
     ``occluder_mask`` (H, W) is true (or > 0) where something covers the face; pixels outside the
@@ -222,7 +224,12 @@ def vertices_from_shape(shape: np.ndarray, canonical: CanonicalFace) -> np.ndarr
 def _landmarks_of(face: AlignedFace | Detection, position: int) -> tuple[np.ndarray, np.ndarray | None]:
     detection = face.detection if isinstance(face, AlignedFace) else face
     landmarks = detection.landmarks
-    if landmarks is None or np.ndim(landmarks) != 2 or np.shape(landmarks)[0] < NUM_VERTICES or np.shape(landmarks)[1] < 3:
+    if (
+        landmarks is None
+        or np.ndim(landmarks) != 2
+        or np.shape(landmarks)[0] < NUM_VERTICES
+        or np.shape(landmarks)[1] < 3
+    ):
         raise InvalidInputError(
             f"face {position}: the open pack needs the 468 FaceMesh landmarks (x, y, z) of the face, got "
             f"{None if landmarks is None else np.shape(landmarks)} from detector {detection.detector!r}; "
@@ -257,7 +264,9 @@ class OpenShapeBackend:
             details={"topology": TOPOLOGY, "vertices": str(NUM_VERTICES), "scale": f"iris {IRIS_DIAMETER_MM} mm",
                      "shape": "displacement from the canonical face, mm (1404)"})
 
-    def reconstruct(self, face: AlignedFace | Detection, visibility: np.ndarray | None = None, position: int = 0) -> MetricFace:
+    def reconstruct(
+        self, face: AlignedFace | Detection, visibility: np.ndarray | None = None, position: int = 0
+    ) -> MetricFace:
         landmarks, iris = _landmarks_of(face, position)
         return metric_face(landmarks, self.canonical, iris=iris, visibility=_check_visibility(visibility))
 
@@ -362,7 +371,9 @@ class OpenGenerativeBackend:
         else:
             hidden = (weights < VISIBLE)[None, :, None]
             targets = np.where(hidden, completions, observed[None])
-            posterior = self.gpmm.condition(targets @ rotation.T + translation, weights, self.noise_mm, self.imputed_noise_mm)
+            posterior = self.gpmm.condition(
+                targets @ rotation.T + translation, weights, self.noise_mm, self.imputed_noise_mm
+            )
         samples = (posterior.sample_mm(int(num_samples), generator) - translation) @ rotation  # back: R⁻¹(x − t)
         return shape_from_vertices(samples, self.canonical)
 

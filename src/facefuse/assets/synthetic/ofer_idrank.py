@@ -45,7 +45,15 @@ def _check_size(size: str) -> None:
         raise ValueError(f"unknown synthetic size {size!r}; expected one of {SIZES}")
 
 
-NORM_GAIN_SUFFIXES = ("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight", "ln_final.weight", "ln_lm.weight", "gn.weight")
+NORM_GAIN_SUFFIXES = (
+    "ln_1.weight",
+    "ln_2.weight",
+    "ln_pre.weight",
+    "ln_post.weight",
+    "ln_final.weight",
+    "ln_lm.weight",
+    "gn.weight",
+)
 """LayerNorm / GroupNorm gains: the shared rules treat them as small vectors; here they sit near 1."""
 
 
