@@ -79,19 +79,23 @@ def umeyama(
         raise InvalidInputError("alignment points contain NaN or infinite coordinates")
     if reflection not in ("best", True, False):
         raise InvalidInputError(f"reflection must be 'best', True or False, got {reflection!r}")
-    if weights is None:
-        w = np.full(len(src), 1.0 / len(src))
+    if weights is None:  # plain sums: the unweighted case computes exactly what NoW's Procrustes did
+        src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
+        src_c, dst_c = src - src_mean, dst - dst_mean
+        cov = dst_c.T @ src_c
+        src_var = float(np.sum(src_c * src_c))
     else:
         w = np.asarray(weights, dtype=np.float64)
         if w.shape != (len(src),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
             raise InvalidInputError(f"alignment weights must be ({len(src)},), finite, non-negative and not all zero")
         w = w / w.sum()
-    src_mean, dst_mean = w @ src, w @ dst
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    src_var = float(w @ (src_c**2).sum(axis=1))
+        src_mean, dst_mean = w @ src, w @ dst
+        src_c, dst_c = src - src_mean, dst - dst_mean
+        cov = (dst_c * w[:, None]).T @ src_c
+        src_var = float(w @ (src_c**2).sum(axis=1))
     if src_var <= 0.0:
         raise InvalidInputError("alignment source points are all identical (where weighted); no transform exists")
-    u, singular, vt = np.linalg.svd((dst_c * w[:, None]).T @ src_c)
+    u, singular, vt = np.linalg.svd(cov)
     flip = np.ones(src.shape[1])
     if reflection != "best":
         is_reflection = np.linalg.det(u) * np.linalg.det(vt) < 0
