@@ -3,8 +3,9 @@
 A synthetic subject stands in for the licence-gated data: a 100k-vertex "scan" sampled on a
 head-sized surface (denser on the face, 0.3 mm noise, about half of it inside the NoW crop) and a
 FLAME-sized prediction (a 5k-vertex, 10k-triangle head in a random pose, with noisy landmarks).
-Times are process CPU seconds (the machine may be shared) with wall time alongside. Reports the crop size, the time of one exact distance query over the crop, and the time per image
-for the non-metrical and metrical variants (median over repeats), plus an exactness spot check.
+Times are process CPU seconds (the machine may be shared) with wall time alongside. Reports the crop
+size, the time of one exact distance query over the crop, and the time per image for the
+non-metrical and metrical variants (median over repeats), plus an exactness spot check.
 
     .venv/bin/python benchmarks/bench_eval.py [--repeats 3] [--scan-vertices 100000]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,11 +24,10 @@ import trimesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from eval_fixtures import apply, head_mesh, mesh_landmarks, random_similarity  # noqa: E402
+from facefuse.eval.geometry import TriangleMeshDistance, closest_points_on_triangles
+from facefuse.eval.now import align_and_measure, crop_scan, read_mesh, read_scan_vertices
 
-from facefuse.eval.geometry import TriangleMeshDistance, closest_points_on_triangles  # noqa: E402
-from facefuse.eval.now import align_and_measure, crop_scan, read_mesh, read_scan_vertices  # noqa: E402
-import tempfile  # noqa: E402
+from eval_fixtures import apply, head_mesh, mesh_landmarks, random_similarity
 
 
 def sample_scan(head: trimesh.Trimesh, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -74,7 +75,8 @@ def main() -> None:
         t0 = time.process_time()
         read_mesh(pred_path)
         t_pred = time.process_time() - t0
-    print(f"reading: {len(scan) // 1000}k-vertex scan OBJ {t_scan:.2f} s CPU (once per subject), prediction OBJ {t_pred * 1000:.0f} ms CPU")
+    print(f"reading: {len(scan) // 1000}k-vertex scan OBJ {t_scan:.2f} s CPU (once per subject), prediction OBJ "
+          f"{t_pred * 1000:.0f} ms CPU")
     for label, pred in (("prediction 2562 v / 5120 f", head_mesh(4)), ("prediction 10242 v / 20480 f", head_mesh(5))):
         ps, prot, pt = random_similarity(rng, scale=1.0)
         pv = apply(pred.vertices, ps, prot, pt)
@@ -91,7 +93,8 @@ def main() -> None:
             p = np.repeat(points[i : i + 1], len(tri), axis=0)
             _, d = closest_points_on_triangles(p, tri[:, 0], tri[:, 1], tri[:, 2])
             worst = max(worst, abs(d.min() - q.distances[i]))
-        print(f"{label}: one exact query over the crop {t_query * 1000:.0f} ms CPU, |query - brute force| max {worst:.2e} mm")
+        print(f"{label}: one exact query over the crop {t_query * 1000:.0f} ms CPU, |query - brute "
+              f"force| max {worst:.2e} mm")
         for metrical in (False, True):
             times, walls = [], []
             for _ in range(args.repeats):
@@ -111,9 +114,9 @@ def main() -> None:
 
 def end_to_end(per_challenge: int, workers: int) -> None:
     """The whole runner (files, crop, workers, outputs) on a synthetic NoW-layout dataset."""
-    from eval_fixtures import make_now_dataset
-
     from facefuse.eval.now import NowEvalConfig, run_now_evaluation
+
+    from eval_fixtures import make_now_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         fx = make_now_dataset(Path(tmp), n_subjects=2, images_per_challenge=per_challenge, head_subdivisions=5,

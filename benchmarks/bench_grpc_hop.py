@@ -44,7 +44,9 @@ def bench_grpc(repeats: int) -> list[float]:
     import grpc
 
     servicer = MicaServicer(FixedBackend(), max_batch=1, batch_wait_s=0.0)
-    running = start_server(lambda s: mica_pb2_grpc.add_MicaServiceServicer_to_server(servicer, s), [SERVICE_NAME], ServerOptions())
+    running = start_server(
+        lambda s: mica_pb2_grpc.add_MicaServiceServicer_to_server(servicer, s), [SERVICE_NAME], ServerOptions()
+    )
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     stub = mica_pb2_grpc.MicaServiceStub(channel)
     request = mica_pb2.PredictRequest(faces=[common_pb2.Face(arcface_blob=wire.from_numpy(BLOB))], return_mesh=True)
@@ -66,7 +68,7 @@ def bench_grpc(repeats: int) -> list[float]:
 class JsonHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:  # http.server names the handler
         body = self.rfile.read(int(self.headers["Content-Length"]))
         blob = np.asarray(json.loads(body)["arcface"], dtype=np.float32)
         assert blob.shape == (3, 112, 112)
@@ -88,7 +90,9 @@ def bench_json(repeats: int) -> list[float]:
     times = []
     for i in range(repeats + 10):
         t = time.perf_counter()
-        conn.request("POST", "/infer", body=json.dumps({"arcface": BLOB.tolist()}), headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST", "/infer", body=json.dumps({"arcface": BLOB.tolist()}), headers={"Content-Type": "application/json"}
+        )
         reply = json.loads(conn.getresponse().read())
         shape = np.asarray(reply["shape"], np.float32)
         vertices = np.asarray(reply["vertices"], np.float32)
@@ -132,8 +136,10 @@ def main() -> None:
     args = parser.parse_args()
     grpc_t = bench_grpc(args.repeats)
     json_t = bench_json(args.repeats)
-    print(f"machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}")
-    print("payload: request 3x112x112 float32 blob; reply 300-float shape + 5023x3 float32 vertices + 9976x3 int32 faces")
+    print(f"machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, Python "
+          f"{platform.python_version()}")
+    print("payload: request 3x112x112 float32 blob; reply 300-float shape + 5023x3 float32 "
+          "vertices + 9976x3 int32 faces")
     print(f"{'transport':<34}{'median ms':>10}{'p90 ms':>10}")
     for name, times in (("gRPC, raw tensor bytes", grpc_t), ("HTTP/1.1 + JSON float lists", json_t)):
         ms = sorted(t * 1000 for t in times)

@@ -20,6 +20,8 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,7 +31,7 @@ from facefuse.assets.synthetic.ofer_idgen import write_idgen_checkpoint
 from facefuse.models.diffusion import DEFAULT_DDIM_STEPS, DDIMSampler, OfficialSampler, SamplingTables
 
 
-def timed(fn):
+def timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, float]:
     w0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     return out, time.perf_counter() - w0, time.process_time() - c0
@@ -71,16 +73,24 @@ def main() -> None:
     print(f"ArcFace context (batch 1): {wall:.2f} s (not included below)")
 
     tables = SamplingTables.of(model.var_sched)
-    header = f"{'sampler':<22}{'N':>5}{'evals':>7}{'wall s':>9}{'CPU s':>8}{'ms/face':>10}{'speed-up':>10}{'mean|Δβ|':>10}{'max|Δβ|':>9}{'mean|β|':>9}"
+    header = (f"{'sampler':<22}{'N':>5}{'evals':>7}{'wall s':>9}{'CPU s':>8}{'ms/face':>10}{'speed-up':>10}"
+              f"{'mean|Δβ|':>10}{'max|Δβ|':>9}{'mean|β|':>9}")
     print("\nSynthetic weights: official loop vs DDIM, same x_T (Δβ = β_fast − β_official)")
     print(header)
     for n in [int(v) for v in args.sizes.split(",") if v]:
         x_T = torch.randn(n, 300, generator=torch.Generator().manual_seed(n))
-        official, w_off, c_off = timed(lambda: model.sample(context, n, OfficialSampler(), torch.Generator().manual_seed(0), initial_noise=x_T))
-        print(f"{'official (251 evals)':<22}{n:>5}{251:>7}{w_off:>9.2f}{c_off:>8.2f}{1e3 * w_off:>10.0f}{'1.0x':>10}{'':>10}{'':>9}{official.abs().mean():>9.3f}")
-        steps = [args.steps] + ([int(s) for s in args.sweep.split(",") if s and int(s) != args.steps] if n == 10 else [])
+        official, w_off, c_off = timed(
+            partial(model.sample, context, n, OfficialSampler(), torch.Generator().manual_seed(0), initial_noise=x_T)
+        )
+        print(
+            f"{'official (251 evals)':<22}{n:>5}{251:>7}{w_off:>9.2f}{c_off:>8.2f}{1e3 * w_off:>10.0f}{'1.0x':>10}"
+            f"{'':>10}{'':>9}{official.abs().mean():>9.3f}"
+        )
+        steps = [args.steps] + (
+            [int(s) for s in args.sweep.split(",") if s and int(s) != args.steps] if n == 10 else []
+        )
         for s in steps:
-            fast, w, c = timed(lambda: model.sample(context, n, DDIMSampler(s), initial_noise=x_T))
+            fast, w, c = timed(partial(model.sample, context, n, DDIMSampler(s), initial_noise=x_T))
             diff = (fast - official).abs()
             print(f"{f'DDIM {s}':<22}{n:>5}{s:>7}{w:>9.2f}{c:>8.2f}{1e3 * w:>10.0f}{f'{w_off / w:.1f}x':>10}"
                   f"{diff.mean():>10.3f}{diff.max():>9.3f}{fast.abs().mean():>9.3f}")

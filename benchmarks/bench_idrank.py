@@ -15,10 +15,10 @@ import platform
 
 import torch
 
-from timing import timed
-
 from facefuse.assets.synthetic.ofer_idrank import synthetic_front_indices, synthetic_idrank_sections
 from facefuse.models.idrank import IdRank, rank_features
+
+from timing import timed
 
 
 def main() -> None:
@@ -45,21 +45,35 @@ def main() -> None:
 
     rows: list[tuple[str, float, float]] = []
     with torch.no_grad():
-        rows.append(("FaRL CLIP ViT-B/16 encode_image (1x224)", *timed(lambda: model.farl.encode_image(image), args.repeats)))
-        rows.append(("ArcFace IResNet-100 (1x112)", *timed(lambda: model.arcface(blob, apply_features=True), args.repeats)))
+        rows.append(
+            ("FaRL CLIP ViT-B/16 encode_image (1x224)", *timed(lambda: model.farl.encode_image(image), args.repeats))
+        )
+        rows.append(
+            ("ArcFace IResNet-100 (1x112)", *timed(lambda: model.arcface(blob, apply_features=True), args.repeats))
+        )
         rows.append(("context total (both + concat)", *timed(lambda: model.context(blob, image), args.repeats)))
         for n in (10, 100):
             base = torch.randn(1, 5023, 3, generator=generator) * 0.08
             candidates = base + torch.randn(n, 5023, 3, generator=generator) * 0.003
-            rows.append((f"features only, N={n}", *timed(lambda c=candidates: rank_features(c, model.front_indices), args.repeats)))
-            rows.append((f"score (features + RankMLPNet), N={n}", *timed(lambda c=candidates: model.score(c, context), args.repeats)))
+            rows.append(
+                (
+                    f"features only, N={n}",
+                    *timed(lambda c=candidates: rank_features(c, model.front_indices), args.repeats),
+                )
+            )
+            rows.append(
+                (
+                    f"score (features + RankMLPNet), N={n}",
+                    *timed(lambda c=candidates: model.score(c, context), args.repeats),
+                )
+            )
     context_wall = rows[2][1]
     print(f"# IdRank on {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"{'step':44s} {'wall ms':>10s} {'cpu ms':>10s}")
     for name, wall, cpu in rows:
         print(f"{name:44s} {wall * 1e3:10.1f} {cpu * 1e3:10.1f}")
-    for n, row in zip((10, 100), (rows[4], rows[6])):
+    for n, row in zip((10, 100), (rows[4], rows[6]), strict=True):
         print(f"{f'per face, N={n} (context + score)':44s} {(context_wall + row[1]) * 1e3:10.1f}")
 
 

@@ -46,7 +46,11 @@ def main() -> None:
         from facefuse.assets.synthetic import synthesize
 
         tmp = tempfile.TemporaryDirectory()
-        synthesize(Path(tmp.name), size="full", only={"FLAME2020/generic_model.pkl", "FLAME2020/landmark_embedding.npy", "mica.tar"})
+        synthesize(
+            Path(tmp.name),
+            size="full",
+            only={"FLAME2020/generic_model.pkl", "FLAME2020/landmark_embedding.npy", "mica.tar"},
+        )
         args.assets = Path(tmp.name)
     backend = MicaBackend.from_assets(args.assets, args.device)
     rng = np.random.default_rng(0)
@@ -72,8 +76,10 @@ def main() -> None:
                            ServerOptions(max_workers=args.clients + 4))
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     stub = mica_pb2_grpc.MicaServiceStub(channel)
-    requests = [mica_pb2.PredictRequest(faces=[wire.face_message(f, 0, (100, 100))], return_mesh=True, return_landmarks=True)
-                for f in faces]
+    requests = [
+        mica_pb2.PredictRequest(faces=[wire.face_message(f, 0, (100, 100))], return_mesh=True, return_landmarks=True)
+        for f in faces
+    ]
     stub.Predict(requests[0], timeout=120)
     t = []
     for _ in range(args.repeats):
@@ -94,8 +100,11 @@ def main() -> None:
     channel.close()
     running.stop(0)
 
-    print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{os.cpu_count()}-core CPU'}), "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}; largest batch seen {servicer.batcher.largest_batch}")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()}-core CPU"
+    print(
+        f"device: {args.device} ({where}), torch {torch.__version__}, threads {torch.get_num_threads()}; "
+        f"largest batch seen {servicer.batcher.largest_batch}"
+    )
     print(f"{'setting':<58}{'ms per face':>12}")
     for name, seconds in rows:
         print(f"{name:<58}{seconds * 1000:>12.1f}")

@@ -4,8 +4,9 @@ Per face = BlazeFace + FaceMesh (detect) + iris + alignment crops, the metric Fa
 samples (GP conditioned on the seen vertices and on one noise-imputed FaceMesh completion each; mouth
 hidden), ranking of the 10 (8 more imputed FaceMesh runs), and 'region' fusion (the strategy meant for
 the open pack); 'gaussian' fusion is timed separately (it eigen-decomposes a 1404 x 1404 covariance).
-The GP-only sampler and ranker (no imputation, the previous default) are timed alongside. One-time costs (model load, the GP's eigen-decomposition, the open shape
-space) are reported apart. Median wall time over repeats, process CPU time alongside.
+The GP-only sampler and ranker (no imputation, the previous default) are timed alongside. One-time
+costs (model load, the GP's eigen-decomposition, the open shape space) are reported apart. Median wall
+time over repeats, process CPU time alongside.
 
     .venv/bin/python benchmarks/bench_open_pack.py [--repeats 10] [--gallery docs/gallery]
 
@@ -23,13 +24,13 @@ import time
 import numpy as np
 import skimage.data
 
-from timing import timed
-
 from facefuse.assets.store import ModelStore
 from facefuse.face.frontend import FaceFrontEnd
 from facefuse.fusion.strategies import FusionInputs, fuse
 from facefuse.fusion.visibility import Visibility
 from facefuse.packs.open import load_open_generative_backend, load_open_shape_backend, open_shape_space
+
+from timing import timed
 
 
 def main() -> None:
@@ -72,17 +73,25 @@ def main() -> None:
     rows = [
         ("front end (detect + iris + align)", front),
         ("deterministic (metric mesh)", lambda: shape_backend.predict([face])),
-        (f"sampling N={args.samples} (GP + imputation)", lambda: generative.sample(face, args.samples, seed=0, start_shape=result.shape, visibility=visibility)),
+        (
+            f"sampling N={args.samples} (GP + imputation)",
+            lambda: generative.sample(face, args.samples, seed=0, start_shape=result.shape, visibility=visibility),
+        ),
         (f"rank N={args.samples} (GP + imputation)", lambda: generative.rank(face, samples, visibility=visibility)),
-        (f"sampling N={args.samples} (GP only)", lambda: gp_only.sample(face, args.samples, seed=0, start_shape=result.shape, visibility=visibility)),
+        (
+            f"sampling N={args.samples} (GP only)",
+            lambda: gp_only.sample(face, args.samples, seed=0, start_shape=result.shape, visibility=visibility),
+        ),
         (f"rank N={args.samples} (GP only)", lambda: gp_only.rank(face, samples, visibility=visibility)),
         ("fuse 'region'", lambda: fuse("region", inputs, space)),
         ("fuse 'gaussian'", lambda: fuse("gaussian", inputs, space)),
         ("per face, all of the above with 'region'", whole),
     ]
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}")
-    print(f"one-time: front end + deterministic {t1 - t0:.2f} s, GP build {t2 - t1:.2f} s (rank {generative.gpmm.rank}), "
-          f"open space {t3 - t2:.2f} s")
+    print(
+        f"one-time: front end + deterministic {t1 - t0:.2f} s, GP build {t2 - t1:.2f} s (rank {generative.gpmm.rank}), "
+        f"open space {t3 - t2:.2f} s"
+    )
     for name, fn in rows:
         wall, cpu = timed(fn, args.repeats)
         print(f"{name:46s} {wall * 1000:8.1f} ms wall  {cpu * 1000:8.1f} ms CPU")
@@ -144,10 +153,16 @@ def render_gallery(folder: str, front_end, shape_backend, generative, space) -> 
     samples = generative.sample(occ_face, 10, seed=0, start_shape=deterministic.shape, visibility=visibility)
     scores = generative.rank(occ_face, samples, visibility=visibility)
     fused = fuse("region", FusionInputs(deterministic.shape, samples, scores, Visibility({}, visibility)), space)
-    save("astronaut_occluded_deterministic.png", render_preview(deterministic.vertices_mm, deterministic.faces, size=256))
+    save(
+        "astronaut_occluded_deterministic.png", render_preview(deterministic.vertices_mm, deterministic.faces, size=256)
+    )
     save("astronaut_occluded_fused.png", render_preview(fused.vertices_mm, deterministic.faces, size=256))
-    save("astronaut_occluded_fused_spread.png",
-         render_preview(fused.vertices_mm, deterministic.faces, heat_colors(fused.vertex_spread_mm, vmax=8.0)[:, :3], size=256))
+    save(
+        "astronaut_occluded_fused_spread.png",
+        render_preview(
+            fused.vertices_mm, deterministic.faces, heat_colors(fused.vertex_spread_mm, vmax=8.0)[:, :3], size=256
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,12 @@ import torch
 from facefuse.assets.synthetic.flame import flame_masks, flame_model_fields
 from facefuse.fusion.space import ShapeSpace
 from facefuse.fusion.strategies import (
-    DEFAULT_STRATEGY, FusionInputs, create_strategy, guided_strength, sdedit_t0, strategy_names,
+    DEFAULT_STRATEGY,
+    FusionInputs,
+    create_strategy,
+    guided_strength,
+    sdedit_t0,
+    strategy_names,
 )
 from facefuse.fusion.visibility import REGION_NAMES, Visibility
 from facefuse.models.diffusion import DDIMSampler, SamplingTables
@@ -103,8 +108,13 @@ coefficients ~9x larger than any face has)."""
 def occlusion(space: ShapeSpace, kind: str, level: float) -> Occlusion:
     regions = {name: (1.0 - level if name in OCCLUDERS[kind] else 1.0) for name in REGION_NAMES}
     vis = Visibility(regions, None, ("study",))
-    space = ShapeSpace(space.template_mm / 1000.0, space.basis_mm().reshape(space.num_vertices, 3, K) / 1000.0, space.faces,
-                       regions=space.regions, ridge_mm2=LOCAL_RIDGE_MM2)
+    space = ShapeSpace(
+        space.template_mm / 1000.0,
+        space.basis_mm().reshape(space.num_vertices, 3, K) / 1000.0,
+        space.faces,
+        regions=space.regions,
+        ridge_mm2=LOCAL_RIDGE_MM2,
+    )
     mask = 1.0 - space.region_weights(Visibility({n: (0.0 if n in OCCLUDERS[kind] else 1.0) for n in REGION_NAMES}),
                                       smooth_iterations=2)
     mask = np.where(np.isin(np.arange(space.num_vertices), space.regions["face"]), mask, 0.0)
@@ -173,7 +183,9 @@ def calibrate(space: ShapeSpace, n_samples: int, faces: int = 300) -> tuple[floa
 
 
 def sampler_scale(tables: SamplingTables, sampler: DDIMSampler, spread: float, n: int = 400) -> float:
-    """The model spread whose DDIM samples have standard deviation ``spread`` (few-step DDIM narrows narrow Gaussians)."""
+    """The model spread whose DDIM samples have standard deviation ``spread``.
+
+    Few-step DDIM narrows narrow Gaussians, so the two differ."""
     rng = np.random.default_rng(3)
     model = spread
     for _ in range(4):
@@ -210,14 +222,16 @@ def run(args: argparse.Namespace) -> int:
             truth = rng.standard_normal(K)
             mica = truth + SIGMA_MICA * (1 + 0.3 * level) * rng.standard_normal(K) \
                 + 2.0 * SIGMA_MICA * level * (occ.local @ rng.standard_normal(K))
-            ofer_mean = truth + b * rng.standard_normal(K) + 0.3 * SIGMA_MICA * level * (occ.local @ rng.standard_normal(K))
+            ofer_mean = (
+                truth + b * rng.standard_normal(K) + 0.3 * SIGMA_MICA * level * (occ.local @ rng.standard_normal(K))
+            )
             if (kind, level) not in eig_cache:
                 cov = s_model**2 * np.eye(K) + (s_model * level) ** 2 * occ.local @ occ.local.T
                 eig_cache[(kind, level)] = np.linalg.eigh(cov)
             eigval, eigvec = eig_cache[(kind, level)]
             eps = GaussianEps(tables, ofer_mean, np.maximum(eigval, 0.0), eigvec)
 
-            def draw(**hooks) -> np.ndarray:
+            def draw(eps: GaussianEps = eps, rng: np.random.Generator = rng, **hooks: object) -> np.ndarray:
                 noise = torch.from_numpy(rng.standard_normal((n, K)).astype(np.float32))
                 return sampler.sample(eps, tables, n, dim=K, initial_noise=noise, **hooks).numpy()
 
@@ -249,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     print("\nmean per-vertex error over the face region, mm (lower is better); "
           f"{args.faces} faces per level, N = {n} samples; default strategy: {DEFAULT_STRATEGY}")
     print(text)
-    print("largest standard error of a cell: %.3f mm" % max(max(r.values()) for r in sems.values()))
+    print(f"largest standard error of a cell: {max(max(r.values()) for r in sems.values()):.3f} mm")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

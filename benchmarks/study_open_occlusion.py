@@ -33,9 +33,12 @@ from facefuse.assets.store import ModelStore
 from facefuse.face.frontend import FaceFrontEnd
 from facefuse.fusion.strategies import FusionInputs, fuse
 from facefuse.fusion.visibility import Visibility
+from facefuse.geometry import umeyama
 from facefuse.packs.open import (
-    load_open_generative_backend, load_open_shape_backend, open_shape_space, vertex_visibility_from_mask,
-    weighted_rigid_fit,
+    load_open_generative_backend,
+    load_open_shape_backend,
+    open_shape_space,
+    vertex_visibility_from_mask,
 )
 
 OCCLUDERS = ("grey", "black", "skin")
@@ -69,8 +72,7 @@ def occlude(image: np.ndarray, lips_px: np.ndarray, kind: str) -> tuple[np.ndarr
 
 
 def hidden_error(vertices: np.ndarray, truth: np.ndarray, hidden: np.ndarray) -> float:
-    s, r, t = weighted_rigid_fit(np.asarray(vertices, np.float64), truth, (~hidden).astype(float), with_scale=True)
-    aligned = s * np.asarray(vertices, np.float64) @ r.T + t
+    aligned = umeyama(vertices, truth, (~hidden).astype(float)).apply(vertices)
     return float(np.linalg.norm(aligned[hidden] - truth[hidden], axis=1).mean())
 
 
@@ -110,7 +112,8 @@ def main() -> None:
                 visibility = vertex_visibility_from_mask(mask, face.detection.landmarks)
                 hidden = visibility < 0.5
                 if hidden.sum() < 20:
-                    skipped.append(f"{name}/{kind}: only {hidden.sum()} landmarks under the patch (FaceMesh moved the mouth)")
+                    skipped.append(f"{name}/{kind}: only {hidden.sum()} landmarks under the patch "
+                                   "(FaceMesh moved the mouth)")
                     continue
                 (deterministic,) = shape_backend.predict([face])
                 row = {"face": name, "occluder": kind, "hidden": int(hidden.sum()),
@@ -120,7 +123,9 @@ def main() -> None:
                 for method, sampler in samplers.items():
                     samples = sampler.sample(face, 10, seed=0, start_shape=deterministic.shape, visibility=visibility)
                     scores = sampler.rank(face, samples, visibility=visibility)
-                    fused = fuse("region", FusionInputs(deterministic.shape, samples, scores, Visibility({}, visibility)), space)
+                    fused = fuse(
+                        "region", FusionInputs(deterministic.shape, samples, scores, Visibility({}, visibility)), space
+                    )
                     row[method] = hidden_error(fused.vertices_mm, truth, hidden)
                 rows.append(row)
                 print(f"{name:10s} {kind:6s} " + "  ".join(f"{m} {row[m]:5.2f}" for m in METHODS), flush=True)
@@ -134,7 +139,11 @@ def main() -> None:
              f"{len(rows)} cases, N = 10 samples, seed 0, 'region' fusion; {machine}. Lower is better.", "",
              "| face | occluder | hidden | " + " | ".join(METHODS) + " |", "|---|---|---|" + "---|" * len(METHODS)]
     for row in rows:
-        lines.append(f"| {row['face']} | {row['occluder']} | {row['hidden']} | " + " | ".join(f"{row[m]:.2f}" for m in METHODS) + " |")
+        lines.append(
+            f"| {row['face']} | {row['occluder']} | {row['hidden']} | "
+            + " | ".join(f"{row[m]:.2f}" for m in METHODS)
+            + " |"
+        )
     for stat in ("mean", "median"):
         lines.append(f"| **{stat}** | | | " + " | ".join(f"**{summary[m][stat]:.2f}**" for m in METHODS) + " |")
     lines.append("| **better than deterministic** | | | " + " | ".join(

@@ -128,7 +128,8 @@ def make_now_dataset(
         write_obj(base / "scans" / subject / "natural_head_rotation.000001.obj", apply(scan_v, s, rot, t), scan_f)
         (base / "scans_lmks_onlypp" / subject).mkdir(parents=True, exist_ok=True)
         write_pp_landmarks(
-            base / "scans_lmks_onlypp" / subject / "natural_head_rotation.000001_picked_points.pp", apply(lmk, s, rot, t)
+            base / "scans_lmks_onlypp" / subject / "natural_head_rotation.000001_picked_points.pp",
+            apply(lmk, s, rot, t),
         )
         for challenge in CHALLENGES.values():
             for k in range(images_per_challenge):
@@ -141,7 +142,11 @@ def make_now_dataset(
                 Image.fromarray(rng.integers(0, 255, size=(48, 32, 3), dtype=np.uint8)).save(img_dir / name)
                 box_dir = base / "detected_face" / subject / challenge
                 box_dir.mkdir(parents=True, exist_ok=True)
-                np.save(box_dir / name.replace(".jpg", ".npy"), {"left": 4, "top": 6, "right": 28, "bottom": 40}, allow_pickle=True)
+                np.save(
+                    box_dir / name.replace(".jpg", ".npy"),
+                    {"left": 4, "top": 6, "right": 28, "bottom": 40},
+                    allow_pickle=True,
+                )
                 ps, prot, pt = random_similarity(rng, scale=unit_scale)
                 out_dir = preds / subject / challenge
                 write_obj(out_dir / name.replace(".jpg", ".obj"), apply(head.vertices, ps, prot, pt), head.faces)

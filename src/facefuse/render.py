@@ -19,7 +19,9 @@ LIGHT = np.array([-0.3, 0.4, 1.0]) / np.linalg.norm([-0.3, 0.4, 1.0])
 """Light from the upper left, slightly in front (a direction toward the light)."""
 
 
-def rasterize(points: np.ndarray, faces: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rasterize(
+    points: np.ndarray, faces: np.ndarray, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Triangles in pixel space -> (depth (H,W), triangle index (H,W), barycentrics (H,W,3)).
 
     ``points`` (V,3): x = column, y = row (continuous, pixel centres at +0.5) and z = depth, larger is
@@ -66,7 +68,7 @@ def _face_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 def shade(vertices: np.ndarray, faces: np.ndarray, index: np.ndarray, bary: np.ndarray,
           colors: np.ndarray | None) -> np.ndarray:
     """Lambert (two-sided, flat per triangle) times the interpolated vertex colour; background elsewhere."""
-    image = np.full(index.shape + (3,), float(BACKGROUND))
+    image = np.full((*index.shape, 3), float(BACKGROUND))
     hit = index >= 0
     if not hit.any():
         return image.astype(np.uint8)
@@ -82,7 +84,9 @@ def shade(vertices: np.ndarray, faces: np.ndarray, index: np.ndarray, bary: np.n
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def _check(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _check(
+    vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     v = np.asarray(vertices, dtype=np.float64)
     f = np.asarray(faces, dtype=np.int64)
     if v.ndim != 2 or v.shape[1] != 3 or not np.all(np.isfinite(v)):
@@ -114,7 +118,9 @@ def render_views(vertices: np.ndarray, faces: np.ndarray, rotations: list[np.nda
     return images
 
 
-def render_preview(vertices_mm: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None, size: int = 384) -> np.ndarray:
+def render_preview(
+    vertices_mm: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None, size: int = 384
+) -> np.ndarray:
     """(size, 2·size, 3) uint8: head-on view and the subject's right profile, side by side."""
     if not 16 <= int(size) <= 4096:
         raise InvalidInputError(f"render: size must be 16..4096 pixels, got {size}")

@@ -25,7 +25,7 @@ from facefuse.face.align import (
 def _closed_form_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Linear least squares in (a, b, tx, ty) with x' = a x - b y + tx, y' = b x + a y + ty."""
     rows, rhs = [], []
-    for (x, y), (u, v) in zip(src, dst):
+    for (x, y), (u, v) in zip(src, dst, strict=True):
         rows += [[x, -y, 1, 0], [y, x, 0, 1]]
         rhs += [u, v]
     (a, b, tx, ty), *_ = np.linalg.lstsq(np.array(rows, float), np.array(rhs, float), rcond=None)
@@ -127,5 +127,7 @@ def test_arcface_blob_is_gen_mod_rgb_blob():
     assert blob.shape == (3, 112, 112) and blob.dtype == np.float32
     np.testing.assert_allclose(blob, (crop.transpose(2, 0, 1) - 127.5) / 127.5, atol=1e-6)
     # gen_mod: RGB crop -> BGR -> blobFromImages(swapRB=True) gives RGB planes.
-    official = cv2.dnn.blobFromImages([crop[:, :, ::-1].copy()], 1.0 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True)
+    official = cv2.dnn.blobFromImages(
+        [crop[:, :, ::-1].copy()], 1.0 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True
+    )
     np.testing.assert_allclose(blob, official[0], atol=1e-6)

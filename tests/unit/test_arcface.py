@@ -57,13 +57,13 @@ def test_constructor_consumes_the_rng_like_the_official_constructor():
     assert torch.equal(torch.get_rng_state(), state_after_model)
     model_convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(model_convs) == len(redrawn) == 1 + 49 * 2 + 4
-    for ours, theirs in zip(model_convs, redrawn):
+    for ours, theirs in zip(model_convs, redrawn, strict=True):
         assert torch.equal(ours, theirs)
     assert torch.all(model.features.weight == 1.0)
 
 
 def _np_conv(x: np.ndarray, w: np.ndarray, stride: int, pad: int) -> np.ndarray:
-    b, c, h, wd = x.shape
+    b, _c, h, wd = x.shape
     o, _, kh, kw = w.shape
     xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     oh, ow = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
@@ -77,7 +77,9 @@ def _np_conv(x: np.ndarray, w: np.ndarray, stride: int, pad: int) -> np.ndarray:
 
 def _np_bn(x: np.ndarray, bn: torch.nn.Module) -> np.ndarray:
     shape = (1, -1) + (1,) * (x.ndim - 2)
-    p = {k: v.detach().double().numpy().reshape(shape) for k, v in bn.state_dict().items() if k != "num_batches_tracked"}
+    p = {
+        k: v.detach().double().numpy().reshape(shape) for k, v in bn.state_dict().items() if k != "num_batches_tracked"
+    }
     return (x - p["running_mean"]) / np.sqrt(p["running_var"] + 1e-5) * p["weight"] + p["bias"]
 
 

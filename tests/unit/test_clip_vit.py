@@ -121,7 +121,9 @@ def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return (x - mean) / torch.sqrt(var + 1e-5) * w + b
 
 
-def _reference_encode_image(state: dict[str, torch.Tensor], image: torch.Tensor, heads: int = 12, patch: int = 16) -> torch.Tensor:
+def _reference_encode_image(
+    state: dict[str, torch.Tensor], image: torch.Tensor, heads: int = 12, patch: int = 16
+) -> torch.Tensor:
     s = {k: v.double() for k, v in state.items() if k.startswith("visual.")}
     x = image.double()
     b, _, h, w = x.shape
@@ -190,7 +192,11 @@ def test_preprocess_224_crop_is_formula_only() -> None:
     out = farl_preprocess(image)
     assert out.shape == (3, 224, 224) and out.dtype == np.float32
     np.testing.assert_allclose(out, _normalised(image), rtol=0, atol=2e-6)
-    expected_pixel = [(255 / 255 - CLIP_MEAN[0]) / CLIP_STD[0], (0 - CLIP_MEAN[1]) / CLIP_STD[1], (128 / 255 - CLIP_MEAN[2]) / CLIP_STD[2]]
+    expected_pixel = [
+        (255 / 255 - CLIP_MEAN[0]) / CLIP_STD[0],
+        (0 - CLIP_MEAN[1]) / CLIP_STD[1],
+        (128 / 255 - CLIP_MEAN[2]) / CLIP_STD[2],
+    ]
     np.testing.assert_allclose(out[:, 0, 0], expected_pixel, atol=2e-6)
 
 
@@ -211,7 +217,10 @@ def test_preprocess_crop_offset_uses_python_rounding() -> None:
     np.testing.assert_allclose(out, _normalised(image[:, 0:224]), rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((224, 224), np.uint8), np.zeros((224, 224, 3), np.float32), np.zeros((224, 224, 4), np.uint8), "img"])
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((224, 224), np.uint8), np.zeros((224, 224, 3), np.float32), np.zeros((224, 224, 4), np.uint8), "img"],
+)
 def test_preprocess_rejects_bad_input(bad: object) -> None:
     with pytest.raises(InvalidInputError):
         farl_preprocess(bad)  # type: ignore[arg-type]

@@ -33,11 +33,18 @@ def test_schedule_buffers(official_keys) -> None:
     # float64 buffers: float64 formulas of the float32 β, ᾱ (1 − ᾱ itself rounded to float32 upstream).
     one = np.float32(1.0)
     f32 = {
-        "betas": betas, "alphas": one - betas, "alphas_cumprod": abar,
-        "sqrt_alpha_cumprod": np.sqrt(abar), "sqrt_alpha": np.sqrt(one - betas), "sqrt_recip_alpha": np.sqrt(one / (one - betas)),
-        "sqrt_one_minus_alpha_cumprod": np.sqrt(one - abar), "log_one_minus_alpha_cumprod": np.log(one - abar),
-        "sqrt_recip_alpha_cumprod": np.sqrt(one / abar), "sqrt_recip_minus_one_alpha_cumprod": np.sqrt(one / abar - one),
-        "posterior_mean_coeff3": betas / np.sqrt(one - abar), "mean_coeff": (one - abar) / betas,
+        "betas": betas,
+        "alphas": one - betas,
+        "alphas_cumprod": abar,
+        "sqrt_alpha_cumprod": np.sqrt(abar),
+        "sqrt_alpha": np.sqrt(one - betas),
+        "sqrt_recip_alpha": np.sqrt(one / (one - betas)),
+        "sqrt_one_minus_alpha_cumprod": np.sqrt(one - abar),
+        "log_one_minus_alpha_cumprod": np.log(one - abar),
+        "sqrt_recip_alpha_cumprod": np.sqrt(one / abar),
+        "sqrt_recip_minus_one_alpha_cumprod": np.sqrt(one / abar - one),
+        "posterior_mean_coeff3": betas / np.sqrt(one - abar),
+        "mean_coeff": (one - abar) / betas,
     }
     b64, om64 = betas.astype(np.float64), (one - abar).astype(np.float64)
     f64 = {
@@ -81,7 +88,9 @@ class TinyEps:
 
 @pytest.fixture(scope="module")
 def unet_eps():
-    state = {k: v for k, v in idgen_net_state(torch.Generator().manual_seed(4)).items() if not k.endswith(STRAY_QKV_SUFFIX)}
+    state = {
+        k: v for k, v in idgen_net_state(torch.Generator().manual_seed(4)).items() if not k.endswith(STRAY_QKV_SUFFIX)
+    }
     with torch.device("meta"):
         net = IdGenUnet()
     net = net.to_empty(device="cpu")
@@ -201,7 +210,9 @@ def test_ddim_eta_with_explicit_noise_matches_textbook() -> None:
 
 @pytest.mark.parametrize("sampler", [DDIMSampler(25), DDIMSampler(10, eta=1.0), ShortOfficial()])
 def test_same_seed_same_samples_different_seed_different(sampler) -> None:
-    run = lambda seed: sampler.sample(TinyEps(), SamplingTables.linear(), 2, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    def run(seed: int) -> torch.Tensor:
+        return sampler.sample(TinyEps(), SamplingTables.linear(), 2, generator=torch.Generator().manual_seed(seed))
+
     assert torch.equal(run(7), run(7))
     assert not torch.allclose(run(7), run(8))
 
@@ -236,8 +247,16 @@ def test_sdedit_starts_from_noised_shape(sampler) -> None:
     x0 = torch.randn(2, D, generator=g)
     noise = torch.randn(2, D, generator=g)
     seen: list[StepState] = []
-    sampler.sample(TinyEps(), SamplingTables.linear(), 2, initial_noise=noise, generator=torch.Generator().manual_seed(0),
-                   x0_start=x0, t0=300, callback=seen.append)
+    sampler.sample(
+        TinyEps(),
+        SamplingTables.linear(),
+        2,
+        initial_noise=noise,
+        generator=torch.Generator().manual_seed(0),
+        x0_start=x0,
+        t0=300,
+        callback=seen.append,
+    )
     _, abar, _ = reference_tables()
     expected = np.sqrt(float(abar[299])) * x0.double().numpy() + np.sqrt(1 - float(abar[299])) * noise.double().numpy()
     assert seen[0].t == 299
@@ -275,7 +294,9 @@ def test_guidance_per_sample_strength() -> None:
     a = float(abar[first.t])
     torch.testing.assert_close(first.x.double()[1], np.sqrt(a) * first.x0[1] + np.sqrt(1 - a) * first.eps[1])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        DDIMSampler(5).sample(TinyEps(), SamplingTables.linear(), 3, initial_noise=x_T, guide_target=target, guide_strength=1.5)
+        DDIMSampler(5).sample(
+            TinyEps(), SamplingTables.linear(), 3, initial_noise=x_T, guide_target=target, guide_strength=1.5
+        )
 
 
 # --- IdGen wrapper ----------------------------------------------------------------------------------

@@ -14,10 +14,8 @@ from scipy.optimize import least_squares
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval_fixtures import apply, head_mesh, make_now_dataset, mesh_landmarks, random_similarity  # noqa: E402
-
-from facefuse.errors import AssetError, InvalidInputError  # noqa: E402
-from facefuse.eval.now import (  # noqa: E402
+from facefuse.errors import AssetError, InvalidInputError
+from facefuse.eval.now import (
     NowEvalConfig,
     NowLayout,
     align_and_measure,
@@ -26,7 +24,9 @@ from facefuse.eval.now import (  # noqa: E402
     read_prediction_landmarks,
     run_now_evaluation,
 )
-from facefuse.eval.procrustes import similarity_procrustes  # noqa: E402
+from facefuse.eval.procrustes import similarity_procrustes
+
+from eval_fixtures import apply, head_mesh, make_now_dataset, mesh_landmarks, random_similarity
 
 # ------------------------------------------------------------------------------------------------
 # Procrustes
@@ -121,7 +121,9 @@ def test_crop_keeps_exactly_the_vertices_inside_the_protocol_radius() -> None:
     radius = 1.4 * (np.linalg.norm(lmk[0] - lmk[3]) + np.linalg.norm(bridge - lmk[4])) / 2
     dirs = rng.normal(size=(400, 3))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    factors = np.concatenate([rng.uniform(0, 0.999, 150), rng.uniform(1.001, 3, 150), 1 - 1e-9 * np.ones(50), 1 + 1e-9 * np.ones(50)])
+    factors = np.concatenate(
+        [rng.uniform(0, 0.999, 150), rng.uniform(1.001, 3, 150), 1 - 1e-9 * np.ones(50), 1 + 1e-9 * np.ones(50)]
+    )
     pts = centre + dirs * (factors * radius)[:, None]
     kept = crop_scan(pts, lmk)
     np.testing.assert_array_equal(kept, np.nonzero(factors < 1)[0])
@@ -135,7 +137,7 @@ def test_crop_keeps_exactly_the_vertices_inside_the_protocol_radius() -> None:
 def head_case() -> dict:
     head = head_mesh(4)
     lmk = mesh_landmarks(head)
-    sv, sf = trimesh.remesh.subdivide(head.vertices, head.faces)
+    sv, _sf = trimesh.remesh.subdivide(head.vertices, head.faces)
     return {"head": head, "lmk": lmk, "scan": np.asarray(sv)}
 
 
@@ -160,11 +162,19 @@ def _sphere_case(rng: np.random.Generator, radius: float, pred_radius: float, su
     dirs = trimesh.creation.icosphere(subdivisions=5).vertices
     cap = dirs[dirs[:, 2] > 0.2]
     scan = cap * radius
-    lmk_dirs = np.array([[-0.5, 0.3, 0], [-0.15, 0.3, 0], [0.15, 0.3, 0], [0.5, 0.3, 0], [0, -0.1, 0], [-0.3, -0.4, 0], [0.3, -0.4, 0]])
+    lmk_dirs = np.array(
+        [[-0.5, 0.3, 0], [-0.15, 0.3, 0], [0.15, 0.3, 0], [0.5, 0.3, 0], [0, -0.1, 0], [-0.3, -0.4, 0], [0.3, -0.4, 0]]
+    )
     lmk_dirs[:, 2] = np.sqrt(1 - np.sum(lmk_dirs[:, :2] ** 2, axis=1))
     sphere = trimesh.creation.icosphere(subdivisions=subdivisions, radius=pred_radius)
     ps, prot, pt = random_similarity(rng, scale=1.0)
-    return scan, lmk_dirs * radius, apply(sphere.vertices, ps, prot, pt), sphere.faces, apply(lmk_dirs * pred_radius, ps, prot, pt)
+    return (
+        scan,
+        lmk_dirs * radius,
+        apply(sphere.vertices, ps, prot, pt),
+        sphere.faces,
+        apply(lmk_dirs * pred_radius, ps, prot, pt),
+    )
 
 
 def test_metrical_wrong_scale_gives_the_expected_error() -> None:
@@ -217,7 +227,9 @@ def test_mesh_displaced_along_normals_has_median_error_d() -> None:
 def test_bad_unit_and_empty_crop_are_user_errors(head_case: dict) -> None:
     head = head_case["head"]
     with pytest.raises(InvalidInputError, match="unit"):
-        align_and_measure(head.vertices, head_case["lmk"], head.vertices, head.faces, head_case["lmk"], metrical=True, unit="inch")
+        align_and_measure(
+            head.vertices, head_case["lmk"], head.vertices, head.faces, head_case["lmk"], metrical=True, unit="inch"
+        )
     with pytest.raises(InvalidInputError, match="no points"):
         align_and_measure(np.zeros((0, 3)), head_case["lmk"], head.vertices, head.faces, head_case["lmk"])
 
@@ -240,7 +252,7 @@ def test_layout_discovery_accepts_both_arrangements(tmp_path: Path, fixture_data
     flat = make_now_dataset(tmp_path, n_subjects=1, missing=0, layout="flat")
     flat_layout = NowLayout.discover(flat.root, "val")
     assert flat_layout.scans == flat.root / "scans"
-    with pytest.raises(AssetError, match="imagepathstest.txt"):
+    with pytest.raises(AssetError, match=r"imagepathstest\.txt"):
         NowLayout.discover(flat.root, "test")
     with pytest.raises(InvalidInputError, match="does not exist"):
         NowLayout.discover(tmp_path / "nowhere", "val")

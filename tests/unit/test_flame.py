@@ -50,14 +50,18 @@ def numpy_flame(data, betas: np.ndarray, full_pose: np.ndarray) -> tuple[np.ndar
 
 
 def test_state_dict_names_are_micas_generator_names(flame64, official_keys):
-    expected = [k.removeprefix("generator.") for k, _, _ in official_keys("mica_flameModel") if k.startswith("generator.")]
+    expected = [
+        k.removeprefix("generator.") for k, _, _ in official_keys("mica_flameModel") if k.startswith("generator.")
+    ]
     assert list(flame64.state_dict()) == expected
     assert [n for n, _ in flame64.named_parameters()] == ["eye_pose", "neck_pose"]
 
 
 def test_shape_only_output_is_template_plus_shapedirs_times_beta(flame_data, flame64):
     beta = np.random.default_rng(0).normal(size=(3, 300))
-    expected = flame_data.v_template[None].astype(np.float64) + np.einsum("vkl,bl->bvk", flame_data.shapedirs[:, :, :300].astype(np.float64), beta)
+    expected = flame_data.v_template[None].astype(np.float64) + np.einsum(
+        "vkl,bl->bvk", flame_data.shapedirs[:, :, :300].astype(np.float64), beta
+    )
     fast = flame64.shape_vertices(torch.from_numpy(beta)).numpy()
     full = flame64(torch.from_numpy(beta)).vertices.numpy()
     np.testing.assert_allclose(fast, expected, atol=1e-12)
@@ -100,7 +104,9 @@ def test_batch_one_equals_batch_n(flame64):
 
 def test_rodrigues_matches_scipy():
     vectors = np.random.default_rng(5).normal(size=(20, 3))
-    np.testing.assert_allclose(rodrigues(torch.from_numpy(vectors)).numpy(), Rotation.from_rotvec(vectors).as_matrix(), atol=1e-7)
+    np.testing.assert_allclose(
+        rodrigues(torch.from_numpy(vectors)).numpy(), Rotation.from_rotvec(vectors).as_matrix(), atol=1e-7
+    )
     np.testing.assert_allclose(rodrigues(torch.zeros(1, 3, dtype=torch.float64)).numpy()[0], np.eye(3), atol=1e-12)
 
 

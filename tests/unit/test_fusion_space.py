@@ -101,8 +101,10 @@ def test_projection_is_the_ridge_least_squares_solution():
                                b.T @ (w3 * (target - 1000.0 * template).reshape(-1)))
     np.testing.assert_allclose(space.project_mm(target, weights), expected, rtol=1e-8, atol=1e-10)
     prior = rng.normal(size=10)
-    expected_prior = prior + np.linalg.solve(b.T @ b + space.ridge_mm2 * np.eye(10),
-                                             b.T @ (target - 1000.0 * template - (b @ prior).reshape(-1, 3)).reshape(-1))
+    expected_prior = prior + np.linalg.solve(
+        b.T @ b + space.ridge_mm2 * np.eye(10),
+        b.T @ (target - 1000.0 * template - (b @ prior).reshape(-1, 3)).reshape(-1),
+    )
     np.testing.assert_allclose(space.project_mm(target, prior=prior), expected_prior, rtol=1e-8, atol=1e-10)
 
 

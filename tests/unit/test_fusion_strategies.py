@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
 from facefuse.errors import InvalidInputError
 from facefuse.fusion.space import ShapeSpace
 from facefuse.fusion.strategies import (
-    DEFAULT_STRATEGY, SDEDIT_T_MAX, SDEDIT_T_MIN, STRATEGIES, FusionInputs, GaussianStrategy, create_strategy, fuse,
-    guided_strength, sdedit_t0, strategy_names,
+    DEFAULT_STRATEGY,
+    SDEDIT_T_MAX,
+    SDEDIT_T_MIN,
+    STRATEGIES,
+    FusionInputs,
+    GaussianStrategy,
+    create_strategy,
+    fuse,
+    guided_strength,
+    sdedit_t0,
+    strategy_names,
 )
 from facefuse.fusion.visibility import REGION_NAMES, Visibility
 
@@ -100,7 +111,9 @@ def test_gaussian_is_the_precision_weighted_product(space, data):
     for v in (1.0, 0.5, 0.0):
         got = strategy(FusionInputs(mica, samples, None, visibility(v)), space).shape
         sigma = 0.4 * (1 + 2.0 * (1 - v))
-        np.testing.assert_allclose(got, _independent_gaussian(mica.astype(np.float64), samples, sigma, 0.3, 0.2), atol=1e-5)
+        np.testing.assert_allclose(
+            got, _independent_gaussian(mica.astype(np.float64), samples, sigma, 0.3, 0.2), atol=1e-5
+        )
 
 
 def test_gaussian_moves_toward_ofer_as_visibility_drops(space, data):
@@ -112,7 +125,7 @@ def test_gaussian_moves_toward_ofer_as_visibility_drops(space, data):
         distances.append(np.linalg.norm(shape - mean))
         # Between the inputs: never farther from either input than they are from each other.
         assert np.linalg.norm(shape - mica) <= np.linalg.norm(mean - mica) + 1e-6
-    assert all(a > b for a, b in zip(distances, distances[1:]))
+    assert all(a > b for a, b in itertools.pairwise(distances))
 
 
 def test_gaussian_automatic_shrinkage_matches_the_formula(data):
@@ -138,7 +151,9 @@ def test_sdedit_with_t0_zero_samples_returns_mica(space, data):
 def test_sdedit_and_guided_rank_select(space, data):
     mica, samples, scores = data
     for name in ("sdedit", "guided"):
-        assert np.array_equal(fuse(name, FusionInputs(mica, samples, scores), space).shape, samples[int(np.argmax(scores))])
+        assert np.array_equal(
+            fuse(name, FusionInputs(mica, samples, scores), space).shape, samples[int(np.argmax(scores))]
+        )
 
 
 def test_schedules_from_visibility():
@@ -153,7 +168,11 @@ def test_region_full_visibility_equals_mica_and_stays_in_the_space(space, data):
     mica, samples, scores = data
     full = fuse("region", FusionInputs(mica, samples, scores, visibility(1.0)), space)
     assert np.array_equal(full.shape, mica)
-    partial = fuse("region", FusionInputs(mica, samples, scores, Visibility({**visibility(1.0).regions, "lips": 0.0, "nose": 0.0})), space)
+    partial = fuse(
+        "region",
+        FusionInputs(mica, samples, scores, Visibility({**visibility(1.0).regions, "lips": 0.0, "nose": 0.0})),
+        space,
+    )
     np.testing.assert_array_equal(partial.vertices_mm, space.vertices_mm(partial.shape))
     pick = samples[int(np.argmax(scores))]
     # Occluded regions move toward OFER's pick, visible ones stay near MICA.
@@ -174,7 +193,9 @@ def test_every_strategy_is_deterministic_and_well_formed(space, data):
     mica, samples, scores = data
     vis = Visibility({**visibility(0.8).regions, "lips": 0.1})
     for name in strategy_names():
-        cand, sc = (np.concatenate([samples, mica[None]]), np.append(scores, 0.0)) if name == "pool" else (samples, scores)
+        cand, sc = (
+            (np.concatenate([samples, mica[None]]), np.append(scores, 0.0)) if name == "pool" else (samples, scores)
+        )
         a = fuse(name, FusionInputs(mica, cand, sc, vis), space)
         b = fuse(name, FusionInputs(mica.copy(), cand.copy(), sc.copy(), vis), space)
         assert a.strategy == name
@@ -190,7 +211,9 @@ def test_spread_of_selection_strategies_is_the_sample_spread(space, data):
     mica, samples, scores = data
     disp = space.vertices_mm(samples).astype(np.float64)
     expected = np.sqrt(((disp - disp.mean(0)) ** 2).sum(-1).mean(0))
-    np.testing.assert_allclose(fuse("ofer", FusionInputs(None, samples, scores), space).vertex_spread_mm, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        fuse("ofer", FusionInputs(None, samples, scores), space).vertex_spread_mm, expected, rtol=1e-4, atol=1e-4
+    )
     lin = fuse("linear", FusionInputs(mica, samples, scores, options={"w": 0.25}), space).vertex_spread_mm
     np.testing.assert_allclose(lin, 0.75 * expected, rtol=1e-4, atol=1e-4)
     assert np.all(fuse("mica", FusionInputs(mica, None, None), space).vertex_spread_mm == 0)

@@ -25,7 +25,7 @@ def test_mirror_map(template):
     np.testing.assert_array_equal(m[25:50], np.arange(25))
     np.testing.assert_array_equal(m[50:], np.arange(50, 56))
     with pytest.raises(ValueError, match="not mirror-symmetric"):
-        mirror_map(template + [3.0, 0, 0])
+        mirror_map(template + np.array([3.0, 0.0, 0.0]))
 
 
 def test_covariance_matches_the_written_formula(template):
@@ -108,7 +108,9 @@ def test_sampling_is_seeded_and_basis_independent(template):
     # Flip the sign of every other eigenvector: the same model, so the same samples for the same seed.
     flipped = model.basis * np.where(np.arange(model.rank) % 2, -1.0, 1.0)
     other = GaussianProcessMorphableModel(model.mean_mm, flipped, model.eigenvalues, model.residual_variance)
-    np.testing.assert_allclose(other.condition(observed, weights, 1.0).sample_mm(3, np.random.default_rng(5)), a, atol=1e-8)
+    np.testing.assert_allclose(
+        other.condition(observed, weights, 1.0).sample_mm(3, np.random.default_rng(5)), a, atol=1e-8
+    )
     # No vertex seen: the prior.
     prior = model.condition(observed, np.zeros(template.shape[0]), 1.0)
     np.testing.assert_allclose(prior.coeff_cov, np.diag(model.eigenvalues))

@@ -19,8 +19,16 @@ import skimage.data
 from facefuse.assets.store import ModelStore
 from facefuse.errors import AssetError, InvalidInputError
 from facefuse.face.facemesh import roi_affine
-from facefuse.face.hands import (HAND_ROI_SCALE, NUM_HAND_LANDMARKS, HandDetector, HandResult, PalmBox,
-                                 decode_palms, hand_roi, palm_anchors)
+from facefuse.face.hands import (
+    HAND_ROI_SCALE,
+    NUM_HAND_LANDMARKS,
+    HandDetector,
+    HandResult,
+    PalmBox,
+    decode_palms,
+    hand_roi,
+    palm_anchors,
+)
 from facefuse.face.tflite import TFLiteModel
 from facefuse.fusion.visibility import visibility_from_hands
 
@@ -141,7 +149,7 @@ def test_hand_roi_rotated_palm_points_the_crop_up_along_the_hand():
     np.testing.assert_allclose(centre, [140.0 + 0.5 * 60.0, 230.0], atol=1e-9)
     affine = roi_affine(centre, side, angle, 224)
     top_middle = affine[:, :2] @ [112.0, 0.0] + affine[:, 2]  # the crop's top edge lies towards the fingertips
-    np.testing.assert_allclose(top_middle, centre + [side / 2, 0.0], atol=1e-9)
+    np.testing.assert_allclose(top_middle, centre + np.array([side / 2, 0.0]), atol=1e-9)
 
 
 # --------------------------------------------------------------------------- real photos

@@ -76,7 +76,10 @@ def test_load_strict_and_sample(idgen_file: Path, idgen_sections) -> None:
     for key, value in model.net.state_dict().items():
         assert torch.equal(value, idgen_sections["diffusion"][f"net.{key}"]), key
     for key, value in model.var_sched.state_dict().items():
-        assert torch.equal(value, idgen_sections["var_sched"][key]) and value.dtype == idgen_sections["var_sched"][key].dtype
+        assert (
+            torch.equal(value, idgen_sections["var_sched"][key])
+            and value.dtype == idgen_sections["var_sched"][key].dtype
+        )
     assert isinstance(model.arcface, IResNet100)
     for key, value in model.arcface.state_dict().items():
         assert torch.equal(value, idgen_sections["arcface"][key]), key
@@ -122,7 +125,9 @@ def _corrupt(sections: dict, kind: str) -> tuple[dict, str]:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["renamed", "shape", "dtype", "missing_section", "arcface", "diffusion_extra", "stray_shape"])
+@pytest.mark.parametrize(
+    "kind", ["renamed", "shape", "dtype", "missing_section", "arcface", "diffusion_extra", "stray_shape"]
+)
 def test_corruptions_fail_naming_the_fault(monkeypatch, idgen_sections, tmp_path: Path, kind: str) -> None:
     sections, name = _corrupt(idgen_sections, kind)
     monkeypatch.setattr(idgen_checkpoint, "load_checkpoint", lambda path: sections)
@@ -135,7 +140,7 @@ def test_corruptions_fail_naming_the_fault(monkeypatch, idgen_sections, tmp_path
 def test_corrupt_file_on_disk(tmp_path: Path) -> None:
     bad = tmp_path / "model_idgen_flame20.tar"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="model_idgen_flame20.tar"):
+    with pytest.raises(CheckpointError, match=r"model_idgen_flame20\.tar"):
         validate_idgen_checkpoint(bad)
     with pytest.raises(AssetError, match="not found"):
         validate_idgen_checkpoint(tmp_path / "absent.tar")
@@ -143,9 +148,9 @@ def test_corrupt_file_on_disk(tmp_path: Path) -> None:
 
 # --- projections ------------------------------------------------------------------------------------
 def test_default_projections_versioned_and_stable() -> None:
-    first, info = resolve_projections("default")
+    _first, info = resolve_projections("default")
     second, _ = resolve_projections("default")
-    other, other_info = resolve_projections("default", seed=1)
+    _other, other_info = resolve_projections("default", seed=1)
     assert info["version"] == "facefuse-qkv-v1" and info["seed"] == 0
     assert info["sha256"] == projections_sha256(second) and other_info["sha256"] != info["sha256"]
     # Pinned: facefuse-qkv-v1 with seed 0 must never change silently (torch 2.13 CPU generator).
@@ -160,7 +165,7 @@ def test_projection_file_roundtrip_cache_and_tamper(tmp_path: Path, monkeypatch)
     loaded, loaded_info = load_projections(cached)
     assert loaded_info["sha256"] == info["sha256"]
     assert all(torch.equal(loaded[n], weights[n]) for n in ATTENTION_BLOCK_NAMES)
-    again, again_info = resolve_projections("default", seed=3, cache=True)
+    _again, again_info = resolve_projections("default", seed=3, cache=True)
     assert again_info["source"] == str(cached)
     # explicit file
     path = tmp_path / "exported.pt"

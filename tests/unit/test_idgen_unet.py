@@ -67,14 +67,23 @@ def _resnet(p, prefix, x, emb):
     h = _silu(h * (scale + 1) + shift)
     h = _silu(_groupnorm_1(_conv1x1(h, p[f"{prefix}.block2.proj.weight"], p[f"{prefix}.block2.proj.bias"]),
                            p[f"{prefix}.block2.norm.weight"], p[f"{prefix}.block2.norm.bias"]))
-    res = _conv1x1(x, p[f"{prefix}.res_conv.weight"], p[f"{prefix}.res_conv.bias"]) if f"{prefix}.res_conv.weight" in p else x
+    res = (
+        _conv1x1(x, p[f"{prefix}.res_conv.weight"], p[f"{prefix}.res_conv.bias"])
+        if f"{prefix}.res_conv.weight" in p
+        else x
+    )
     return h + res
 
 
 def _attention_residual(p, proj, prefix, u):
     """Residual(PreNorm(Attention)): u + Attn(RMSNorm(u)), attention over the 16 projections."""
     c = u.shape[1]
-    n = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12) * p[f"{prefix}.fn.norm.g"][0, :, 0] * math.sqrt(c)
+    n = (
+        u
+        / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+        * p[f"{prefix}.fn.norm.g"][0, :, 0]
+        * math.sqrt(c)
+    )
     qkv = np.einsum("pkc,bc->bpk", proj, n)  # (B, 16, 384)
     b = u.shape[0]
     q = qkv[:, :, 0:128].reshape(b, 16, 4, 32)
@@ -84,7 +93,10 @@ def _attention_residual(p, proj, prefix, u):
     a = np.exp(s - s.max(axis=-1, keepdims=True))
     a = a / a.sum(axis=-1, keepdims=True)
     o = np.einsum("bhij,bjhd->bhdi", a, v).reshape(b, 128, 16)  # channel h*32 + d
-    y = np.einsum("oc,bcn->bon", p[f"{prefix}.fn.fn.to_out.weight"][:, :, 0], o) + p[f"{prefix}.fn.fn.to_out.bias"][None, :, None]
+    y = (
+        np.einsum("oc,bcn->bon", p[f"{prefix}.fn.fn.to_out.weight"][:, :, 0], o)
+        + p[f"{prefix}.fn.fn.to_out.bias"][None, :, None]
+    )
     z = y @ p[f"{prefix}.fn.fn.to_out_linear.weight"][0] + p[f"{prefix}.fn.fn.to_out_linear.bias"][0]
     return z + u
 
@@ -134,7 +146,9 @@ def test_forward_matches_documented_formulas(unet: IdGenUnet) -> None:
     c = F.normalize(torch.randn(3, 512, generator=g), dim=1)
     with torch.no_grad():
         mine = unet(x, t, c).double().numpy()
-    expected = reference_unet(unet.state_dict(), unet.get_projections(), x.double().numpy(), t.numpy(), c.double().numpy())
+    expected = reference_unet(
+        unet.state_dict(), unet.get_projections(), x.double().numpy(), t.numpy(), c.double().numpy()
+    )
     assert mine.shape == (3, 300)
     scale = np.abs(expected).max()
     assert scale > 0.1
@@ -212,7 +226,7 @@ def test_construction_consumes_rng_like_official_unet() -> None:
     net = IdGenUnet()
     assert torch.equal(torch.random.get_rng_state(), shadow_state)
     mine = net.get_projections()
-    for name, expected in zip(ATTENTION_BLOCK_NAMES, captured):
+    for name, expected in zip(ATTENTION_BLOCK_NAMES, captured, strict=True):
         assert torch.equal(mine[name], expected), name
 
 

@@ -70,7 +70,9 @@ def _meta_checkpoint() -> dict[str, dict[str, torch.Tensor]]:
 # Layout
 
 
-@pytest.mark.parametrize("section, tsv", [("net", "idrank_net.tsv"), ("arcface", "idrank_arcface.tsv"), ("farl", "idrank_farl.tsv")])
+@pytest.mark.parametrize(
+    "section, tsv", [("net", "idrank_net.tsv"), ("arcface", "idrank_arcface.tsv"), ("farl", "idrank_farl.tsv")]
+)
 def test_expected_sections_equal_official_key_lists(section: str, tsv: str) -> None:
     expected = expected_idrank_sections()[section]
     official = _official(tsv)
@@ -109,7 +111,9 @@ def test_rank_net_construction_replays_official_rng_order() -> None:
 def test_rank_net_module_tree_has_the_33_official_keys() -> None:
     with torch.device("meta"):
         net = RankMLPNet()
-    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == {k: s for k, (s, _) in _official("idrank_net.tsv").items()}
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == {
+        k: s for k, (s, _) in _official("idrank_net.tsv").items()
+    }
 
 
 def test_synthetic_files_validate_and_load_strictly(files: dict[str, Path], model: IdRank, tar_lazy: dict) -> None:
@@ -133,8 +137,15 @@ def test_meta_checkpoint_passes() -> None:
     check_idrank_checkpoint(_meta_checkpoint(), "ckpt")
 
 
-@pytest.mark.parametrize("section, key", [("net", "ranklayers.2.shift.weight"), ("arcface", "layer3.7.conv2.weight"),
-                                          ("farl", "visual.transformer.resblocks.5.attn.in_proj_weight"), ("farl", "token_embedding.weight")])
+@pytest.mark.parametrize(
+    "section, key",
+    [
+        ("net", "ranklayers.2.shift.weight"),
+        ("arcface", "layer3.7.conv2.weight"),
+        ("farl", "visual.transformer.resblocks.5.attn.in_proj_weight"),
+        ("farl", "token_embedding.weight"),
+    ],
+)
 def test_renamed_key_is_named(section: str, key: str) -> None:
     ckpt = _meta_checkpoint()
     ckpt[section]["renamed." + key] = ckpt[section].pop(key)
@@ -158,7 +169,7 @@ def test_wrong_shape_is_named(section: str, key: str, shape: tuple[int, ...]) ->
 def test_wrong_dtype_is_named() -> None:
     ckpt = _meta_checkpoint()
     ckpt["net"]["ranklayers.4.mlp.bias"] = torch.empty(1, dtype=torch.float16, device="meta")
-    with pytest.raises(CheckpointError, match="ranklayers.4.mlp.bias: dtype torch.float16"):
+    with pytest.raises(CheckpointError, match=r"ranklayers\.4\.mlp\.bias: dtype torch\.float16"):
         check_idrank_checkpoint(ckpt, "model_idrank.tar")
 
 
@@ -175,7 +186,7 @@ def test_missing_section_file_fails_naming_it(tmp_path: Path, files: dict[str, P
 def test_unreadable_checkpoint_is_named(tmp_path: Path) -> None:
     path = tmp_path / "model_idrank.tar"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="model_idrank.tar"):
+    with pytest.raises(CheckpointError, match=r"model_idrank\.tar"):
         validate_idrank_checkpoint(path)
 
 
@@ -202,12 +213,13 @@ def _small_farl(tmp_path: Path, state: dict[str, torch.Tensor], wrap: bool = Tru
 
 def test_farl_missing_image_tower_is_named(tmp_path: Path) -> None:
     path = _small_farl(tmp_path, {"visual.class_embedding": torch.zeros(768), "ln_final.weight": torch.zeros(512)})
-    with pytest.raises(CheckpointError, match="image-tower key.*'visual.positional_embedding'"):
+    with pytest.raises(CheckpointError, match=r"image-tower key.*'visual\.positional_embedding'"):
         validate_farl_weights(path)
 
 
 def test_farl_wrong_shape_and_missing_state_dict(tmp_path: Path) -> None:
-    path = _small_farl(tmp_path, {"module.visual.proj": torch.zeros(768, 256)})  # DDP prefix stripped, then shape checked
+    # The DDP prefix is stripped, then the shape checked.
+    path = _small_farl(tmp_path, {"module.visual.proj": torch.zeros(768, 256)})
     with pytest.raises(CheckpointError, match=r"visual.proj: shape \(768, 256\), expected \(768, 512\)"):
         validate_farl_weights(path)
     path = _small_farl(tmp_path, {"visual.proj": torch.zeros(768, 512)}, wrap=False)
@@ -243,7 +255,7 @@ def test_front_indices_corruptions(tmp_path: Path) -> None:
         assert str(path) in _error(path)
     pickled = tmp_path / "obj.npy"
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(AssetError, match="obj.npy"):
+    with pytest.raises(AssetError, match=r"obj\.npy"):
         load_front_indices(pickled)
     with pytest.raises(AssetError, match="not found"):
         load_front_indices(tmp_path / "absent.npy")

@@ -96,5 +96,5 @@ def test_noise_fills_the_hidden_pixels_only_and_points_come_back_in_image_pixels
     # Seeded: the same generator state gives the same noise.
     again = RecordingMesh(answer)
     noise_imputed_landmarks(again, face, hidden, triangles, 3, np.random.default_rng(1))
-    for (a, *_), (b, *_) in zip(mesh.calls, again.calls):
+    for (a, *_), (b, *_) in zip(mesh.calls, again.calls, strict=True):
         np.testing.assert_array_equal(a, b)

@@ -20,7 +20,9 @@ def mica_path(synthetic_assets):
 
 @pytest.fixture(scope="module")
 def flame_file_data(synthetic_assets):
-    return load_flame_model(synthetic_assets.path("flame2020"), landmark_embedding=synthetic_assets.path("landmark_embedding"))
+    return load_flame_model(
+        synthetic_assets.path("flame2020"), landmark_embedding=synthetic_assets.path("landmark_embedding")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +113,13 @@ def test_renamed_key_and_wrong_shape_are_named(tmp_path, checkpoint):
     reshaped["regressor.output.weight"] = torch.zeros(300, 299)
     path = tmp_path / "reshaped.tar"
     torch.save({"arcface": checkpoint["arcface"], "flameModel": reshaped}, path)
-    with pytest.raises(CheckpointError, match=r"flameModel.*regressor\.output\.weight: shape \(300, 299\), expected \(300, 300\)"):
+    with pytest.raises(CheckpointError, match=r"flameModel.*regressor\.output\.weight: shape \(300, "
+                                              r"299\), expected \(300, 300\)"):
         load_mica(path)
 
 
 def test_not_a_checkpoint_is_refused(tmp_path):
     path = tmp_path / "mica.tar"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(AssetError, match="mica.tar"):
+    with pytest.raises(AssetError, match=r"mica\.tar"):
         validate_mica_checkpoint(path)

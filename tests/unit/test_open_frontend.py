@@ -45,7 +45,11 @@ def group_photo() -> np.ndarray:
 
 
 def _inside(points: np.ndarray, box: np.ndarray) -> bool:
-    return bool(np.all((points[:, 0] >= box[0]) & (points[:, 0] <= box[2]) & (points[:, 1] >= box[1]) & (points[:, 1] <= box[3])))
+    return bool(
+        np.all(
+            (points[:, 0] >= box[0]) & (points[:, 0] <= box[2]) & (points[:, 1] >= box[1]) & (points[:, 1] <= box[3])
+        )
+    )
 
 
 def test_astronaut_has_one_face_with_consistent_points(front_end, astronaut):
@@ -94,7 +98,7 @@ def test_align_outputs(front_end, astronaut):
     assert face.crop112.shape == (112, 112, 3) and face.crop112.dtype == np.uint8
     assert face.crop224.shape == (224, 224, 3) and face.crop224.dtype == np.uint8
     assert face.crop_box224.shape == (224, 224, 3) and face.crop_box224.dtype == np.float32
-    assert 0.0 <= face.crop_box224.min() and face.crop_box224.max() <= 1.0
+    assert face.crop_box224.min() >= 0.0 and face.crop_box224.max() <= 1.0
     np.testing.assert_allclose(face.arcface_blob, (face.crop112.transpose(2, 0, 1) - 127.5) / 127.5, atol=1e-6)
     assert face.farl_input is None
     # The two norm crops are the same alignment at two resolutions.

@@ -17,10 +17,14 @@ from facefuse.face.frontend import FaceFrontEnd
 from facefuse.face.types import Detection
 from facefuse.fusion.strategies import FusionInputs, fuse
 from facefuse.fusion.visibility import Visibility
+from facefuse.geometry import umeyama
 from facefuse.packs.base import ShapeResult
 from facefuse.packs.open import (
-    KPT7_INDICES, load_open_generative_backend, load_open_shape_backend, open_shape_space,
-    vertex_visibility_from_mask, weighted_rigid_fit,
+    KPT7_INDICES,
+    load_open_generative_backend,
+    load_open_shape_backend,
+    open_shape_space,
+    vertex_visibility_from_mask,
 )
 
 PATCH_MARGIN_PX = 4
@@ -231,8 +235,7 @@ def test_mouth_occlusion_completion(colour, max_fused_mm, front_end, shape_backe
     truth = reference.vertices_mm.astype(np.float64)
 
     def error(vertices):
-        s, r, t = weighted_rigid_fit(np.asarray(vertices, np.float64), truth, (~hidden).astype(float), with_scale=True)
-        aligned = s * np.asarray(vertices, np.float64) @ r.T + t
+        aligned = umeyama(vertices, truth, (~hidden).astype(float)).apply(vertices)
         return float(np.linalg.norm(aligned[hidden] - truth[hidden], axis=1).mean())
 
     e_fused, e_det = error(fused.vertices_mm), error(deterministic.vertices_mm)

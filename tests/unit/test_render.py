@@ -80,8 +80,12 @@ def test_glb_round_trips_through_trimesh(tmp_path):
     np.testing.assert_array_equal(np.asarray(mesh.faces), faces)
     # glTF's UV origin is the image's top-left; trimesh converts to a bottom-left origin (v -> 1 - v).
     np.testing.assert_allclose(np.asarray(mesh.visual.uv), np.c_[uvs[:, 0], 1 - uvs[:, 1]], rtol=1e-5, atol=1e-6)
-    coloured = trimesh.load(str(write_glb(tmp_path / "c.glb", vertices, faces, colors=colors)), process=False, force="mesh",
-                            skip_materials=True)  # with a material, trimesh files colours elsewhere
+    coloured = trimesh.load(
+        str(write_glb(tmp_path / "c.glb", vertices, faces, colors=colors)),
+        process=False,
+        force="mesh",
+        skip_materials=True,
+    )  # with a material, trimesh files colours elsewhere
     np.testing.assert_array_equal(np.asarray(coloured.visual.vertex_colors)[:, :3], colors)
     # Layout checked by hand: header, 4-byte aligned chunks, accessor bounds.
     data = path.read_bytes()

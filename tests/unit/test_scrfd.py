@@ -41,7 +41,10 @@ def build_scrfd_like(path: Path, *, n_outputs: int = 9, input_name: str = "input
                 bias[:] = BOX_DIST
             else:
                 bias[:] = np.tile(KPS_OFFSETS.reshape(-1), 2)
-            inits += [numpy_helper.from_array(weight, f"{kind}{stride}_w"), numpy_helper.from_array(bias, f"{kind}{stride}_b")]
+            inits += [
+                numpy_helper.from_array(weight, f"{kind}{stride}_w"),
+                numpy_helper.from_array(bias, f"{kind}{stride}_b"),
+            ]
             conv, last = f"{kind}{stride}_conv", f"{kind}{stride}_conv"
             nodes.append(helper.make_node("Conv", [pooled, f"{kind}{stride}_w", f"{kind}{stride}_b"], [conv]))
             if kind == "score":
@@ -122,7 +125,7 @@ def test_validator_rejects_six_outputs(tmp_path):
 
 def test_validator_rejects_wrong_input_name(tmp_path):
     path = build_scrfd_like(tmp_path / "renamed.onnx", input_name="images")
-    with pytest.raises(AssetError, match="input.1"):
+    with pytest.raises(AssetError, match=r"input\.1"):
         validate_scrfd_model(path)
 
 

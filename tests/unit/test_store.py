@@ -170,7 +170,7 @@ def test_concurrent_fetches_download_once(tmp_path, fake_entries):
     def worker() -> None:
         try:
             results.append(ModelStore(tmp_path, downloader=registry).path("model_a").read_bytes())
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # any failure, reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(4)]
@@ -198,7 +198,7 @@ def test_unknown_model(tmp_path, fake_entries):
 
 def test_npm_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(store_module.shutil, "which", lambda _name: None)
-    with pytest.raises(AssetError, match="Node.js/npm"):
+    with pytest.raises(AssetError, match=r"Node\.js/npm"):
         download_package(Package("npm", "@mediapipe/face_mesh", "0.4.1657299874", None), tmp_path)
 
 
@@ -250,9 +250,8 @@ def test_atomic_helpers_round_trip(tmp_path):
 def test_atomic_failure_keeps_old_file(tmp_path):
     target = tmp_path / "x.txt"
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_open(target, "w") as handle:
-            handle.write("partial new content")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_open(target, "w") as handle:
+        handle.write("partial new content")
+        raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]

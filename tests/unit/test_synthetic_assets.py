@@ -141,13 +141,21 @@ def test_reader_handles_chumpy_reordering_and_sparse_variants(tmp_path):
     ch = stand_in("chumpy.ch", "Ch", {"x": base})
     select = stand_in("chumpy.reordering", "Select", {"a": ch, "idxs": np.array([5, 1, 7]), "preferred_shape": (3, 1)})
     np.testing.assert_array_equal(to_array(select), base.ravel()[[5, 1, 7]].reshape(3, 1))
-    np.testing.assert_array_equal(to_array(stand_in("chumpy.reordering", "transpose", {"a": ch, "axes": (2, 0, 1)})), base.transpose(2, 0, 1))
-    np.testing.assert_array_equal(to_array(stand_in("chumpy.reordering", "Reshape", {"a": ch, "newshape": (6, 4)})), base.reshape(6, 4))
+    np.testing.assert_array_equal(
+        to_array(stand_in("chumpy.reordering", "transpose", {"a": ch, "axes": (2, 0, 1)})), base.transpose(2, 0, 1)
+    )
+    np.testing.assert_array_equal(
+        to_array(stand_in("chumpy.reordering", "Reshape", {"a": ch, "newshape": (6, 4)})), base.reshape(6, 4)
+    )
     dense = np.array([[0.0, 2.0], [3.0, 0.0]])
     csr = scipy.sparse.csr_matrix(dense)
-    sparse = stand_in("scipy.sparse.csr", "csr_matrix", {"data": csr.data, "indices": csr.indices, "indptr": csr.indptr, "_shape": (2, 2)})
+    sparse = stand_in(
+        "scipy.sparse.csr",
+        "csr_matrix",
+        {"data": csr.data, "indices": csr.indices, "indptr": csr.indptr, "_shape": (2, 2)},
+    )
     np.testing.assert_array_equal(to_array(sparse).toarray(), dense)
-    with pytest.raises(ValueError, match="chumpy.ch_ops.sin"):  # inert when loaded, refused when evaluated
+    with pytest.raises(ValueError, match=r"chumpy\.ch_ops\.sin"):  # inert when loaded, refused when evaluated
         to_array(stand_in("chumpy.ch_ops", "sin", {"x": ch}))
 
 
@@ -158,7 +166,10 @@ def test_landmark_embedding_format_and_reader(synthetic_assets, tmp_path):
     path = synthetic_assets.path("landmark_embedding")
     raw = np.load(path, allow_pickle=True).item()  # the test wrote it, so a plain load is fine here
     assert isinstance(raw["dynamic_lmk_faces_idx"], torch.Tensor) and raw["dynamic_lmk_faces_idx"].dtype == torch.int64
-    assert isinstance(raw["dynamic_lmk_bary_coords"], torch.Tensor) and raw["dynamic_lmk_bary_coords"].dtype == torch.float32
+    assert (
+        isinstance(raw["dynamic_lmk_bary_coords"], torch.Tensor)
+        and raw["dynamic_lmk_bary_coords"].dtype == torch.float32
+    )
     assert isinstance(raw["static_lmk_faces_idx"], np.ndarray)
     embedding = load_landmark_embedding(path, num_faces=FLAME_SIZES["small"].num_faces)
     np.testing.assert_array_equal(embedding.dynamic_lmk_faces_idx, raw["dynamic_lmk_faces_idx"].numpy())
@@ -204,16 +215,22 @@ def test_assets_check_labels_the_files_valid_and_synthetic(synthetic_assets):
 
 def test_synthesize_is_reproducible_and_skips_missing_writers(tmp_path, monkeypatch):
     first = synthetic.synthesize(tmp_path / "a", size="small", seed=5, only={"flame_masks", "landmark_embedding"})
-    second = synthetic.synthesize(tmp_path / "b", size="small", seed=5, only={"FLAME2020/FLAME_masks.pkl", "landmark_embedding"})
+    second = synthetic.synthesize(
+        tmp_path / "b", size="small", seed=5, only={"FLAME2020/FLAME_masks.pkl", "landmark_embedding"}
+    )
     assert set(first) == set(second) == {"FLAME2020/FLAME_masks.pkl", "FLAME2020/landmark_embedding.npy"}
     for relpath in first:
         assert first[relpath].read_bytes() == second[relpath].read_bytes()
     other = synthetic.synthesize(tmp_path / "c", size="small", seed=6, only={"landmark_embedding"})
-    assert other["FLAME2020/landmark_embedding.npy"].read_bytes() != first["FLAME2020/landmark_embedding.npy"].read_bytes()
+    assert (
+        other["FLAME2020/landmark_embedding.npy"].read_bytes() != first["FLAME2020/landmark_embedding.npy"].read_bytes()
+    )
 
     monkeypatch.setitem(synthetic.WRITERS, "frontindices.npy", ("facefuse.assets.synthetic.not_written_yet", "write"))
     messages = []
-    written = synthetic.synthesize(tmp_path / "d", size="small", only={"frontindices"}, progress=lambda r, s: messages.append((r, s)))
+    written = synthetic.synthesize(
+        tmp_path / "d", size="small", only={"frontindices"}, progress=lambda r, s: messages.append((r, s))
+    )
     assert written == {} and messages and messages[0][0] == "frontindices.npy" and "skipped" in messages[0][1]
     with pytest.raises(ValueError, match="no synthetic writer"):
         synthetic.synthesize(tmp_path / "e", only={"not-an-asset"})
@@ -229,7 +246,9 @@ def test_synthetic_mesh_is_a_sane_head_surface(size):
     assert spec_.num_vertices >= 1785
     assert faces.min() == 0 and faces.max() == spec_.num_vertices - 1
     assert np.unique(faces).size == spec_.num_vertices  # every vertex is used
-    assert np.all(faces[:, 0] != faces[:, 1]) and np.all(faces[:, 1] != faces[:, 2]) and np.all(faces[:, 0] != faces[:, 2])
+    assert (
+        np.all(faces[:, 0] != faces[:, 1]) and np.all(faces[:, 1] != faces[:, 2]) and np.all(faces[:, 0] != faces[:, 2])
+    )
     a, b, c = (vertices[faces[:, k]] for k in range(3))
     area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
     assert area.min() > 0.0

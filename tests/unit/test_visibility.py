@@ -10,8 +10,14 @@ from PIL import Image
 
 from facefuse.errors import InvalidInputError
 from facefuse.fusion.visibility import (
-    REGION_NAMES, Visibility, VisibilitySources, combine, hand_mask_from_points, visibility_from_hands,
-    visibility_from_mask, visibility_photometric,
+    REGION_NAMES,
+    Visibility,
+    VisibilitySources,
+    combine,
+    hand_mask_from_points,
+    visibility_from_hands,
+    visibility_from_mask,
+    visibility_photometric,
 )
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "visibility_astronaut_landmarks468.npy"
@@ -42,7 +48,7 @@ def astronaut():
             detections = FaceFrontEnd.from_assets(None, store).detect(image)
             if len(detections) == 1:
                 landmarks = np.asarray(detections[0].landmarks)
-    except Exception:  # noqa: BLE001 - any front-end problem falls back to the stored landmarks
+    except Exception:  # any front-end problem falls back to the stored landmarks
         landmarks = None
     if landmarks is None:
         landmarks = np.load(FIXTURE)

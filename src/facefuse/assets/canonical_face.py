@@ -54,6 +54,10 @@ class CanonicalFace:
         return weights
 
 
+Records = list[tuple[int, int, int | bytes]]
+"""Decoded protobuf fields: (field number, wire type, int for varints or the raw bytes)."""
+
+
 class _Reader:
     """Protocol-buffer wire format: (field number, wire type, value) records of one message."""
 
@@ -75,8 +79,8 @@ class _Reader:
             if shift > 63:
                 raise AssetError(f"{self.what}: varint longer than 10 bytes at byte {pos}")
 
-    def fields(self) -> list[tuple[int, int, int | bytes]]:
-        out: list[tuple[int, int, int | bytes]] = []
+    def fields(self) -> Records:
+        out: Records = []
         pos = 0
         while pos < len(self.data):
             key, pos = self._varint(pos)
@@ -95,7 +99,8 @@ class _Reader:
             elif wire == _LENGTH:
                 length, pos = self._varint(pos)
                 if pos + length > len(self.data):
-                    raise AssetError(f"{self.what}: field {number} claims {length} bytes, only {len(self.data) - pos} left")
+                    raise AssetError(f"{self.what}: field {number} claims {length} bytes, only "
+                                     f"{len(self.data) - pos} left")
                 out.append((number, wire, self.data[pos:pos + length]))
                 pos += length
             else:
@@ -103,29 +108,36 @@ class _Reader:
         return out
 
 
-def _repeated_floats(records: list, number: int, what: str) -> np.ndarray:
+def _payloads(records: Records, number: int, wire: int) -> list[bytes]:
+    """The bytes of every length-delimited or fixed-width ``number`` field written with ``wire``."""
+    return [v for n, w, v in records if n == number and w == wire and isinstance(v, bytes)]
+
+
+def _varints(records: Records, number: int) -> list[int]:
+    return [v for n, w, v in records if n == number and w == _VARINT and isinstance(v, int)]
+
+
+def _repeated_floats(records: Records, number: int, what: str) -> np.ndarray:
     chunks: list[bytes] = []
     for field, wire, value in records:
         if field != number:
             continue
-        if wire == _FIXED32:
-            chunks.append(value)
-        elif wire == _LENGTH:  # packed
-            if len(value) % 4:
-                raise AssetError(f"{what}: packed float field {number} has {len(value)} bytes, not a multiple of 4")
+        if wire == _LENGTH and isinstance(value, bytes) and len(value) % 4:  # packed
+            raise AssetError(f"{what}: packed float field {number} has {len(value)} bytes, not a multiple of 4")
+        if wire in (_FIXED32, _LENGTH) and isinstance(value, bytes):
             chunks.append(value)
         else:
             raise AssetError(f"{what}: field {number} should hold floats, found wire type {wire}")
     return np.frombuffer(b"".join(chunks), dtype="<f4").astype(np.float64)
 
 
-def _repeated_uints(records: list, number: int, what: str) -> np.ndarray:
+def _repeated_uints(records: Records, number: int, what: str) -> np.ndarray:
     values: list[int] = []
     for field, wire, value in records:
         if field != number:
             continue
-        if wire == _VARINT:
-            values.append(int(value))
+        if isinstance(value, int):  # wire type varint
+            values.append(value)
         elif wire == _LENGTH:  # packed varints
             reader = _Reader(value, what)
             pos = 0
@@ -140,20 +152,22 @@ def _repeated_uints(records: list, number: int, what: str) -> np.ndarray:
 def parse_canonical_face(data: bytes, source: str = "canonical face metadata") -> CanonicalFace:
     """Decode and validate a GeometryPipelineMetadata message (see the module docstring)."""
     top = _Reader(bytes(data), source).fields()
-    meshes = [v for n, w, v in top if n == 1 and w == _LENGTH]
+    meshes = _payloads(top, 1, _LENGTH)
     if len(meshes) != 1:
         raise AssetError(f"{source}: expected one canonical_mesh (field 1), found {len(meshes)}")
     mesh = _Reader(meshes[0], f"{source} canonical_mesh").fields()
     for number, name in ((1, "vertex_type"), (2, "primitive_type")):
-        kinds = [v for n, w, v in mesh if n == number and w == _VARINT]
+        kinds = _varints(mesh, number)
         if any(k != 0 for k in kinds):
             raise AssetError(f"{source}: {name} is {kinds[0]}, expected 0 (VERTEX_PT / TRIANGLE)")
     buffer = _repeated_floats(mesh, 3, source)
     indices = _repeated_uints(mesh, 4, source)
     if buffer.size != NUM_VERTICES * 5:
-        raise AssetError(f"{source}: vertex_buffer holds {buffer.size} floats, expected {NUM_VERTICES} x 5 = {NUM_VERTICES * 5}")
+        raise AssetError(f"{source}: vertex_buffer holds {buffer.size} floats, expected {NUM_VERTICES} "
+                         f"x 5 = {NUM_VERTICES * 5}")
     if indices.size != NUM_TRIANGLES * 3:
-        raise AssetError(f"{source}: index_buffer holds {indices.size} indices, expected {NUM_TRIANGLES} x 3 = {NUM_TRIANGLES * 3}")
+        raise AssetError(f"{source}: index_buffer holds {indices.size} indices, expected {NUM_TRIANGLES} "
+                         f"x 3 = {NUM_TRIANGLES * 3}")
     if not np.all(np.isfinite(buffer)):
         raise AssetError(f"{source}: vertex_buffer contains NaN or infinite values")
     if indices.max() >= NUM_VERTICES:
@@ -166,12 +180,10 @@ def parse_canonical_face(data: bytes, source: str = "canonical face metadata") -
     if np.any((faces[:, 0] == faces[:, 1]) | (faces[:, 1] == faces[:, 2]) | (faces[:, 0] == faces[:, 2])):
         raise AssetError(f"{source}: index_buffer holds degenerate triangles")
     ids, weights = [], []
-    for number, wire, value in top:
-        if number != 2 or wire != _LENGTH:
-            continue
+    for value in _payloads(top, 2, _LENGTH):
         ref = _Reader(value, f"{source} procrustes_landmark_basis").fields()
-        lid = [v for n, w, v in ref if n == 1 and w == _VARINT]
-        wgt = [v for n, w, v in ref if n == 2 and w == _FIXED32]
+        lid = _varints(ref, 1)
+        wgt = _payloads(ref, 2, _FIXED32)
         if len(lid) != 1 or len(wgt) != 1:
             raise AssetError(f"{source}: a procrustes_landmark_basis entry lacks landmark_id or weight")
         ids.append(lid[0])
@@ -180,7 +192,8 @@ def parse_canonical_face(data: bytes, source: str = "canonical face metadata") -
     if ids_arr.size == 0:
         raise AssetError(f"{source}: no procrustes_landmark_basis entries (field 2)")
     if ids_arr.max() >= NUM_VERTICES or not np.all(np.isfinite(weights_arr)) or np.any(weights_arr <= 0):
-        raise AssetError(f"{source}: procrustes_landmark_basis has ids outside [0, {NUM_VERTICES}) or non-positive weights")
+        raise AssetError(f"{source}: procrustes_landmark_basis has ids outside [0, "
+                         f"{NUM_VERTICES}) or non-positive weights")
     vertices = vertex[:, :3] * CM_TO_MM
     vertices.setflags(write=False)
     return CanonicalFace(vertices_mm=vertices, uvs=uvs.astype(np.float32), faces=faces.astype(np.int32),

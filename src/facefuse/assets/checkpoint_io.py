@@ -37,7 +37,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"If you trust where the file came from, set {TRUST_ENV}=1 to load it with full unpickling."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(exc)}") from None
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(exc)}"
+        ) from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of sections, found {type(obj).__name__}")
     return dict(obj)
@@ -88,12 +90,17 @@ def check_state_dict(
         elif value.dtype != dtype:
             wrong.append(f"{key}: dtype {value.dtype}, expected {dtype}")
     if wrong:
-        problems.append("; ".join(wrong[:_MAX_LISTED]) + (f" (+{len(wrong) - _MAX_LISTED} more)" if len(wrong) > _MAX_LISTED else ""))
+        problems.append(
+            "; ".join(wrong[:_MAX_LISTED])
+            + (f" (+{len(wrong) - _MAX_LISTED} more)" if len(wrong) > _MAX_LISTED else "")
+        )
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
 
 
-def load_strict(module: nn.Module, state: Mapping[str, Any], source: str, *, ignore_unexpected: Iterable[str] = ()) -> None:
+def load_strict(
+    module: nn.Module, state: Mapping[str, Any], source: str, *, ignore_unexpected: Iterable[str] = ()
+) -> None:
     """Check then load a section into ``module`` with ``strict=True``."""
     ignored = set(ignore_unexpected)
     check_state_dict(expected_state(module), state, source, ignore_unexpected=ignored)

@@ -128,8 +128,9 @@ _BASE_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
     ("numpy._core.multiarray", "scalar"): lambda: _numpy_multiarray("scalar"),
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
-    ("copy_reg", "_reconstructor"): lambda: copyreg._reconstructor,
-    ("copyreg", "_reconstructor"): lambda: copyreg._reconstructor,
+    # typeshed leaves out copyreg's private _reconstructor, which protocol-2 pickles of objects name.
+    ("copy_reg", "_reconstructor"): lambda: copyreg._reconstructor,  # type: ignore[attr-defined]
+    ("copyreg", "_reconstructor"): lambda: copyreg._reconstructor,  # type: ignore[attr-defined]
     ("__builtin__", "object"): lambda: object,
     ("builtins", "object"): lambda: object,
     ("__builtin__", "set"): lambda: set,
@@ -190,7 +191,17 @@ def restricted_unpickle(path: Path, what: str, *, allow_chumpy: bool, allow_torc
         raise AssetError(f"{path}: not {what}: {exc}") from None
     except (pickle.UnpicklingError, EOFError) as exc:
         raise AssetError(f"{path}: not {what} (not a readable pickle, or truncated: {_first_line(exc)})") from None
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError, RuntimeError, OSError, MemoryError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        UnicodeDecodeError,
+        RuntimeError,
+        OSError,
+        MemoryError,
+    ) as exc:
         raise AssetError(f"{path}: not {what} (corrupt pickle: {type(exc).__name__}: {_first_line(exc)})") from None
 
 
@@ -206,7 +217,8 @@ def _read_object_npy_header(handle: Any, path: Path, what: str) -> None:
     except ValueError as exc:
         raise AssetError(f"{path}: not {what} (not a .npy file: {_first_line(exc)})") from None
     if dtype != np.dtype(object) or shape != ():
-        raise AssetError(f"{path}: not {what} (expected a 0-d object array holding a dict, found dtype {dtype} shape {shape})")
+        raise AssetError(f"{path}: not {what} (expected a 0-d object array holding a dict, found "
+                         f"dtype {dtype} shape {shape})")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -217,13 +229,13 @@ def _first_line(exc: BaseException) -> str:
 _CH_OPS = {"add": np.add, "subtract": np.subtract, "multiply": np.multiply, "divide": np.divide}
 
 
-def to_array(value: Any) -> np.ndarray:
+def to_array(value: Any) -> np.ndarray | scipy.sparse.spmatrix:
     """Evaluate a stand-in (or pass an array through) to a numpy array; sparse stays scipy-sparse."""
     if isinstance(value, np.ndarray):
         return value
     if isinstance(value, ChumpyStandIn):
         state = value.state
-        module, _, name = value.chumpy_class.rpartition(".")
+        _module, _, name = value.chumpy_class.rpartition(".")
         if name == "Ch":
             return np.asarray(to_array(state["x"]))
         if name == "Select":
@@ -235,9 +247,10 @@ def to_array(value: Any) -> np.ndarray:
             return np.ascontiguousarray(np.transpose(to_array(state["a"]), axes=state.get("axes")))
         if name in _CH_OPS:
             return _CH_OPS[name](to_array(state["a"]), to_array(state["b"]))
-        raise ValueError(f"cannot evaluate chumpy class {value.chumpy_class} (supported: {sorted('.'.join(c) for c in _CHUMPY_SUPPORTED)})")
+        raise ValueError(f"cannot evaluate chumpy class {value.chumpy_class} (supported: "
+                         f"{sorted('.'.join(c) for c in _CHUMPY_SUPPORTED)})")
     if isinstance(value, SparseStandIn):
-        return sparse_from_state(value)  # type: ignore[return-value]
+        return sparse_from_state(value)
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
     return np.asarray(value)
@@ -246,14 +259,17 @@ def to_array(value: Any) -> np.ndarray:
 def sparse_from_state(value: SparseStandIn) -> scipy.sparse.spmatrix:
     state = value.state
     shape = state.get("_shape", state.get("shape"))
+    if shape is None:
+        raise ValueError(f"{value.sparse_class} without a shape")
     parts = (np.asarray(state["data"]), np.asarray(state["indices"]), np.asarray(state["indptr"]))
     make = scipy.sparse.csr_matrix if value.sparse_class == "csr_matrix" else scipy.sparse.csc_matrix
     return make(parts, shape=tuple(int(s) for s in shape))
 
 
 def _dense(value: Any) -> np.ndarray:
-    array = to_array(value)
-    return np.asarray(array.toarray()) if scipy.sparse.issparse(array) else np.asarray(array)
+    if isinstance(value, SparseStandIn):
+        return np.asarray(sparse_from_state(value).toarray())
+    return np.asarray(to_array(value))
 
 
 # --------------------------------------------------------------------------- FLAME model pickle
@@ -273,7 +289,8 @@ def load_flame_model(
     what = f"a FLAME {'2020 ' if expect == '2020' else ''}model pickle (generic_model.pkl)"
     raw, saw_chumpy = restricted_unpickle(path, what, allow_chumpy=True)
     if not isinstance(raw, dict):
-        raise AssetError(f"{path}: not {what} (the pickle holds a {type(raw).__name__}, expected a dict of FLAME fields)")
+        raise AssetError(f"{path}: not {what} (the pickle holds a {type(raw).__name__}, "
+                         "expected a dict of FLAME fields)")
     missing = [k for k in FLAME_FIELDS if k not in raw]
     if missing:
         raise AssetError(f"{path}: not {what} (missing field(s) {missing}; found {sorted(map(str, raw))[:12]})")
@@ -290,7 +307,9 @@ def load_flame_model(
         raise AssetError(f"{path}: not {what} (bad field: {_first_line(exc)})") from None
     _check_flame_shapes(data, path, what, expect)
     version = "2020" if expect == "2020" else ("2023" if expect == "2023" else ("2020" if saw_chumpy else "2023"))
-    landmarks = load_landmark_embedding(landmark_embedding, num_faces=data.faces.shape[0]) if landmark_embedding else None
+    landmarks = (
+        load_landmark_embedding(landmark_embedding, num_faces=data.faces.shape[0]) if landmark_embedding else None
+    )
     return FlameModelData(**{**data.__dict__, "landmarks": landmarks, "version": version})
 
 
@@ -327,7 +346,8 @@ def _check_flame_shapes(data: FlameModelData, path: Path, what: str, expect: str
     if data.lbs_weights.shape != (n_v, n_j):
         problems.append(f"weights {data.lbs_weights.shape}, expected ({n_v}, {n_j})")
     if data.posedirs.shape != (9 * (n_j - 1), 3 * n_v):
-        problems.append(f"posedirs has {data.posedirs.shape[0]} pose correctives, expected 9 x (J - 1) = {9 * (n_j - 1)}")
+        problems.append(f"posedirs has {data.posedirs.shape[0]} pose correctives, expected 9 x "
+                        f"(J - 1) = {9 * (n_j - 1)}")
     if data.parents.shape != (n_j,) or np.any(data.parents[1:] < 0) or np.any(data.parents[1:] >= np.arange(1, n_j)):
         problems.append(f"kintree_table parents {data.parents.tolist()} are not a tree over {n_j} joints")
     if data.faces.ndim != 2 or data.faces.shape[1] != 3 or data.faces.min() < 0 or data.faces.max() >= n_v:
@@ -342,7 +362,11 @@ def _check_flame_shapes(data: FlameModelData, path: Path, what: str, expect: str
 
 
 def flame_description(data: FlameModelData) -> str:
-    topology = "" if data.num_vertices == OFFICIAL_NUM_VERTICES else f" (not the official {OFFICIAL_NUM_VERTICES}-vertex topology)"
+    topology = (
+        ""
+        if data.num_vertices == OFFICIAL_NUM_VERTICES
+        else f" (not the official {OFFICIAL_NUM_VERTICES}-vertex topology)"
+    )
     return (
         f"FLAME {data.version}: {data.num_vertices} vertices, {data.faces.shape[0]} faces, "
         f"{N_SHAPE} shape + {data.num_expression} expression components, {data.J_regressor.shape[0]} joints{topology}"
@@ -364,7 +388,9 @@ def load_landmark_embedding(path: str | Path, *, num_faces: int | None = None) -
     return landmark_embedding_from_dict(obj, source=str(path), num_faces=num_faces)
 
 
-def landmark_embedding_from_dict(obj: dict[str, Any], *, source: str, num_faces: int | None = None) -> LandmarkEmbedding:
+def landmark_embedding_from_dict(
+    obj: dict[str, Any], *, source: str, num_faces: int | None = None
+) -> LandmarkEmbedding:
     """Check and convert the embedding dict (numpy arrays or torch tensors) to int64 / float32 arrays."""
     what = "a FLAME landmark embedding"
     missing = [k for k in LANDMARK_KEYS if k not in obj]
@@ -401,7 +427,8 @@ def load_flame_masks(path: str | Path, *, num_vertices: int | None = None) -> di
     for name, value in obj.items():
         array = np.asarray(to_array(value))
         if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer) or array.size == 0:
-            raise AssetError(f"{path}: region {name!r} is {array.dtype} {array.shape}, expected a non-empty 1-D array of vertex indices")
+            raise AssetError(f"{path}: region {name!r} is {array.dtype} {array.shape}, expected a non-empty "
+                             "1-D array of vertex indices")
         limit = num_vertices if num_vertices is not None else OFFICIAL_NUM_VERTICES
         if array.min() < 0 or array.max() >= limit:
             raise AssetError(f"{path}: region {name!r} holds vertex indices outside [0, {limit})")

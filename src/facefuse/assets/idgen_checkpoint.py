@@ -39,7 +39,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from facefuse.assets.checkpoint_io import check_state_dict, expected_state, load_checkpoint, load_strict, require_sections
+from facefuse.assets.checkpoint_io import (
+    check_state_dict,
+    expected_state,
+    load_checkpoint,
+    load_strict,
+    require_sections,
+)
 from facefuse.errors import AssetError, CheckpointError
 from facefuse.io.atomic import atomic_open
 from facefuse.models.diffusion import VarianceSchedule
@@ -90,7 +96,9 @@ def _skeleton() -> tuple[nn.Module, IdGenUnet, VarianceSchedule]:
     return arcface, net, VarianceSchedule()
 
 
-def _split_stray_qkv(state: Mapping[str, Any], prefix: str, dims: Mapping[str, int], source: str) -> tuple[dict[str, Any], list[str]]:
+def _split_stray_qkv(
+    state: Mapping[str, Any], prefix: str, dims: Mapping[str, int], source: str
+) -> tuple[dict[str, Any], list[str]]:
     """Remove the 6 documented stray ``qkv.weight`` keys (shape-checked); everything else stays for strict checking."""
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{source}: expected a state dict, found {type(state).__name__}")
@@ -108,7 +116,8 @@ def _split_stray_qkv(state: Mapping[str, Any], prefix: str, dims: Mapping[str, i
         dropped.append(key)
     if dropped and len(dropped) != len(dims):
         missing = [f"{prefix}{n}{STRAY_QKV_SUFFIX}" for n in dims if f"{prefix}{n}{STRAY_QKV_SUFFIX}" not in dropped]
-        raise CheckpointError(f"{source}: has {len(dropped)} of the 6 stray q/k/v keys; missing {missing} (expected all or none)")
+        raise CheckpointError(f"{source}: has {len(dropped)} of the 6 stray q/k/v keys; missing "
+                              f"{missing} (expected all or none)")
     return clean, dropped
 
 
@@ -148,7 +157,11 @@ def validate_idgen_checkpoint(path: Path) -> str:
             raise CheckpointError(f"{path} [var_sched]: {key!r} has non-finite values")
     stray = len(sections["dropped"])
     differing = _differing_tensors(sections["net"], sections["diffusion"])
-    agreement = "net and diffusion agree" if differing == 0 else f"net and diffusion differ in {differing} tensors (diffusion wins)"
+    agreement = (
+        "net and diffusion agree"
+        if differing == 0
+        else f"net and diffusion differ in {differing} tensors (diffusion wins)"
+    )
     return (
         f"OFER IdGen checkpoint: arcface {len(sections['arcface'])} keys, net {len(sections['net'])}, "
         f"var_sched {len(sections['var_sched'])}, diffusion {len(sections['diffusion'])}"
@@ -183,7 +196,12 @@ def load_idgen(
     load_strict(var_sched, sections["var_sched"], f"{path} [var_sched]")
     load_strict(_DiffusionSection(net, var_sched), sections["diffusion"], f"{path} [diffusion]")
     if sections["dropped"]:
-        log.info("%s: ignored %d stray q/k/v keys saved by the official training run: %s", path, len(sections["dropped"]), sections["dropped"])
+        log.info(
+            "%s: ignored %d stray q/k/v keys saved by the official training run: %s",
+            path,
+            len(sections["dropped"]),
+            sections["dropped"],
+        )
     weights, provenance = resolve_projections(projections, seed=seed, cache=cache)
     net.set_projections(weights)
     model = IdGen(arcface, net, var_sched).eval()
@@ -221,7 +239,9 @@ def default_projections(seed: int = DEFAULT_PROJECTIONS_SEED) -> dict[str, Tenso
     return draw_default_projections(torch.Generator().manual_seed(seed))
 
 
-def save_projections(path: str | os.PathLike[str], projections: Mapping[str, Tensor], *, version: str, seed: int) -> str:
+def save_projections(
+    path: str | os.PathLike[str], projections: Mapping[str, Tensor], *, version: str, seed: int
+) -> str:
     """Write projections with their version, seed and sha256, atomically; returns the sha256."""
     path = Path(path)
     sha = projections_sha256(projections)
@@ -230,7 +250,9 @@ def save_projections(path: str | os.PathLike[str], projections: Mapping[str, Ten
         "version": version,
         "seed": int(seed),
         "sha256": sha,
-        "projections": {name: projections[name].detach().to("cpu", torch.float32).contiguous() for name in ATTENTION_BLOCK_NAMES},
+        "projections": {
+            name: projections[name].detach().to("cpu", torch.float32).contiguous() for name in ATTENTION_BLOCK_NAMES
+        },
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, "wb") as handle:
@@ -247,12 +269,21 @@ def load_projections(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], d
     weights = payload.get("projections")
     if not isinstance(weights, Mapping):
         raise AssetError(f"{path}: no 'projections' mapping")
-    expected = {name: ((NUM_PROJECTIONS, 3 * ATTENTION_HIDDEN, dim), torch.float32) for name, dim in ATTENTION_BLOCK_DIMS.items()}
+    expected = {
+        name: ((NUM_PROJECTIONS, 3 * ATTENTION_HIDDEN, dim), torch.float32)
+        for name, dim in ATTENTION_BLOCK_DIMS.items()
+    }
     check_state_dict(expected, weights, f"{path} [projections]")
     sha = projections_sha256(weights)
     if sha != payload.get("sha256"):
-        raise AssetError(f"{path}: sha256 mismatch (stored {payload.get('sha256')}, computed {sha}); the file is corrupt")
-    return dict(weights), {"source": str(path), "version": payload.get("version"), "seed": payload.get("seed"), "sha256": sha}
+        raise AssetError(f"{path}: sha256 mismatch (stored {payload.get('sha256')}, computed "
+                         f"{sha}); the file is corrupt")
+    return dict(weights), {
+        "source": str(path),
+        "version": payload.get("version"),
+        "seed": payload.get("seed"),
+        "sha256": sha,
+    }
 
 
 def resolve_projections(

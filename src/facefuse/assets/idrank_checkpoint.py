@@ -97,7 +97,8 @@ class FarlLoadReport:
 def _farl_state(path: Path) -> dict[str, torch.Tensor]:
     payload = load_checkpoint(path)
     if FARL_STATE_KEY not in payload:
-        raise CheckpointError(f"{path}: expected a FaRL checkpoint with a {FARL_STATE_KEY!r} entry; found {sorted(map(str, payload))}")
+        raise CheckpointError(f"{path}: expected a FaRL checkpoint with a {FARL_STATE_KEY!r} entry; found "
+                              f"{sorted(map(str, payload))}")
     state = payload[FARL_STATE_KEY]
     if not isinstance(state, Mapping) or not state:
         raise CheckpointError(f"{path}: {FARL_STATE_KEY!r} is not a non-empty state dict")
@@ -119,12 +120,15 @@ def _match_farl(expected: Expected, state: Mapping[str, Any], source: str) -> Fa
         elif tuple(value.shape) != expected[key][0]:
             wrong.append(f"{key}: shape {tuple(value.shape)}, expected {expected[key][0]}")
     if wrong:
-        raise CheckpointError(f"{source}: " + "; ".join(wrong[:5]) + (f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else ""))
+        raise CheckpointError(
+            f"{source}: " + "; ".join(wrong[:5]) + (f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else "")
+        )
     missing_image = [k for k in missing if k.startswith(FARL_IMAGE_PREFIX)]
     if missing_image:
         raise CheckpointError(
             f"{source}: not a FaRL ViT-B/16 checkpoint: image-tower key(s) missing "
-            f"{', '.join(repr(k) for k in missing_image[:5])}" + (f" (+{len(missing_image) - 5} more)" if len(missing_image) > 5 else "")
+            f"{', '.join(repr(k) for k in missing_image[:5])}"
+            + (f" (+{len(missing_image) - 5} more)" if len(missing_image) > 5 else "")
         )
     return FarlLoadReport(len(matched), len(expected), missing, unexpected)
 
@@ -166,7 +170,8 @@ def check_front_indices(indices: np.ndarray, source: str, num_vertices: int = FL
             f"entry {at + 1} ({indices[at + 1]}) follows {indices[at]}"
         )
     if indices[0] < 0 or indices[-1] >= num_vertices:
-        raise AssetError(f"{source}: front indices span [{indices[0]}, {indices[-1]}], outside the mesh's {num_vertices} vertices")
+        raise AssetError(f"{source}: front indices span [{indices[0]}, {indices[-1]}], outside the "
+                         f"mesh's {num_vertices} vertices")
 
 
 def load_front_indices(path: str | os.PathLike[str], num_vertices: int = FLAME2020_VERTEX_COUNT) -> torch.Tensor:

@@ -63,7 +63,8 @@ def load_mica(path: str | Path, flame: FlameModelData | None = None, device: str
     require_sections(checkpoint, MICA_SECTIONS, str(path))
     for section in MICA_SECTIONS:
         if not isinstance(checkpoint[section], Mapping):
-            raise CheckpointError(f"{path}: section {section!r} is a {type(checkpoint[section]).__name__}, expected a state dict")
+            raise CheckpointError(f"{path}: section {section!r} is a "
+                                  f"{type(checkpoint[section]).__name__}, expected a state dict")
     # Built on the meta device: no memory, no default initialisation, no draw from the caller's RNG;
     # the checkpoint's tensors are then assigned in place of the meta ones.
     with torch.device("meta"):

@@ -52,27 +52,78 @@ _MICA_SITE = "https://github.com/Zielon/MICA (its install script, after acceptin
 _OFER_SITE = "https://ofer.is.tue.mpg.de/download.php (register, accept the OFER licence)"
 
 ASSETS: tuple[AssetSpec, ...] = (
-    AssetSpec("flame2020", "FLAME2020/generic_model.pkl", "FLAME 2020 model: shape/expression/pose bases, LBS",
-              _FLAME_SITE, "facefuse.assets.flame_file:validate_flame2020_model", ("mica", "ofer", "fusion")),
-    AssetSpec("landmark_embedding", "FLAME2020/landmark_embedding.npy", "68 landmarks (NoW 7) on the FLAME surface",
-              _MICA_SITE + " (data/FLAME2020/landmark_embedding.npy)",
-              "facefuse.assets.flame_file:validate_landmark_embedding", ("mica", "ofer", "fusion")),
-    AssetSpec("flame_masks", "FLAME2020/FLAME_masks.pkl", "FLAME vertex regions (face, nose, lips, eyes...) for region fusion",
-              _FLAME_SITE + " (FLAME_masks.zip)", "facefuse.assets.flame_file:validate_flame_masks", ("fusion",)),
-    AssetSpec("mica", "mica.tar", "MICA: ArcFace IResNet-100 + mapping network (identity -> 300 FLAME shape coefficients)",
-              _MICA_SITE, "facefuse.assets.mica_checkpoint:validate_mica_checkpoint", ("mica",)),
-    AssetSpec("idgen", "model_idgen_flame20.tar", "OFER IdGen: diffusion sampler of FLAME 2020 shapes",
-              _OFER_SITE, "facefuse.assets.idgen_checkpoint:validate_idgen_checkpoint", ("ofer",)),
-    AssetSpec("idrank", "model_idrank.tar", "OFER IdRank: ArcFace + FaRL conditioned ranker of shape samples",
-              _OFER_SITE, "facefuse.assets.idrank_checkpoint:validate_idrank_checkpoint", ("ofer",)),
-    AssetSpec("farl", "FaRL-Base-Patch16-LAIONFace20M-ep64.pth", "FaRL ViT-B/16 image tower weights (IdRank context)",
-              "https://github.com/FacePerceiver/FaRL (FaRL-Base-Patch16-LAIONFace20M-ep64)",
-              "facefuse.assets.idrank_checkpoint:validate_farl_weights", ("ofer",)),
-    AssetSpec("frontindices", "frontindices.npy", "the 1785 front-face FLAME vertices IdRank scores",
-              _OFER_SITE + " (pretrained/frontindices.npy)", "facefuse.assets.idrank_checkpoint:validate_front_indices", ("ofer",)),
-    AssetSpec("scrfd", "antelopev2/scrfd_10g_bnkps.onnx", "SCRFD-10GF face detector with 5 key-points (insightface antelopev2)",
-              "insightface antelopev2 model pack (non-commercial research licence; see the insightface model zoo)",
-              "facefuse.face.scrfd:validate_scrfd_model", ("gateway",)),
+    AssetSpec(
+        "flame2020",
+        "FLAME2020/generic_model.pkl",
+        "FLAME 2020 model: shape/expression/pose bases, LBS",
+        _FLAME_SITE,
+        "facefuse.assets.flame_file:validate_flame2020_model",
+        ("mica", "ofer", "fusion"),
+    ),
+    AssetSpec(
+        "landmark_embedding",
+        "FLAME2020/landmark_embedding.npy",
+        "68 landmarks (NoW 7) on the FLAME surface",
+        _MICA_SITE + " (data/FLAME2020/landmark_embedding.npy)",
+        "facefuse.assets.flame_file:validate_landmark_embedding",
+        ("mica", "ofer", "fusion"),
+    ),
+    AssetSpec(
+        "flame_masks",
+        "FLAME2020/FLAME_masks.pkl",
+        "FLAME vertex regions (face, nose, lips, eyes...) for region fusion",
+        _FLAME_SITE + " (FLAME_masks.zip)",
+        "facefuse.assets.flame_file:validate_flame_masks",
+        ("fusion",),
+    ),
+    AssetSpec(
+        "mica",
+        "mica.tar",
+        "MICA: ArcFace IResNet-100 + mapping network (identity -> 300 FLAME shape coefficients)",
+        _MICA_SITE,
+        "facefuse.assets.mica_checkpoint:validate_mica_checkpoint",
+        ("mica",),
+    ),
+    AssetSpec(
+        "idgen",
+        "model_idgen_flame20.tar",
+        "OFER IdGen: diffusion sampler of FLAME 2020 shapes",
+        _OFER_SITE,
+        "facefuse.assets.idgen_checkpoint:validate_idgen_checkpoint",
+        ("ofer",),
+    ),
+    AssetSpec(
+        "idrank",
+        "model_idrank.tar",
+        "OFER IdRank: ArcFace + FaRL conditioned ranker of shape samples",
+        _OFER_SITE,
+        "facefuse.assets.idrank_checkpoint:validate_idrank_checkpoint",
+        ("ofer",),
+    ),
+    AssetSpec(
+        "farl",
+        "FaRL-Base-Patch16-LAIONFace20M-ep64.pth",
+        "FaRL ViT-B/16 image tower weights (IdRank context)",
+        "https://github.com/FacePerceiver/FaRL (FaRL-Base-Patch16-LAIONFace20M-ep64)",
+        "facefuse.assets.idrank_checkpoint:validate_farl_weights",
+        ("ofer",),
+    ),
+    AssetSpec(
+        "frontindices",
+        "frontindices.npy",
+        "the 1785 front-face FLAME vertices IdRank scores",
+        _OFER_SITE + " (pretrained/frontindices.npy)",
+        "facefuse.assets.idrank_checkpoint:validate_front_indices",
+        ("ofer",),
+    ),
+    AssetSpec(
+        "scrfd",
+        "antelopev2/scrfd_10g_bnkps.onnx",
+        "SCRFD-10GF face detector with 5 key-points (insightface antelopev2)",
+        "insightface antelopev2 model pack (non-commercial research licence; see the insightface model zoo)",
+        "facefuse.face.scrfd:validate_scrfd_model",
+        ("gateway",),
+    ),
 )
 
 
@@ -104,7 +155,9 @@ def synthetic_manifest(directory: Path) -> dict[str, str]:
         return {}
 
 
-def check_asset(directory: str | os.PathLike[str], item: AssetSpec, manifest: dict[str, str] | None = None) -> AssetStatus:
+def check_asset(
+    directory: str | os.PathLike[str], item: AssetSpec, manifest: dict[str, str] | None = None
+) -> AssetStatus:
     directory = Path(directory)
     path = directory / item.relpath
     if not path.is_file():

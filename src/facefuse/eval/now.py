@@ -35,7 +35,8 @@ from scipy.spatial.transform import Rotation
 
 from facefuse.errors import AssetError, FacefuseError, InvalidInputError, LimitExceededError
 from facefuse.eval.geometry import TriangleMeshDistance
-from facefuse.eval.procrustes import SimilarityTransform, similarity_procrustes
+from facefuse.eval.procrustes import similarity_procrustes
+from facefuse.geometry import SimilarityTransform
 
 CHALLENGES: dict[str, str] = {
     "neutral": "multiview_neutral",
@@ -102,10 +103,7 @@ def read_prediction_landmarks(path: str | os.PathLike[str]) -> np.ndarray:
     """A predicted 7x3 landmark file: ``.npy`` or whitespace-separated ``.txt``."""
     p = Path(path)
     try:
-        if p.suffix == ".npy":
-            arr = np.load(p, allow_pickle=False)
-        else:
-            arr = np.loadtxt(p, dtype=np.float64, ndmin=2)
+        arr = np.load(p, allow_pickle=False) if p.suffix == ".npy" else np.loadtxt(p, dtype=np.float64, ndmin=2)
     except (OSError, ValueError) as exc:
         raise InvalidInputError(f"{p}: unreadable landmark file ({exc})") from exc
     arr = np.asarray(arr, dtype=np.float64)
@@ -197,7 +195,7 @@ class NowLayout:
     detected_faces: Path | None
 
     @staticmethod
-    def discover(root: str | os.PathLike[str], split: str = "val") -> "NowLayout":
+    def discover(root: str | os.PathLike[str], split: str = "val") -> NowLayout:
         base = Path(root)
         if not base.is_dir():
             raise InvalidInputError(f"NoW dataset folder {base} does not exist or is not a folder")
@@ -436,7 +434,7 @@ def align_and_measure(
     transform = initial
     iterations = 0
     if len(points) > 2 * coarse_points:
-        subset = points[:: int(math.ceil(len(points) / coarse_points))]
+        subset = points[:: math.ceil(len(points) / coarse_points)]
         transform, _, iterations, _ = refine_alignment(
             subset, surface, transform, fit_scale=not metrical, ftol=1e-5, xtol=1e-2
         )
@@ -490,7 +488,11 @@ def _evaluate_task(task: _Task) -> ImageResult:
     item = task.item
     result = ImageResult(item.subject, item.challenge, item.image, status="ok")
     if task.mesh is None or task.landmarks is None:
-        missing = [what for what, p in (("mesh (.obj/.ply)", task.mesh), ("landmarks (.npy/.txt)", task.landmarks)) if p is None]
+        missing = [
+            what
+            for what, p in (("mesh (.obj/.ply)", task.mesh), ("landmarks (.npy/.txt)", task.landmarks))
+            if p is None
+        ]
         result.status = "missing"
         result.message = "missing predicted " + " and ".join(missing)
         return result
@@ -508,7 +510,7 @@ def _evaluate_task(task: _Task) -> ImageResult:
         result.message = f"{type(exc).__name__}: {exc}"
         return result
     errors = out.errors.astype(np.float32)
-    result.n_points = int(len(errors))
+    result.n_points = len(errors)
     result.median_mm = float(np.median(out.errors))
     result.mean_mm = float(np.mean(out.errors))
     result.std_mm = float(np.std(out.errors))
@@ -537,7 +539,12 @@ def error_statistics(errors: np.ndarray) -> dict[str, float | int]:
     if len(errors) == 0:
         return {"median_mm": None, "mean_mm": None, "std_mm": None, "n_points": 0}  # type: ignore[dict-item]
     e = np.asarray(errors, dtype=np.float64)
-    return {"median_mm": float(np.median(e)), "mean_mm": float(np.mean(e)), "std_mm": float(np.std(e)), "n_points": int(len(e))}
+    return {
+        "median_mm": float(np.median(e)),
+        "mean_mm": float(np.mean(e)),
+        "std_mm": float(np.std(e)),
+        "n_points": len(e),
+    }
 
 
 def cumulative_curve(errors: np.ndarray, max_mm: float = CURVE_MAX_MM, n: int = 801) -> tuple[np.ndarray, np.ndarray]:
@@ -642,10 +649,11 @@ def _write_outputs(config: NowEvalConfig, layout: NowLayout, results: list[Image
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     evaluated = [r for r in results if r.status == "ok"]
-    all_errors = np.concatenate([r.errors for r in evaluated]) if evaluated else np.zeros(0, np.float32)
+    errors = [(r.challenge, r.errors) for r in evaluated if r.errors is not None]  # every "ok" result has them
+    all_errors = np.concatenate([e for _, e in errors]) if errors else np.zeros(0, np.float32)
     per_challenge: dict[str, np.ndarray] = {}
     for cli_name, folder in CHALLENGES.items():
-        errs = [r.errors for r in evaluated if r.challenge == folder]
+        errs = [e for challenge, e in errors if challenge == folder]
         if errs:
             per_challenge[cli_name] = np.concatenate(errs)
 
@@ -667,6 +675,7 @@ def _write_outputs(config: NowEvalConfig, layout: NowLayout, results: list[Image
 
     missing = [r for r in results if r.status == "missing"]
     failed = [r for r in results if r.status == "failed"]
+    files = {"per_image_csv": csv_path.name, "cumulative_error_png": png_path.name}
     summary = {
         "benchmark": "NoW",
         "evaluator": "facefuse built-in (exact point-to-triangle distances, Levenberg-Marquardt refinement)",
@@ -690,11 +699,11 @@ def _write_outputs(config: NowEvalConfig, layout: NowLayout, results: list[Image
         "per_challenge": {k: error_statistics(v) for k, v in per_challenge.items()},
         "missing": [f"{r.subject}/{r.challenge}/{r.image}: {r.message}" for r in missing],
         "failed": [f"{r.subject}/{r.challenge}/{r.image}: {r.message}" for r in failed],
-        "files": {"per_image_csv": csv_path.name, "cumulative_error_png": png_path.name},
+        "files": files,
     }
     json_path = out / "now_summary.json"
     json_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    summary["files"]["summary_json"] = json_path.name
+    files["summary_json"] = json_path.name  # after writing: the summary does not list itself
     return summary
 
 

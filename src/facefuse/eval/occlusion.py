@@ -46,7 +46,9 @@ def mask_textures() -> dict[str, Path]:
     try:
         folder = resources.files("insightface") / "data" / "images"
     except ModuleNotFoundError as exc:
-        raise AssetError("the insightface package is not installed; its mask textures are needed for kind 'mask'") from exc
+        raise AssetError(
+            "the insightface package is not installed; its mask textures are needed for kind 'mask'"
+        ) from exc
     found = {}
     for entry in sorted(Path(str(folder)).glob(MASK_TEXTURE_GLOB)):
         found[entry.stem.removeprefix("mask_")] = entry
@@ -94,7 +96,8 @@ def _face_frame(kps: np.ndarray) -> tuple[np.ndarray, float, float, np.ndarray]:
     eye_vec = kps[1] - kps[0]
     eye_dist = float(np.linalg.norm(eye_vec))
     if eye_dist < 2.0:
-        raise InvalidInputError(f"the eye key-points are {eye_dist:.1f} px apart; the face is too small or the points are wrong")
+        raise InvalidInputError(f"the eye key-points are {eye_dist:.1f} px apart; the face is too "
+                                "small or the points are wrong")
     angle = math.atan2(eye_vec[1], eye_vec[0])
     down = np.array([-math.sin(angle), math.cos(angle)])
     return eyes_mid, eye_dist, angle, down
@@ -141,7 +144,7 @@ def _mask_occluder(img: np.ndarray, kps: np.ndarray, rng: np.random.Generator, t
         raise InvalidInputError(f"unknown mask texture {name!r}; available: {sorted(textures)}")
     tex = _load_texture(textures[name]).astype(np.float32) * float(rng.uniform(0.85, 1.1))
     # Map the texture rectangle onto the mask's bounding rectangle in the face frame.
-    src = np.float32([[0, 0], [tex.shape[1], 0], [0, tex.shape[0]]])
+    src = np.array([[0, 0], [tex.shape[1], 0], [0, tex.shape[0]]], dtype=np.float32)
     dst = _to_image(np.array([[-half, top], [half, top], [-half, bottom]]), eyes_mid, angle).astype(np.float32)
     warped = cv2.warpAffine(
         np.clip(tex, 0, 255).astype(np.uint8), cv2.getAffineTransform(src, dst), (img.shape[1], img.shape[0]),
@@ -181,7 +184,12 @@ def _hand_polygons(scale: float, centre: np.ndarray, angle: float) -> list[np.nd
 
 def _hand_occluder(img: np.ndarray, box: tuple[int, int, int, int], coverage: float, rng: np.random.Generator):
     x0, y0, x1, y1 = box
-    centre = np.array([rng.uniform(x0 + 0.3 * (x1 - x0), x1 - 0.3 * (x1 - x0)), rng.uniform(y0 + 0.3 * (y1 - y0), y1 - 0.3 * (y1 - y0))])
+    centre = np.array(
+        [
+            rng.uniform(x0 + 0.3 * (x1 - x0), x1 - 0.3 * (x1 - x0)),
+            rng.uniform(y0 + 0.3 * (y1 - y0), y1 - 0.3 * (y1 - y0)),
+        ]
+    )
     angle = float(rng.uniform(-0.6, 0.6))
     size = max(x1 - x0, y1 - y0)
     lo, hi = 0.0, 4.0 * size
@@ -204,10 +212,10 @@ def _rectangle_occluder(img: np.ndarray, box: tuple[int, int, int, int], coverag
     bw, bh = x1 - x0, y1 - y0
     area = coverage * bw * bh
     aspect = float(np.exp(rng.uniform(math.log(0.5), math.log(2.0))))
-    w = int(round(min(bw, max(1.0, math.sqrt(area * aspect)))))
-    h = int(round(min(bh, max(1.0, area / w))))
+    w = round(min(bw, max(1.0, math.sqrt(area * aspect))))
+    h = round(min(bh, max(1.0, area / w)))
     if h == bh and w < bw:  # too tall for the box: widen instead
-        w = int(round(min(bw, area / h)))
+        w = round(min(bw, area / h))
     rx = x0 + int(rng.integers(0, bw - w + 1))
     ry = y0 + int(rng.integers(0, bh - h + 1))
     mask = np.zeros(img.shape[:2], bool)
@@ -237,15 +245,16 @@ def occlude(
             raise InvalidInputError(f"occluder {kind!r} needs a coverage in (0, 1], got {coverage}")
     elif coverage is not None:
         raise InvalidInputError(f"occluder {kind!r} is placed by the landmarks; it takes no coverage")
+    share = 0.0 if coverage is None else float(coverage)  # validated above for the kinds that use it
     rng = np.random.default_rng(seed)
     if kind == "mask":
         mask, fill, detail = _mask_occluder(img, kps, rng, texture)
     elif kind == "eye_band":
         mask, fill, detail = _eye_band_occluder(img, kps, rng)
     elif kind == "hand":
-        mask, fill, detail = _hand_occluder(img, ibox, float(coverage), rng)
+        mask, fill, detail = _hand_occluder(img, ibox, share, rng)
     else:
-        mask, fill, detail = _rectangle_occluder(img, ibox, float(coverage), rng)
+        mask, fill, detail = _rectangle_occluder(img, ibox, share, rng)
     out = img.copy()
     out[mask] = fill[mask]
     return OccludedImage(out, mask, kind, _box_coverage(mask, ibox), seed, detail)

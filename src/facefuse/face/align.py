@@ -1,8 +1,9 @@
 """Face alignment: the ArcFace 5-point similarity crop, the 1.6-scale box crop, the ArcFace blob.
 
 Facts from the MICA/OFER architecture notes, §1.2-1.4. ``norm_crop`` is insightface's own function
-(the official pipelines call it, so the crops are the same pixels); ``estimate_similarity`` is an
-independent Umeyama fit used for everything else and checked against insightface's matrix in tests.
+(the official pipelines call it, so the crops are the same pixels); ``estimate_similarity`` is the
+package's Umeyama fit (:mod:`facefuse.geometry`), used for everything else and checked against
+insightface's matrix in tests.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+
+from facefuse.geometry import umeyama
 
 ARCFACE_REFERENCE_112 = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
@@ -37,32 +40,14 @@ def arcface_reference(size: int = 112) -> np.ndarray:
 
 
 def estimate_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, uniform scale, translation) mapping ``src`` onto ``dst``.
-
-    Umeyama (1991): with centred point sets and Σ = dstᵀ·src / N = U S Vᵀ, the rotation is U D Vᵀ
-    (D flips the last axis when det Σ < 0, so the result is never a reflection), the scale is
-    tr(S D) / var(src) and the translation maps the source mean onto the destination mean.
-    Returns the (2, 3) matrix [sR | t] in float64.
-    """
+    """Least-squares similarity (rotation, uniform scale, translation, never a reflection) mapping the
+    (N>=2, 2) points ``src`` onto ``dst``: the (2, 3) matrix [sR | t] in float64 (Umeyama, see
+    :mod:`facefuse.geometry`)."""
     src = np.asarray(src, dtype=np.float64)
     dst = np.asarray(dst, dtype=np.float64)
     if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 2 or src.shape[0] < 2:
         raise ValueError(f"need two (N>=2, 2) point sets of equal shape, got {src.shape} and {dst.shape}")
-    n = src.shape[0]
-    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    sigma = dst_c.T @ src_c / n
-    u, singular, vt = np.linalg.svd(sigma)
-    d = np.ones(2)
-    if np.linalg.det(sigma) < 0:
-        d[-1] = -1.0
-    rotation = u @ np.diag(d) @ vt
-    src_var = (src_c**2).sum() / n
-    if src_var <= 0:
-        raise ValueError("source points are all identical; no similarity transform exists")
-    scale = float((singular * d).sum() / src_var)
-    translation = dst_mean - scale * rotation @ src_mean
-    return np.hstack([scale * rotation, translation[:, None]])
+    return umeyama(src, dst).matrix()
 
 
 def arcface_matrix(kps5: np.ndarray, size: int = 112) -> np.ndarray:
@@ -79,7 +64,9 @@ def norm_crop(image: np.ndarray, kps5: np.ndarray, size: int = 112) -> np.ndarra
         return face_align.norm_crop(image, np.asarray(kps5, dtype=np.float32).reshape(5, 2), image_size=size)
 
 
-def box_crop_points(box: np.ndarray, size: int = BOX_CROP_SIZE, scale: float = BOX_CROP_SCALE) -> tuple[np.ndarray, np.ndarray]:
+def box_crop_points(
+    box: np.ndarray, size: int = BOX_CROP_SIZE, scale: float = BOX_CROP_SCALE
+) -> tuple[np.ndarray, np.ndarray]:
     """Source and destination points of the §1.4 crop (the correct formula, not gen_mod's ``cy - 1``)."""
     left, top, right, bottom = (float(v) for v in np.asarray(box).reshape(4))
     old_size = ((right - left) + (bottom - top)) / 2.0

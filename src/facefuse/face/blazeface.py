@@ -112,7 +112,9 @@ class BlazeFaceFullRange:
                  nms_iou: float = DEFAULT_NMS_IOU) -> None:
         shape = model.input_shape()
         if shape != (1, INPUT_SIZE, INPUT_SIZE, 3):
-            raise ValueError(f"{model.path.name}: expected a (1, 192, 192, 3) input (full-range BlazeFace), got {shape}")
+            raise ValueError(
+                f"{model.path.name}: expected a (1, 192, 192, 3) input (full-range BlazeFace), got {shape}"
+            )
         self.model = model
         self.score_thresh = score_thresh
         self.nms_iou = nms_iou

@@ -112,7 +112,9 @@ class FaceMesh:
 
     def __init__(self, model: TFLiteModel) -> None:
         if model.input_shape() != (1, MESH_INPUT, MESH_INPUT, 3):
-            raise ValueError(f"{model.path.name}: expected a (1, 192, 192, 3) FaceMesh input, got {model.input_shape()}")
+            raise ValueError(
+                f"{model.path.name}: expected a (1, 192, 192, 3) FaceMesh input, got {model.input_shape()}"
+            )
         self.model = model
         outputs = model.output_details
         self._landmark_name = next(n for n, d in outputs.items() if int(np.prod(d["shape"])) == NUM_LANDMARKS * 3)

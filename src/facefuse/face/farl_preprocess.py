@@ -34,10 +34,16 @@ def resized_size(width: int, height: int, size: int = FARL_SIZE) -> tuple[int, i
 
 def farl_preprocess(image_rgb: np.ndarray) -> np.ndarray:
     """(H,W,3) RGB uint8 image -> (3,224,224) float32, CLIP-normalised, ready for ``encode_image``."""
-    if not isinstance(image_rgb, np.ndarray) or image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+    if (
+        not isinstance(image_rgb, np.ndarray)
+        or image_rgb.dtype != np.uint8
+        or image_rgb.ndim != 3
+        or image_rgb.shape[2] != 3
+    ):
         shape = getattr(image_rgb, "shape", None)
         dtype = getattr(image_rgb, "dtype", type(image_rgb).__name__)
-        raise InvalidInputError(f"FaRL preprocessing: expected an (H,W,3) uint8 RGB array, got shape {shape} dtype {dtype}")
+        raise InvalidInputError("FaRL preprocessing: expected an (H,W,3) uint8 RGB array, got "
+                                f"shape {shape} dtype {dtype}")
     height, width = image_rgb.shape[:2]
     if min(height, width) < 1:
         raise InvalidInputError(f"FaRL preprocessing: empty image of shape {image_rgb.shape}")
@@ -45,8 +51,8 @@ def farl_preprocess(image_rgb: np.ndarray) -> np.ndarray:
     if (new_w, new_h) != (width, height):
         pil = Image.fromarray(np.ascontiguousarray(image_rgb))
         image_rgb = np.asarray(pil.resize((new_w, new_h), Image.Resampling.BICUBIC))
-    top = int(round((new_h - FARL_SIZE) / 2.0))
-    left = int(round((new_w - FARL_SIZE) / 2.0))
+    top = round((new_h - FARL_SIZE) / 2.0)
+    left = round((new_w - FARL_SIZE) / 2.0)
     crop = image_rgb[top:top + FARL_SIZE, left:left + FARL_SIZE]
     chw = crop.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
     mean = np.asarray(CLIP_MEAN, dtype=np.float32).reshape(3, 1, 1)

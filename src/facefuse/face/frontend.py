@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from facefuse.io.images import require_rgb_uint8
 from facefuse.assets.store import ModelStore
 from facefuse.errors import InvalidInputError
 from facefuse.face.align import arcface_blob, box_crop_224, norm_crop
-from facefuse.face.facemesh import IrisResult
+from facefuse.face.facemesh import IrisLandmarks, IrisResult
 from facefuse.face.types import AlignedFace, Detection
+from facefuse.io.images import require_rgb_uint8
 
 SCRFD_RELPATH = "antelopev2/scrfd_10g_bnkps.onnx"
 SELECTIONS = ("all", "largest", "center")
@@ -38,6 +39,15 @@ def select_faces(detections: list[Detection], image_shape: tuple[int, ...], sele
         return [max(detections, key=lambda d: d.area)]
     cy, cx = image_shape[0] / 2.0, image_shape[1] / 2.0
     return [min(detections, key=lambda d: (d.center[0] - cx) ** 2 + (d.center[1] - cy) ** 2)]
+
+
+class FaceDetector(Protocol):
+    """What the front end needs of a detector: a name for reports and boxes with 5 points."""
+
+    @property
+    def name(self) -> str: ...
+
+    def detect(self, image_rgb: np.ndarray) -> list[Detection]: ...
 
 
 def _check_image(image_rgb: np.ndarray) -> np.ndarray:
@@ -74,13 +84,13 @@ class _OpenDetector:
 class FaceFrontEnd:
     """Detect + select + align. Build it with ``from_assets``; ``name`` says which detector runs."""
 
-    def __init__(self, detector, selection: str = "all", store: ModelStore | None = None) -> None:
+    def __init__(self, detector: FaceDetector, selection: str = "all", store: ModelStore | None = None) -> None:
         if selection not in SELECTIONS:
             raise InvalidInputError(f"face selection must be one of {SELECTIONS}, got {selection!r}")
         self._detector = detector
         self.selection = selection
         self._store = store
-        self._iris = None
+        self._iris: IrisLandmarks | None = None
         self._iris_lock = threading.Lock()
 
     @property
@@ -94,7 +104,7 @@ class FaceFrontEnd:
         if assets_dir is not None and (Path(assets_dir) / SCRFD_RELPATH).is_file():
             from facefuse.face.scrfd import DET_THRESH, ScrfdDetector
 
-            detector = ScrfdDetector(Path(assets_dir) / SCRFD_RELPATH,
+            detector: FaceDetector = ScrfdDetector(Path(assets_dir) / SCRFD_RELPATH,
                                      det_thresh=DET_THRESH if det_thresh is None else det_thresh)
         else:
             detector = _OpenDetector(store, det_thresh, mesh_min_score)
@@ -120,7 +130,6 @@ class FaceFrontEnd:
 
         Used for metric scale: the human iris diameter is nearly constant (about 11.7 mm).
         """
-        from facefuse.face.facemesh import IrisLandmarks
         from facefuse.face.tflite import TFLiteModel
 
         if landmarks is None or np.asarray(landmarks).shape[0] < 468:

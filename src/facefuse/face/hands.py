@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from facefuse.io.images import require_rgb_uint8
 from facefuse.errors import AssetError, InvalidInputError
 from facefuse.face.blazeface import SCORE_CLIP, anchor_centres, letterbox, weighted_nms
 from facefuse.face.facemesh import crop_roi, project, roi_affine
 from facefuse.face.tflite import TFLiteModel
+from facefuse.io.images import require_rgb_uint8
 
 if TYPE_CHECKING:
     from facefuse.assets.store import ModelStore
@@ -214,10 +214,19 @@ class HandDetector:
         self._handedness_name = scalars[1] if len(scalars) > 1 else None
 
     @classmethod
-    def from_store(cls, store: ModelStore, *, num_threads: int | None = None, **options: float) -> HandDetector:
+    def from_store(
+        cls,
+        store: ModelStore,
+        *,
+        num_threads: int | None = None,
+        score_thresh: float = DEFAULT_SCORE_THRESH,
+        max_hands: int = 4,
+        presence_thresh: float = DEFAULT_PRESENCE_THRESH,
+    ) -> HandDetector:
         """Both models from the model store (``palm_detection_full``, ``hand_landmark_full``)."""
         return cls(TFLiteModel(store.path("palm_detection_full"), num_threads=num_threads),
-                   TFLiteModel(store.path("hand_landmark_full"), num_threads=num_threads), **options)
+                   TFLiteModel(store.path("hand_landmark_full"), num_threads=num_threads),
+                   score_thresh=score_thresh, max_hands=max_hands, presence_thresh=presence_thresh)
 
     def detect_palms(self, image_rgb: np.ndarray, region: Sequence[float] | np.ndarray | None = None) -> list[PalmBox]:
         """Palm detections in image pixels, best first, at most ``max_hands``.
@@ -236,9 +245,14 @@ class HandDetector:
         boxes, scores, keypoints = decode_palms(outputs[self._regressor_name], outputs[self._logit_name],
                                                 self._anchors, self.score_thresh)
         origin = np.array([x0, y0], np.float64)
-        palms = [PalmBox(((box * PALM_INPUT - [pad_x, pad_y, pad_x, pad_y]) / scale + np.tile(origin, 2)).astype(np.float32),
-                         score, ((kps * PALM_INPUT - [pad_x, pad_y]) / scale + origin).astype(np.float32))
-                 for box, score, kps in weighted_nms(boxes, scores, keypoints, PALM_NMS_IOU)]
+        palms = [
+            PalmBox(
+                ((box * PALM_INPUT - [pad_x, pad_y, pad_x, pad_y]) / scale + np.tile(origin, 2)).astype(np.float32),
+                score,
+                ((kps * PALM_INPUT - [pad_x, pad_y]) / scale + origin).astype(np.float32),
+            )
+            for box, score, kps in weighted_nms(boxes, scores, keypoints, PALM_NMS_IOU)
+        ]
         palms.sort(key=lambda p: -p.score)
         return palms[:self.max_hands]
 

@@ -40,11 +40,12 @@ def hidden_pixel_mask(points_px: np.ndarray, triangles: np.ndarray, hidden: np.n
     hidden = np.asarray(hidden, bool)
     covered = np.asarray(triangles)[hidden[np.asarray(triangles)].all(axis=1)]
     mask = np.zeros(shape, np.uint8)
-    if covered.size:
-        polygons = [np.rint(np.asarray(points_px, np.float64)[tri, :2]).astype(np.int32) for tri in covered]
-        cv2.fillPoly(mask, polygons, 1)
-        if dilation_px > 0:
-            mask = cv2.dilate(mask, np.ones((2 * dilation_px + 1, 2 * dilation_px + 1), np.uint8))
+    if not covered.size:
+        return mask.astype(bool)
+    polygons = [np.rint(np.asarray(points_px, np.float64)[tri, :2]).astype(np.int32) for tri in covered]
+    cv2.fillPoly(mask, polygons, 1)
+    if dilation_px > 0:
+        return cv2.dilate(mask, np.ones((2 * dilation_px + 1, 2 * dilation_px + 1), np.uint8)).astype(bool)
     return mask.astype(bool)
 
 

@@ -71,7 +71,7 @@ def validate_scrfd_model(path: Path) -> str:
             raise AssetError(f"{path}: output {index} ({output.name!r}) should be the stride-{stride} {kind} map with "
                              f"{_OUTPUT_WIDTHS[kind]} values per anchor, has {_show(out_dims)}")
         if len(fixed) == 2 and out_dims[-2] is not None:
-            expected = (dims[2] // stride) * (dims[3] // stride) * 2
+            expected = (fixed[0] // stride) * (fixed[1] // stride) * 2
             if out_dims[-2] != expected:
                 raise AssetError(f"{path}: output {index} ({output.name!r}) should have {expected} anchors for a "
                                  f"{dims[2]}x{dims[3]} input at stride {stride}, has {out_dims[-2]}")
@@ -115,4 +115,4 @@ class ScrfdDetector:
     def detect(self, image_rgb: np.ndarray) -> list[Detection]:
         boxes, kpss = self.detect_arrays(image_rgb)
         return [Detection(box=b[:4], score=float(b[4]), kps5=k, landmarks=None, detector=self.name)
-                for b, k in zip(boxes, kpss)]
+                for b, k in zip(boxes, kpss, strict=True)]

@@ -38,7 +38,8 @@ def fuse_identity(vertices_mm: np.ndarray, weights: np.ndarray, *, shapes: np.nd
         raise InvalidInputError(f"identity fusion needs (M, V, 3) vertices of one topology, got {vertices.shape}")
     w = np.asarray(weights, np.float64)
     if w.shape != (len(vertices),) or np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
-        raise InvalidInputError(f"identity fusion: weights must be {len(vertices)} finite non-negative values, not all 0")
+        raise InvalidInputError(f"identity fusion: weights must be {len(vertices)} finite "
+                                "non-negative values, not all 0")
     w = w / w.sum()
     mean = np.einsum("m,mvk->vk", w, vertices)
     between = np.einsum("m,mv->v", w, ((vertices - mean) ** 2).sum(axis=2))

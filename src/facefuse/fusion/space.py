@@ -39,7 +39,9 @@ def derive_cheeks(regions: dict[str, np.ndarray], template: np.ndarray) -> dict[
     out = {name: np.asarray(idx, dtype=np.int64) for name, idx in regions.items()}
     if "face" not in out or ("left_cheek" in out and "right_cheek" in out):
         return out
-    rest = np.setdiff1d(out["face"], np.concatenate([out[n] for n in _CHEEK_EXCLUDES if n in out] or [np.zeros(0, np.int64)]))
+    rest = np.setdiff1d(
+        out["face"], np.concatenate([out[n] for n in _CHEEK_EXCLUDES if n in out] or [np.zeros(0, np.int64)])
+    )
     split = float(np.median(template[out["nose"], 0])) if "nose" in out else 0.0
     out.setdefault("left_cheek", rest[template[rest, 0] > split])
     out.setdefault("right_cheek", rest[template[rest, 0] <= split])
@@ -72,10 +74,13 @@ class ShapeSpace:
         self.regions = derive_cheeks(regions or {}, template)
         for name, idx in self.regions.items():
             if idx.size and (idx.min() < 0 or idx.max() >= self.num_vertices):
-                raise InvalidInputError(f"shape space: region {name!r} holds vertex indices outside [0, {self.num_vertices})")
+                raise InvalidInputError(f"shape space: region {name!r} holds vertex indices outside "
+                                        f"[0, {self.num_vertices})")
 
     @classmethod
-    def from_flame(cls, flame: FlameModelData, regions: dict[str, np.ndarray] | None = None, num_coeffs: int = 300) -> ShapeSpace:
+    def from_flame(
+        cls, flame: FlameModelData, regions: dict[str, np.ndarray] | None = None, num_coeffs: int = 300
+    ) -> ShapeSpace:
         """FLAME's neutral shape space: the template and the first ``num_coeffs`` identity blendshapes."""
         from facefuse.models.flame import N_SHAPE
 
@@ -123,7 +128,8 @@ class ShapeSpace:
         """
         target = np.asarray(vertices_mm, dtype=np.float64)
         if target.ndim < 2 or target.shape[-2:] != (self.num_vertices, 3):
-            raise InvalidInputError(f"project_mm: expected (..., {self.num_vertices}, 3) vertices in mm, got {target.shape}")
+            raise InvalidInputError(f"project_mm: expected (..., {self.num_vertices}, 3) vertices "
+                                    f"in mm, got {target.shape}")
         if not np.all(np.isfinite(target)):
             raise InvalidInputError("project_mm: vertices contain NaN or infinite values")
         base = np.zeros(self.num_coeffs) if prior is None else self.check_shape(prior, "project_mm prior")
@@ -137,7 +143,8 @@ class ShapeSpace:
         """
         disp = np.asarray(displacement_mm, dtype=np.float64)
         if disp.ndim < 2 or disp.shape[-2:] != (self.num_vertices, 3):
-            raise InvalidInputError(f"fit_displacement_mm: expected (..., {self.num_vertices}, 3) in mm, got {disp.shape}")
+            raise InvalidInputError(f"fit_displacement_mm: expected (..., {self.num_vertices}, "
+                                    f"3) in mm, got {disp.shape}")
         batch = disp.shape[:-2]
         flat = disp.reshape(-1, 3 * self.num_vertices)
         if weights is None:
@@ -145,7 +152,8 @@ class ShapeSpace:
         else:
             w = np.asarray(weights, dtype=np.float64)
             if w.shape != (self.num_vertices,) or not np.all(np.isfinite(w)) or np.any(w < 0):
-                raise InvalidInputError(f"project_mm: weights must be ({self.num_vertices},) finite and >= 0, got {w.shape}")
+                raise InvalidInputError(f"project_mm: weights must be ({self.num_vertices},) "
+                                        f"finite and >= 0, got {w.shape}")
             weighted = self._basis_mm * np.repeat(w, 3)[:, None]
             lhs = self._basis_mm.T @ weighted + self.ridge_mm2 * np.eye(self.num_coeffs)
             delta = scipy.linalg.solve(lhs, (flat @ weighted).T, assume_a="pos").T

@@ -82,7 +82,7 @@ def sdedit_t0(visibility: Visibility | float | None, t_min: int = SDEDIT_T_MIN, 
     if not 0 <= t_min <= t_max <= NUM_TRAIN_STEPS:
         raise InvalidInputError(f"sdedit_t0: need 0 <= t_min <= t_max <= {NUM_TRAIN_STEPS}, got {t_min}, {t_max}")
     v = _visibility_value(visibility)
-    return int(round(t_min + (1.0 - v) * (t_max - t_min)))
+    return round(t_min + (1.0 - v) * (t_max - t_min))
 
 
 def guided_strength(visibility: Visibility | float | None, max_strength: float = GUIDED_MAX_STRENGTH) -> float:
@@ -113,7 +113,9 @@ class _Checked:
         return _visibility_value(self.visibility)
 
 
-def _check_inputs(name: str, needs: tuple[str, ...], inputs: FusionInputs, space: ShapeSpace, min_samples: int) -> _Checked:
+def _check_inputs(
+    name: str, needs: tuple[str, ...], inputs: FusionInputs, space: ShapeSpace, min_samples: int
+) -> _Checked:
     missing = [key for key in needs if getattr(inputs, key) is None]
     if missing:
         raise InvalidInputError(
@@ -127,13 +129,17 @@ def _check_inputs(name: str, needs: tuple[str, ...], inputs: FusionInputs, space
         samples = space.check_shape(inputs.samples, "samples")
         if samples.ndim != 2 or samples.shape[0] < 1:
             raise InvalidInputError(f"samples: expected (N >= 1, {space.num_coeffs}), got {samples.shape}")
-    if "samples" in needs and samples.shape[0] < min_samples:
-        raise InvalidInputError(f"fusion strategy {name!r} needs at least {min_samples} samples, got {samples.shape[0]}")
+    if samples is not None and "samples" in needs and samples.shape[0] < min_samples:
+        raise InvalidInputError(
+            f"fusion strategy {name!r} needs at least {min_samples} samples, got {samples.shape[0]}"
+        )
     if inputs.scores is not None:
         scores = np.asarray(inputs.scores, dtype=np.float64).reshape(-1)
         if samples is None or scores.shape != (samples.shape[0],):
             raise InvalidInputError(
-                f"scores: expected one score per sample ({0 if samples is None else samples.shape[0]},), got {np.shape(inputs.scores)}")
+                f"scores: expected one score per sample ({0 if samples is None else samples.shape[0]},), "
+                f"got {np.shape(inputs.scores)}"
+            )
         if not np.all(np.isfinite(scores)):
             raise InvalidInputError("scores: contains NaN or infinite values")
     options = {}
@@ -197,7 +203,8 @@ class FusionStrategy:
     def __init__(self, **overrides: float) -> None:
         unknown = sorted(set(overrides) - set(self.defaults))
         if unknown:
-            raise InvalidInputError(f"fusion strategy {self.name!r}: unknown option(s) {unknown}; known: {sorted(self.defaults)}")
+            raise InvalidInputError(f"fusion strategy {self.name!r}: unknown option(s) {unknown}; "
+                                    f"known: {sorted(self.defaults)}")
         self.params = {**self.defaults, **{k: float(v) for k, v in overrides.items()}}
 
     def __repr__(self) -> str:
@@ -247,7 +254,7 @@ class OferStrategy(FusionStrategy):
 class LinearStrategy(FusionStrategy):
     name = "linear"
     needs = ("mica_shape", "samples", "scores")
-    defaults = {"w": 0.5}
+    defaults: ClassVar[dict[str, float]] = {"w": 0.5}
     summary = "w·MICA + (1 − w)·IdRank's pick (the seed project's blend; w = 0 is 'ofer', w = 1 is 'mica')."
 
     def fuse(self, x, options, space):
@@ -290,16 +297,23 @@ class GaussianStrategy(FusionStrategy):
     Covariance: Σ̂ = (1 − α)·S + α·diag(S) (shrinkage toward the diagonal), S the unbiased sample
     covariance, diagonal floored at ``min_variance``, plus ``ofer_bias``²·I: the samples show how
     much they vary, not how far their centre is from the truth, and without that term a tight sample
-    cloud would be trusted over MICA however wrong it is (the controlled study shows exactly that). α = ``shrinkage`` when in [0, 1]; when negative
-    (default) α is estimated from the samples (Schäfer & Strimmer 2005, target "D": α = Σ_{i≠j} Var(r_ij)
-    / Σ_{i≠j} r_ij², clipped to [0, 1]). MICA's width σ(v) = sigma_mica·(1 + occlusion_gain·(1 − v))
-    in units of FLAME's unit-variance coefficients. Fused mean = m + Σ̂(Σ̂ + σ²I)⁻¹(MICA − m), covariance
+    cloud would be trusted over MICA however wrong it is (the controlled study shows exactly that).
+    α = ``shrinkage`` when in [0, 1]; when negative (default) α is estimated from the samples
+    (Schäfer & Strimmer 2005, target "D": α = Σ_{i≠j} Var(r_ij) / Σ_{i≠j} r_ij², clipped to [0, 1]).
+    MICA's width σ(v) = sigma_mica·(1 + occlusion_gain·(1 − v)) in units of FLAME's unit-variance
+    coefficients. Fused mean = m + Σ̂(Σ̂ + σ²I)⁻¹(MICA − m), covariance
     Σ̂σ²(Σ̂ + σ²I)⁻¹ (spread = its per-vertex standard deviation), Σ̂ including the bias term.
     """
 
     name = "gaussian"
     needs = ("mica_shape", "samples")
-    defaults = {"sigma_mica": 0.3, "occlusion_gain": 1.0, "ofer_bias": 0.3, "shrinkage": -1.0, "min_variance": 1e-4}
+    defaults: ClassVar[dict[str, float]] = {
+        "sigma_mica": 0.3,
+        "occlusion_gain": 1.0,
+        "ofer_bias": 0.3,
+        "shrinkage": -1.0,
+        "min_variance": 1e-4,
+    }
     min_samples = 2
     summary = "Precision-weighted product of OFER's sample distribution and a MICA likelihood widened by occlusion."
 
@@ -326,7 +340,8 @@ class GaussianStrategy(FusionStrategy):
         cov = centred.T @ centred / max(n - 1, 1)
         alpha = options["shrinkage"]
         if alpha > 1.0:
-            raise InvalidInputError(f"fusion strategy 'gaussian': shrinkage must be <= 1 (negative: automatic), got {alpha}")
+            raise InvalidInputError("fusion strategy 'gaussian': shrinkage must be <= 1 "
+                                    f"(negative: automatic), got {alpha}")
         if alpha < 0:
             alpha = self.shrinkage_intensity(samples, options["min_variance"])
         diag = np.maximum(np.diag(cov), options["min_variance"])
@@ -335,9 +350,15 @@ class GaussianStrategy(FusionStrategy):
         return shrunk
 
     def fuse(self, x, options, space):
-        if options["sigma_mica"] <= 0 or options["occlusion_gain"] < 0 or options["min_variance"] <= 0 or options["ofer_bias"] < 0:
+        if (
+            options["sigma_mica"] <= 0
+            or options["occlusion_gain"] < 0
+            or options["min_variance"] <= 0
+            or options["ofer_bias"] < 0
+        ):
             raise InvalidInputError(
-                "fusion strategy 'gaussian': need sigma_mica > 0, occlusion_gain >= 0, ofer_bias >= 0, min_variance > 0")
+                "fusion strategy 'gaussian': need sigma_mica > 0, occlusion_gain >= 0, ofer_bias >= 0, min_variance > 0"
+            )
         sigma = options["sigma_mica"] * (1.0 + options["occlusion_gain"] * (1.0 - x.v))
         mean = x.samples.mean(axis=0)
         eigval, eigvec = np.linalg.eigh(self.covariance(x.samples, options))
@@ -353,7 +374,8 @@ class GaussianStrategy(FusionStrategy):
 class SdeditStrategy(FusionStrategy):
     name = "sdedit"
     needs = ("samples", "scores")
-    defaults = {"t0": float(SDEDIT_T_MIN)}  # informational: the t0 the ofer service used (see sdedit_t0)
+    # Informational: the t0 the ofer service used (see sdedit_t0).
+    defaults: ClassVar[dict[str, float]] = {"t0": float(SDEDIT_T_MIN)}
     summary = "Rank-select among samples the ofer service drew starting from MICA's shape noised to t0."
 
     def steering(self, options, visibility):
@@ -368,7 +390,8 @@ class SdeditStrategy(FusionStrategy):
 class GuidedStrategy(FusionStrategy):
     name = "guided"
     needs = ("samples", "scores")
-    defaults = {"strength": GUIDED_MAX_STRENGTH}  # informational: the strength the ofer service used
+    # Informational: the strength the ofer service used.
+    defaults: ClassVar[dict[str, float]] = {"strength": GUIDED_MAX_STRENGTH}
     summary = "Rank-select among samples whose every step's x̂₀ was pulled toward MICA's shape."
 
     def steering(self, options, visibility):
@@ -388,7 +411,7 @@ class RegionStrategy(FusionStrategy):
 
     name = "region"
     needs = ("mica_shape", "samples", "scores")
-    defaults = {"smooth": 2.0}
+    defaults: ClassVar[dict[str, float]] = {"smooth": 2.0}
     summary = "Visible regions from MICA, occluded ones from IdRank's pick; projected back to a valid shape."
 
     def fuse(self, x, options, space):
@@ -404,7 +427,14 @@ class RegionStrategy(FusionStrategy):
 
 
 _CLASSES: tuple[type[FusionStrategy], ...] = (
-    MicaStrategy, OferStrategy, LinearStrategy, PoolStrategy, GaussianStrategy, SdeditStrategy, GuidedStrategy, RegionStrategy,
+    MicaStrategy,
+    OferStrategy,
+    LinearStrategy,
+    PoolStrategy,
+    GaussianStrategy,
+    SdeditStrategy,
+    GuidedStrategy,
+    RegionStrategy,
 )
 STRATEGIES: dict[str, FusionStrategy] = {cls.name: cls() for cls in _CLASSES}
 DEFAULT_STRATEGY = "gaussian"

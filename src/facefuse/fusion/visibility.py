@@ -57,17 +57,19 @@ class RegionShape:
 
 MEDIAPIPE_REGIONS: dict[str, RegionShape] = {
     # The forehead: above both brows, up to the top of the FaceMesh silhouette (mid-forehead).
-    "forehead": RegionShape((70, 63, 105, 66, 107, 336, 296, 334, 293, 300, 284, 332, 297, 338, 10, 109, 67, 103, 54), False),
+    "forehead": RegionShape(
+        (70, 63, 105, 66, 107, 336, 296, 334, 293, 300, 284, 332, 297, 338, 10, 109, 67, 103, 54), False
+    ),
     # Each eye region: brow (lower line) down to the second ring under the eye, both corners included.
-    "right_eye": RegionShape(_RIGHT_BROW_LOWER + (55,) + _RIGHT_EYE_LOWER2 + _RIGHT_EYE_CORNERS, True),
-    "left_eye": RegionShape(_LEFT_BROW_LOWER + (285,) + _LEFT_EYE_LOWER2 + _LEFT_EYE_CORNERS, True),
+    "right_eye": RegionShape((*_RIGHT_BROW_LOWER, 55, *_RIGHT_EYE_LOWER2, *_RIGHT_EYE_CORNERS), True),
+    "left_eye": RegionShape((*_LEFT_BROW_LOWER, 285, *_LEFT_EYE_LOWER2, *_LEFT_EYE_CORNERS), True),
     # The nose: bridge line plus the base (both alae and the subnasale).
     "nose": RegionShape(_NOSE_LINE + _NOSE_BASE, True),
     "lips": RegionShape(_LIPS_OUTER, True),
     # Each cheek: the third ring under the eye, down the side of the nose to the mouth corner, then
     # the silhouette from the jaw up to eye level.
-    "right_cheek": RegionShape(_RIGHT_EYE_LOWER3 + (98, 61, 58, 132, 93, 234), False),
-    "left_cheek": RegionShape(_LEFT_EYE_LOWER3 + (327, 291, 288, 361, 323, 454), False),
+    "right_cheek": RegionShape((*_RIGHT_EYE_LOWER3, 98, 61, 58, 132, 93, 234), False),
+    "left_cheek": RegionShape((*_LEFT_EYE_LOWER3, 327, 291, 288, 361, 323, 454), False),
 }
 REGION_NAMES = tuple(MEDIAPIPE_REGIONS)
 
@@ -100,7 +102,7 @@ class Visibility:
 
     @property
     def overall(self) -> float:
-        """Mean over regions (each region counts once, whatever its area); the per-vertex mean if no regions; 1 if neither."""
+        """Mean over regions (each counts once, whatever its area); the per-vertex mean if no regions; 1 if neither."""
         if self.regions:
             return float(np.mean([float(v) for v in self.regions.values()]))
         if self.per_vertex is not None and np.size(self.per_vertex):
@@ -167,7 +169,9 @@ def _polygon_pixels(polygon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows + y0, cols + x0
 
 
-def region_pixels(landmarks468: np.ndarray, image_shape: Sequence[int]) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+def region_pixels(
+    landmarks468: np.ndarray, image_shape: Sequence[int]
+) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
     """Region -> (rows, cols) of its pixels inside the image, and its full pixel count (in or out of the frame)."""
     height, width = int(image_shape[0]), int(image_shape[1])
     out = {}
@@ -179,7 +183,9 @@ def region_pixels(landmarks468: np.ndarray, image_shape: Sequence[int]) -> dict[
 
 
 def region_label_image(landmarks468: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
-    """(H,W) int8 map of region indices into ``REGION_NAMES`` (-1 elsewhere; later regions win overlaps). For inspection."""
+    """(H,W) int8 map of region indices into ``REGION_NAMES`` (-1 elsewhere; later regions win overlaps).
+
+    For inspection."""
     labels = np.full((int(image_shape[0]), int(image_shape[1])), -1, np.int8)
     for k, (rows, cols, _) in enumerate(region_pixels(landmarks468, image_shape).values()):
         labels[rows, cols] = k
@@ -225,7 +231,9 @@ def visibility_from_mask(mask: np.ndarray, landmarks468: np.ndarray, *, marks: s
     return _fraction_visible(clear, landmarks468, "mask")
 
 
-def hand_mask_from_points(hand_points: Sequence[np.ndarray], image_shape: Sequence[int], *, dilate_px: float = 0.08) -> np.ndarray:
+def hand_mask_from_points(
+    hand_points: Sequence[np.ndarray], image_shape: Sequence[int], *, dilate_px: float = 0.08
+) -> np.ndarray:
     """(H,W) bool: each hand's convex hull (21 MediaPipe hand points, or any (P,2) set), grown by ``dilate_px``.
 
     ``dilate_px`` < 1 is a fraction of the hand's size (fingers are thicker than their landmark line);
@@ -250,8 +258,13 @@ def hand_mask_from_points(hand_points: Sequence[np.ndarray], image_shape: Sequen
     return mask
 
 
-def visibility_from_hands(landmarks468: np.ndarray, image_shape: Sequence[int], *,
-                          hand_points: Sequence[np.ndarray] | None = None, hand_mask: np.ndarray | None = None) -> Visibility:
+def visibility_from_hands(
+    landmarks468: np.ndarray,
+    image_shape: Sequence[int],
+    *,
+    hand_points: Sequence[np.ndarray] | None = None,
+    hand_mask: np.ndarray | None = None,
+) -> Visibility:
     """Regions covered by hands: from hand landmark points (one (21,2|3) array per hand) and/or a hand mask."""
     height, width = int(image_shape[0]), int(image_shape[1])
     covered = np.zeros((height, width), bool)
@@ -307,7 +320,8 @@ def visibility_photometric(image_rgb: np.ndarray, landmarks468: np.ndarray,
     settings = settings or PhotometricSettings()
     image = np.asarray(image_rgb)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise InvalidInputError(f"visibility_photometric: expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+        raise InvalidInputError("visibility_photometric: expected an (H, W, 3) uint8 RGB image, got "
+                                f"{image.shape} {image.dtype}")
     ycc = _ycrcb(image)
     pixels = region_pixels(landmarks468, image.shape)
     seed_rows = np.concatenate([pixels[r][0] for r in SKIN_REFERENCE_REGIONS])
@@ -330,7 +344,9 @@ def visibility_photometric(image_rgb: np.ndarray, landmarks468: np.ndarray,
         if name == "lips":
             z_cr = np.where(z_cr > 0, np.maximum(z_cr - settings.lips_redness / scale[1], 0.0), z_cr)
         z_cb = (values[:, 2] - median[2]) / scale[2]
-        luma_ok = (values[:, 0] >= settings.dark_ratio * median[0]) & (values[:, 0] <= settings.bright_ratio * median[0])
+        luma_ok = (values[:, 0] >= settings.dark_ratio * median[0]) & (
+            values[:, 0] <= settings.bright_ratio * median[0]
+        )
         skin = (np.abs(z_cr) <= settings.tolerance) & (np.abs(z_cb) <= settings.tolerance) & luma_ok
         fraction = float(skin.sum()) / total
         regions[name] = float(np.clip(fraction / EXPECTED_SKIN_FRACTION.get(name, _DEFAULT_SKIN_FRACTION), 0.0, 1.0))

@@ -63,7 +63,9 @@ def glb_bytes(vertices_mm: np.ndarray, faces: np.ndarray, colors: np.ndarray | N
             raise InvalidInputError(f"glb: colors must be (V, 3|4), got {c.shape}")
         if c.dtype.kind == "f":
             c = np.rint(np.clip(c, 0.0, 1.0) * 255.0)
-        arrays.append(("COLOR_0", np.clip(c, 0, 255).astype(np.uint8), UNSIGNED_BYTE, f"VEC{c.shape[1]}", True, ARRAY_BUFFER))
+        arrays.append(
+            ("COLOR_0", np.clip(c, 0, 255).astype(np.uint8), UNSIGNED_BYTE, f"VEC{c.shape[1]}", True, ARRAY_BUFFER)
+        )
     if uvs is not None:
         t = np.asarray(uvs, dtype=np.float64)
         if t.shape != (v.shape[0], 2) or not np.all(np.isfinite(t)):
@@ -88,12 +90,31 @@ def glb_bytes(vertices_mm: np.ndarray, faces: np.ndarray, colors: np.ndarray | N
         binary = _pad(binary + raw, b"\x00")
     document = {
         "asset": {"version": "2.0", "generator": "facefuse"},
-        "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0, "name": name}],
-        "meshes": [{"name": name, "primitives": [{"attributes": attributes, "indices": len(arrays) - 1,
-                                                  "mode": TRIANGLES, "material": 0}]}],
-        "materials": [{"name": "skin", "doubleSided": True,
-                       "pbrMetallicRoughness": {"baseColorFactor": [1.0, 1.0, 1.0, 1.0], "metallicFactor": 0.0, "roughnessFactor": 0.9}}],
-        "buffers": [{"byteLength": len(binary)}], "bufferViews": views, "accessors": accessors,
+        "scene": 0,
+        "scenes": [{"nodes": [0]}],
+        "nodes": [{"mesh": 0, "name": name}],
+        "meshes": [
+            {
+                "name": name,
+                "primitives": [
+                    {"attributes": attributes, "indices": len(arrays) - 1, "mode": TRIANGLES, "material": 0}
+                ],
+            }
+        ],
+        "materials": [
+            {
+                "name": "skin",
+                "doubleSided": True,
+                "pbrMetallicRoughness": {
+                    "baseColorFactor": [1.0, 1.0, 1.0, 1.0],
+                    "metallicFactor": 0.0,
+                    "roughnessFactor": 0.9,
+                },
+            }
+        ],
+        "buffers": [{"byteLength": len(binary)}],
+        "bufferViews": views,
+        "accessors": accessors,
     }
     json_chunk = _pad(json.dumps(document, separators=(",", ":")).encode("utf-8"), b" ")
     total = 12 + 8 + len(json_chunk) + 8 + len(binary)

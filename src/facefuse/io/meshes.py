@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
+from facefuse.errors import InvalidInputError
 from facefuse.io.atomic import write_bytes_atomic
 
 
@@ -42,4 +43,6 @@ def heat_colors(values: np.ndarray, vmax: float | None = None) -> np.ndarray:
 
 def read_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     mesh = trimesh.load(str(path), process=False, force="mesh")
+    if not isinstance(mesh, trimesh.Trimesh):
+        raise InvalidInputError(f"{path}: not a triangle mesh (trimesh read a {type(mesh).__name__})")
     return np.asarray(mesh.vertices), np.asarray(mesh.faces)

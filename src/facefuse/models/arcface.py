@@ -61,7 +61,9 @@ class IResNet100(nn.Module):
     ``features`` BatchNorm1d at batch 1, and the caller decides. L2 normalisation is the caller's.
     """
 
-    def __init__(self, layers: tuple[int, int, int, int] = IRESNET100_LAYERS, num_features: int = ARCFACE_EMBEDDING_DIM) -> None:
+    def __init__(
+        self, layers: tuple[int, int, int, int] = IRESNET100_LAYERS, num_features: int = ARCFACE_EMBEDDING_DIM
+    ) -> None:
         super().__init__()
         self._inplanes = 64
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)

@@ -126,7 +126,9 @@ class VisionTransformer(nn.Module):
         super().__init__()
         width = config.vision_width
         self.input_resolution = config.image_resolution
-        self.conv1 = nn.Conv2d(3, width, kernel_size=config.vision_patch_size, stride=config.vision_patch_size, bias=False)
+        self.conv1 = nn.Conv2d(
+            3, width, kernel_size=config.vision_patch_size, stride=config.vision_patch_size, bias=False
+        )
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(config.grid_size ** 2 + 1, width))
@@ -170,10 +172,10 @@ class ClipViT(nn.Module):
         proj_std = width ** -0.5 * (2 * layers) ** -0.5
         fc_std = (2 * width) ** -0.5
         for block in self.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+            nn.init.normal_(block.get_parameter("attn.in_proj_weight"), std=attn_std)
+            nn.init.normal_(block.get_parameter("attn.out_proj.weight"), std=proj_std)
+            nn.init.normal_(block.get_parameter("mlp.c_fc.weight"), std=fc_std)
+            nn.init.normal_(block.get_parameter("mlp.c_proj.weight"), std=proj_std)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
 
     @property

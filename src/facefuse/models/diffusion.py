@@ -38,7 +38,9 @@ EpsModel = Callable[[Tensor, Tensor], Tensor]
 """eps_model(x float32 (B, D), t int64 (B,)) -> predicted noise float32 (B, D)."""
 
 
-def _linear_schedule(num_steps: int, beta_1: float, beta_T: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _linear_schedule(
+    num_steps: int, beta_1: float, beta_T: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """betas, alphas, ᾱ (all float32, numpy arithmetic as upstream) and ᾱ_prev (float64, ᾱ_prev[0] = 1)."""
     betas = torch.linspace(beta_1, beta_T, steps=num_steps).numpy().astype(np.float32)
     alphas = 1 - betas
@@ -177,12 +179,12 @@ class _Sampler:
         initial_noise: Tensor | None,
         x0_start: Tensor | None,
         t0: int | None,
-    ) -> tuple[Tensor | None, list[int], Tensor | None]:
-        """(start x, timesteps to evaluate, early result when t0 == 0)."""
+    ) -> tuple[Tensor, list[int], bool]:
+        """(start x, timesteps to evaluate, finished): with t0 == 0, x is already the result (x0_start)."""
         if x0_start is None:
             if t0 is not None:
                 raise ValueError("t0 given without x0_start")
-            return self._initial(batch, dim, generator, initial_noise), list(grid), None
+            return self._initial(batch, dim, generator, initial_noise), list(grid), False
         if x0_start.dim() != 2 or x0_start.shape[1] != dim or x0_start.shape[0] not in (1, batch):
             raise ValueError(f"x0_start: shape {tuple(x0_start.shape)}, expected (1 or {batch}, {dim})")
         if t0 is None or not 0 <= int(t0) <= tables.num_steps:
@@ -190,15 +192,17 @@ class _Sampler:
         t0 = int(t0)
         x0 = x0_start.expand(batch, dim)
         if t0 == 0:
-            return None, [], x0.to(torch.float64).clone()
+            return x0.to(torch.float64).clone(), [], True
         eps = self._initial(batch, dim, generator, initial_noise)
         abar = tables.alphas_cumprod[t0 - 1].to(torch.float64)
         x = abar.sqrt() * x0.to(torch.float64) + (1.0 - abar).sqrt() * eps.to(torch.float64)
         start = t0 - 1
-        return x, [start] + [t for t in grid if t < start], None
+        return x, [start, *(t for t in grid if t < start)], False
 
     @staticmethod
-    def _guidance(batch: int, guide_target: Tensor | None, guide_strength: float | Tensor | None, dim: int) -> Guidance | None:
+    def _guidance(
+        batch: int, guide_target: Tensor | None, guide_strength: float | Tensor | None, dim: int
+    ) -> Guidance | None:
         if guide_target is None:
             return None
         if guide_target.dim() != 2 or guide_target.shape[1] != dim or guide_target.shape[0] not in (1, batch):
@@ -239,9 +243,10 @@ class OfficialSampler(_Sampler):
         callback: Callable[[StepState], None] | None = None,
     ) -> Tensor:
         """Samples as float64 (B, D), like the official code."""
-        x, steps, done = self._prepare(tables, batch_size, dim, self.timesteps(tables.num_steps), generator, initial_noise, x0_start, t0)
-        if done is not None:
-            return done
+        x, steps, finished = self._prepare(tables, batch_size, dim, self.timesteps(tables.num_steps), generator,
+                                           initial_noise, x0_start, t0)
+        if finished:
+            return x
         guidance = self._guidance(batch_size, guide_target, guide_strength, dim)
         for index, t in enumerate(steps):
             if t > 0 and generator is not None:
@@ -303,9 +308,10 @@ class DDIMSampler(_Sampler):
         callback: Callable[[StepState], None] | None = None,
     ) -> Tensor:
         """Samples as float64 (B, D)."""
-        x, steps, done = self._prepare(tables, batch_size, dim, self.timesteps(tables.num_steps), generator, initial_noise, x0_start, t0)
-        if done is not None:
-            return done
+        x, steps, finished = self._prepare(tables, batch_size, dim, self.timesteps(tables.num_steps), generator,
+                                           initial_noise, x0_start, t0)
+        if finished:
+            return x
         guidance = self._guidance(batch_size, guide_target, guide_strength, dim)
         if step_noise is not None and tuple(step_noise.shape[1:]) != (batch_size, dim):
             raise ValueError(f"step_noise: shape {tuple(step_noise.shape)}, expected (steps, {batch_size}, {dim})")

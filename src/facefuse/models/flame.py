@@ -81,6 +81,22 @@ def _buffer(array: np.ndarray, dtype: torch.dtype) -> Tensor:
 class FlameLayer(nn.Module):
     """FLAME with MICA's state-dict names (``faces_tensor``, ``v_template``, ... ``neck_kin_chain``)."""
 
+    # Buffers, declared so that type checkers see tensors rather than nn.Module.__getattr__'s union.
+    faces_tensor: Tensor
+    v_template: Tensor
+    shapedirs: Tensor
+    posedirs: Tensor
+    J_regressor: Tensor
+    parents: Tensor
+    lbs_weights: Tensor
+    lmk_faces_idx: Tensor
+    lmk_bary_coords: Tensor
+    dynamic_lmk_faces_idx: Tensor
+    dynamic_lmk_bary_coords: Tensor
+    full_lmk_faces_idx: Tensor
+    full_lmk_bary_coords: Tensor
+    neck_kin_chain: Tensor
+
     def __init__(self, data: FlameModelData, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if data.landmarks is None:
@@ -135,7 +151,9 @@ class FlameLayer(nn.Module):
 
     def landmarks68(self, vertices: Tensor) -> Tensor:
         """(B,V,3) -> (B,68,3) iBUG landmarks from the ``full_lmk`` embedding."""
-        return barycentric_landmarks(vertices, self.faces_tensor, self.full_lmk_faces_idx[0], self.full_lmk_bary_coords[0])
+        return barycentric_landmarks(
+            vertices, self.faces_tensor, self.full_lmk_faces_idx[0], self.full_lmk_bary_coords[0]
+        )
 
     def forward(
         self,
@@ -163,7 +181,12 @@ class FlameLayer(nn.Module):
 
         zeros3 = shape.new_zeros(1, 3)
         full_pose = torch.cat(
-            [pose(global_pose, zeros3), pose(neck_pose, self.neck_pose), pose(jaw_pose, zeros3), pose(eye_pose, self.eye_pose)],
+            [
+                pose(global_pose, zeros3),
+                pose(neck_pose, self.neck_pose),
+                pose(jaw_pose, zeros3),
+                pose(eye_pose, self.eye_pose),
+            ],
             dim=1,
         )
         vertices, joints = linear_blend_skinning(

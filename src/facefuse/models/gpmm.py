@@ -62,7 +62,8 @@ def mirror_map(template_mm: np.ndarray, tolerance_mm: float = 1.0) -> np.ndarray
     template = np.asarray(template_mm, dtype=np.float64)
     distance, index = cKDTree(template).query(template * MIRROR)
     if distance.max() > tolerance_mm:
-        raise ValueError(f"template is not mirror-symmetric: a reflected vertex lies {distance.max():.3g} mm from any vertex")
+        raise ValueError("template is not mirror-symmetric: a reflected vertex lies "
+                         f"{distance.max():.3g} mm from any vertex")
     if not np.array_equal(index[index], np.arange(template.shape[0])):
         raise ValueError("the nearest-neighbour mirror map is not an involution")
     return index
@@ -138,7 +139,8 @@ class Posterior:
         For a batch of N posteriors, ``num_samples`` must be N: sample i is drawn from posterior i.
         """
         if self.coeff_mean.ndim == 2 and int(num_samples) != self.coeff_mean.shape[0]:
-            raise ValueError(f"a batch of {self.coeff_mean.shape[0]} posteriors gives one sample each, not {num_samples}")
+            raise ValueError(f"a batch of {self.coeff_mean.shape[0]} posteriors gives one "
+                             f"sample each, not {num_samples}")
         xi = generator.standard_normal((int(num_samples), self.model.basis.shape[0]))
         eta = xi @ self.model.basis  # (N, K): exactly N(0, I) since Φ has orthonormal columns
         coeffs = self.coeff_mean + eta @ self.coeff_sqrt
@@ -148,7 +150,9 @@ class Posterior:
 class GaussianProcessMorphableModel:
     """Low-rank GP: vertices = mean + Φα (+ isotropic residual σ_r² outside the span), α ~ N(0, diag(λ))."""
 
-    def __init__(self, mean_mm: np.ndarray, basis: np.ndarray, eigenvalues: np.ndarray, residual_variance: float) -> None:
+    def __init__(
+        self, mean_mm: np.ndarray, basis: np.ndarray, eigenvalues: np.ndarray, residual_variance: float
+    ) -> None:
         self.mean_mm = np.asarray(mean_mm, dtype=np.float64)
         self.basis = np.asarray(basis, dtype=np.float64)  # (3V, K), orthonormal columns
         self.eigenvalues = np.asarray(eigenvalues, dtype=np.float64)  # (K,) mm², descending
@@ -156,21 +160,31 @@ class GaussianProcessMorphableModel:
         self.num_vertices = self.mean_mm.shape[0]
         self.rank = self.basis.shape[1]
         if self.basis.shape[0] != 3 * self.num_vertices or self.eigenvalues.shape != (self.rank,):
-            raise ValueError(f"GPMM: basis {self.basis.shape} / eigenvalues {self.eigenvalues.shape} do not fit {self.num_vertices} vertices")
+            raise ValueError(f"GPMM: basis {self.basis.shape} / eigenvalues {self.eigenvalues.shape} do not fit "
+                             f"{self.num_vertices} vertices")
         if np.any(self.eigenvalues <= 0) or self.residual_variance <= 0:
             raise ValueError("GPMM: eigenvalues and the residual variance must be positive")
 
     @classmethod
-    def build(cls, template_mm: np.ndarray, scales: Sequence[KernelScale] = DEFAULT_SCALES,
-              symmetry: float = DEFAULT_SYMMETRY, *, rank: int | None = None,
-              variance_fraction: float = DEFAULT_VARIANCE_FRACTION, mirror: np.ndarray | None = None) -> GaussianProcessMorphableModel:
+    def build(
+        cls,
+        template_mm: np.ndarray,
+        scales: Sequence[KernelScale] = DEFAULT_SCALES,
+        symmetry: float = DEFAULT_SYMMETRY,
+        *,
+        rank: int | None = None,
+        variance_fraction: float = DEFAULT_VARIANCE_FRACTION,
+        mirror: np.ndarray | None = None,
+    ) -> GaussianProcessMorphableModel:
         """Eigen-decompose the prior on ``template_mm`` and keep ``rank`` components (or enough for
         ``variance_fraction``); the kept set never splits an eigenvalue shared by the y and z blocks."""
         template = np.asarray(template_mm, dtype=np.float64)
         num_vertices = template.shape[0]
         mirror = mirror_map(template) if mirror is None else np.asarray(mirror)
         blocks = coordinate_covariances(scalar_kernel(template, scales), mirror, symmetry)
-        values, vectors, coords = [], [], []
+        values: list[np.ndarray] = []
+        vectors: list[np.ndarray] = []
+        coords: list[np.ndarray] = []
         for c, sign in enumerate(MIRROR):
             w, u = np.linalg.eigh(blocks[float(sign)]) if c < 2 else (values[1], vectors[1])
             values.append(w)
@@ -230,9 +244,15 @@ class GaussianProcessMorphableModel:
         """
         observed = np.asarray(observed_mm, dtype=np.float64)
         weights = np.asarray(weights, dtype=np.float64)
-        if observed.shape[-2:] != self.mean_mm.shape or observed.ndim not in (2, 3) or weights.shape != (self.num_vertices,):
-            raise ValueError(f"condition: expected ({self.num_vertices}, 3) vertices and ({self.num_vertices},) weights, "
-                             f"got {observed.shape} and {weights.shape}")
+        if (
+            observed.shape[-2:] != self.mean_mm.shape
+            or observed.ndim not in (2, 3)
+            or weights.shape != (self.num_vertices,)
+        ):
+            raise ValueError(
+                f"condition: expected ({self.num_vertices}, 3) vertices and ({self.num_vertices},) weights, "
+                f"got {observed.shape} and {weights.shape}"
+            )
         if noise_mm <= 0:
             raise ValueError(f"condition: noise must be > 0 mm, got {noise_mm}")
         seen = weights >= 0.5

@@ -19,6 +19,7 @@ the batch size made explicit, so a batch of one gives the same numbers as the ma
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from facefuse.models.diffusion import DDIMSampler, EpsModel, OfficialSampler, SamplingTables
+from facefuse.models.diffusion import DDIMSampler, EpsModel, OfficialSampler, SamplingTables, VarianceSchedule
 
 SHAPE_DIM = 300
 CONTEXT_DIM = 512
@@ -135,6 +136,8 @@ class ProjectionAttention(nn.Module):
     RNG as the official one does. Loaders always replace them explicitly (:meth:`set_projections`).
     """
 
+    projections: Tensor  # a non-persistent buffer
+
     def __init__(self, dim: int, num_projections: int = NUM_PROJECTIONS) -> None:
         super().__init__()
         self.dim = dim
@@ -187,13 +190,15 @@ class IdGenUnet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         shape_dim = LEVEL_DIMS[0]
-        in_out = list(zip(LEVEL_DIMS[:-1], LEVEL_DIMS[1:]))
+        in_out = list(itertools.pairwise(LEVEL_DIMS))
         self.init_conv = nn.Conv1d(SHAPE_DIM, shape_dim, 1)
         self.time_mlp = nn.Sequential(
             SinusoidalTimeEmbedding(TIME_DIM), nn.Linear(TIME_DIM, TIME_DIM), nn.GELU(), nn.Linear(TIME_DIM, TIME_DIM)
         )
         self.downs = nn.ModuleList(
-            nn.ModuleList([ResnetBlock(d_in, d_in), ResnetBlock(d_in, d_in), attention_block(d_in), dense_resampler(d_in, d_out)])
+            nn.ModuleList(
+                [ResnetBlock(d_in, d_in), ResnetBlock(d_in, d_in), attention_block(d_in), dense_resampler(d_in, d_out)]
+            )
             for d_in, d_out in in_out
         )
         mid = LEVEL_DIMS[-1]
@@ -201,17 +206,38 @@ class IdGenUnet(nn.Module):
         self.mid_attn = attention_block(mid)
         self.mid_block2 = ResnetBlock(mid, mid)
         self.ups = nn.ModuleList(
-            nn.ModuleList([dense_resampler(d_in, d_out), ResnetBlock(2 * d_out, d_out), ResnetBlock(2 * d_out, d_out), attention_block(d_out)])
+            nn.ModuleList(
+                [
+                    dense_resampler(d_in, d_out),
+                    ResnetBlock(2 * d_out, d_out),
+                    ResnetBlock(2 * d_out, d_out),
+                    attention_block(d_out),
+                ]
+            )
             for d_out, d_in in reversed(in_out)
         )
         self.finals = nn.ModuleList(
-            [nn.ModuleList([ResnetBlock(2 * shape_dim, shape_dim), attention_block(shape_dim), nn.Conv1d(shape_dim, SHAPE_DIM, 1)])]
+            [
+                nn.ModuleList(
+                    [
+                        ResnetBlock(2 * shape_dim, shape_dim),
+                        attention_block(shape_dim),
+                        nn.Conv1d(shape_dim, SHAPE_DIM, 1),
+                    ]
+                )
+            ]
         )
 
     # --- the unregistered q/k/v projections ---------------------------------------------------------
     def attention_blocks(self) -> list[tuple[str, ProjectionAttention]]:
         """(name, attention) for the 6 attention blocks, in official construction order."""
-        return [(name, self.get_submodule(name).fn.fn) for name in ATTENTION_BLOCK_NAMES]
+        blocks = []
+        for name in ATTENTION_BLOCK_NAMES:
+            block = self.get_submodule(f"{name}.fn.fn")
+            if not isinstance(block, ProjectionAttention):
+                raise TypeError(f"{name}.fn.fn is a {type(block).__name__}, not ProjectionAttention")
+            blocks.append((name, block))
+        return blocks
 
     def set_projections(self, projections: Mapping[str, Tensor]) -> None:
         names = set(ATTENTION_BLOCK_NAMES)
@@ -230,7 +256,9 @@ class IdGenUnet(nn.Module):
         residual = x.clone()
         embedding = torch.cat([self.time_mlp(t), context], dim=1)
         skips: list[Tensor] = []
-        for block1, block2, attention, downsample in self.downs:
+        # Each level is a ModuleList; children() unpacks it in registration order with a Module type.
+        for level in self.downs:
+            block1, block2, attention, downsample = level.children()
             x = block1(x, embedding)
             skips.append(x)
             x = attention(block2(x, embedding))
@@ -239,13 +267,15 @@ class IdGenUnet(nn.Module):
         x = self.mid_block1(x, embedding)
         x = self.mid_attn(x)
         x = self.mid_block2(x, embedding)
-        for upsample, block1, block2, attention in self.ups:
+        for level in self.ups:
+            upsample, block1, block2, attention = level.children()
             x = upsample(x.reshape(batch, -1)).reshape(batch, -1, 1)
             x = block1(torch.cat((x, skips.pop()), dim=1), embedding)
             x = block2(torch.cat((x, skips.pop()), dim=1), embedding)
             x = attention(x)
         x = torch.cat((x, residual), dim=1)
-        for block, attention, out_conv in self.finals:
+        for level in self.finals:
+            block, attention, out_conv = level.children()
             x = out_conv(attention(block(x, embedding)))
         return x.reshape(batch, -1)
 
@@ -264,7 +294,7 @@ def draw_default_projections(generator: torch.Generator) -> dict[str, Tensor]:
     """The 6 blocks' projections drawn from ``generator`` in official construction order."""
     return {
         name: init_projections(NUM_PROJECTIONS, dim, generator)
-        for name, dim in zip(ATTENTION_BLOCK_NAMES, _attention_dims())
+        for name, dim in zip(ATTENTION_BLOCK_NAMES, _attention_dims(), strict=True)
     }
 
 
@@ -273,7 +303,7 @@ def _attention_dims() -> tuple[int, ...]:
     return (*levels, mid, *reversed(levels), LEVEL_DIMS[0])
 
 
-ATTENTION_BLOCK_DIMS: dict[str, int] = dict(zip(ATTENTION_BLOCK_NAMES, _attention_dims()))
+ATTENTION_BLOCK_DIMS: dict[str, int] = dict(zip(ATTENTION_BLOCK_NAMES, _attention_dims(), strict=True))
 """Channel count of each attention block (300, 50, 10, 50, 300, 300)."""
 
 
@@ -284,7 +314,7 @@ class IdGen(nn.Module):
     attribute names. Sampling is delegated to a sampler object (see ``facefuse.models.diffusion``).
     """
 
-    def __init__(self, arcface: nn.Module, net: IdGenUnet, var_sched: nn.Module) -> None:
+    def __init__(self, arcface: nn.Module, net: IdGenUnet, var_sched: VarianceSchedule) -> None:
         super().__init__()
         self.arcface = arcface
         self.net = net

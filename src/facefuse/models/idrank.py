@@ -46,7 +46,9 @@ class ScaleShiftRankLayer(nn.Module):
     official forward does). The context is a Linear input, so it modulates per output channel.
     """
 
-    def __init__(self, dim_in: int, dim_out: int, dim_ctx: int, *, is_last: bool, groups: int = GROUP_NORM_GROUPS) -> None:
+    def __init__(
+        self, dim_in: int, dim_out: int, dim_ctx: int, *, is_last: bool, groups: int = GROUP_NORM_GROUPS
+    ) -> None:
         super().__init__()
         self.is_last = is_last
         # Construction order mlp, scale, shift matches the official RNG consumption.
@@ -76,7 +78,8 @@ class RankMLPNet(nn.Module):
         super().__init__()
         last = len(widths) - 2
         self.ranklayers = nn.ModuleList(
-            ScaleShiftRankLayer(widths[i], widths[i + 1], context_dim, is_last=i == last) for i in range(len(widths) - 1)
+            ScaleShiftRankLayer(widths[i], widths[i + 1], context_dim, is_last=i == last)
+            for i in range(len(widths) - 1)
         )
 
     def forward(self, features: Tensor, context: Tensor) -> Tensor:
@@ -115,7 +118,8 @@ class IdRank(nn.Module):
         self.net = RankMLPNet()
         front_indices = torch.as_tensor(front_indices, dtype=torch.int64)
         if front_indices.shape != (FRONT_VERTEX_COUNT,):
-            raise InvalidInputError(f"front indices: expected shape ({FRONT_VERTEX_COUNT},), got {tuple(front_indices.shape)}")
+            raise InvalidInputError(f"front indices: expected shape ({FRONT_VERTEX_COUNT},), got "
+                                    f"{tuple(front_indices.shape)}")
         self.register_buffer("front_indices", front_indices.clone(), persistent=False)
 
     @torch.no_grad()
@@ -147,7 +151,8 @@ class IdRank(nn.Module):
         module docstring); their order does not.
         """
         if candidate_vertices.ndim != 3 or candidate_vertices.shape[0] < 1 or candidate_vertices.shape[2] != 3:
-            raise InvalidInputError(f"candidate_vertices: expected shape (N>=1, V, 3), got {tuple(candidate_vertices.shape)}")
+            raise InvalidInputError("candidate_vertices: expected shape (N>=1, V, 3), got "
+                                    f"{tuple(candidate_vertices.shape)}")
         needed = int(self.front_indices.max()) + 1
         if candidate_vertices.shape[1] < needed:
             raise InvalidInputError(

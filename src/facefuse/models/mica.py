@@ -49,7 +49,7 @@ class MappingNetwork(nn.Module):
 
 
 class MicaGenerator(nn.Module):
-    """The ``flameModel`` section: ``regressor`` (identity -> β) and ``generator`` (FLAME, buffers from the checkpoint)."""
+    """The ``flameModel`` section: ``regressor`` (identity -> β), ``generator`` (FLAME, buffers from the checkpoint)."""
 
     def __init__(self, flame: FlameModelData) -> None:
         super().__init__()
@@ -72,7 +72,7 @@ class Mica(nn.Module):
     def __init__(self, flame: FlameModelData) -> None:
         super().__init__()
         self.arcface = IResNet100()
-        self.flameModel = MicaGenerator(flame)  # noqa: N815 - the checkpoint's section name
+        self.flameModel = MicaGenerator(flame)  # camelCase: the checkpoint's section name
 
     @property
     def flame(self) -> FlameLayer:

@@ -12,8 +12,19 @@ import torch
 from facefuse.assets.registry import asset_path
 from facefuse.errors import InvalidInputError
 from facefuse.face.types import AlignedFace
-from facefuse.models.flame import METRES_TO_MM, N_SHAPE, NOW7_FROM_LMK68, FlameModelData, LandmarkEmbedding, barycentric_landmarks
-from facefuse.packs.base import BackendStatus, FusionSetup, ShapeResult
+from facefuse.models.flame import (
+    METRES_TO_MM,
+    N_SHAPE,
+    NOW7_FROM_LMK68,
+    FlameLayer,
+    FlameModelData,
+    LandmarkEmbedding,
+    barycentric_landmarks,
+)
+from facefuse.models.idgen import IdGen
+from facefuse.models.idrank import IdRank
+from facefuse.models.mica import Mica
+from facefuse.packs.base import BackendStatus, FusionSetup, ShapeResult, resolve_device
 
 TOPOLOGY = "flame2020"
 
@@ -26,7 +37,9 @@ def load_flame(directory: Path) -> FlameModelData:
                             landmark_embedding=asset_path(directory, "landmark_embedding"))
 
 
-def landmark_function(flame: FlameModelData, embedding: LandmarkEmbedding | None = None) -> Callable[[np.ndarray], np.ndarray]:
+def landmark_function(
+    flame: FlameModelData, embedding: LandmarkEmbedding | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
     """vertices (V,3) in any unit -> the 68 iBUG landmarks (68,3) in the same unit."""
     lmk = embedding or flame.landmarks
     if lmk is None:
@@ -45,18 +58,17 @@ def landmark_function(flame: FlameModelData, embedding: LandmarkEmbedding | None
 class MicaBackend:
     """MICA on ``mica.tar``: aligned ArcFace blobs -> β (300), neutral FLAME mesh and landmarks in mm."""
 
-    def __init__(self, mica: torch.nn.Module, device: str, source: str) -> None:
+    def __init__(self, mica: Mica, device: str, source: str) -> None:
         self.mica = mica
         self.device = device
-        flame = mica.flame  # type: ignore[attr-defined]
+        flame = mica.flame
         self.faces = flame.faces_tensor.cpu().numpy().astype(np.int32)
         self.status = BackendStatus("mica", "mica", "flame", True, False, "ready", device=device,
                                     details={"checkpoint": source, "vertices": str(flame.num_vertices)})
 
     @classmethod
-    def from_assets(cls, directory: Path, device: str = "auto") -> "MicaBackend":
+    def from_assets(cls, directory: Path, device: str = "auto") -> MicaBackend:
         from facefuse.assets.mica_checkpoint import load_mica
-        from facefuse.packs.base import resolve_device
 
         device = resolve_device(device)
         path = asset_path(directory, "mica")
@@ -68,7 +80,7 @@ class MicaBackend:
         blob = torch.from_numpy(np.stack([f.arcface_blob for f in faces])).to(self.device)
         out = self.mica(blob)
         vertices_mm = (out.vertices * METRES_TO_MM).float()
-        landmarks_mm = self.mica.flame.landmarks68(vertices_mm)  # type: ignore[attr-defined]
+        landmarks_mm = self.mica.flame.landmarks68(vertices_mm)
         results = []
         for i in range(len(faces)):
             lmk68 = landmarks_mm[i].cpu().numpy()
@@ -106,22 +118,21 @@ PROJECTIONS_ENV = "FACEFUSE_IDGEN_PROJECTIONS"
 class OferBackend:
     """OFER on the flame pack: IdGen samples β for a face, IdRank scores candidate shapes."""
 
-    def __init__(self, idgen: torch.nn.Module, idrank: torch.nn.Module, flame: torch.nn.Module, device: str,
-                 details: dict[str, str]) -> None:
+    def __init__(self, idgen: IdGen, idrank: IdRank, flame: FlameLayer, device: str, details: dict[str, str]) -> None:
         self.idgen = idgen
         self.idrank = idrank
         self.flame = flame
         self.device = device
-        self.status = BackendStatus("ofer", "ofer-idgen-idrank", "flame", True, False, "ready", device=device, details=details)
+        self.status = BackendStatus(
+            "ofer", "ofer-idgen-idrank", "flame", True, False, "ready", device=device, details=details
+        )
 
     @classmethod
-    def from_assets(cls, directory: Path, device: str = "auto", projections: str | None = None) -> "OferBackend":
+    def from_assets(cls, directory: Path, device: str = "auto", projections: str | None = None) -> OferBackend:
         import os
 
         from facefuse.assets.idgen_checkpoint import load_idgen
         from facefuse.assets.idrank_checkpoint import load_idrank
-        from facefuse.models.flame import FlameLayer
-        from facefuse.packs.base import resolve_device
 
         device = resolve_device(device)
         projections = projections or os.environ.get(PROJECTIONS_ENV, "default")
@@ -147,14 +158,21 @@ class OferBackend:
                 raise InvalidInputError(f"{name}: expected ({N_SHAPE},) FLAME coefficients, got {np.shape(given)}")
         blob = torch.from_numpy(np.ascontiguousarray(face.arcface_blob))[None].to(self.device)
         context = self.idgen.context(blob)
-        sampler = OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
+        sampler = (
+            OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
+        )
         generator = torch.Generator().manual_seed(int(seed))
         options: dict[str, object] = {}
         if start_shape is not None:
-            options.update(x0_start=torch.from_numpy(np.asarray(start_shape, np.float32))[None].expand(num_samples, -1), t0=start_t0)
+            options.update(
+                x0_start=torch.from_numpy(np.asarray(start_shape, np.float32))[None].expand(num_samples, -1),
+                t0=start_t0,
+            )
         if guide_shape is not None and guide_strength > 0:
-            options.update(guide_target=torch.from_numpy(np.asarray(guide_shape, np.float32))[None].expand(num_samples, -1),
-                           guide_strength=float(guide_strength))
+            options.update(
+                guide_target=torch.from_numpy(np.asarray(guide_shape, np.float32))[None].expand(num_samples, -1),
+                guide_strength=float(guide_strength),
+            )
         shapes = self.idgen.sample(context, num_samples, sampler, generator, **options)
         return shapes.to(torch.float32).cpu().numpy()
 
@@ -168,7 +186,7 @@ class OferBackend:
         """
         from facefuse.models.diffusion import DDIMSampler, OfficialSampler
 
-        results: list[np.ndarray | None] = [None] * len(jobs)
+        results: dict[int, np.ndarray] = {}
         groups: dict[tuple[str, int], list[int]] = {}
         for index, job in enumerate(jobs):
             if job.has_hooks:
@@ -182,15 +200,21 @@ class OferBackend:
             contexts = self.idgen.context(blobs)
             counts = [jobs[i].num_samples for i in members]
             context = torch.cat([contexts[k:k + 1].expand(n, -1) for k, n in enumerate(counts)])
-            noise = torch.cat([torch.randn(jobs[i].num_samples, 300, generator=torch.Generator().manual_seed(int(jobs[i].seed)))
-                               for i in members])
-            sampler = OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
-            shapes = self.idgen.sample(context, len(noise), sampler, initial_noise=noise.to(self.device))
-            shapes = shapes.to(torch.float32).cpu().numpy()
+            noise = torch.cat(
+                [
+                    torch.randn(jobs[i].num_samples, 300, generator=torch.Generator().manual_seed(int(jobs[i].seed)))
+                    for i in members
+                ]
+            )
+            sampler = (
+                OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
+            )
+            sampled = self.idgen.sample(context, len(noise), sampler, initial_noise=noise.to(self.device))
+            shapes = sampled.to(torch.float32).cpu().numpy()
             offsets = np.cumsum([0, *counts])
             for k, i in enumerate(members):
                 results[i] = shapes[offsets[k]:offsets[k + 1]]
-        return results  # type: ignore[return-value]
+        return [results[i] for i in range(len(jobs))]
 
     @torch.inference_mode()
     def rank(self, face: AlignedFace, candidates: np.ndarray, visibility: object | None = None) -> np.ndarray:

@@ -29,7 +29,11 @@ def _choose(pack: str, directory: Path | None, names: tuple[str, ...], service: 
     missing = _missing(directory, names)
     if pack == "flame" or (pack == "auto" and not missing):
         if missing:
-            where = "no assets folder given (--assets or FACEFUSE_ASSETS)" if directory is None else f"missing {', '.join(missing)}"
+            where = (
+                "no assets folder given (--assets or FACEFUSE_ASSETS)"
+                if directory is None
+                else f"missing {', '.join(missing)}"
+            )
             return UnavailableBackend(service, f"flame pack: {where}; run `facefuse assets check --dir DIR`")
         return "flame"
     return "open"

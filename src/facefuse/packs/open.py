@@ -30,6 +30,7 @@ from facefuse.errors import InvalidInputError, LimitExceededError
 from facefuse.face.types import AlignedFace, Detection
 from facefuse.fusion.space import ShapeSpace
 from facefuse.fusion.visibility import Visibility
+from facefuse.geometry import umeyama
 from facefuse.models.gpmm import GaussianProcessMorphableModel
 from facefuse.packs.base import BackendStatus, FusionSetup, ShapeResult
 
@@ -74,23 +75,6 @@ REGION_NAMES_FLAME = {
 # --------------------------------------------------------------------------- geometry
 
 
-def weighted_rigid_fit(source: np.ndarray, target: np.ndarray, weights: np.ndarray, *,
-                       with_scale: bool = False) -> tuple[float, np.ndarray, np.ndarray]:
-    """(s, R, t) minimising Σ w_i ‖s R x_i + t − y_i‖² (Umeyama's weighted solution, det R = +1)."""
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    mu_x, mu_y = w @ source, w @ target
-    xc, yc = source - mu_x, target - mu_y
-    cov = (yc * w[:, None]).T @ xc
-    u, sing, vt = np.linalg.svd(cov)
-    d = np.ones(3)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        d[2] = -1.0
-    rotation = (u * d) @ vt
-    scale = float((sing * d).sum() / (w @ (xc**2).sum(axis=1))) if with_scale else 1.0
-    return scale, rotation, mu_y - scale * rotation @ mu_x
-
-
 @dataclass
 class MetricFace:
     """A face's metric mesh in the canonical face's frame (mm) and how it was made."""
@@ -132,14 +116,16 @@ def metric_face(landmarks: np.ndarray, canonical: CanonicalFace, *, iris: np.nda
             weights = np.clip(np.asarray(visibility, dtype=np.float64), 0.0, 1.0)
     if weights.sum() <= 0:
         raise InvalidInputError("metric face: no visible landmark to fit the pose on (visibility is all zero)")
-    size_scale, _, _ = weighted_rigid_fit(points, canonical.vertices_mm, weights, with_scale=True)
+    size_scale = umeyama(points, canonical.vertices_mm, weights).scale
+    if size_scale <= 0:
+        raise InvalidInputError("metric face: the landmarks are degenerate (no positive scale fits the canonical face)")
     mm_per_px, source = size_scale, "canonical-size"
     from_iris = iris_mm_per_px(iris)
     if from_iris is not None and IRIS_SCALE_RANGE[0] <= from_iris / size_scale <= IRIS_SCALE_RANGE[1]:
         mm_per_px, source = from_iris, "iris"
     metric = points * mm_per_px
-    _, rotation, translation = weighted_rigid_fit(metric, canonical.vertices_mm, weights)
-    vertices = metric @ rotation.T + translation
+    pose = umeyama(metric, canonical.vertices_mm, weights, scale=1.0)
+    rotation, vertices = pose.rotation, pose.apply(metric)
     rms = float(np.sqrt((weights @ ((vertices - canonical.vertices_mm) ** 2).sum(axis=1)) / weights.sum()))
     return MetricFace(vertices, float(mm_per_px), source, rotation, rms)
 
@@ -170,7 +156,9 @@ def mediapipe_regions(canonical: CanonicalFace) -> dict[str, np.ndarray]:
     return regions
 
 
-def vertex_visibility_from_mask(occluder_mask: np.ndarray, landmarks: np.ndarray, *, radius_px: float = 2.0) -> np.ndarray:
+def vertex_visibility_from_mask(
+    occluder_mask: np.ndarray, landmarks: np.ndarray, *, radius_px: float = 2.0
+) -> np.ndarray:
     """(468,) visibility per FaceMesh vertex: the clear fraction of 9 pixels around its landmark.
 
     ``occluder_mask`` (H, W) is true (or > 0) where something covers the face; pixels outside the
@@ -236,7 +224,12 @@ def vertices_from_shape(shape: np.ndarray, canonical: CanonicalFace) -> np.ndarr
 def _landmarks_of(face: AlignedFace | Detection, position: int) -> tuple[np.ndarray, np.ndarray | None]:
     detection = face.detection if isinstance(face, AlignedFace) else face
     landmarks = detection.landmarks
-    if landmarks is None or np.ndim(landmarks) != 2 or np.shape(landmarks)[0] < NUM_VERTICES or np.shape(landmarks)[1] < 3:
+    if (
+        landmarks is None
+        or np.ndim(landmarks) != 2
+        or np.shape(landmarks)[0] < NUM_VERTICES
+        or np.shape(landmarks)[1] < 3
+    ):
         raise InvalidInputError(
             f"face {position}: the open pack needs the 468 FaceMesh landmarks (x, y, z) of the face, got "
             f"{None if landmarks is None else np.shape(landmarks)} from detector {detection.detector!r}; "
@@ -256,7 +249,8 @@ def _check_visibility(visibility: np.ndarray | Visibility | None) -> np.ndarray 
         visibility = visibility.per_vertex
     array = np.asarray(visibility, dtype=np.float64)
     if array.shape != (NUM_VERTICES,) or not np.all(np.isfinite(array)):
-        raise InvalidInputError(f"visibility: expected ({NUM_VERTICES},) finite per-vertex values in [0, 1], got {array.shape}")
+        raise InvalidInputError(f"visibility: expected ({NUM_VERTICES},) finite per-vertex values in "
+                                f"[0, 1], got {array.shape}")
     return np.clip(array, 0.0, 1.0)
 
 
@@ -270,7 +264,9 @@ class OpenShapeBackend:
             details={"topology": TOPOLOGY, "vertices": str(NUM_VERTICES), "scale": f"iris {IRIS_DIAMETER_MM} mm",
                      "shape": "displacement from the canonical face, mm (1404)"})
 
-    def reconstruct(self, face: AlignedFace | Detection, visibility: np.ndarray | None = None, position: int = 0) -> MetricFace:
+    def reconstruct(
+        self, face: AlignedFace | Detection, visibility: np.ndarray | None = None, position: int = 0
+    ) -> MetricFace:
         landmarks, iris = _landmarks_of(face, position)
         return metric_face(landmarks, self.canonical, iris=iris, visibility=_check_visibility(visibility))
 
@@ -316,7 +312,8 @@ class OpenGenerativeBackend:
             return self.shape_backend.reconstruct(face).vertices_mm
         shape = np.asarray(start_shape, dtype=np.float64).reshape(-1)
         if shape.shape != (3 * NUM_VERTICES,) or not np.all(np.isfinite(shape)):
-            raise InvalidInputError(f"start_shape: expected ({3 * NUM_VERTICES},) finite open-space coefficients, got {np.shape(start_shape)}")
+            raise InvalidInputError(f"start_shape: expected ({3 * NUM_VERTICES},) finite open-space coefficients, "
+                                    f"got {np.shape(start_shape)}")
         return vertices_from_shape(shape, self.canonical)
 
     def visible_frame(self, observed: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -332,8 +329,8 @@ class OpenGenerativeBackend:
             fit = weights.copy()
         if np.all(weights >= 1.0) or fit.sum() <= 0:
             return np.eye(3), np.zeros(3)
-        _, rotation, translation = weighted_rigid_fit(observed, self.canonical.vertices_mm, fit)
-        return rotation, translation
+        frame = umeyama(observed, self.canonical.vertices_mm, fit, scale=1.0)
+        return frame.rotation, frame.translation
 
     def completions(self, face: AlignedFace | Detection, observed: np.ndarray, weights: np.ndarray, num: int,
                     generator: np.random.Generator) -> np.ndarray | None:
@@ -351,8 +348,7 @@ class OpenGenerativeBackend:
         out = np.empty((int(num), NUM_VERTICES, 3))
         for i, points in enumerate(landmarks):
             vertices = metric_face(points, self.canonical, iris=iris).vertices_mm
-            scale, rotation, translation = weighted_rigid_fit(vertices, observed, (~hidden).astype(np.float64), with_scale=True)
-            out[i] = scale * vertices @ rotation.T + translation
+            out[i] = umeyama(vertices, observed, (~hidden).astype(np.float64)).apply(vertices)
         return out
 
     def sample(self, face: AlignedFace, num_samples: int, *, mode: str = "", steps: int = 0, seed: int = 0,
@@ -375,7 +371,9 @@ class OpenGenerativeBackend:
         else:
             hidden = (weights < VISIBLE)[None, :, None]
             targets = np.where(hidden, completions, observed[None])
-            posterior = self.gpmm.condition(targets @ rotation.T + translation, weights, self.noise_mm, self.imputed_noise_mm)
+            posterior = self.gpmm.condition(
+                targets @ rotation.T + translation, weights, self.noise_mm, self.imputed_noise_mm
+            )
         samples = (posterior.sample_mm(int(num_samples), generator) - translation) @ rotation  # back: R⁻¹(x − t)
         return shape_from_vertices(samples, self.canonical)
 
@@ -385,7 +383,8 @@ class OpenGenerativeBackend:
         completions drawn with a fixed seed. Higher is better; each score depends on its own candidate only."""
         array = np.asarray(candidates, dtype=np.float64)
         if array.ndim != 2 or array.shape[1] != 3 * NUM_VERTICES or not np.all(np.isfinite(array)):
-            raise InvalidInputError(f"candidates: expected (N, {3 * NUM_VERTICES}) finite open-space shapes, got {np.shape(candidates)}")
+            raise InvalidInputError(f"candidates: expected (N, {3 * NUM_VERTICES}) finite open-space shapes, "
+                                    f"got {np.shape(candidates)}")
         weights = _check_visibility(visibility)
         weights = np.ones(NUM_VERTICES) if weights is None else weights
         observed = self.shape_backend.reconstruct(face).vertices_mm

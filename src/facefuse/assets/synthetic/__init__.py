@@ -17,6 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -64,7 +65,7 @@ def load_writer(relpath: str) -> Writer:
     return getattr(importlib.import_module(module_name), func_name)
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """Run ``write(temp)`` then move the temp file over ``path``, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -74,6 +75,10 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if temp.exists():
             temp.unlink()
+
+
+def _run_writer(writer: Writer, temp: Path, *, size: str, generator: torch.Generator) -> None:
+    writer(temp, size, generator)
 
 
 def synthesize(directory: Path, size: str = "full", seed: int = 0, only: set[str] | None = None,
@@ -100,7 +105,7 @@ def synthesize(directory: Path, size: str = "full", seed: int = 0, only: set[str
         report(relpath, "writing")
         path = directory / relpath
         generator = torch.Generator().manual_seed(seed)
-        write_atomically(path, lambda temp, w=writer, g=generator: w(temp, size, g))
+        write_atomically(path, partial(_run_writer, writer, size=size, generator=generator))
         written[relpath] = path
         report(relpath, "done")
     manifest = synthetic_manifest(directory)

@@ -1,4 +1,5 @@
-"""Synthetic FLAME files in the official formats: ``generic_model.pkl``, ``landmark_embedding.npy``, ``FLAME_masks.pkl``.
+"""Synthetic FLAME files in the official formats: ``generic_model.pkl``, ``landmark_embedding.npy``,
+``FLAME_masks.pkl``.
 
 The numbers are random or procedural (no FLAME data is used); the containers are the official ones, so
 the real readers in ``facefuse.assets.flame_file`` are what tests exercise:
@@ -33,8 +34,14 @@ import torch
 from facefuse.models.flame import N_JOINTS, NOW7_FROM_LMK68, FlameModelData
 
 __all__ = [
-    "FLAME_SIZES", "FlameSize", "flame_generator", "synthetic_flame_data", "synthetic_flame_mesh",
-    "write_flame_model", "write_landmark_embedding", "write_flame_masks",
+    "FLAME_SIZES",
+    "FlameSize",
+    "flame_generator",
+    "synthetic_flame_data",
+    "synthetic_flame_mesh",
+    "write_flame_masks",
+    "write_flame_model",
+    "write_landmark_embedding",
 ]
 
 
@@ -109,7 +116,8 @@ def synthetic_flame_mesh(size: str) -> tuple[np.ndarray, np.ndarray]:
     sin_p, cos_p = np.sin(polar)[:, None], np.cos(polar)[:, None]
     # azimuth 0 points to +z (the face), increasing toward +x
     ring = np.stack(
-        [sin_p * np.sin(azimuth)[None], np.broadcast_to(cos_p, (spec.rings, n_lon)), sin_p * np.cos(azimuth)[None]], axis=-1
+        [sin_p * np.sin(azimuth)[None], np.broadcast_to(cos_p, (spec.rings, n_lon)), sin_p * np.cos(azimuth)[None]],
+        axis=-1,
     ).reshape(-1, 3)
     unit = np.concatenate([np.array([[0.0, 1.0, 0.0]]), ring], axis=0)
     vertices = unit * _HALF_AXES
@@ -194,7 +202,9 @@ def official_style_pickle(obj: object) -> bytes:
 # --------------------------------------------------------------------------- model
 
 
-def _smooth_fields(points: np.ndarray, count: int, scales: np.ndarray, generator: torch.Generator, features: int = 4) -> np.ndarray:
+def _smooth_fields(
+    points: np.ndarray, count: int, scales: np.ndarray, generator: torch.Generator, features: int = 4
+) -> np.ndarray:
     """``count`` smooth random displacement fields on ``points`` (V,3) -> (V, 3, count)."""
     freq = torch.randn(3, count * features, generator=generator, dtype=torch.float64).numpy() * 25.0
     phase = torch.rand(count * features, generator=generator, dtype=torch.float64).numpy() * 2.0 * np.pi
@@ -243,7 +253,9 @@ def flame_model_fields(size: str, generator: torch.Generator) -> dict[str, np.nd
     spec = _size(size)
     vertices, faces = synthetic_flame_mesh(size)
     n_shape, n_exp = 300, spec.num_shapedirs - 300
-    scales = np.concatenate([0.004 / np.sqrt(1.0 + np.arange(n_shape) / 10.0), 0.002 / np.sqrt(1.0 + np.arange(n_exp) / 10.0)])
+    scales = np.concatenate(
+        [0.004 / np.sqrt(1.0 + np.arange(n_shape) / 10.0), 0.002 / np.sqrt(1.0 + np.arange(n_exp) / 10.0)]
+    )
     shapedirs = _smooth_fields(vertices, spec.num_shapedirs, scales, generator)
     posedirs = _smooth_fields(vertices, 9 * (spec.num_joints - 1), np.full(9 * (spec.num_joints - 1), 0.002), generator)
     regressor = _joint_regressor(vertices, _joint_targets(vertices), spec)
@@ -264,17 +276,18 @@ def flame_model_fields(size: str, generator: torch.Generator) -> dict[str, np.nd
 
 def write_flame_model(path: Path, size: str, generator: torch.Generator, *, chumpy: bool = True) -> None:
     """FLAME 2020-format ``generic_model.pkl``; ``chumpy=False`` writes plain numpy (FLAME 2023-style)."""
-    fields = flame_model_fields(size, flame_generator(generator, _MODEL_STREAM))
+    arrays = flame_model_fields(size, flame_generator(generator, _MODEL_STREAM))
+    fields: dict[str, object] = dict(arrays)
     if chumpy:
         for key in ("v_template", "shapedirs", "posedirs", "weights", "J"):
-            fields[key] = _AsChumpyCh(fields[key])  # type: ignore[arg-type]
-        fields["J_regressor"] = _AsScipyCsc(fields["J_regressor"])  # type: ignore[arg-type]
-        Path(path).write_bytes(official_style_pickle(fields))
+            fields[key] = _AsChumpyCh(np.asarray(arrays[key]))
+        fields["J_regressor"] = _AsScipyCsc(np.asarray(arrays["J_regressor"]))
     else:
         import scipy.sparse
 
-        fields["J_regressor"] = scipy.sparse.csc_matrix(fields["J_regressor"])  # type: ignore[assignment]
-        Path(path).write_bytes(official_style_pickle(fields))
+        fields["J_regressor"] = scipy.sparse.csc_matrix(arrays["J_regressor"])
+    Path(path).write_bytes(official_style_pickle(fields))
+
 
 
 # --------------------------------------------------------------------------- landmarks
@@ -307,7 +320,9 @@ def _front_faces(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, n
     return front, centroids[front]
 
 
-def _embed(points_xy: np.ndarray, vertices: np.ndarray, faces: np.ndarray, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _embed(
+    points_xy: np.ndarray, vertices: np.ndarray, faces: np.ndarray, generator: torch.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Nearest front-facing face (in x,y) for each point; random interior barycentric weights."""
     front, centroids = _front_faces(vertices, faces)
     d = ((centroids[None, :, :2] - points_xy[:, None, :]) ** 2).sum(-1)
@@ -358,16 +373,20 @@ def _stable_storage_keys(blob: bytes) -> bytes:
     header_end = blob.index(b"\n") + 1  # the .npy header ends with a newline
     keys: list[bytes] = []
     for op, arg, _ in pickletools.genops(io.BytesIO(blob[header_end:])):
-        if op.name in ("BINBYTES", "SHORT_BINBYTES", "BINBYTES8"):
+        if op.name in ("BINBYTES", "SHORT_BINBYTES", "BINBYTES8") and isinstance(arg, bytes):
             inner = io.BytesIO(arg)
             while inner.tell() < len(arg):
                 try:
                     ops = list(pickletools.genops(inner))
                 except ValueError:  # the raw storage bytes after the last pickle
                     break
-                keys += [a.encode() for o, a, _ in ops if o.name == "BINUNICODE" and a.isdigit() and a.encode() not in keys]
+                keys += [a.encode() for o, a, _ in ops
+                         if o.name == "BINUNICODE" and isinstance(a, str) and a.isdigit() and a.encode() not in keys]
     for number, key in enumerate(keys, start=1):
-        blob = blob.replace(struct.pack("<cI", b"X", len(key)) + key, struct.pack("<cI", b"X", len(key)) + str(number).zfill(len(key)).encode())
+        blob = blob.replace(
+            struct.pack("<cI", b"X", len(key)) + key,
+            struct.pack("<cI", b"X", len(key)) + str(number).zfill(len(key)).encode(),
+        )
     return blob
 
 

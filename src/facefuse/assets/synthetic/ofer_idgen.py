@@ -29,7 +29,12 @@ STRAY_QKV_SUFFIX = ".fn.fn.qkv.weight"
 def idgen_net_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Random ``net`` section: the 174 Unet keys plus the 6 stray q/k/v keys (384, dim, 1)."""
     expected = expected_state_of(IdGenUnet)
-    expected.update({f"{name}{STRAY_QKV_SUFFIX}": ((3 * ATTENTION_HIDDEN, dim, 1), torch.float32) for name, dim in ATTENTION_BLOCK_DIMS.items()})
+    expected.update(
+        {
+            f"{name}{STRAY_QKV_SUFFIX}": ((3 * ATTENTION_HIDDEN, dim, 1), torch.float32)
+            for name, dim in ATTENTION_BLOCK_DIMS.items()
+        }
+    )
     state = random_state(expected, generator)
     for key, value in state.items():
         if key.endswith(".norm.weight") or key.endswith(".norm.g"):  # GroupNorm / RMSNorm gains near 1

@@ -45,7 +45,15 @@ def _check_size(size: str) -> None:
         raise ValueError(f"unknown synthetic size {size!r}; expected one of {SIZES}")
 
 
-NORM_GAIN_SUFFIXES = ("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight", "ln_final.weight", "ln_lm.weight", "gn.weight")
+NORM_GAIN_SUFFIXES = (
+    "ln_1.weight",
+    "ln_2.weight",
+    "ln_pre.weight",
+    "ln_post.weight",
+    "ln_final.weight",
+    "ln_lm.weight",
+    "gn.weight",
+)
 """LayerNorm / GroupNorm gains: the shared rules treat them as small vectors; here they sit near 1."""
 
 
@@ -89,7 +97,7 @@ def _farl_mim_extras(width: int) -> dict[str, tuple[tuple[int, ...], torch.dtype
         "mlp.c_proj.weight": ((width, 4 * width), f32), "mlp.c_proj.bias": ((width,), f32),
         "ln_2.weight": ((width,), f32), "ln_2.bias": ((width,), f32),
     }
-    extras = {"visual.mask_token": ((width,), f32)}
+    extras: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"visual.mask_token": ((width,), f32)}
     extras.update({f"visual.lm_transformer.resblocks.0.{k}": v for k, v in block.items()})
     extras.update({"visual.ln_lm.weight": ((width,), f32), "visual.ln_lm.bias": ((width,), f32),
                    "visual.lm_head.weight": ((_MIM_VOCAB, width), f32), "visual.lm_head.bias": ((_MIM_VOCAB,), f32)})
@@ -120,7 +128,8 @@ def synthetic_front_indices(size: str, generator: torch.Generator) -> np.ndarray
         low, high = 0, num_vertices - 1
     span = high - low + 1
     if span < FRONT_VERTEX_COUNT or high >= num_vertices:
-        raise ValueError(f"synthetic FLAME size {size!r} has {num_vertices} vertices; IdRank needs {FRONT_VERTEX_COUNT} front vertices")
+        raise ValueError(f"synthetic FLAME size {size!r} has {num_vertices} vertices; IdRank needs "
+                         f"{FRONT_VERTEX_COUNT} front vertices")
     inner = torch.randperm(span - 2, generator=generator)[: FRONT_VERTEX_COUNT - 2] + low + 1
     indices = torch.cat([torch.tensor([low, high]), inner]).sort().values
     return indices.numpy().astype(np.int64)
