@@ -77,8 +77,11 @@ def main() -> None:
     width, height = (int(v) for v in args.side.split("x"))
     here = Path(__file__).resolve().parents[1]
     checkouts = [here, *[Path(c).resolve() for c in args.code]]
-    print(f"# decode peak memory, {width}x{height} = {width * height / 1e6:.1f} M px; {platform.processor() or platform.machine()}, "
-          f"python {platform.python_version()}")
+    print(
+        f"# decode peak memory, {width}x{height} = {width * height / 1e6:.1f} M px; "
+        f"{platform.processor() or platform.machine()}, "
+        f"python {platform.python_version()}"
+    )
     print("| image | file | code | RSS growth (MB) | B/px | tracemalloc peak (MB) | charged (MB) |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,8 +91,11 @@ def main() -> None:
                                      capture_output=True, text=True, check=True)
                 row = json.loads(run.stdout)
                 charged = "-" if row["charged"] is None else f"{row['charged'] / 1e6:.0f}"
-                print(f"| {name} | {path.stat().st_size / 1e6:.1f} MB | {checkout.name} | {row['rss_growth'] / 1e6:.0f} | "
-                      f"{row['rss_growth'] / (width * height):.1f} | {row['traced_peak'] / 1e6:.0f} | {charged} |")
+                print(
+                    f"| {name} | {path.stat().st_size / 1e6:.1f} MB | {checkout.name} | "
+                    f"{row['rss_growth'] / 1e6:.0f} | "
+                    f"{row['rss_growth'] / (width * height):.1f} | {row['traced_peak'] / 1e6:.0f} | {charged} |"
+                )
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def _rss_bytes(pid: int) -> int | None:
         return int(psutil.Process(pid).memory_info().rss)
     except ImportError:
         pass
-    except Exception:  # noqa: BLE001 - the process is gone
+    except Exception:
         return None
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -120,9 +120,12 @@ def _one_stream(address: str, index: int, data: bytes, args: argparse.Namespace,
         for i in range(args.images):
             image_id = f"s{index}-i{i}"
             sent[image_id] = time.perf_counter()
-            yield gateway_pb2.ImageChunk(image_id=image_id, data=data, last=True,
-                                         options=gateway_pb2.ProcessOptions(method=args.method, num_samples=args.samples,
-                                                                            seed=index))
+            yield gateway_pb2.ImageChunk(
+                image_id=image_id,
+                data=data,
+                last=True,
+                options=gateway_pb2.ProcessOptions(method=args.method, num_samples=args.samples, seed=index),
+            )
 
     with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -130,7 +133,9 @@ def _one_stream(address: str, index: int, data: bytes, args: argparse.Namespace,
             for result in stub.Process(requests(), timeout=args.deadline_s):
                 record["latencies"].append(time.perf_counter() - sent.get(result.image_id, record["started"]))
                 if result.status.code != 0:
-                    record["failed_results"].append(f"{result.image_id}: {result.status.code} {result.status.message[:120]}")
+                    record["failed_results"].append(
+                        f"{result.image_id}: {result.status.code} {result.status.message[:120]}"
+                    )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 record["refused"] += 1
@@ -168,8 +173,10 @@ def run_load(mesh: Any, data: bytes, load: Load, args: argparse.Namespace) -> di
     time.sleep(0.5)  # a few probes at rest first
     started = time.perf_counter()
     record["started"] = started
-    clients = [threading.Thread(target=_one_stream, args=(mesh.gateway_address, i, data, stream_args, record), daemon=True)
-               for i in range(load.streams)]
+    clients = [
+        threading.Thread(target=_one_stream, args=(mesh.gateway_address, i, data, stream_args, record), daemon=True)
+        for i in range(load.streams)
+    ]
     for client in clients:
         client.start()
     for client in clients:
@@ -187,11 +194,20 @@ def run_load(mesh: Any, data: bytes, load: Load, args: argparse.Namespace) -> di
         "failures": len(record["failed_results"]) + len(record["failed_streams"]),
         "failure_examples": (record["failed_results"] + record["failed_streams"])[:5],
         "refused_streams": record["refused"],
-        "health": {name: {"probes": len(p.latencies), "failed": p.failed, "p50_s": _percentile(p.latencies, 50),
-                          "p99_s": _percentile(p.latencies, 99), "max_s": max(p.latencies, default=None)}
-                   for name, p in probers.items()},
-        "rss_mb": {name: {"before": round((rss_before[name] or 0) / 2**20, 1), "peak": round(sampler.peak[name] / 2**20, 1)}
-                   for name in pids},
+        "health": {
+            name: {
+                "probes": len(p.latencies),
+                "failed": p.failed,
+                "p50_s": _percentile(p.latencies, 50),
+                "p99_s": _percentile(p.latencies, 99),
+                "max_s": max(p.latencies, default=None),
+            }
+            for name, p in probers.items()
+        },
+        "rss_mb": {
+            name: {"before": round((rss_before[name] or 0) / 2**20, 1), "peak": round(sampler.peak[name] / 2**20, 1)}
+            for name in pids
+        },
     }
 
 
@@ -206,7 +222,13 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         warm: dict[str, Any] = {"latencies": [], "failed_results": [], "failed_streams": [], "refused": 0,
                                 "started": time.perf_counter()}
         for method in sorted({load.method for load in loads}):
-            _one_stream(mesh.gateway_address, -1, data, argparse.Namespace(**{**vars(args), "method": method, "images": 1}), warm)
+            _one_stream(
+                mesh.gateway_address,
+                -1,
+                data,
+                argparse.Namespace(**{**vars(args), "method": method, "images": 1}),
+                warm,
+            )
         results = {load.label: run_load(mesh, data, load, args) for load in loads}
     return {"source": str(Path(facefuse.__file__).resolve().parents[1]), "loads": results,
             "warmup_failures": warm["failed_results"] + warm["failed_streams"]}
@@ -225,7 +247,9 @@ def baseline_tree(commit: str) -> Path:
     """The ``src`` of ``commit``, unpacked once into /tmp (``git archive``: the repository is not touched)."""
     root = Path(f"/tmp/facefuse-baseline-{commit}")
     if not (root / "src" / "facefuse").is_dir():
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "src"], check=True, capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", commit, "src"], check=True, capture_output=True
+        ).stdout
         root.mkdir(parents=True, exist_ok=True)
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(root, filter="data")
@@ -267,9 +291,17 @@ def write_report(variants: dict[str, dict[str, Any]], args: argparse.Namespace, 
         row("failures (goal 0)", lambda v: str(v["failures"]))
         row("streams refused (RESOURCE_EXHAUSTED)", lambda v: str(v["refused_streams"]))
         for service in ("gateway", "mica", "ofer", "fusion"):
-            row(f"health p99 / max, {service} (goal < 1 s)", lambda v, s=service: (
-                f"{_fmt(v['health'][s]['p99_s'])} / {_fmt(v['health'][s]['max_s'])}"
-                + (f", {v['health'][s]['failed']} of {v['health'][s]['probes']} failed" if v["health"][s]["failed"] else "")))
+            row(
+                f"health p99 / max, {service} (goal < 1 s)",
+                lambda v, s=service: (
+                    f"{_fmt(v['health'][s]['p99_s'])} / {_fmt(v['health'][s]['max_s'])}"
+                    + (
+                        f", {v['health'][s]['failed']} of {v['health'][s]['probes']} failed"
+                        if v["health"][s]["failed"]
+                        else ""
+                    )
+                ),
+            )
         for service in ("gateway", "mica", "ofer", "fusion"):
             row(f"RSS {service}: before -> peak", lambda v, s=service: (
                 f"{v['rss_mb'][s]['before']:.0f} -> {v['rss_mb'][s]['peak']:.0f} MB"))

@@ -52,7 +52,7 @@ if _NP_BFLOAT16 is not None:
 _ITEMSIZE: dict[int, int] = {k: v.itemsize for k, v in _NUMPY_BY_WIRE.items()} | {DType.BFLOAT16: 2}
 
 
-def _torch_dtypes() -> dict[int, "torch.dtype"]:
+def _torch_dtypes() -> dict[int, torch.dtype]:
     import torch
 
     return {
@@ -90,13 +90,15 @@ def from_numpy(array: np.ndarray, unit: str = "") -> common_pb2.Tensor:
     return common_pb2.Tensor(dtype=wire, shape=list(array.shape), data=data, unit=unit)
 
 
-def from_torch(tensor: "torch.Tensor", unit: str = "") -> common_pb2.Tensor:
+def from_torch(tensor: torch.Tensor, unit: str = "") -> common_pb2.Tensor:
     """Encode a tensor (any device) as a Tensor message; bfloat16 and unsigned types included."""
     import torch
 
     wire_by_torch = {v: k for k, v in _torch_dtypes().items()}
     if tensor.dtype not in wire_by_torch:
-        raise InvalidInputError(f"dtype {tensor.dtype} cannot travel as a Tensor; supported: {', '.join(SUPPORTED_DTYPES)}")
+        raise InvalidInputError(
+            f"dtype {tensor.dtype} cannot travel as a Tensor; supported: {', '.join(SUPPORTED_DTYPES)}"
+        )
     flat = tensor.detach().to("cpu").contiguous()
     data = flat.reshape(-1).view(torch.uint8).numpy().tobytes() if flat.numel() else b""
     return common_pb2.Tensor(dtype=wire_by_torch[tensor.dtype], shape=list(tensor.shape), data=data, unit=unit)
@@ -126,7 +128,9 @@ def _checked_shape(message: common_pb2.Tensor, name: str) -> tuple[int, ...]:
 def require_finite(array: np.ndarray, name: str) -> np.ndarray:
     """Refuse NaN and infinities in a float array that a model or a fusion will consume."""
     is_bfloat16 = _NP_BFLOAT16 is not None and array.dtype == _NP_BFLOAT16
-    if (array.dtype.kind == "f" or is_bfloat16) and not np.isfinite(array.astype(np.float32) if is_bfloat16 else array).all():
+    if (array.dtype.kind == "f" or is_bfloat16) and not np.isfinite(
+        array.astype(np.float32) if is_bfloat16 else array
+    ).all():
         raise InvalidInputError(f"{name}: contains NaN or infinite values")
     return array
 
@@ -139,7 +143,7 @@ def to_numpy(message: common_pb2.Tensor, name: str = "tensor") -> np.ndarray:
     return np.frombuffer(message.data, dtype=_NUMPY_BY_WIRE[message.dtype]).reshape(shape)
 
 
-def to_torch(message: common_pb2.Tensor, name: str = "tensor") -> "torch.Tensor":
+def to_torch(message: common_pb2.Tensor, name: str = "tensor") -> torch.Tensor:
     """A CPU tensor sharing the message's bytes; treat it as read-only (clone before writing)."""
     import torch
 
@@ -158,7 +162,7 @@ def require(message: common_pb2.Tensor, name: str, *, shape: Sequence[int | None
     """Decode and check the shape (None = any size on that axis), dtype (floats unless told otherwise)
     and, for floats, finiteness of a request tensor."""
     array = to_numpy(message, name)
-    if len(array.shape) != len(shape) or any(e is not None and e != a for e, a in zip(shape, array.shape)):
+    if len(array.shape) != len(shape) or any(e is not None and e != a for e, a in zip(shape, array.shape, strict=True)):
         wanted = "(" + ", ".join("N" if s is None else str(s) for s in shape) + ")"
         raise InvalidInputError(f"{name}: shape {tuple(array.shape)}, expected {wanted}")
     if dtypes is not None and message.dtype not in dtypes:
@@ -190,7 +194,9 @@ def mesh_message(vertices_mm: np.ndarray, faces: np.ndarray, topology: str, *,
     return mesh
 
 
-def face_message(face: "AlignedFace", index: int, image_size: tuple[int, int], *, with_crops: bool = True) -> common_pb2.Face:
+def face_message(
+    face: AlignedFace, index: int, image_size: tuple[int, int], *, with_crops: bool = True
+) -> common_pb2.Face:
     """The wire form of an aligned face: what the gateway sends to every model service."""
     det = face.detection
     message = common_pb2.Face(
@@ -216,7 +222,7 @@ def face_message(face: "AlignedFace", index: int, image_size: tuple[int, int], *
     return message
 
 
-def aligned_face_from_message(message: common_pb2.Face, name: str = "face") -> "AlignedFace":
+def aligned_face_from_message(message: common_pb2.Face, name: str = "face") -> AlignedFace:
     """Decode and check a Face sent to a model service."""
     from facefuse.face.types import AlignedFace, Detection
 
@@ -230,17 +236,29 @@ def aligned_face_from_message(message: common_pb2.Face, name: str = "face") -> "
             raise InvalidInputError(f"{name}.{field_name}: {value} is not a finite number")
     landmarks = require(message.landmarks, f"{name}.landmarks", shape=(None, 3)) if has(message, "landmarks") else None
     detection = Detection(
-        box=np.array([box.x1, box.y1, box.x2, box.y2], np.float32), score=message.score or box.score,
-        kps5=require(message.kps5, f"{name}.kps5", shape=(5, 2)) if has(message, "kps5") else np.zeros((5, 2), np.float32),
-        landmarks=landmarks, detector=message.detector,
+        box=np.array([box.x1, box.y1, box.x2, box.y2], np.float32),
+        score=message.score or box.score,
+        kps5=require(message.kps5, f"{name}.kps5", shape=(5, 2))
+        if has(message, "kps5")
+        else np.zeros((5, 2), np.float32),
+        landmarks=landmarks,
+        detector=message.detector,
         iris=require(message.iris, f"{name}.iris", shape=(2, 3)) if has(message, "iris") else None,
     )
     f32, u8 = [DType.FLOAT32], [DType.UINT8]
     return AlignedFace(
         detection=detection,
-        crop112=require(message.crop112, f"{name}.crop112", shape=(112, 112, 3), dtypes=u8) if has(message, "crop112") else np.zeros((112, 112, 3), np.uint8),
-        crop224=require(message.crop224, f"{name}.crop224", shape=(224, 224, 3), dtypes=u8) if has(message, "crop224") else np.zeros((224, 224, 3), np.uint8),
-        crop_box224=require(message.crop_box224, f"{name}.crop_box224", shape=(224, 224, 3), dtypes=f32) if has(message, "crop_box224") else np.zeros((224, 224, 3), np.float32),
+        crop112=require(message.crop112, f"{name}.crop112", shape=(112, 112, 3), dtypes=u8)
+        if has(message, "crop112")
+        else np.zeros((112, 112, 3), np.uint8),
+        crop224=require(message.crop224, f"{name}.crop224", shape=(224, 224, 3), dtypes=u8)
+        if has(message, "crop224")
+        else np.zeros((224, 224, 3), np.uint8),
+        crop_box224=require(message.crop_box224, f"{name}.crop_box224", shape=(224, 224, 3), dtypes=f32)
+        if has(message, "crop_box224")
+        else np.zeros((224, 224, 3), np.float32),
         arcface_blob=require(message.arcface_blob, f"{name}.arcface_blob", shape=(3, 112, 112), dtypes=f32),
-        farl_input=require(message.farl_input, f"{name}.farl_input", shape=(3, 224, 224), dtypes=f32) if has(message, "farl_input") else None,
+        farl_input=require(message.farl_input, f"{name}.farl_input", shape=(3, 224, 224), dtypes=f32)
+        if has(message, "farl_input")
+        else None,
     )

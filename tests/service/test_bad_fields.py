@@ -71,7 +71,10 @@ MICA_CASES: dict[str, tuple[mica_pb2.PredictRequest, grpc.StatusCode]] = {
     "kps5 int64": (mica_pb2.PredictRequest(faces=[_face(kps5=wire.from_numpy(np.zeros((5, 2), np.int64)))]), INVALID),
     "landmarks NaN": (mica_pb2.PredictRequest(faces=[_face(landmarks=_with_nan((468, 3)))]), INVALID),
     "box NaN": (mica_pb2.PredictRequest(faces=[_nan_box()]), INVALID),
-    "crop224 float": (mica_pb2.PredictRequest(faces=[_face(crop224=wire.from_numpy(np.zeros((224, 224, 3), np.float32)))]), INVALID),
+    "crop224 float": (
+        mica_pb2.PredictRequest(faces=[_face(crop224=wire.from_numpy(np.zeros((224, 224, 3), np.float32)))]),
+        INVALID,
+    ),
 }
 
 
@@ -92,7 +95,10 @@ SAMPLE_CASES: dict[str, tuple[ofer_pb2.SampleRequest, grpc.StatusCode]] = {
     "start_shape NaN": (_sample(start_shape=_with_nan((OPEN_K,))), INVALID),
     "guide_shape dims overflow": (_sample(guide_shape=OVERFLOW), INVALID),
     "visibility region NaN": (_sample(visibility=common_pb2.Visibility(regions={"nose": float("nan")})), INVALID),
-    "visibility per_vertex inf": (_sample(visibility=common_pb2.Visibility(per_vertex=_with_nan((468,), np.inf))), INVALID),
+    "visibility per_vertex inf": (
+        _sample(visibility=common_pb2.Visibility(per_vertex=_with_nan((468,), np.inf))),
+        INVALID,
+    ),
     "face crop dims overflow": (ofer_pb2.SampleRequest(face=_face(crop_box224=OVERFLOW)), INVALID),
     "face farl_input NaN": (ofer_pb2.SampleRequest(face=_face(farl_input=_with_nan((3, 224, 224)))), INVALID),
 }
@@ -134,10 +140,18 @@ FUSE_CASES: dict[str, tuple[fusion_pb2.FuseRequest, grpc.StatusCode]] = {
     "samples dims overflow": (_fuse(samples=OVERFLOW), INVALID),
     "scores inf": (_fuse(scores=_with_nan((4,), np.inf)), INVALID),
     "mica_shape wrong length": (_fuse(mica_shape=wire.from_numpy(np.zeros(300, np.float32))), INVALID),
-    "per_vertex wrong length": (_fuse(visibility=common_pb2.Visibility(per_vertex=wire.from_numpy(np.ones(5, np.float32)))), INVALID),
+    "per_vertex wrong length": (
+        _fuse(visibility=common_pb2.Visibility(per_vertex=wire.from_numpy(np.ones(5, np.float32)))),
+        INVALID,
+    ),
     "region out of range": (_fuse(visibility=common_pb2.Visibility(regions={"nose": 2.0})), INVALID),
-    "too many samples": (_fuse(samples=wire.from_numpy(np.zeros((1002, OPEN_K), np.float32)),
-                               scores=wire.from_numpy(np.zeros(1002, np.float32))), EXHAUSTED),
+    "too many samples": (
+        _fuse(
+            samples=wire.from_numpy(np.zeros((1002, OPEN_K), np.float32)),
+            scores=wire.from_numpy(np.zeros(1002, np.float32)),
+        ),
+        EXHAUSTED,
+    ),
 }
 
 
@@ -196,34 +210,39 @@ def _sixteen_bit_rgba_png_bomb(width: int, height: int) -> bytes:
 
 
 def _gateway_cases(jpeg: bytes) -> dict[str, tuple[gateway_pb2.ImageChunk, grpc.StatusCode]]:
-    O = gateway_pb2.ProcessOptions
+    Opts = gateway_pb2.ProcessOptions
     mask = wire.from_numpy(np.zeros((512, 512), np.uint8))
 
     def image(options: gateway_pb2.ProcessOptions | None = None, **fields: object) -> gateway_pb2.ImageChunk:
-        return gateway_pb2.ImageChunk(data=jpeg, last=True, options=options or O(method="detect"), **fields)
+        return gateway_pb2.ImageChunk(data=jpeg, last=True, options=options or Opts(method="detect"), **fields)
 
     return {
-        "unknown method": (image(O(method="paint")), INVALID),
-        "unknown strategy": (image(O(method="fuse", strategy="nope")), INVALID),
-        "unknown selection": (image(O(selection="biggest")), INVALID),
-        "negative num_samples": (image(O(method="fuse", num_samples=-1)), INVALID),
-        "negative steps": (image(O(method="fuse", steps=-7)), INVALID),
-        "strategy option NaN": (image(O(method="fuse", strategy_options={"w": float("nan")})), INVALID),
-        "t0 inf": (image(O(method="fuse", strategy="sdedit", strategy_options={"t0": float("inf")})), INVALID),
-        "t0 huge": (image(O(method="fuse", strategy="sdedit", strategy_options={"t0": 1e300})), INVALID),
-        "t0 fractional": (image(O(method="fuse", strategy="sdedit", strategy_options={"t0": 2.5})), INVALID),
-        "strength NaN": (image(O(method="fuse", strategy="guided", strategy_options={"strength": float("nan")})), INVALID),
-        "unknown visibility source": (image(O(visibility_off=["eyes"])), INVALID),
-        "box NaN": (image(O(boxes=[_box(1, 1, float("nan"), 50)])), INVALID),
-        "box inverted": (image(O(boxes=[_box(50, 50, 10, 10)])), INVALID),
-        "too many boxes": (image(O(boxes=[_box(1, 1, 50, 50)] * 65)), EXHAUSTED),
+        "unknown method": (image(Opts(method="paint")), INVALID),
+        "unknown strategy": (image(Opts(method="fuse", strategy="nope")), INVALID),
+        "unknown selection": (image(Opts(selection="biggest")), INVALID),
+        "negative num_samples": (image(Opts(method="fuse", num_samples=-1)), INVALID),
+        "negative steps": (image(Opts(method="fuse", steps=-7)), INVALID),
+        "strategy option NaN": (image(Opts(method="fuse", strategy_options={"w": float("nan")})), INVALID),
+        "t0 inf": (image(Opts(method="fuse", strategy="sdedit", strategy_options={"t0": float("inf")})), INVALID),
+        "t0 huge": (image(Opts(method="fuse", strategy="sdedit", strategy_options={"t0": 1e300})), INVALID),
+        "t0 fractional": (image(Opts(method="fuse", strategy="sdedit", strategy_options={"t0": 2.5})), INVALID),
+        "strength NaN": (
+            image(Opts(method="fuse", strategy="guided", strategy_options={"strength": float("nan")})),
+            INVALID,
+        ),
+        "unknown visibility source": (image(Opts(visibility_off=["eyes"])), INVALID),
+        "box NaN": (image(Opts(boxes=[_box(1, 1, float("nan"), 50)])), INVALID),
+        "box inverted": (image(Opts(boxes=[_box(50, 50, 10, 10)])), INVALID),
+        "too many boxes": (image(Opts(boxes=[_box(1, 1, 50, 50)] * 65)), EXHAUSTED),
         "mask float": (image(mask=wire.from_numpy(np.zeros((512, 512), np.float32))), INVALID),
         "mask 3-d": (image(mask=wire.from_numpy(np.zeros((512, 512, 1), np.uint8))), INVALID),
         "mask other size": (image(mask=wire.from_numpy(np.zeros((64, 64), np.uint8))), INVALID),
         "mask dims overflow": (image(mask=OVERFLOW), INVALID),
         "ok with a mask": (image(mask=mask), grpc.StatusCode.OK),
-        "16-bit bomb under the pixel limit": (gateway_pb2.ImageChunk(
-            data=_sixteen_bit_rgba_png_bomb(6400, 6100), last=True), EXHAUSTED),  # 39 M px at 16 B/px: 625 MB
+        "16-bit bomb under the pixel limit": (
+            gateway_pb2.ImageChunk(data=_sixteen_bit_rgba_png_bomb(6400, 6100), last=True),
+            EXHAUSTED,
+        ),  # 39 M px at 16 B/px: 625 MB
     }
 
 
@@ -236,13 +255,19 @@ def test_gateway_gives_each_bad_field_its_code_per_image(open_mesh: LocalMesh, a
         chunk.image_id = f"{index}:{name}"
         chunks.append(chunk)
     chunks.append(gateway_pb2.ImageChunk(image_id="x" * 2000, data=astronaut_jpeg, last=True))
-    with grpc.insecure_channel(open_mesh.address("gateway"), options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+    with grpc.insecure_channel(
+        open_mesh.address("gateway"), options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as channel:
         started = time.monotonic()
         results = list(gateway_pb2_grpc.GatewayStub(channel).Process(iter(chunks), timeout=120))
         elapsed = time.monotonic() - started
     codes: dict[str, str] = {}
     for result in results:
-        name = result.image_id.partition(":")[2] if ":" in result.image_id else f"image_id of {len(result.image_id)}+ chars"
+        name = (
+            result.image_id.partition(":")[2]
+            if ":" in result.image_id
+            else f"image_id of {len(result.image_id)}+ chars"
+        )
         codes[name] = _code_name(result.status.code)
         assert result.status.code == 0 or result.status.message, name
     expected = {name: code.name for name, (_, code) in cases.items()} | {"image_id of 64+ chars": "INVALID_ARGUMENT"}
@@ -286,8 +311,14 @@ class _OneFace:
     def detect(self, image):
         from facefuse.face.types import Detection
 
-        return [Detection(box=np.array([10, 10, 100, 100], np.float32), score=0.9, kps5=np.full((5, 2), 50.0, np.float32),
-                          detector="fixed")]
+        return [
+            Detection(
+                box=np.array([10, 10, 100, 100], np.float32),
+                score=0.9,
+                kps5=np.full((5, 2), 50.0, np.float32),
+                detector="fixed",
+            )
+        ]
 
     def align(self, image, detection):
         from facefuse.face.types import AlignedFace
@@ -343,7 +374,9 @@ TRUNCATED = b"\x0a\x10\x2a"  # field 1 says 16 bytes follow; one does
 
 
 @pytest.mark.parametrize("raw", [NOT_UTF8_ID, TRUNCATED], ids=["not-utf8", "truncated"])
-def test_request_bytes_that_do_not_parse_are_invalid_argument(open_mesh: LocalMesh, astronaut_jpeg: bytes, raw: bytes) -> None:
+def test_request_bytes_that_do_not_parse_are_invalid_argument(
+    open_mesh: LocalMesh, astronaut_jpeg: bytes, raw: bytes
+) -> None:
     """gRPC's own answer would be INTERNAL ("Exception deserializing request!"), a bug's code."""
     unary = {"mica": "/facefuse.v1.MicaService/Predict", "fusion": "/facefuse.v1.FusionService/Fuse",
              "ofer": "/facefuse.v1.OferService/Rank"}

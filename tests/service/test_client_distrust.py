@@ -32,7 +32,9 @@ def _png(seed: int) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(
+        buffer, format="PNG"
+    )
     return buffer.getvalue()
 
 
@@ -106,13 +108,23 @@ def _attacks() -> list[tuple[str, Callable[[str], list[gateway_pb2.FaceResult]]]
         ("oversized tensor", mutate(set_vertices(_tensor(vertices, data=vertices.tobytes() * 3)))),
         ("overflowing shape", mutate(set_vertices(_tensor(vertices, shape=[2**32, 2**32], data=b"")))),
         ("unknown dtype", mutate(set_vertices(_tensor(vertices, dtype=99)))),
-        ("triangle index out of range", mutate(lambda r: r.reconstruction.mesh.faces.CopyFrom(
-            wire.from_numpy(np.array([[0, 1, 1_000_000]], np.int32))))),
-        ("NaN shape", mutate(lambda r: r.reconstruction.shape.CopyFrom(wire.from_numpy(np.array([np.nan] * 300, np.float32))))),
+        (
+            "triangle index out of range",
+            mutate(
+                lambda r: r.reconstruction.mesh.faces.CopyFrom(wire.from_numpy(np.array([[0, 1, 1_000_000]], np.int32)))
+            ),
+        ),
+        (
+            "NaN shape",
+            mutate(lambda r: r.reconstruction.shape.CopyFrom(wire.from_numpy(np.array([np.nan] * 300, np.float32)))),
+        ),
         ("infinite box", mutate(lambda r: setattr(r.face.box, "x1", float("inf")))),
         ("no reconstruction", mutate(lambda r: r.ClearField("reconstruction"))),
         ("branch named like a path", mutate(branch)),
-        ("wrong crop size", mutate(lambda r: r.face.crop112.CopyFrom(wire.from_numpy(np.zeros((1024, 1024, 3), np.uint8))))),
+        (
+            "wrong crop size",
+            mutate(lambda r: r.face.crop112.CopyFrom(wire.from_numpy(np.zeros((1024, 1024, 3), np.uint8)))),
+        ),
         ("face sent twice", duplicate),
         ("OK for no face", mutate(lambda r: setattr(r, "face_index", -1))),
     ]
@@ -155,7 +167,7 @@ def test_a_hostile_gateway_cannot_escape_out_or_crash_the_run(tmp_path: Path, wo
     for line in lines:
         by_input.setdefault(Path(line["input"]).name, []).append(line)
     assert sorted(by_input) == names  # every input has its lines, no line for anything else
-    for (what, _), name in zip(attacks, names):
+    for (what, _), name in zip(attacks, names, strict=False):
         statuses = {line["status"] for line in by_input[name]}
         assert statuses - {"OK"} and statuses <= {"OK", "INVALID_RESPONSE", "NO_RESULT"}, (what, by_input[name])
         assert all(not line["files"] for line in by_input[name] if line["status"] != "OK"), what
@@ -267,7 +279,9 @@ def test_exit_codes_tell_failures_a_dead_gateway_and_bad_usage_apart(workdir: Pa
 
     def one_failure(ids: list[str]) -> Iterator[gateway_pb2.FaceResult]:
         yield from honest()(ids[:-1])
-        yield gateway_pb2.FaceResult(image_id=ids[-1], face_index=-1, status=common_pb2.Status(code=3, message="truncated"))
+        yield gateway_pb2.FaceResult(
+            image_id=ids[-1], face_index=-1, status=common_pb2.Status(code=3, message="truncated")
+        )
 
     with GatewayDouble(one_failure) as gateway:
         assert _run(gateway, ["in"], out) == EXIT_FAILED
@@ -289,7 +303,10 @@ def test_exit_codes_tell_failures_a_dead_gateway_and_bad_usage_apart(workdir: Pa
     # Nothing listens: the gateway is down.
     with GatewayDouble(honest()) as gateway:
         port = gateway.port
-    assert main(["detect", "in", "-o", str(workdir / "out5"), "--gateway", f"127.0.0.1:{port}", "--no-progress"]) == EXIT_GATEWAY
+    assert (
+        main(["detect", "in", "-o", str(workdir / "out5"), "--gateway", f"127.0.0.1:{port}", "--no-progress"])
+        == EXIT_GATEWAY
+    )
 
 
 def test_the_exit_codes_are_in_the_help() -> None:
@@ -313,5 +330,7 @@ def test_a_face_whose_files_cannot_be_written_is_a_status_not_an_abort(workdir: 
     with GatewayDouble(honest()) as gateway:
         assert _run(gateway, ["in"], out) == EXIT_FAILED
     lines = {line["image_id"]: line for line in _results(out)}
-    assert lines["in/blocked.png"]["status"] == "WRITE_FAILED" and "could not write" in lines["in/blocked.png"]["message"]
+    assert (
+        lines["in/blocked.png"]["status"] == "WRITE_FAILED" and "could not write" in lines["in/blocked.png"]["message"]
+    )
     assert lines["in/fine.png"]["status"] == "OK"

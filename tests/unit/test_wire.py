@@ -45,7 +45,9 @@ def test_numpy_round_trip_including_big_endian(dtype: str) -> None:
     assert back.dtype.byteorder in ("<", "|", "=") and back.dtype.kind == np.dtype(dtype).kind
     np.testing.assert_array_equal(back, array)
     # Little-endian raw bytes on the wire, whatever the source order.
-    np.testing.assert_array_equal(np.frombuffer(message.data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(4, 6), array)
+    np.testing.assert_array_equal(
+        np.frombuffer(message.data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(4, 6), array
+    )
 
 
 def test_bfloat16_crosses_between_numpy_and_torch() -> None:

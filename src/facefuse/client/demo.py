@@ -47,12 +47,20 @@ def sample_photos(folder: Path, front_end: object | None = None) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     astronaut = skimage.data.astronaut()
-    paths = [write_bytes_atomic(folder / "astronaut.png", _png(astronaut)),
-             write_bytes_atomic(folder / "t1.jpg", (Path(insightface.__file__).parent / "data" / "images" / "t1.jpg").read_bytes())]
+    paths = [
+        write_bytes_atomic(folder / "astronaut.png", _png(astronaut)),
+        write_bytes_atomic(
+            folder / "t1.jpg", (Path(insightface.__file__).parent / "data" / "images" / "t1.jpg").read_bytes()
+        ),
+    ]
     if front_end is not None:
         detections = front_end.detect(astronaut)  # type: ignore[attr-defined]
         if detections:
-            paths.append(write_bytes_atomic(folder / "astronaut_mouth_occluded.png", _png(occlude_mouth(astronaut, detections[0].kps5))))
+            paths.append(
+                write_bytes_atomic(
+                    folder / "astronaut_mouth_occluded.png", _png(occlude_mouth(astronaut, detections[0].kps5))
+                )
+            )
     return paths
 
 
@@ -75,7 +83,9 @@ def run_demo(out: Path, assets: str | None = None) -> int:
             failed = report.failed
             print(f"detect: {report.faces} face(s) in {report.seconds:.1f} s -> {out / 'detect'}")
             if all(ready.get(name) for name in ("mica", "ofer", "fusion")):
-                rec = run_stream(items, out / "reconstruct", client, "fuse", options={"return_crops": True, "save_branches": True})
+                rec = run_stream(
+                    items, out / "reconstruct", client, "fuse", options={"return_crops": True, "save_branches": True}
+                )
                 print(f"reconstruct: {rec.faces} face(s) in {rec.seconds:.1f} s -> {out / 'reconstruct'}")
                 failed += rec.failed
             elif ready.get("mica"):
@@ -85,8 +95,10 @@ def run_demo(out: Path, assets: str | None = None) -> int:
             else:
                 for backend in info.backends:
                     print(f"  {backend.service}: {'ready' if backend.ready else 'not ready'} ({backend.message})")
-                print("3D reconstruction needs model backends: put the official files in a folder and pass --assets DIR "
-                      "(see `facefuse assets check`); the open pack's backends are not part of this build yet.")
+                print(
+                    "3D reconstruction needs model backends: put the official files in a folder and pass --assets DIR "
+                    "(see `facefuse assets check`); the open pack's backends are not part of this build yet."
+                )
     print(f"done: look at {out}/reconstruct/*/face_*/preview.png (3D previews), mesh.glb / mesh.obj, "
           f"visibility_overlay.png, and {out}/*/results.jsonl")
     if failed:

@@ -44,7 +44,9 @@ def group_items(items: list[InputItem], spec: str) -> dict[str, list[InputItem]]
             resolved = str((path.parent / image).resolve())
             matches = [by_path[resolved]] if resolved in by_path else by_name.get(Path(image).name, [])
             if len(matches) != 1:
-                raise InvalidInputError(f"{path}:{row_number}: {image!r} matches {len(matches)} of the inputs (need exactly 1)")
+                raise InvalidInputError(
+                    f"{path}:{row_number}: {image!r} matches {len(matches)} of the inputs (need exactly 1)"
+                )
             groups.setdefault(identity, []).append(matches[0])
     return groups
 
@@ -68,12 +70,21 @@ def write_identities(out: Path, groups: dict[str, list[InputItem]], method: str)
             faces = f
             vertices.append(v)
             shapes.append(np.load(face_dir / "shape.npy")) if (face_dir / "shape.npy").is_file() else None
-            spreads.append(np.load(face_dir / "uncertainty.npy") if (face_dir / "uncertainty.npy").is_file() else np.zeros(len(v)))
+            spreads.append(
+                np.load(face_dir / "uncertainty.npy") if (face_dir / "uncertainty.npy").is_file() else np.zeros(len(v))
+            )
             kpts.append(np.load(face_dir / "kpt7.npy")) if (face_dir / "kpt7.npy").is_file() else None
             visibility = m.get("visibility")
-            weights.append(image_weight(m.get("confidence"), float(np.mean(list(visibility.values()))) if visibility else None))
-        result = fuse_identity(np.stack(vertices), np.array(weights), shapes=np.stack(shapes) if len(shapes) == len(members) else None,
-                               spreads_mm=np.stack(spreads), kpt7_mm=np.stack(kpts) if len(kpts) == len(members) else None)
+            weights.append(
+                image_weight(m.get("confidence"), float(np.mean(list(visibility.values()))) if visibility else None)
+            )
+        result = fuse_identity(
+            np.stack(vertices),
+            np.array(weights),
+            shapes=np.stack(shapes) if len(shapes) == len(members) else None,
+            spreads_mm=np.stack(spreads),
+            kpt7_mm=np.stack(kpts) if len(kpts) == len(members) else None,
+        )
         write_obj(target / "mesh.obj", result.vertices_mm, faces)
         write_ply(target / "mesh.ply", result.vertices_mm, faces)
         write_ply(target / "mesh_uncertainty.ply", result.vertices_mm, faces, heat_colors(result.vertex_spread_mm))
@@ -82,9 +93,18 @@ def write_identities(out: Path, groups: dict[str, list[InputItem]], method: str)
             write_npy_atomic(target / "shape.npy", result.shape)
         if result.kpt7_mm is not None:
             write_npy_atomic(target / "kpt7.npy", result.kpt7_mm)
-        entry = {"identity": name, "status": "OK", "images": len(group), "used": len(members),
-                 "members": [{"image_id": m["image_id"], "weight": round(float(w), 4)} for m, w in zip(members, result.weights)],
-                 "dir": str(target.relative_to(out)), "spread_mm_mean": round(float(result.vertex_spread_mm.mean()), 4)}
+        entry = {
+            "identity": name,
+            "status": "OK",
+            "images": len(group),
+            "used": len(members),
+            "members": [
+                {"image_id": m["image_id"], "weight": round(float(w), 4)}
+                for m, w in zip(members, result.weights, strict=True)
+            ],
+            "dir": str(target.relative_to(out)),
+            "spread_mm_mean": round(float(result.vertex_spread_mm.mean()), 4),
+        }
         write_json_atomic(target / "identity.json", entry)
         summary.append(entry)
     import json

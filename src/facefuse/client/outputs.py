@@ -20,7 +20,13 @@ import numpy as np
 from facefuse.client.inputs import InputItem
 from facefuse.client.names import display
 from facefuse.client.validate import CheckedFace, CheckedReconstruction
-from facefuse.io.atomic import write_bytes_atomic, write_json_atomic, write_npy_atomic, write_npz_atomic, write_text_atomic
+from facefuse.io.atomic import (
+    write_bytes_atomic,
+    write_json_atomic,
+    write_npy_atomic,
+    write_npz_atomic,
+    write_text_atomic,
+)
 from facefuse.io.gltf import write_glb
 from facefuse.io.meshes import heat_colors, write_obj, write_ply
 from facefuse.render import render_preview
@@ -127,8 +133,9 @@ def status_entry(item: InputItem, method: str, status: str, message: str, *, fac
 
 
 def _png(path: Path, rgb: np.ndarray) -> Path:
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="PNG")
@@ -152,18 +159,20 @@ def overlay(image: np.ndarray, box: np.ndarray, kps5: np.ndarray, landmarks: np.
     left, top, right, bottom = _face_window(image.shape, box)
     canvas = np.ascontiguousarray(image[top:bottom, left:right].copy())
     scale = max(canvas.shape[:2]) / 512.0 if max(canvas.shape[:2]) > 0 else 1.0
-    thick = max(1, int(round(2 * scale)))
+    thick = max(1, round(2 * scale))
     cv2.rectangle(canvas, (int(x1 - left), int(y1 - top)), (int(x2 - left), int(y2 - top)), (0, 255, 0), thick)
     if landmarks is not None:
         for x, y in landmarks[:, :2]:
             cv2.circle(canvas, (int(x - left), int(y - top)), max(1, thick // 2), (0, 200, 255), -1)
     colours = [(255, 0, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)]
-    for (x, y), colour in zip(kps5, colours):
+    for (x, y), colour in zip(kps5, colours, strict=False):
         cv2.circle(canvas, (int(x - left), int(y - top)), thick * 2, colour, -1)
     return canvas
 
 
-def visibility_overlay(image: np.ndarray, box: np.ndarray, landmarks: np.ndarray, regions: dict[str, float]) -> np.ndarray:
+def visibility_overlay(
+    image: np.ndarray, box: np.ndarray, landmarks: np.ndarray, regions: dict[str, float]
+) -> np.ndarray:
     """The face with each region's outline coloured by its visibility: green seen, red hidden."""
     import cv2
 
@@ -171,7 +180,7 @@ def visibility_overlay(image: np.ndarray, box: np.ndarray, landmarks: np.ndarray
 
     canvas = overlay(image, box, np.zeros((0, 2)), None)
     left, top, _, _ = _face_window(image.shape, box)
-    thick = max(1, int(round(max(canvas.shape[:2]) / 256)))
+    thick = max(1, round(max(canvas.shape[:2]) / 256))
     for name, value in regions.items():
         try:
             polygon = region_polygon(name, landmarks)
@@ -211,8 +220,18 @@ def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None)
     if rec is not None:
         colors = _landmark_colors(image, face.landmarks)
         entry.update(write_reconstruction(target, rec, keep, colors))
-        if rec.visibility is not None and image is not None and face.landmarks is not None and len(face.landmarks) >= 468:
-            keep(_png(target / "visibility_overlay.png", visibility_overlay(image, face.box, face.landmarks, rec.visibility)))
+        if (
+            rec.visibility is not None
+            and image is not None
+            and face.landmarks is not None
+            and len(face.landmarks) >= 468
+        ):
+            keep(
+                _png(
+                    target / "visibility_overlay.png",
+                    visibility_overlay(image, face.box, face.landmarks, rec.visibility),
+                )
+            )
         for name, branch in face.branches:
             write_reconstruction(target / f"branch_{name}", branch, keep, colors)
     entry["files"] = files
@@ -270,12 +289,23 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
         keep(write_npz_atomic(target / "samples.npz", {"shapes": rec.samples, "scores": scores}))
     if params:
         keep(write_npz_atomic(target / "params.npz", params))
-        keep(write_json_atomic(target / "params.json", {
-            "model": "FLAME 2020" if flame else f"{rec.topology} (open pack)",
-            "units": {"vertices": "mm", "shape": "FLAME coefficients" if flame else "mm displacement from the canonical face, xyz per vertex"},
-            "method": rec.method, "strategy": rec.strategy or rec.method,
-            **{k: [float(x) for x in v.ravel()] for k, v in params.items()},
-        }))
+        keep(
+            write_json_atomic(
+                target / "params.json",
+                {
+                    "model": "FLAME 2020" if flame else f"{rec.topology} (open pack)",
+                    "units": {
+                        "vertices": "mm",
+                        "shape": "FLAME coefficients"
+                        if flame
+                        else "mm displacement from the canonical face, xyz per vertex",
+                    },
+                    "method": rec.method,
+                    "strategy": rec.strategy or rec.method,
+                    **{k: [float(x) for x in v.ravel()] for k, v in params.items()},
+                },
+            )
+        )
     return info
 
 

@@ -102,7 +102,9 @@ def tensor(message: common_pb2.Tensor, name: str, shape: Sequence[int | None], d
     """Decode one tensor after checking its shape against ``shape`` (None: any size up to ``max_dim``)."""
     dims = list(message.shape)
     wanted = "(" + ", ".join("N" if s is None else str(s) for s in shape) + ")"
-    if len(dims) != len(shape) or any(d < 0 or d > max_dim or (s is not None and d != s) for d, s in zip(dims, shape)):
+    if len(dims) != len(shape) or any(
+        d < 0 or d > max_dim or (s is not None and d != s) for d, s in zip(dims, shape, strict=True)
+    ):
         shown = tuple(dims[:8]) if len(dims) <= 8 else (*dims[:8], "...")
         raise InvalidResponseError(f"{name}: shape {shown}, expected {wanted} with sizes up to {max_dim}")
     try:
@@ -134,15 +136,21 @@ def check_reconstruction(rec: gateway_pb2.Reconstruction, name: str) -> CheckedR
     vertices = faces = uvs = spread = None
     if rec.HasField("mesh"):
         mesh = rec.mesh
-        vertices = tensor(mesh.vertices, f"{name}.mesh.vertices", (None, 3), _FLOATS, max_dim=MAX_VERTICES, max_abs=MAX_MM)
+        vertices = tensor(
+            mesh.vertices, f"{name}.mesh.vertices", (None, 3), _FLOATS, max_dim=MAX_VERTICES, max_abs=MAX_MM
+        )
         faces = tensor(mesh.faces, f"{name}.mesh.faces", (None, 3), _INTEGERS, max_dim=MAX_TRIANGLES)
         if len(vertices) < 3 or len(faces) < 1:
-            raise InvalidResponseError(f"{name}.mesh: {len(vertices)} vertices and {len(faces)} triangles, too few for a mesh")
+            raise InvalidResponseError(
+                f"{name}.mesh: {len(vertices)} vertices and {len(faces)} triangles, too few for a mesh"
+            )
         if faces.size and (int(faces.min()) < 0 or int(faces.max()) >= len(vertices)):
             raise InvalidResponseError(f"{name}.mesh.faces: indices outside 0..{len(vertices) - 1}")
         count = len(vertices)
         uvs = _optional(mesh, "uvs", f"{name}.mesh.uvs", (count, 2), _FLOATS, max_dim=MAX_VERTICES, max_abs=MAX_MM)
-        spread = _optional(rec, "vertex_spread", f"{name}.vertex_spread", (count,), _FLOATS, max_dim=MAX_VERTICES, max_abs=MAX_MM)
+        spread = _optional(
+            rec, "vertex_spread", f"{name}.vertex_spread", (count,), _FLOATS, max_dim=MAX_VERTICES, max_abs=MAX_MM
+        )
         if spread is not None and spread.size and float(spread.min()) < 0:
             raise InvalidResponseError(f"{name}.vertex_spread: negative spread")
     elif wire.has(rec, "vertex_spread"):
@@ -164,12 +172,22 @@ def check_reconstruction(rec: gateway_pb2.Reconstruction, name: str) -> CheckedR
         visibility = {text(k): _number(v, f"{name}.visibility[{text(k)}]", 0.0, 1.0) for k, v in regions.items()}
         sources = [text(s) for s in rec.visibility.sources]
     return CheckedReconstruction(
-        method=text(rec.method), strategy=text(rec.strategy), confidence=_number(rec.confidence, f"{name}.confidence", -1e9, 1e9),
-        fallback=text(rec.fallback, MAX_MESSAGE), topology=text(rec.mesh.topology) if rec.HasField("mesh") else "",
-        vertices=vertices, faces=faces, uvs=uvs, vertex_spread=spread, shape=shape,
+        method=text(rec.method),
+        strategy=text(rec.strategy),
+        confidence=_number(rec.confidence, f"{name}.confidence", -1e9, 1e9),
+        fallback=text(rec.fallback, MAX_MESSAGE),
+        topology=text(rec.mesh.topology) if rec.HasField("mesh") else "",
+        vertices=vertices,
+        faces=faces,
+        uvs=uvs,
+        vertex_spread=spread,
+        shape=shape,
         kpt7=_optional(rec, "kpt7", f"{name}.kpt7", (7, 3), _FLOATS, max_dim=7, max_abs=MAX_MM),
         landmarks68=_optional(rec, "landmarks68", f"{name}.landmarks68", (68, 3), _FLOATS, max_dim=68, max_abs=MAX_MM),
-        samples=samples, sample_scores=scores, visibility=visibility, visibility_sources=sources,
+        samples=samples,
+        sample_scores=scores,
+        visibility=visibility,
+        visibility_sources=sources,
     )
 
 
@@ -199,12 +217,18 @@ def check_face(result: gateway_pb2.FaceResult, method: str) -> CheckedFace:
     elif result.HasField("reconstruction") or len(result.branches):
         raise InvalidResponseError(f"method {method}: a reconstruction was not asked for")
     return CheckedFace(
-        face_index=result.face_index, num_faces=result.num_faces,
+        face_index=result.face_index,
+        num_faces=result.num_faces,
         seconds=_number(result.seconds, "seconds", 0.0, 1e7),
-        box=box, score=_number(face.score or face.box.score, "face.score", -1e9, 1e9), detector=text(face.detector),
+        box=box,
+        score=_number(face.score or face.box.score, "face.score", -1e9, 1e9),
+        detector=text(face.detector),
         kps5=np.zeros((5, 2), np.float32) if kps5 is None else kps5,
-        landmarks=_optional(face, "landmarks", "face.landmarks", (None, 3), _FLOATS, max_dim=MAX_POINTS, max_abs=MAX_PIXEL_COORD),
+        landmarks=_optional(
+            face, "landmarks", "face.landmarks", (None, 3), _FLOATS, max_dim=MAX_POINTS, max_abs=MAX_PIXEL_COORD
+        ),
         crop112=_optional(face, "crop112", "face.crop112", (112, 112, 3), _BYTES, max_dim=112),
         crop224=_optional(face, "crop224", "face.crop224", (224, 224, 3), _BYTES, max_dim=224),
-        reconstruction=reconstruction, branches=tuple(branches),
+        reconstruction=reconstruction,
+        branches=tuple(branches),
     )

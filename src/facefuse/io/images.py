@@ -54,7 +54,8 @@ from facefuse.errors import InvalidInputError, LimitExceededError
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_DECODE_BYTES = 512 * 1024 * 1024
-"""Fits any 8-bit photo or a 16-bit RGB PNG at the default pixel limit (40 M px); refuses a 16-bit RGBA one over 33 M px."""
+"""Fits any 8-bit photo or a 16-bit RGB PNG at the default pixel limit (40 M px); refuses a 16-bit
+RGBA one over 33 M px."""
 _STRIP_PIXELS = 1 << 18
 _STRIP_BYTES_PER_PIXEL = 64  # the most any conversion's temporaries take per pixel of a strip
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")  # JPEG also opens MPO (multi-picture) files

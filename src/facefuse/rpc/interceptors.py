@@ -87,7 +87,7 @@ def _code_of(context: grpc.ServicerContext) -> grpc.StatusCode | None:
     code = getattr(context, "code", None)
     try:
         value = code() if callable(code) else None
-    except Exception:  # noqa: BLE001 - older grpc contexts have no readable code
+    except Exception:
         return None
     return value if isinstance(value, grpc.StatusCode) and value != grpc.StatusCode.OK else None
 
@@ -109,13 +109,17 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 self._unary(method, handler.unary_unary), handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._streaming(method, handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+                self._streaming(method, handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
                 self._unary(method, handler.stream_unary), handler.request_deserializer, handler.response_serializer)
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._streaming(method, handler.stream_stream), handler.request_deserializer, handler.response_serializer)
+                self._streaming(method, handler.stream_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
         return handler
 
     def _unary(self, method: str, behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
@@ -123,7 +127,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
             call = _Call(method, context, self.observers)
             try:
                 return behaviour(request, context)
-            except Exception as exc:  # noqa: BLE001 - the boundary: every failure becomes a status
+            except Exception as exc:
                 call.fail(exc)
                 raise
             finally:
@@ -131,12 +135,14 @@ class ServerInterceptor(grpc.ServerInterceptor):
 
         return run
 
-    def _streaming(self, method: str, behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Any]:
+    def _streaming(
+        self, method: str, behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]
+    ) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             call = _Call(method, context, self.observers)
             try:
                 yield from behaviour(request, context)
-            except Exception as exc:  # noqa: BLE001 - the boundary: every failure becomes a status
+            except Exception as exc:
                 call.fail(exc)
                 raise
             finally:

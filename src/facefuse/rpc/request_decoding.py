@@ -19,8 +19,10 @@ import grpc
 def _parse(deserialize: Callable[[bytes], Any], raw: bytes) -> Any:
     try:
         return deserialize(raw)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, or UnicodeDecodeError, or others
-        raise _BadRequest(f"the request does not parse as a message of this RPC ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:
+        raise _BadRequest(
+            f"the request does not parse as a message of this RPC ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 class _BadRequest(Exception):
