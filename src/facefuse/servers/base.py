@@ -16,11 +16,11 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -176,6 +176,16 @@ def channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
+class ReadinessFeed(Protocol):
+    """A readiness that changes while the server runs (the gateway's follows its backends)."""
+
+    def start(self, publish: Callable[[bool], None]) -> None: ...
+
+
+Readiness = Mapping[str, "bool | ReadinessFeed"]
+"""Per RPC service name: ready at start (bool) or a feed the server starts once bound (NOT_SERVING till then)."""
+
+
 @dataclass
 class RunningServer:
     server: grpc.Server
@@ -197,7 +207,7 @@ def start_server(
     register: Callable[[grpc.Server], None],
     service_names: Sequence[str],
     options: ServerOptions,
-    ready: dict[str, bool] | None = None,
+    ready: Readiness | None = None,
 ) -> RunningServer:
     """Start a server with the services ``register`` adds, health and reflection; returns once bound."""
     server = grpc.server(
@@ -217,7 +227,10 @@ def start_server(
     running = RunningServer(server, health_servicer, port, names)
     running.set_ready("", True)
     for name in names:
-        running.set_ready(name, (ready or {}).get(name, True))
+        value = (ready or {}).get(name, True)
+        running.set_ready(name, value is True)
+        if not isinstance(value, bool):
+            value.start(functools.partial(running.set_ready, name))
     if options.port_file is not None:
         write_text_atomic(options.port_file, str(port))
     log_event("listening", host=options.host, port=port, services=list(names))
@@ -263,7 +276,7 @@ def run_cli(
     prog: str,
     description: str,
     add_arguments: Callable[[argparse.ArgumentParser], None],
-    build: Callable[[argparse.Namespace], tuple[Callable[[grpc.Server], None], Sequence[str], dict[str, bool]]],
+    build: Callable[[argparse.Namespace], tuple[Callable[[grpc.Server], None], Sequence[str], Readiness]],
     argv: Iterable[str] | None = None,
 ) -> int:
     """Shared ``main`` of the servers: parse, build the servicer, serve until SIGTERM."""

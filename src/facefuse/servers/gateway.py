@@ -20,7 +20,8 @@ import grpc
 from facefuse import wire
 from facefuse.errors import FacefuseError, InvalidInputError, LimitExceededError
 from facefuse.pipeline.orchestration import FacePipeline, MeshClients, error_result
-from facefuse.servers.base import caller_time_left, log_event, run_cli, unary_errors
+from facefuse.servers.base import Readiness, caller_time_left, log_event, run_cli, unary_errors
+from facefuse.servers.readiness import BackendReadiness
 from facefuse.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 SERVICE_NAME = "facefuse.v1.Gateway"
@@ -148,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--det-thresh", type=float, default=None, help="detector score threshold")
 
 
-def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequence[str], dict[str, bool]]:
+def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequence[str], Readiness]:
     from facefuse.assets.registry import assets_dir
     from facefuse.assets.store import ModelStore
     from facefuse.face.frontend import FaceFrontEnd
@@ -159,7 +160,7 @@ def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequ
     servicer = GatewayServicer(pipeline, max_image_bytes=args.max_image_mb << 20, image_workers=args.image_workers,
                                front_end_name=front_end.name)
     return (lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
-            [SERVICE_NAME], {SERVICE_NAME: True})
+            [SERVICE_NAME], {SERVICE_NAME: BackendReadiness({"mica": args.mica, "ofer": args.ofer, "fusion": args.fusion})})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
