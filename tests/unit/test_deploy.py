@@ -255,11 +255,8 @@ def _distribution_closure(names: list[str]) -> set[str]:
 
     from packaging.requirements import Requirement
 
-    def norm(name: str) -> str:
-        return re.sub(r"[-_.]+", "-", name).lower()
-
     seen: set[str] = set()
-    todo = [norm(n) for n in names]
+    todo = [_norm(n) for n in names]
     while todo:
         name = todo.pop()
         if name in seen:
@@ -272,7 +269,7 @@ def _distribution_closure(names: list[str]) -> set[str]:
         for line in requires:
             req = Requirement(line)
             if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(norm(req.name))
+                todo.append(_norm(req.name))
     return seen
 
 
@@ -319,11 +316,8 @@ print(json.dumps(sorted(sorted(dists[t]) for t in top if t in dists)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
 
-    def norm(dist: str) -> str:
-        return re.sub(r"[-_.]+", "-", dist).lower()
-
     # Each imported top-level module, as the distributions that can provide it (cv2: opencv-python or -headless).
-    providers = [{norm(d) for d in group} for group in json.loads(out.stdout.strip().splitlines()[-1])]
+    providers = [{_norm(d) for d in group} for group in json.loads(out.stdout.strip().splitlines()[-1])]
     folder = IMAGES[name]
     requirements = _requirement_names(ROOT / folder / "requirements.txt")
     no_deps = ROOT / folder / "requirements-nodeps.txt"  # installed with --no-deps: themselves, not their closure
