@@ -129,9 +129,12 @@ def test_killed_ofer_gives_flagged_mica_fallback_and_start_recovers(compose_mesh
     assert "ofer unavailable" in entry.get("fallback", "") and entry["strategy"] == "mica", entry
     _check_mesh_files(tmp_path / "fallback" / entry["dir"], 468)
 
+    started = time.monotonic()
     compose_mesh.compose("start", "ofer")
-    compose_mesh.timings["ofer restart to healthy_s"] = compose_mesh.wait_healthy(("ofer",))
-    wait_serving(gateway, "gateway", 60, service=HEALTH_NAMES["gateway"])
+    wait_serving(compose_mesh.address("ofer"), "ofer", 180, service=HEALTH_NAMES["ofer"])  # ready again ...
+    compose_mesh.timings["ofer start to ready_s"] = time.monotonic() - started
+    wait_serving(gateway, "gateway", 60, service=HEALTH_NAMES["gateway"])  # ... and the gateway sees it
+    compose_mesh.wait_healthy(("ofer", "gateway"))
     entry = _reconstruct(compose_mesh, astronaut_png, tmp_path / "recovered", "--samples", "4")
     assert "fallback" not in entry and entry["strategy"] != "mica", entry
 
