@@ -54,11 +54,14 @@ smoke: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_grpc_hop.py
 
+# Compose v2 (`docker compose`) where installed, else docker-compose v1.29.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+
 up:
-	docker compose up --build
+	$(COMPOSE) up --build -d
 
 down:
-	docker compose down
+	$(COMPOSE) down
 
 compose-config:
 	docker-compose -f docker-compose.yml config -q || docker compose -f docker-compose.yml config -q
