@@ -1,5 +1,5 @@
 # facefuse: the two commands a new user needs are `make demo` and `make test` (see README).
-# Everything runs as local processes; docker targets are for machines with a Docker engine.
+# Everything runs as local processes; test-compose and the docker targets use a container engine.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,13 +10,14 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.facefuse-installed
 OUT ?= facefuse-demo
 
-.PHONY: help install protos check-protos demo test test-fast smoke up down compose-config bench clean
+.PHONY: help install protos check-protos demo test test-fast test-compose smoke up down compose-config bench clean
 
 help:
 	@echo "make demo     set up .venv and run the demo (local mesh, open pack) into ./$(OUT)"
 	@echo "make test     set up .venv and run the whole test suite"
 	@echo "make protos   regenerate src/facefuse/v1 from protos/"
 	@echo "make smoke    start the mesh locally and call it with grpcurl"
+	@echo "make test-compose  build the images and test the mesh in containers (sets up an engine if none)"
 	@echo "make up       docker compose up (needs a Docker engine)"
 
 $(STAMP): pyproject.toml constraints.txt requirements/dev.txt
@@ -43,20 +44,28 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# The container suite (not part of `make test`): builds the four images, runs docker-compose.yml, tests it.
+test-compose: $(STAMP)
+	PY=$(PY) bash deploy/test-compose.sh
+
 smoke: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash deploy/smoke.sh
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_grpc_hop.py
 
+# Compose v2 (`docker compose`) where installed, else docker-compose v1.29.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+
 up:
-	docker compose up --build
+	$(COMPOSE) up --build -d
 
 down:
-	docker compose down
+	$(COMPOSE) down
 
 compose-config:
 	docker-compose -f docker-compose.yml config -q || docker compose -f docker-compose.yml config -q
+	docker-compose -f docker-compose.yml -f docker-compose.gpu.yml config -q || docker compose -f docker-compose.yml -f docker-compose.gpu.yml config -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache $(OUT)

@@ -71,3 +71,15 @@ def read_official_keys(name: str) -> list[tuple[str, tuple[int, ...], str]]:
 def official_keys():
     """``official_keys("mica_arcface")`` -> [(key, shape, dtype name)] from the tsv dumps."""
     return read_official_keys
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--compose", action="store_true",
+                     help="also collect tests/compose: build the images and run the mesh in containers (make test-compose)")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/compose builds images and starts containers: only with --compose, never in `make test`."""
+    if collection_path.name == "compose" and collection_path.parent == Path(__file__).parent:
+        return not config.getoption("--compose")
+    return None

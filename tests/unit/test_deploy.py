@@ -1,4 +1,5 @@
-"""Deploy files: compose validated statically (no Docker engine here), one image per service."""
+"""Deploy files, statically: compose (docker-compose 1.29 and the Compose v2 schema), the Dockerfile's stages,
+requirements and conda environments. tests/compose/ builds and runs them for real (make test-compose)."""
 
 from __future__ import annotations
 
@@ -14,38 +15,196 @@ ROOT = Path(__file__).resolve().parents[2]
 IMAGES = {"mica": "services/mica", "ofer": "services/ofer", "fusion": "services/fusion", "gateway": "gateway"}
 
 
-def _compose_binary() -> list[str] | None:
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        return ["docker", "compose"]
-    return None
+COMPOSE_FILES = ("docker-compose.yml", "docker-compose.gpu.yml")
+COMPOSE_COMBINATIONS = (("docker-compose.yml",), ("docker-compose.yml", "docker-compose.gpu.yml"))
+HEALTH_NAMES = {"mica": "facefuse.v1.MicaService", "ofer": "facefuse.v1.OferService",
+                "fusion": "facefuse.v1.FusionService", "gateway": "facefuse.v1.Gateway"}
 
 
-def test_compose_file_is_valid() -> None:
-    binary = _compose_binary()
+def _load_yaml(path: Path) -> dict:
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(path.read_text())
+
+
+def _compose_v1() -> str:
+    binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.skip("docker-compose is not installed (.ci/run installs Debian's docker-compose)")
-    result = subprocess.run([*binary, "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True, cwd=ROOT)
+        pytest.skip("docker-compose (v1.29) is not installed (.ci/run installs Debian's docker-compose)")
+    return binary
+
+
+@pytest.mark.parametrize("files", COMPOSE_COMBINATIONS, ids=["+".join(c) for c in COMPOSE_COMBINATIONS])
+def test_compose_v1_parses_every_combination_of_files(files: tuple[str, ...]) -> None:
+    args = [a for f in files for a in ("-f", str(ROOT / f))]
+    result = subprocess.run([_compose_v1(), *args, "config", "-q"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
-    config = result.stdout
-    for service in IMAGES:
-        assert re.search(rf"^  {service}:$", config, re.M), f"service {service} missing"
-    assert config.count("read_only: true") >= 4 or config.count(":/assets:ro") >= 4, "assets must be mounted read-only"
-    assert config.count("capabilities:") >= 2 and "driver: nvidia" in config  # GPU reservations for mica and ofer
-    assert config.count("healthcheck:") == 4
+
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_files_match_the_compose_v2_schema(name: str) -> None:
+    """The Compose Specification schema that Compose v2 validates against (vendored by check-jsonschema,
+    so nothing is downloaded here). Each file alone: an override file is a valid compose file too."""
+    import json
+    from importlib import resources
+
+    import jsonschema
+
+    schema = json.loads(resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text())
+    jsonschema.validate(_load_yaml(ROOT / name), schema)
+
+
+def test_the_schema_check_catches_what_v2_refuses() -> None:
+    import json
+    from importlib import resources
+
+    import jsonschema
+
+    schema = json.loads(resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text())
+    broken = _load_yaml(ROOT / "docker-compose.yml")
+    broken["services"]["mica"]["healthcheck"]["retires"] = 3  # a typo v2 rejects
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
+def _config(*files: str, env: dict[str, str] | None = None) -> dict:
+    """The merged, interpolated configuration as docker-compose v1 resolves it."""
+    import os
+
+    args = [a for f in files for a in ("-f", str(ROOT / f))]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FACEFUSE_")}
+    result = subprocess.run([_compose_v1(), *args, "config"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60,
+                            env={**clean, **(env or {})})
+    assert result.returncode == 0, result.stderr
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(result.stdout)
+
+
+def test_compose_default_is_cpu_ready_checked_read_only_and_loopback() -> None:
+    config = _config("docker-compose.yml")
+    services = config["services"]
+    assert set(services) == set(IMAGES)
+    for name, service in services.items():
+        assert service["build"]["target"] == name and service["image"] == f"facefuse/{name}:0.1.0"
+        assert "deploy" not in service, f"{name}: GPU reservations belong in docker-compose.gpu.yml"
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD-SHELL" and "facefuse.servers.probe 127.0.0.1:" in test[1], test
+        assert test[1].endswith(HEALTH_NAMES[name]), f"{name}: the healthcheck must probe readiness, not liveness"
+        assert any(v.endswith(":/assets:ro") for v in service["volumes"]), f"{name}: assets must be mounted read-only"
+        assert service["restart"] == "unless-stopped"
+        for port in service["ports"]:
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    assert {n: c["condition"] for n, c in services["gateway"]["depends_on"].items()} == dict.fromkeys(
+        ("mica", "ofer", "fusion"), "service_healthy")
+    assert "TORCH_SOURCE" not in services["gateway"]["build"].get("args", {}), "the gateway has no torch"
+    opened = _config("docker-compose.yml", env={"FACEFUSE_BIND": "0.0.0.0"})["services"]["gateway"]["ports"]
+    assert opened[0].startswith("0.0.0.0:50050:")
+
+
+def test_gpu_override_reserves_gpus_for_mica_and_ofer_only() -> None:
+    services = _config("docker-compose.yml", "docker-compose.gpu.yml")["services"]
+    for name in ("mica", "ofer"):
+        (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        assert "cuda" in services[name]["command"]
+    for name in ("mica", "ofer", "fusion"):
+        assert services[name]["build"]["args"]["TORCH_SOURCE"] == "pypi"
+    assert "deploy" not in services["fusion"] and "deploy" not in services["gateway"]
+
+
+def _dockerfile_stages() -> dict[str, tuple[str, list[str]]]:
+    """Stage name -> (the stage it is built FROM, its instructions), continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    stages: dict[str, tuple[str, list[str]]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        line = line.strip()
+        match = re.match(r"FROM\s+(\S+)\s+AS\s+(\S+)$", line, re.IGNORECASE)
+        if match:
+            current = []
+            stages[match.group(2)] = (match.group(1), current)
+        elif current is not None and line and not line.startswith("#"):
+            current.append(line)
+    return stages
+
+
+def _ancestry(stages: dict[str, tuple[str, list[str]]], name: str) -> list[str]:
+    chain = [name]
+    while chain[-1] in stages:
+        chain.append(stages[chain[-1]][0])
+    return chain
 
 
 @pytest.mark.parametrize("name,folder", IMAGES.items())
-def test_each_service_has_its_own_image_and_dependencies(name: str, folder: str) -> None:
-    dockerfile = (ROOT / folder / "Dockerfile").read_text()
-    assert f"facefuse.servers.{name}" in dockerfile and "HEALTHCHECK" in dockerfile
+def test_each_service_image_is_a_thin_non_root_stage(name: str, folder: str) -> None:
+    stages = _dockerfile_stages()
+    lines = stages[name][1]
+    chain = _ancestry(stages, name)
+    assert "base" in chain, "every image builds on the shared base layer"
+    assert ("torch" in chain) == (name != "gateway"), chain
+    assert f"facefuse.servers.{name}" in next(line for line in lines if line.startswith("ENTRYPOINT"))
+    healthcheck = next(line for line in lines if line.startswith("HEALTHCHECK"))
+    assert healthcheck.endswith(HEALTH_NAMES[name]) and "CMD [" not in healthcheck  # shell form = CMD-SHELL
+    assert "USER facefuse" in lines and not any(line.startswith("USER root") for line in lines)
+    assert any("FACEFUSE_OFFLINE=1" in line and "FACEFUSE_MODELS=" in line for line in lines), "models are baked in"
+    assert any(line.startswith("COPY --from=models") for line in lines)
+    assert any(f"{folder}/requirements" in line for line in lines)
+    assert not any("npm" in line for line in lines), "npm is only in the build stage that fetches the models"
     requirements = (ROOT / folder / "requirements.txt").read_text().split()
     assert {"grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf"} <= set(requirements)
     if name == "gateway":
-        assert "torch" not in requirements and "insightface" in requirements
+        assert "torch" not in requirements and "insightface" in (ROOT / folder / "requirements-nodeps.txt").read_text().split()
     else:
         assert "torch" in requirements and "insightface" not in requirements
+
+
+def test_torch_source_choices_are_all_handled() -> None:
+    stages = _dockerfile_stages()
+    run = next(line for line in stages["torch-build"][1] if line.startswith("RUN"))
+    for choice in ("pypi)", "index)", "wheels)", "*)"):
+        assert choice in run
+    assert (ROOT / "deploy" / "wheels").is_dir()  # the Dockerfile copies it, wheel or not
+
+
+def test_gateway_image_installs_neither_torch_nor_the_libgl_opencv() -> None:
+    names = [line.strip() for line in (ROOT / "gateway" / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    closure = _distribution_closure(names)
+    assert "torch" not in closure
+    assert "opencv-python" not in closure and "opencv-python-headless" in closure
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    lines = (ROOT / ".dockerignore").read_text().split()
+    assert lines[lines.index("*") :][0] == "*", "a whitelist: everything is excluded first"
+    assert "!.git" not in lines and "!assets" not in lines
+
+
+def _requirement_names(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@pytest.mark.parametrize("name,folder", IMAGES.items())
+def test_conda_environment_has_the_same_pins(name: str, folder: str) -> None:
+    env = _load_yaml(ROOT / folder / "environment.yml")
+    assert env["name"] == f"facefuse-{name}"
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    assert "python=3.11" in conda and "pip" in conda
+    (pip_section,) = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
+    pinned = dict(_norm(n).split("==") for n in pip_section)
+    constraints = dict(_norm(line).split("==") for line in _requirement_names(ROOT / "constraints.txt"))
+    expected = {_norm(n) for n in _requirement_names(ROOT / folder / "requirements.txt")}
+    if name == "gateway":
+        expected |= {_norm(n) for n in _requirement_names(ROOT / folder / "requirements-nodeps.txt")}
+        # insightface installs with its dependencies there: opencv-python replaces -headless (same cv2)
+        expected = expected - {"opencv-python-headless"} | {"opencv-python"}
+    assert set(pinned) == expected
+    assert {n: v for n, v in pinned.items()} == {n: constraints[n] for n in pinned}
 
 
 def test_gateway_code_path_imports_no_torch() -> None:
@@ -96,11 +255,8 @@ def _distribution_closure(names: list[str]) -> set[str]:
 
     from packaging.requirements import Requirement
 
-    def norm(name: str) -> str:
-        return re.sub(r"[-_.]+", "-", name).lower()
-
     seen: set[str] = set()
-    todo = [norm(n) for n in names]
+    todo = [_norm(n) for n in names]
     while todo:
         name = todo.pop()
         if name in seen:
@@ -113,7 +269,7 @@ def _distribution_closure(names: list[str]) -> set[str]:
         for line in requires:
             req = Requirement(line)
             if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(norm(req.name))
+                todo.append(_norm(req.name))
     return seen
 
 
@@ -160,14 +316,12 @@ print(json.dumps(sorted(sorted(dists[t]) for t in top if t in dists)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
 
-    def norm(dist: str) -> str:
-        return re.sub(r"[-_.]+", "-", dist).lower()
-
     # Each imported top-level module, as the distributions that can provide it (cv2: opencv-python or -headless).
-    providers = [{norm(d) for d in group} for group in json.loads(out.stdout.strip().splitlines()[-1])]
+    providers = [{_norm(d) for d in group} for group in json.loads(out.stdout.strip().splitlines()[-1])]
     folder = IMAGES[name]
-    requirements = [line.strip() for line in (ROOT / folder / "requirements.txt").read_text().splitlines()
-                    if line.strip() and not line.startswith("#")]
-    allowed = _distribution_closure(requirements) | {"facefuse", "pip", "setuptools"} | OPTIONAL_IMPORTS
+    requirements = _requirement_names(ROOT / folder / "requirements.txt")
+    no_deps = ROOT / folder / "requirements-nodeps.txt"  # installed with --no-deps: themselves, not their closure
+    installed_alone = {_norm(n) for n in _requirement_names(no_deps)} if no_deps.is_file() else set()
+    allowed = _distribution_closure(requirements) | installed_alone | {"facefuse", "pip", "setuptools"} | OPTIONAL_IMPORTS
     missing = sorted(" or ".join(sorted(group)) for group in providers if not group & allowed)
     assert not missing, f"{folder}/requirements.txt lacks {sorted(missing)}"

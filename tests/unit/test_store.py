@@ -162,6 +162,27 @@ def test_offline_mode_names_the_fetch_command(tmp_path, fake_entries, monkeypatc
     assert store.path("model_b").read_bytes() == MEMBER_B
 
 
+def test_a_read_only_models_folder_serves_verified_files_offline(tmp_path, fake_entries, monkeypatch):
+    """FACEFUSE_MODELS: the container images' baked, read-only folder; FACEFUSE_HOME stays the writable home."""
+    baked = tmp_path / "baked"
+    baked.mkdir()
+    (baked / "model_a.tflite").write_bytes(MEMBER_A)
+    baked.chmod(0o555)
+    monkeypatch.setenv(store_module.MODELS_ENV, str(baked))
+    monkeypatch.setenv(store_module.HOME_ENV, str(tmp_path / "home"))
+    monkeypatch.setenv(store_module.OFFLINE_ENV, "1")
+    registry = FakeRegistry()
+    try:
+        store = ModelStore(downloader=registry)
+        assert store.models_dir == baked and store.path("model_a") == baked / "model_a.tflite"
+        with pytest.raises(AssetError, match=f"not in {baked}"):
+            store.path("model_b")
+        assert registry.calls == []
+        assert ModelStore(tmp_path / "explicit").models_dir == tmp_path / "explicit" / "models"  # an explicit home wins
+    finally:
+        baked.chmod(0o755)
+
+
 def test_concurrent_fetches_download_once(tmp_path, fake_entries):
     registry = FakeRegistry(delay=0.3)
     results: list[bytes] = []

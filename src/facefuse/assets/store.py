@@ -7,9 +7,10 @@ checks the file's sha256 and writes it atomically to ``<home>/models/<file name>
 does not match is refused with both hashes and is not kept. Later calls verify the cached file again
 (hashes are remembered per size and mtime within a process).
 
-``FACEFUSE_HOME`` (default ``~/.cache/facefuse``) is the home; ``FACEFUSE_OFFLINE=1`` turns a missing
-file into an error that names the command to run where the registries can be reached. See
-docs/model-store.md.
+``FACEFUSE_HOME`` (default ``~/.cache/facefuse``) is the home; ``FACEFUSE_MODELS`` names a models folder
+to use instead of ``<home>/models`` (the container images bake verified files into a read-only one);
+``FACEFUSE_OFFLINE=1`` turns a missing file into an error that names the command to run where the
+registries can be reached. See docs/model-store.md.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from facefuse.io.atomic import write_bytes_atomic
 
 HOME_ENV = "FACEFUSE_HOME"
 OFFLINE_ENV = "FACEFUSE_OFFLINE"
+MODELS_ENV = "FACEFUSE_MODELS"
 DEFAULT_HOME = Path("~/.cache/facefuse")
 FETCH_TIMEOUT_S = 600
 
@@ -192,7 +194,8 @@ class ModelStore:
 
     def __init__(self, home: Path | str | None = None, *, downloader: Downloader | None = None) -> None:
         self.home = Path(home).expanduser() if home is not None else default_home()
-        self.models_dir = self.home / "models"
+        models = os.environ.get(MODELS_ENV) if home is None else None
+        self.models_dir = Path(models).expanduser() if models else self.home / "models"
         self._downloader = downloader or download_package
         self._verified: dict[Path, tuple[int, int]] = {}
         self._lock = threading.Lock()

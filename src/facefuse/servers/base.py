@@ -9,14 +9,15 @@ says why). The transport itself (status codes, deadlines, options, the intercept
 from __future__ import annotations
 
 import argparse
+import functools
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -57,6 +58,16 @@ class ServerOptions:
         return self.max_concurrent_rpcs or RPC_LIMIT_PER_WORKER * self.max_workers
 
 
+class ReadinessFeed(Protocol):
+    """A readiness that changes while the server runs (the gateway's follows its backends)."""
+
+    def start(self, publish: Callable[[bool], None]) -> None: ...
+
+
+Readiness = Mapping[str, "bool | ReadinessFeed"]
+"""Per RPC service name: ready at start (bool) or a feed the server starts once bound (NOT_SERVING till then)."""
+
+
 @dataclass
 class RunningServer:
     server: grpc.Server
@@ -81,7 +92,7 @@ def start_server(
     register: Callable[[grpc.Server], None],
     service_names: Sequence[str],
     options: ServerOptions,
-    ready: dict[str, bool] | None = None,
+    ready: Readiness | None = None,
 ) -> RunningServer:
     """Start a server with the services ``register`` adds, health and reflection; returns once bound."""
     metrics = ServerMetrics().serve(options.host, options.metrics_port) if options.metrics_port else None
@@ -94,7 +105,7 @@ def start_server(
 
 
 def _start_grpc(register: Callable[[grpc.Server], None], service_names: Sequence[str], options: ServerOptions,
-                ready: dict[str, bool] | None, metrics: MetricsEndpoint | None) -> RunningServer:
+                ready: Readiness | None, metrics: MetricsEndpoint | None) -> RunningServer:
     observers = [*options.observers, *([metrics.metrics] if metrics is not None else [])]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers),
@@ -114,7 +125,10 @@ def _start_grpc(register: Callable[[grpc.Server], None], service_names: Sequence
     running = RunningServer(server, health_servicer, port, names, metrics)
     running.set_ready("", True)
     for name in names:
-        running.set_ready(name, (ready or {}).get(name, True))
+        value = (ready or {}).get(name, True)
+        running.set_ready(name, value is True)
+        if not isinstance(value, bool):
+            value.start(functools.partial(running.set_ready, name))
     if options.port_file is not None:
         write_text_atomic(options.port_file, str(port))
     log_event("listening", host=options.host, port=port, services=list(names),
@@ -173,7 +187,7 @@ def run_cli(
     prog: str,
     description: str,
     add_arguments: Callable[[argparse.ArgumentParser], None],
-    build: Callable[[argparse.Namespace], tuple[Callable[[grpc.Server], None], Sequence[str], dict[str, bool]]],
+    build: Callable[[argparse.Namespace], tuple[Callable[[grpc.Server], None], Sequence[str], Readiness]],
     argv: Iterable[str] | None = None,
 ) -> int:
     """Shared ``main`` of the servers: parse, build the servicer, serve until SIGTERM."""

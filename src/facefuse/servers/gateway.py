@@ -30,7 +30,8 @@ from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES
 from facefuse.pipeline.orchestration import FacePipeline, MeshClients, error_result
 from facefuse.rpc.deadline import Deadline
 from facefuse.rpc.logs import current_request_id, log_event
-from facefuse.servers.base import run_cli
+from facefuse.servers.base import Readiness, run_cli
+from facefuse.servers.readiness import BackendReadiness
 from facefuse.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 SERVICE_NAME = "facefuse.v1.Gateway"
@@ -290,7 +291,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--det-thresh", type=float, default=None, help="detector score threshold")
 
 
-def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequence[str], dict[str, bool]]:
+def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequence[str], Readiness]:
     from facefuse.assets.registry import assets_dir
     from facefuse.assets.store import ModelStore
     from facefuse.face.frontend import FaceFrontEnd
@@ -311,7 +312,7 @@ def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequ
     pipeline = FacePipeline(front_end, clients, max_pixels=args.max_pixels, max_decode_bytes=args.max_decode_mb << 20)
     servicer = GatewayServicer(pipeline, limits=limits, image_workers=args.image_workers, front_end_name=front_end.name)
     return (lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
-            [SERVICE_NAME], {SERVICE_NAME: True})
+            [SERVICE_NAME], {SERVICE_NAME: BackendReadiness({"mica": args.mica, "ofer": args.ofer, "fusion": args.fusion})})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Health probe for container HEALTHCHECKs: exit 0 when the server at ADDRESS is SERVING."""
+"""Health probe for container HEALTHCHECKs: exit 0 when the server at ADDRESS is SERVING for SERVICE (readiness)."""
 
 from __future__ import annotations
 
