@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import grpc
@@ -12,7 +13,8 @@ import numpy as np
 
 from facefuse import wire
 from facefuse.errors import InvalidInputError, LimitExceededError
-from facefuse.packs.base import GenerativeBackend
+from facefuse.packs.base import GenerativeBackend, StopCheck
+from facefuse.rpc.deadline import Deadline
 from facefuse.rpc.logs import log_event
 from facefuse.servers.base import run_cli
 from facefuse.servers.batching import DynamicBatcher
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
     from facefuse.fusion.visibility import Visibility
 
 SERVICE_NAME = "facefuse.v1.OferService"
+TURN_POLL_S = 0.05
+"""How often a call waiting for the model looks whether its caller is still there."""
 MAX_SAMPLES = 1000
 MODES = ("fast", "official")
 
@@ -38,13 +42,26 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
         self._lock = threading.Lock()
         self.batcher = None
         if max_batch > 1 and hasattr(backend, "sample_batch"):
-            def run(jobs):  # type: ignore[no-untyped-def]
-                with self._lock:
-                    return backend.sample_batch(jobs)  # type: ignore[attr-defined]
+            def run(jobs, stop_check):  # type: ignore[no-untyped-def]
+                with self._model_turn(stop_check):
+                    return backend.sample_batch(jobs, stop_check=stop_check)  # type: ignore[attr-defined]
 
             self.batcher = DynamicBatcher(run, max_batch=max_batch, max_wait_s=batch_wait_s, name="ofer-batcher")
 
+    @contextmanager
+    def _model_turn(self, stop_check: StopCheck) -> Iterator[None]:
+        """The model, one call at a time. A caller that goes away while waiting for its turn never runs,
+        and the model's work checks ``stop_check`` as it goes, so an abandoned call frees the model at once."""
+        while not self._lock.acquire(timeout=TURN_POLL_S):
+            stop_check()
+        try:
+            stop_check()
+            yield
+        finally:
+            self._lock.release()
+
     def Sample(self, request: ofer_pb2.SampleRequest, context: grpc.ServicerContext) -> Iterator[ofer_pb2.SampleChunk]:
+        deadline = Deadline.from_context(context)
         face = wire.aligned_face_from_message(request.face)
         count = request.num_samples or 10
         if not 1 <= count <= MAX_SAMPLES:
@@ -63,13 +80,13 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
             from facefuse.packs.flame import SampleJob
 
             job = SampleJob(face, count, mode, request.steps, request.seed)
-            shapes = wait_all([self.batcher.submit(job)], context)[0]
+            shapes = wait_all([self.batcher.submit(job, deadline)], deadline)[0]
         else:
-            with self._lock:
+            with self._model_turn(deadline.check):
                 shapes = self.backend.sample(face, count, mode=mode, steps=request.steps, seed=request.seed,
                                              start_shape=start, start_t0=request.start_t0,
                                              guide_shape=guide, guide_strength=request.guide_strength,
-                                             visibility=visibility)
+                                             visibility=visibility, stop_check=deadline.check)
         shapes = np.asarray(shapes, dtype=np.float32)
         chunk = request.chunk_size or len(shapes)
         for offset in range(0, len(shapes), chunk):
@@ -83,8 +100,11 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
         candidates = wire.require(request.candidates, "candidates", shape=(None, None))  # K checked by the backend
         if len(candidates) == 0:
             raise InvalidInputError("candidates is empty")
-        with self._lock:
-            scores = self.backend.rank(face, np.asarray(candidates, dtype=np.float32), visibility=_visibility(request))
+        visibility = _visibility(request)
+        deadline = Deadline.from_context(context)
+        with self._model_turn(deadline.check):
+            scores = self.backend.rank(face, np.asarray(candidates, dtype=np.float32), visibility=visibility,
+                                       stop_check=deadline.check)
         return ofer_pb2.RankResponse(scores=wire.from_numpy(np.asarray(scores, dtype=np.float32)))
 
     def Info(self, request: common_pb2.InfoRequest, context: grpc.ServicerContext) -> common_pb2.BackendInfo:
