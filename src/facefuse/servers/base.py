@@ -9,9 +9,12 @@ says why). The transport itself (status codes, deadlines, options, the intercept
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -46,21 +49,43 @@ class ServerOptions:
         return self.max_message_mb * 1024 * 1024
 
 
+STOP_WAIT_S = 2.0
+"""After the grace period cancelled what was left, how long handlers get to notice it and return."""
+
+_SERVER_NUMBERS = itertools.count(1)
+
+
 @dataclass
 class RunningServer:
     server: grpc.Server
     health: health.HealthServicer
     port: int
     service_names: tuple[str, ...]
+    executor: futures.ThreadPoolExecutor | None = None
+    worker_prefix: str = ""
 
     def set_ready(self, service_name: str, ready: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         self.health.set(service_name, status)
 
-    def stop(self, grace_s: float = DEFAULT_GRACE_S) -> None:
-        """Refuse new calls, report NOT_SERVING, let calls in flight finish within the grace period."""
+    def stop(self, grace_s: float = DEFAULT_GRACE_S, wait_s: float = STOP_WAIT_S) -> bool:
+        """Report NOT_SERVING, refuse new calls, let calls in flight finish within the grace period, then
+        cancel the rest. Cancelling fires each call's context callbacks, so its ``Deadline`` says the
+        caller is gone and the work stops at its next check. True when every handler returned within
+        ``wait_s`` after that; False when some handler is still running (it ignores cancellation)."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
+        if self.executor is None:
+            return True
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        until = time.monotonic() + wait_s
+        for thread in threading.enumerate():
+            if thread.name.startswith(self.worker_prefix):
+                thread.join(max(0.0, until - time.monotonic()))
+        busy = [t.name for t in threading.enumerate() if t.name.startswith(self.worker_prefix) and t.is_alive()]
+        if busy:
+            log_event("abandoned", handlers=len(busy), reason="still running after the grace period and its cancellation")
+        return not busy
 
 
 def start_server(
@@ -70,8 +95,10 @@ def start_server(
     ready: dict[str, bool] | None = None,
 ) -> RunningServer:
     """Start a server with the services ``register`` adds, health and reflection; returns once bound."""
+    worker_prefix = f"facefuse-rpc-{next(_SERVER_NUMBERS)}_"
+    executor = futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix=worker_prefix)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=options.max_workers),
+        executor,
         options=server_options(options.max_message_mb) + list(options.extra_options),
         interceptors=[ServerInterceptor(options.observers)],
         maximum_concurrent_rpcs=None,
@@ -85,7 +112,7 @@ def start_server(
     if port == 0:
         raise OSError(f"could not bind {options.host}:{options.port}")
     server.start()
-    running = RunningServer(server, health_servicer, port, names)
+    running = RunningServer(server, health_servicer, port, names, executor, worker_prefix)
     running.set_ready("", True)
     for name in names:
         running.set_ready(name, (ready or {}).get(name, True))
@@ -95,8 +122,9 @@ def start_server(
     return running
 
 
-def serve_until_signal(running: RunningServer, grace_s: float = DEFAULT_GRACE_S) -> None:
-    """Block until SIGTERM/SIGINT, then shut down gracefully."""
+def serve_until_signal(running: RunningServer, grace_s: float = DEFAULT_GRACE_S) -> bool:
+    """Block until SIGTERM/SIGINT, then shut down gracefully (see ``RunningServer.stop``); True when
+    every call had ended."""
     stop = threading.Event()
 
     def _handle(signum: int, _frame: Any) -> None:
@@ -107,8 +135,9 @@ def serve_until_signal(running: RunningServer, grace_s: float = DEFAULT_GRACE_S)
     signal.signal(signal.SIGINT, _handle)
     while not stop.wait(0.5):
         pass
-    running.stop(grace_s)
-    log_event("stopped")
+    drained = running.stop(grace_s)
+    log_event("stopped", drained=drained)
+    return drained
 
 
 def server_arg_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -148,5 +177,10 @@ def run_cli(
     except (FacefuseError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    serve_until_signal(running, args.grace)
+    if not serve_until_signal(running, args.grace):
+        # A handler that ignores cancellation would keep the interpreter from exiting (it joins the
+        # worker threads): leave without it, flagged by the exit code.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     return 0
