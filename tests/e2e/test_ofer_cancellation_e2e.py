@@ -42,6 +42,7 @@ def ofer_assets(synthetic_assets) -> Path:
 
 def spawn_ofer(assets: Path, workdir: Path, grace_s: float) -> ServiceProcess:
     port_file, log_path = workdir / "ofer.port", workdir / "ofer.log"
+    port_file.unlink(missing_ok=True)
     command = [sys.executable, "-m", "facefuse.servers.ofer", "--port", "0", "--port-file", str(port_file),
                "--grace", str(grace_s), "--assets", str(assets), "--pack", "flame", "--device", "cpu"]
     with open(log_path, "wb") as log:
