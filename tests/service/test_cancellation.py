@@ -211,3 +211,44 @@ def test_the_batcher_drops_queued_items_whose_caller_is_gone_without_running_the
     finally:
         release.set()
         batcher.close()
+
+
+class OneFace:
+    """A front end that finds one fixed face in any image."""
+
+    name = "fixed"
+
+    def detect(self, image: np.ndarray) -> list[object]:
+        from facefuse.face.types import Detection
+
+        return [Detection(box=[10, 10, 100, 100], score=0.9, kps5=np.full((5, 2), 50.0), detector="fixed")]
+
+    def align(self, image: np.ndarray, detection: object) -> AlignedFace:
+        return AlignedFace(detection, np.zeros((112, 112, 3), np.uint8), np.zeros((224, 224, 3), np.uint8),  # type: ignore[arg-type]
+                           np.zeros((224, 224, 3), np.float32), np.zeros((3, 112, 112), np.float32))
+
+
+def test_the_gateway_pipeline_cancels_its_backend_call_when_its_own_caller_leaves(ofer, astronaut_jpeg: bytes) -> None:
+    """The end client cancels its gateway stream: the gateway's Sample call is cancelled too and the
+    ofer service stops, instead of computing until the propagated timeout."""
+    from facefuse.pipeline.orchestration import FacePipeline, MeshClients
+    from facefuse.v1 import gateway_pb2
+
+    backend, _, running = ofer
+    clients = MeshClients.connect(None, f"127.0.0.1:{running.port}", None)
+    pipeline = FacePipeline(OneFace(), clients)
+    deadline = Deadline.after(60)
+    results: list[object] = []
+    options = gateway_pb2.ProcessOptions(method="ofer", num_samples=2, steps=400, seed=1)
+    worker = threading.Thread(target=lambda: results.extend(pipeline.process_image("a", astronaut_jpeg, options,
+                                                                                   deadline=deadline)))
+    try:
+        worker.start()
+        _wait_until(backend.running.is_set)
+        deadline.cancelled.set()  # what the gateway's context callback does when its caller cancels
+        _wait_until(lambda: backend.stopped == [1], timeout_s=1.0)
+        worker.join(5)
+        assert not worker.is_alive()
+    finally:
+        pipeline.close()
+        clients.close()
