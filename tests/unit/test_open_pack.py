@@ -255,8 +255,8 @@ def test_sampling_and_ranking_stop_when_the_stop_check_raises(generative_backend
 
     v = reference.vertices_mm.astype(np.float64)
     visibility = np.where(v[:, 1] < v[2, 1], 0.0, 1.0)
-    kwargs = dict(mode="", steps=0, start_shape=reference.shape, start_t0=0, guide_shape=None,
-                  guide_strength=0.0, visibility=visibility)
+    kwargs = {"mode": "", "steps": 0, "start_shape": reference.shape, "start_t0": 0, "guide_shape": None,
+              "guide_strength": 0.0, "visibility": visibility}
     checks: list[int] = []
 
     def counting() -> None:
