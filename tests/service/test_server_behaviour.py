@@ -133,7 +133,7 @@ def test_gateway_propagates_its_deadline_to_a_slow_backend(astronaut_jpeg: bytes
 
 
 def test_batcher_hands_a_batch_failure_to_every_caller() -> None:
-    def explode(items):
+    def explode(items, stop_check):
         raise AssetError("no model")
 
     batcher: DynamicBatcher[int, int] = DynamicBatcher(explode, max_batch=4, max_wait_s=0.01)

@@ -324,3 +324,27 @@ def test_idgen_wrapper_context_and_sample(unet_eps) -> None:
     assert torch.equal(samples, again)
     with pytest.raises(ValueError, match="context"):
         model.sample(context, 3, DDIMSampler(5), torch.Generator())
+
+
+class StopAfter(Exception):
+    pass
+
+
+@pytest.mark.parametrize("sampler", [OfficialSampler(), DDIMSampler(20)], ids=["official", "ddim"])
+def test_a_raising_callback_stops_the_loop_and_a_quiet_one_changes_nothing(sampler) -> None:
+    """The services stop abandoned work through the step callback: it must end the loop at once, and
+    a callback that does not raise must leave the samples bit-identical."""
+    x_T = torch.randn(2, D, generator=torch.Generator().manual_seed(9))
+    plain = sampler.sample(TinyEps(), SamplingTables.linear(), 2, initial_noise=x_T)
+    watched = sampler.sample(TinyEps(), SamplingTables.linear(), 2, initial_noise=x_T, callback=lambda state: None)
+    assert torch.equal(plain, watched)
+
+    eps = TinyEps()
+
+    def stop_at_third(state: StepState) -> None:
+        if state.index == 2:
+            raise StopAfter
+
+    with pytest.raises(StopAfter):
+        sampler.sample(eps, SamplingTables.linear(), 2, initial_noise=x_T, callback=stop_at_third)
+    assert len(eps.calls) == 3, "no network evaluation after the callback raised"

@@ -249,3 +249,36 @@ def test_mouth_occlusion_completion(colour, max_fused_mm, front_end, shape_backe
     core = far & (np.linalg.norm(truth[:, None] - truth[hidden][None], axis=2).min(axis=1) > 20)
     gap = np.abs(fused.vertices_mm[core] - deterministic.vertices_mm[core]).max(axis=1)
     assert np.median(gap) < 1e-3 and gap.max() < 0.25
+
+
+def test_sampling_and_ranking_stop_when_the_stop_check_raises(generative_backend, astronaut_face, reference):
+    """The ofer service passes its call's Deadline.check: the open pack must call it before every FaceMesh
+    completion, end the work with its exception, and give the same samples when it does not raise."""
+    from facefuse.errors import CancelledError
+
+    v = reference.vertices_mm.astype(np.float64)
+    visibility = np.where(v[:, 1] < v[2, 1], 0.0, 1.0)
+    kwargs = {"mode": "", "steps": 0, "start_shape": reference.shape, "start_t0": 0, "guide_shape": None,
+              "guide_strength": 0.0, "visibility": visibility}
+    checks: list[int] = []
+
+    def counting() -> None:
+        checks.append(1)
+
+    plain = generative_backend.sample(astronaut_face, 6, seed=3, **kwargs)
+    assert np.array_equal(plain, generative_backend.sample(astronaut_face, 6, seed=3, stop_check=counting, **kwargs))
+    assert len(checks) >= 6, "one check per FaceMesh completion at least"
+
+    def cancel_at_third() -> None:
+        checks.append(1)
+        if len(checks) == 3:
+            raise CancelledError("gone")
+
+    checks.clear()
+    with pytest.raises(CancelledError):
+        generative_backend.sample(astronaut_face, 1000, seed=3, stop_check=cancel_at_third, **kwargs)
+    assert len(checks) == 3
+    checks.clear()
+    with pytest.raises(CancelledError):
+        generative_backend.rank(astronaut_face, np.zeros((2, 1404), np.float32), visibility=visibility,
+                                stop_check=cancel_at_third)

@@ -15,6 +15,8 @@ sends to every service), so the generative service needs no access to the photo 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import cv2
 import numpy as np
 
@@ -50,13 +52,14 @@ def hidden_pixel_mask(points_px: np.ndarray, triangles: np.ndarray, hidden: np.n
 
 
 def noise_imputed_landmarks(mesh: FaceMesh, face: AlignedFace, hidden: np.ndarray, triangles: np.ndarray,
-                            num_draws: int, generator: np.random.Generator) -> np.ndarray:
+                            num_draws: int, generator: np.random.Generator,
+                            stop_check: Callable[[], None] | None = None) -> np.ndarray:
     """(num_draws, 468, 3) FaceMesh points in image pixels (z scaled like x, y), one per noise draw.
 
     The hidden pixels of ``face.crop_box224`` (the mask of :func:`hidden_pixel_mask` around the face's
     own landmarks) get uniform noise in [0, 255] per pixel and channel, drawn from ``generator``;
     FaceMesh then runs on the ROI the front end uses (1.5 x the detection box, turned upright along the
-    eye key-points), located in the crop.
+    eye key-points), located in the crop. ``stop_check`` runs before each draw; its exception ends the work.
     """
     crop_to_image = box_crop_to_image(face.detection.box)
     crop = np.asarray(face.crop_box224, np.float32) * np.float32(255.0)
@@ -68,6 +71,8 @@ def noise_imputed_landmarks(mesh: FaceMesh, face: AlignedFace, hidden: np.ndarra
     count = int(mask.sum())
     draws = np.empty((int(num_draws), NUM_LANDMARKS, 3), np.float64)
     for i in range(int(num_draws)):
+        if stop_check is not None:
+            stop_check()
         filled = crop.copy()
         filled[mask] = generator.integers(0, 256, size=(count, 3)).astype(np.float32)
         result = mesh.run(filled, centre, side, angle)

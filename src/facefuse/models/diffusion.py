@@ -120,7 +120,10 @@ class SamplingTables:
 
 @dataclass(frozen=True)
 class StepState:
-    """What a sampler saw at one network evaluation (handed to ``callback``)."""
+    """What a sampler saw at one network evaluation (handed to ``callback``).
+
+    ``callback`` runs after every evaluation and changes nothing; an exception it raises propagates out
+    of ``sample`` and ends the loop there, which is how a service stops work whose caller went away."""
 
     index: int  # 0-based evaluation counter
     t: int  # timestep index given to the network (may be -1 for the official last step)

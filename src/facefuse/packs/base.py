@@ -46,6 +46,11 @@ class ShapeResult:
     uvs: np.ndarray | None = None      # (V,2) float32 texture coordinates, when the topology has them
 
 
+StopCheck = Callable[[], None]
+"""Called by long work between its steps; raises (``CancelledError``, ``DeadlineError``) when the caller is
+gone, so the work stops there. A service passes its call's ``Deadline.check``; pure code never imports grpc."""
+
+
 class ShapeBackend(Protocol):
     status: BackendStatus
 
@@ -58,11 +63,13 @@ class GenerativeBackend(Protocol):
     def sample(self, face: AlignedFace, num_samples: int, *, mode: str, steps: int, seed: int,
                start_shape: np.ndarray | None, start_t0: int,
                guide_shape: np.ndarray | None, guide_strength: float,
-               visibility: Visibility | None = None) -> np.ndarray:
-        """(N,K) shapes. ``visibility``: what the image shows (regions, maybe per vertex), when known."""
+               visibility: Visibility | None = None, stop_check: StopCheck | None = None) -> np.ndarray:
+        """(N,K) shapes. ``visibility``: what the image shows (regions, maybe per vertex), when known;
+        ``stop_check``: called between steps, its exception ends the work early."""
         ...
 
-    def rank(self, face: AlignedFace, candidates: np.ndarray, visibility: Visibility | None = None) -> np.ndarray:
+    def rank(self, face: AlignedFace, candidates: np.ndarray, visibility: Visibility | None = None,
+             stop_check: StopCheck | None = None) -> np.ndarray:
         """(N,) raw scores, higher is better; independent of the candidates' order."""
         ...
 

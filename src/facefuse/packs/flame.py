@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from facefuse.models.flame import (
 from facefuse.models.idgen import IdGen
 from facefuse.models.idrank import IdRank
 from facefuse.models.mica import Mica
-from facefuse.packs.base import BackendStatus, FusionSetup, ShapeResult, resolve_device
+from facefuse.packs.base import BackendStatus, FusionSetup, ShapeResult, StopCheck, resolve_device
 
 TOPOLOGY = "flame2020"
 
@@ -115,17 +117,51 @@ PROJECTIONS_ENV = "FACEFUSE_IDGEN_PROJECTIONS"
 """'default' (facefuse's seeded, versioned draw), 'reproduce-official' (replay of OFER's construction RNG) or a file."""
 
 
+class LayerStopChecks:
+    """Stops a running network between its layers when the caller is gone.
+
+    One sampler step of a 1000-sample batch takes seconds on a CPU, too long to wait for the next step's
+    check. A forward pre-hook on every submodule calls the stop check of the thread running the forward
+    (thread-local, so callers sharing the modules never stop each other's work); it changes no number.
+    """
+
+    def __init__(self, *modules: torch.nn.Module) -> None:
+        self._local = threading.local()
+        for module in modules:
+            for submodule in module.modules():
+                submodule.register_forward_pre_hook(self._before_layer)
+
+    def _before_layer(self, _module: torch.nn.Module, _args: object) -> None:
+        check: StopCheck | None = getattr(self._local, "check", None)
+        if check is not None:
+            check()
+
+    @contextmanager
+    def watching(self, check: StopCheck | None) -> Iterator[None]:
+        """Within the block, this thread's forwards call ``check`` before every layer (None: no checks)."""
+        previous = getattr(self._local, "check", None)
+        self._local.check = check if check is not None else previous
+        try:
+            if check is not None:
+                check()
+            yield
+        finally:
+            self._local.check = previous
+
+
 class OferBackend:
-    """OFER on the flame pack: IdGen samples β for a face, IdRank scores candidate shapes."""
+    """OFER on the flame pack: IdGen samples β for a face, IdRank scores candidate shapes.
+
+    ``stop_check`` (see ``StopCheck``) is called before the work, after every sampler step and before
+    every layer of IdGen, IdRank and FLAME, so abandoned work ends within one layer's time."""
 
     def __init__(self, idgen: IdGen, idrank: IdRank, flame: FlameLayer, device: str, details: dict[str, str]) -> None:
         self.idgen = idgen
         self.idrank = idrank
         self.flame = flame
         self.device = device
-        self.status = BackendStatus(
-            "ofer", "ofer-idgen-idrank", "flame", True, False, "ready", device=device, details=details
-        )
+        self.status = BackendStatus("ofer", "ofer-idgen-idrank", "flame", True, False, "ready", device=device, details=details)
+        self.stop_checks = LayerStopChecks(idgen, idrank, flame)
 
     @classmethod
     def from_assets(cls, directory: Path, device: str = "auto", projections: str | None = None) -> OferBackend:
@@ -150,7 +186,15 @@ class OferBackend:
     @torch.inference_mode()
     def sample(self, face: AlignedFace, num_samples: int, *, mode: str, steps: int, seed: int,
                start_shape: np.ndarray | None, start_t0: int, guide_shape: np.ndarray | None,
-               guide_strength: float, visibility: object | None = None) -> np.ndarray:
+               guide_strength: float, visibility: object | None = None, stop_check: StopCheck | None = None) -> np.ndarray:
+        with self.stop_checks.watching(stop_check):
+            return self._sample(face, num_samples, mode=mode, steps=steps, seed=seed, start_shape=start_shape,
+                                start_t0=start_t0, guide_shape=guide_shape, guide_strength=guide_strength,
+                                stop_check=stop_check)
+
+    def _sample(self, face: AlignedFace, num_samples: int, *, mode: str, steps: int, seed: int,
+                start_shape: np.ndarray | None, start_t0: int, guide_shape: np.ndarray | None,
+                guide_strength: float, stop_check: StopCheck | None) -> np.ndarray:
         from facefuse.models.diffusion import DDIMSampler, OfficialSampler
 
         for name, given in (("start_shape", start_shape), ("guide_shape", guide_shape)):
@@ -169,21 +213,25 @@ class OferBackend:
                 t0=start_t0,
             )
         if guide_shape is not None and guide_strength > 0:
-            options.update(
-                guide_target=torch.from_numpy(np.asarray(guide_shape, np.float32))[None].expand(num_samples, -1),
-                guide_strength=float(guide_strength),
-            )
+            options.update(guide_target=torch.from_numpy(np.asarray(guide_shape, np.float32))[None].expand(num_samples, -1),
+                           guide_strength=float(guide_strength))
+        if stop_check is not None:
+            options.update(callback=_step_check(stop_check))
         shapes = self.idgen.sample(context, num_samples, sampler, generator, **options)
         return shapes.to(torch.float32).cpu().numpy()
 
     @torch.inference_mode()
-    def sample_batch(self, jobs: Sequence[SampleJob]) -> list[np.ndarray]:
+    def sample_batch(self, jobs: Sequence[SampleJob], stop_check: StopCheck | None = None) -> list[np.ndarray]:
         """Plain sampling jobs of several faces in one sampler run per (mode, steps) group.
 
         Each job's initial noise comes from its own seed, exactly as ``sample`` draws it, so a batched
         job equals its unbatched run up to float rounding (~1e-4 here: BLAS blocking depends on the
         batch size). That is why the ofer service batches only when asked to (``--max-batch``).
         """
+        with self.stop_checks.watching(stop_check):
+            return self._sample_batch(jobs, stop_check)
+
+    def _sample_batch(self, jobs: Sequence[SampleJob], stop_check: StopCheck | None) -> list[np.ndarray]:
         from facefuse.models.diffusion import DDIMSampler, OfficialSampler
 
         results: dict[int, np.ndarray] = {}
@@ -192,7 +240,8 @@ class OferBackend:
             if job.has_hooks:
                 results[index] = self.sample(job.face, job.num_samples, mode=job.mode, steps=job.steps, seed=job.seed,
                                              start_shape=job.start_shape, start_t0=job.start_t0,
-                                             guide_shape=job.guide_shape, guide_strength=job.guide_strength)
+                                             guide_shape=job.guide_shape, guide_strength=job.guide_strength,
+                                             stop_check=stop_check)
             else:
                 groups.setdefault((job.mode, job.steps), []).append(index)
         for (mode, steps), members in groups.items():
@@ -200,24 +249,26 @@ class OferBackend:
             contexts = self.idgen.context(blobs)
             counts = [jobs[i].num_samples for i in members]
             context = torch.cat([contexts[k:k + 1].expand(n, -1) for k, n in enumerate(counts)])
-            noise = torch.cat(
-                [
-                    torch.randn(jobs[i].num_samples, 300, generator=torch.Generator().manual_seed(int(jobs[i].seed)))
-                    for i in members
-                ]
-            )
-            sampler = (
-                OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
-            )
-            sampled = self.idgen.sample(context, len(noise), sampler, initial_noise=noise.to(self.device))
-            shapes = sampled.to(torch.float32).cpu().numpy()
+            noise = torch.cat([torch.randn(jobs[i].num_samples, 300, generator=torch.Generator().manual_seed(int(jobs[i].seed)))
+                               for i in members])
+            sampler = OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
+            callback = {} if stop_check is None else {"callback": _step_check(stop_check)}
+            shapes = self.idgen.sample(context, len(noise), sampler, initial_noise=noise.to(self.device), **callback)
+            shapes = shapes.to(torch.float32).cpu().numpy()
             offsets = np.cumsum([0, *counts])
             for k, i in enumerate(members):
                 results[i] = shapes[offsets[k]:offsets[k + 1]]
         return [results[i] for i in range(len(jobs))]
 
     @torch.inference_mode()
-    def rank(self, face: AlignedFace, candidates: np.ndarray, visibility: object | None = None) -> np.ndarray:
+    def rank(self, face: AlignedFace, candidates: np.ndarray, visibility: object | None = None,
+             stop_check: StopCheck | None = None) -> np.ndarray:
+        with self.stop_checks.watching(stop_check):
+            return self._rank(face, candidates)
+
+    def _rank(self, face: AlignedFace, candidates: np.ndarray) -> np.ndarray:
+        from facefuse.errors import InvalidInputError
+
         if face.farl_input is None:
             raise InvalidInputError("face.farl_input is missing: IdRank needs the CLIP-normalised face crop")
         if np.ndim(candidates) != 2 or np.shape(candidates)[1] != N_SHAPE:
@@ -227,6 +278,14 @@ class OferBackend:
         context = self.idrank.context(blob, farl)
         vertices = self.flame.shape_vertices(torch.from_numpy(np.asarray(candidates, np.float32)).to(self.device))
         return self.idrank.score(vertices, context).to(torch.float32).cpu().numpy()
+
+
+def _step_check(stop_check: StopCheck) -> Callable[[object], None]:
+    """The sampler's per-step callback that runs ``stop_check`` (its exception ends the sampling loop)."""
+    def after_step(_state: object) -> None:
+        stop_check()
+
+    return after_step
 
 
 def flame_fusion_setup(directory: Path) -> FusionSetup:

@@ -32,7 +32,7 @@ from facefuse.fusion.space import ShapeSpace
 from facefuse.fusion.visibility import Visibility
 from facefuse.geometry import umeyama
 from facefuse.models.gpmm import GaussianProcessMorphableModel
-from facefuse.packs.base import BackendStatus, FusionSetup, ShapeResult
+from facefuse.packs.base import BackendStatus, FusionSetup, ShapeResult, StopCheck
 
 if TYPE_CHECKING:  # FaceMesh (LiteRT, OpenCV) is imported only where the generative backend runs it.
     from facefuse.face.facemesh import FaceMesh
@@ -333,7 +333,7 @@ class OpenGenerativeBackend:
         return frame.rotation, frame.translation
 
     def completions(self, face: AlignedFace | Detection, observed: np.ndarray, weights: np.ndarray, num: int,
-                    generator: np.random.Generator) -> np.ndarray | None:
+                    generator: np.random.Generator, stop_check: StopCheck | None = None) -> np.ndarray | None:
         """(num, 468, 3) mm noise-imputed FaceMesh meshes, each similarity-fitted to ``observed`` on its
         visible vertices; None when nothing is hidden or there is no FaceMesh model or crop to run (a face
         message without its box crop arrives as zeros)."""
@@ -343,7 +343,7 @@ class OpenGenerativeBackend:
             return None
         from facefuse.face.imputation import noise_imputed_landmarks
 
-        landmarks = noise_imputed_landmarks(self.mesh, face, hidden, self.canonical.faces, num, generator)
+        landmarks = noise_imputed_landmarks(self.mesh, face, hidden, self.canonical.faces, num, generator, stop_check)
         iris = face.detection.iris
         out = np.empty((int(num), NUM_VERTICES, 3))
         for i, points in enumerate(landmarks):
@@ -353,10 +353,12 @@ class OpenGenerativeBackend:
 
     def sample(self, face: AlignedFace, num_samples: int, *, mode: str = "", steps: int = 0, seed: int = 0,
                start_shape: np.ndarray | None = None, start_t0: int = 0, guide_shape: np.ndarray | None = None,
-               guide_strength: float = 0.0, visibility: np.ndarray | None = None) -> np.ndarray:
+               guide_strength: float = 0.0, visibility: np.ndarray | None = None,
+               stop_check: StopCheck | None = None) -> np.ndarray:
         """(N, 1404) float32 samples. ``mode``, ``steps``, ``start_t0`` and ``guide_*`` are diffusion-sampler
         settings and do not apply here (ignored). The generator seeded by ``seed`` draws the imputation
-        noise first, then the GP noise."""
+        noise first, then the GP noise. ``stop_check`` runs before each FaceMesh completion and before
+        the GP; its exception ends the work."""
         if not 1 <= int(num_samples) <= MAX_SAMPLES:
             raise (LimitExceededError if int(num_samples) > MAX_SAMPLES else InvalidInputError)(
                 f"num_samples: expected 1..{MAX_SAMPLES}, got {num_samples}")
@@ -365,7 +367,9 @@ class OpenGenerativeBackend:
         observed = self.observation(face, start_shape)
         rotation, translation = self.visible_frame(observed, weights)
         generator = np.random.default_rng(int(seed) & 0xFFFFFFFFFFFFFFFF)
-        completions = self.completions(face, observed, weights, int(num_samples), generator)
+        completions = self.completions(face, observed, weights, int(num_samples), generator, stop_check)
+        if stop_check is not None:
+            stop_check()
         if completions is None:
             posterior = self.gpmm.condition(observed @ rotation.T + translation, weights, self.noise_mm)
         else:
@@ -377,7 +381,8 @@ class OpenGenerativeBackend:
         samples = (posterior.sample_mm(int(num_samples), generator) - translation) @ rotation  # back: R⁻¹(x − t)
         return shape_from_vertices(samples, self.canonical)
 
-    def rank(self, face: AlignedFace, candidates: np.ndarray, visibility: np.ndarray | None = None) -> np.ndarray:
+    def rank(self, face: AlignedFace, candidates: np.ndarray, visibility: np.ndarray | None = None,
+             stop_check: StopCheck | None = None) -> np.ndarray:
         """(N,) log density up to a constant: −½·GP Mahalanobis − Σ Student-t misfits, to the deterministic
         mesh on visible vertices and, on hidden ones, to the mean of :data:`RANK_IMPUTATIONS` noise-imputed
         completions drawn with a fixed seed. Higher is better; each score depends on its own candidate only."""
@@ -395,7 +400,7 @@ class OpenGenerativeBackend:
         target = observed.copy()
         scale2 = np.full(NUM_VERTICES, np.inf)
         scale2[seen] = self.noise_mm**2 / np.clip(weights[seen], VISIBLE, 1.0)
-        completions = self.completions(face, observed, weights, RANK_IMPUTATIONS, np.random.default_rng(RANK_SEED))
+        completions = self.completions(face, observed, weights, RANK_IMPUTATIONS, np.random.default_rng(RANK_SEED), stop_check)
         if completions is not None:
             target[~seen] = completions.mean(axis=0)[~seen]
             scale2[~seen] = self.imputed_noise_mm**2

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextvars
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
@@ -34,6 +36,44 @@ METHODS = ("detect", "mica", "ofer", "fuse")
 DEFAULT_CALL_TIMEOUT_S = 600.0
 VISIBILITY_SOURCES = ("mask", "photometric", "hands")
 MAX_GIVEN_BOXES = 64
+
+
+class DownstreamCalls:
+    """Cancels downstream calls whose own caller went away, so the model services stop their work too.
+
+    One daemon thread looks at the watched calls' deadlines every ``poll_s`` (a ``Deadline`` learns of
+    a cancellation through an Event, which cannot notify anyone)."""
+
+    def __init__(self, poll_s: float = 0.05) -> None:
+        self.poll_s = poll_s
+        self._calls: dict[int, tuple[Deadline, grpc.Future]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watching(self, call: grpc.Future, deadline: Deadline) -> Iterator[None]:
+        key = id(call)
+        with self._lock:
+            self._calls[key] = (deadline, call)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="downstream-cancel", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls.pop(key, None)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.poll_s)
+            with self._lock:
+                gone = [call for deadline, call in self._calls.values() if deadline.cancelled.is_set()]
+            for call in gone:
+                call.cancel()
+
+
+DOWNSTREAM_CALLS = DownstreamCalls()
 
 
 @dataclass
@@ -288,7 +328,9 @@ class FacePipeline:
         if fn is None:
             raise BackendUnavailableError(f"{backend} service is not configured on this gateway")
         try:
-            return fn(request, timeout=self._timeout(deadline), metadata=request_metadata())
+            call = fn.future(request, timeout=self._timeout(deadline), metadata=request_metadata())  # type: ignore[attr-defined]
+            with DOWNSTREAM_CALLS.watching(call, deadline):
+                return call.result()
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"{backend} service") from None
 
@@ -319,8 +361,10 @@ class FacePipeline:
             self._call("ofer", None, request, deadline)
         chunks = []
         try:
-            for chunk in stub.Sample(request, timeout=self._timeout(deadline), metadata=request_metadata()):  # type: ignore[union-attr]
-                chunks.append(wire.to_numpy(chunk.shapes, "shapes"))
+            call = stub.Sample(request, timeout=self._timeout(deadline), metadata=request_metadata())  # type: ignore[union-attr]
+            with DOWNSTREAM_CALLS.watching(call, deadline):
+                for chunk in call:
+                    chunks.append(wire.to_numpy(chunk.shapes, "shapes"))
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, "ofer service") from None
         return np.concatenate(chunks, axis=0) if chunks else np.zeros((0, 300), np.float32)

@@ -15,7 +15,7 @@ when metrics are off, so callers never check a flag. One server per process is h
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -130,18 +130,24 @@ def set_queue_depth(queue: str, depth: int) -> None:
 
 
 @contextmanager
-def queued(lock: threading.Lock, queue: str) -> Iterator[None]:
-    """Hold ``lock``; while waiting for it, count as one item in ``queue``'s depth."""
+def queued(lock: threading.Lock, queue: str, stop_check: Callable[[], None] | None = None,
+           poll_s: float = 0.05) -> Iterator[None]:
+    """Hold ``lock``; while waiting for it, count as one item in ``queue``'s depth. With ``stop_check``
+    (which raises when the caller is gone), a waiter looks every ``poll_s`` and leaves without running."""
     metrics = _active
     gauge = metrics.queue_depth.labels(queue) if metrics is not None else None
     if gauge is not None:
         gauge.inc()
     try:
-        lock.acquire()
+        while not lock.acquire(timeout=poll_s):
+            if stop_check is not None:
+                stop_check()
     finally:
         if gauge is not None:
             gauge.dec()
     try:
+        if stop_check is not None:
+            stop_check()
         yield
     finally:
         lock.release()

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
+import logging
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -68,6 +72,12 @@ Readiness = Mapping[str, "bool | ReadinessFeed"]
 """Per RPC service name: ready at start (bool) or a feed the server starts once bound (NOT_SERVING till then)."""
 
 
+STOP_WAIT_S = 2.0
+"""After the grace period cancelled what was left, how long handlers get to notice it and return."""
+
+_SERVER_NUMBERS = itertools.count(1)
+
+
 @dataclass
 class RunningServer:
     server: grpc.Server
@@ -75,17 +85,33 @@ class RunningServer:
     port: int
     service_names: tuple[str, ...]
     metrics: MetricsEndpoint | None = None
+    executor: futures.ThreadPoolExecutor | None = None
+    worker_prefix: str = ""
 
     def set_ready(self, service_name: str, ready: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         self.health.set(service_name, status)
 
-    def stop(self, grace_s: float = DEFAULT_GRACE_S) -> None:
-        """Refuse new calls, report NOT_SERVING, let calls in flight finish within the grace period."""
+    def stop(self, grace_s: float = DEFAULT_GRACE_S, wait_s: float = STOP_WAIT_S) -> bool:
+        """Report NOT_SERVING, refuse new calls, let calls in flight finish within the grace period, then
+        cancel the rest. Cancelling fires each call's context callbacks, so its ``Deadline`` says the
+        caller is gone and the work stops at its next check. True when every handler returned within
+        ``wait_s`` after that; False when some handler is still running (it ignores cancellation)."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
         if self.metrics is not None:
             self.metrics.close()
+        if self.executor is None:
+            return True
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        until = time.monotonic() + wait_s
+        for thread in threading.enumerate():
+            if thread.name.startswith(self.worker_prefix):
+                thread.join(max(0.0, until - time.monotonic()))
+        busy = [t.name for t in threading.enumerate() if t.name.startswith(self.worker_prefix) and t.is_alive()]
+        if busy:
+            log_event("abandoned", handlers=len(busy), reason="still running after the grace period and its cancellation")
+        return not busy
 
 
 def start_server(
@@ -107,8 +133,10 @@ def start_server(
 def _start_grpc(register: Callable[[grpc.Server], None], service_names: Sequence[str], options: ServerOptions,
                 ready: Readiness | None, metrics: MetricsEndpoint | None) -> RunningServer:
     observers = [*options.observers, *([metrics.metrics] if metrics is not None else [])]
+    worker_prefix = f"facefuse-rpc-{next(_SERVER_NUMBERS)}_"
+    executor = futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix=worker_prefix)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=options.max_workers),
+        executor,
         options=server_options(options.max_message_mb) + list(options.extra_options),
         interceptors=[ServerInterceptor(observers)],
         maximum_concurrent_rpcs=options.rpc_limit,
@@ -122,7 +150,7 @@ def _start_grpc(register: Callable[[grpc.Server], None], service_names: Sequence
     if port == 0:
         raise OSError(f"could not bind {options.host}:{options.port}")
     server.start()
-    running = RunningServer(server, health_servicer, port, names, metrics)
+    running = RunningServer(server, health_servicer, port, names, metrics, executor, worker_prefix)
     running.set_ready("", True)
     for name in names:
         value = (ready or {}).get(name, True)
@@ -136,8 +164,9 @@ def _start_grpc(register: Callable[[grpc.Server], None], service_names: Sequence
     return running
 
 
-def serve_until_signal(running: RunningServer, grace_s: float = DEFAULT_GRACE_S) -> None:
-    """Block until SIGTERM/SIGINT, then shut down gracefully."""
+def serve_until_signal(running: RunningServer, grace_s: float = DEFAULT_GRACE_S) -> bool:
+    """Block until SIGTERM/SIGINT, then shut down gracefully (see ``RunningServer.stop``); True when
+    every call had ended."""
     stop = threading.Event()
 
     def _handle(signum: int, _frame: Any) -> None:
@@ -148,8 +177,9 @@ def serve_until_signal(running: RunningServer, grace_s: float = DEFAULT_GRACE_S)
     signal.signal(signal.SIGINT, _handle)
     while not stop.wait(0.5):
         pass
-    running.stop(grace_s)
-    log_event("stopped")
+    drained = running.stop(grace_s)
+    log_event("stopped", drained=drained)
+    return drained
 
 
 def server_arg_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -201,5 +231,11 @@ def run_cli(
     except (FacefuseError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    serve_until_signal(running, args.grace)
-    return 0
+    drained = serve_until_signal(running, args.grace)
+    # Leave at once: the interpreter's teardown of loaded models took 1.5-3 s on a busy CPU, past the
+    # grace an orchestrator allows, and a handler that ignores cancellation would keep it from exiting
+    # at all (it joins the worker threads); such a leftover is flagged by the exit code.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if drained else 1)

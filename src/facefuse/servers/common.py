@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future, wait
 from typing import TypeVar
 
-import grpc
 import numpy as np
 
-from facefuse.errors import InvalidInputError
+from facefuse.errors import FacefuseError, InvalidInputError
 from facefuse.packs.base import BackendStatus
-from facefuse.errors import DeadlineError
 from facefuse.rpc.deadline import Deadline
 from facefuse.v1 import common_pb2
 
@@ -36,18 +33,24 @@ def check_visibility_values(message: common_pb2.Visibility, per_vertex: np.ndarr
         raise InvalidInputError("visibility.per_vertex: values must lie in [0, 1]")
 
 
-def wait_all(futures: Sequence[Future[T]], context: grpc.ServicerContext) -> list[T]:
-    """Results of batched work, within the caller's deadline; pending work is cancelled on expiry."""
-    results: list[T] = []
-    deadline = Deadline.from_context(context)
+WAIT_POLL_S = 0.05
+"""How often a handler waiting on batched work looks whether its caller is still there."""
+
+
+def wait_all(futures: Sequence[Future[T]], deadline: Deadline) -> list[T]:
+    """Results of batched work while the caller waits; when it cancels or its deadline passes, the
+    pending work is cancelled (a queued item never runs) and ``CancelledError``/``DeadlineError`` raised."""
     try:
-        for future in futures:
-            results.append(future.result(timeout=deadline.timeout()))
-    except FutureTimeout:
+        while True:
+            deadline.check("the batched work")
+            left = deadline.remaining()
+            _, pending = wait(futures, timeout=WAIT_POLL_S if left is None else max(0.0, min(WAIT_POLL_S, left)))
+            if not pending:
+                return [future.result() for future in futures]
+    except FacefuseError:
         for future in futures:
             future.cancel()
-        raise DeadlineError("deadline exceeded while the batch was running") from None
-    return results
+        raise
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from facefuse import wire
 from facefuse.errors import InvalidInputError, LimitExceededError
 from facefuse.face.types import AlignedFace
 from facefuse.packs.base import ShapeBackend, ShapeResult
+from facefuse.rpc.deadline import Deadline
 from facefuse.servers.base import run_cli
 from facefuse.servers.batching import DynamicBatcher
 from facefuse.servers.common import add_model_arguments, backend_info, wait_all
@@ -24,7 +25,7 @@ class MicaServicer(mica_pb2_grpc.MicaServiceServicer):
     def __init__(self, backend: ShapeBackend, *, max_batch: int = 16, batch_wait_s: float = 0.005) -> None:
         self.backend = backend
         self.batcher: DynamicBatcher[AlignedFace, ShapeResult] = DynamicBatcher(
-            lambda faces: backend.predict(faces), max_batch=max_batch, max_wait_s=batch_wait_s, name="mica-batcher")
+            lambda faces, _stop_check: backend.predict(faces), max_batch=max_batch, max_wait_s=batch_wait_s, name="mica-batcher")
 
     def Predict(self, request: mica_pb2.PredictRequest, context: grpc.ServicerContext) -> mica_pb2.PredictResponse:
         if not request.faces:
@@ -34,7 +35,8 @@ class MicaServicer(mica_pb2_grpc.MicaServiceServicer):
         faces = [wire.aligned_face_from_message(f, f"faces[{i}]") for i, f in enumerate(request.faces)]
         if not self.backend.status.ready:
             self.backend.predict(faces)  # raises the backend's own FAILED_PRECONDITION message
-        results = wait_all(self.batcher.submit_many(faces), context)
+        deadline = Deadline.from_context(context)
+        results = wait_all(self.batcher.submit_many(faces, deadline), deadline)
         return mica_pb2.PredictResponse(
             predictions=[prediction_message(r, request.return_mesh, request.return_landmarks) for r in results],
             backend=backend_info(self.backend.status),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import grpc
@@ -12,7 +13,8 @@ import numpy as np
 
 from facefuse import wire
 from facefuse.errors import InvalidInputError, LimitExceededError
-from facefuse.packs.base import GenerativeBackend
+from facefuse.packs.base import GenerativeBackend, StopCheck
+from facefuse.rpc.deadline import Deadline
 from facefuse.rpc.logs import log_event
 from facefuse.rpc.metrics import queued
 from facefuse.servers.base import run_cli
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from facefuse.fusion.visibility import Visibility
 
 SERVICE_NAME = "facefuse.v1.OferService"
+TURN_POLL_S = 0.05
+"""How often a call waiting for the model looks whether its caller is still there."""
 MAX_SAMPLES = 1000
 MAX_CANDIDATES = MAX_SAMPLES + 1  # the samples plus MICA's shape ("pool")
 MAX_STEPS = 1000  # IdGen's schedule length: more DDIM steps than that do not exist
@@ -46,14 +50,21 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
         self._lock = threading.Lock()
         self.batcher = None
         if max_batch > 1 and hasattr(backend, "sample_batch"):
-            def run(jobs):  # type: ignore[no-untyped-def]
-                with self._lock:
-                    return backend.sample_batch(jobs)  # type: ignore[attr-defined]
+            def run(jobs, stop_check):  # type: ignore[no-untyped-def]
+                with self._model_turn(stop_check):
+                    return backend.sample_batch(jobs, stop_check=stop_check)  # type: ignore[attr-defined]
 
             self.batcher = DynamicBatcher(run, max_batch=max_batch, max_wait_s=batch_wait_s, name="ofer-batcher")
 
+    def _model_turn(self, stop_check: StopCheck) -> AbstractContextManager[None]:
+        """The model, one call at a time. A caller that goes away while waiting for its turn never runs
+        (and leaves the queue-depth metric), and the model's work checks ``stop_check`` as it goes, so
+        an abandoned call frees the model at once."""
+        return queued(self._lock, "ofer-model", stop_check, TURN_POLL_S)
+
     def Sample(self, request: ofer_pb2.SampleRequest, context: grpc.ServicerContext) -> Iterator[ofer_pb2.SampleChunk]:
-        shapes = self._sample(request, context)
+        deadline = Deadline.from_context(context)
+        shapes = self._sample(request, deadline)
         chunk = request.chunk_size or len(shapes)
         for offset in range(0, len(shapes), chunk):
             if not context.is_active():
@@ -61,8 +72,8 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
             yield ofer_pb2.SampleChunk(offset=offset, shapes=wire.from_numpy(shapes[offset:offset + chunk]), total=len(shapes))
         log_event("sample", samples=len(shapes), mode=request.mode or "fast")
 
-    def _sample(self, request: ofer_pb2.SampleRequest, context: grpc.ServicerContext) -> np.ndarray:
-        """Check every field of the request, then sample."""
+    def _sample(self, request: ofer_pb2.SampleRequest, deadline: Deadline) -> np.ndarray:
+        """Check every field of the request, then sample (stopping when the caller goes away)."""
         face = wire.aligned_face_from_message(request.face)
         count = request.num_samples or 10
         if count < 0:
@@ -88,13 +99,13 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
             from facefuse.packs.flame import SampleJob
 
             job = SampleJob(face, count, mode, request.steps, request.seed)
-            shapes = wait_all([self.batcher.submit(job)], context)[0]
+            shapes = wait_all([self.batcher.submit(job, deadline)], deadline)[0]
         else:
-            with queued(self._lock, "ofer-model"):
+            with self._model_turn(deadline.check):
                 shapes = self.backend.sample(face, count, mode=mode, steps=request.steps, seed=request.seed,
                                              start_shape=start, start_t0=request.start_t0,
                                              guide_shape=guide, guide_strength=request.guide_strength,
-                                             visibility=visibility)
+                                             visibility=visibility, stop_check=deadline.check)
         return np.asarray(shapes, dtype=np.float32)
 
     def Rank(self, request: ofer_pb2.RankRequest, context: grpc.ServicerContext) -> ofer_pb2.RankResponse:
@@ -104,8 +115,11 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
             raise InvalidInputError("candidates is empty")
         if len(candidates) > MAX_CANDIDATES:
             raise LimitExceededError(f"{len(candidates)} candidates; the limit is {MAX_CANDIDATES}")
-        with queued(self._lock, "ofer-model"):
-            scores = self.backend.rank(face, np.asarray(candidates, dtype=np.float32), visibility=_visibility(request))
+        visibility = _visibility(request)
+        deadline = Deadline.from_context(context)
+        with self._model_turn(deadline.check):
+            scores = self.backend.rank(face, np.asarray(candidates, dtype=np.float32), visibility=visibility,
+                                       stop_check=deadline.check)
         return ofer_pb2.RankResponse(scores=wire.from_numpy(np.asarray(scores, dtype=np.float32)))
 
     def Info(self, request: common_pb2.InfoRequest, context: grpc.ServicerContext) -> common_pb2.BackendInfo:
