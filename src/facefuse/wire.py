@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 DType = common_pb2.DType
 
-_NUMPY_BY_WIRE: dict[int, np.dtype] = {
+_NUMPY_BY_WIRE: dict[common_pb2.DType, np.dtype] = {
     DType.FLOAT32: np.dtype("<f4"),
     DType.FLOAT64: np.dtype("<f8"),
     DType.FLOAT16: np.dtype("<f2"),
@@ -49,10 +49,10 @@ _NUMPY_BY_WIRE: dict[int, np.dtype] = {
 if _NP_BFLOAT16 is not None:
     _NUMPY_BY_WIRE[DType.BFLOAT16] = _NP_BFLOAT16
 
-_ITEMSIZE: dict[int, int] = {k: v.itemsize for k, v in _NUMPY_BY_WIRE.items()} | {DType.BFLOAT16: 2}
+_ITEMSIZE: dict[common_pb2.DType, int] = {k: v.itemsize for k, v in _NUMPY_BY_WIRE.items()} | {DType.BFLOAT16: 2}
 
 
-def _torch_dtypes() -> dict[int, torch.dtype]:
+def _torch_dtypes() -> dict[common_pb2.DType, torch.dtype]:
     import torch
 
     return {
@@ -71,7 +71,7 @@ MAX_DIM = 2**31 - 1
 """Bounds no facefuse tensor comes near; beyond them a shape is malformed (even with a zero-sized axis)."""
 
 
-def _wire_dtype_of_numpy(dtype: np.dtype) -> int:
+def _wire_dtype_of_numpy(dtype: np.dtype) -> common_pb2.DType:
     if _NP_BFLOAT16 is not None and dtype == _NP_BFLOAT16:
         return DType.BFLOAT16
     for wire, np_dtype in _NUMPY_BY_WIRE.items():

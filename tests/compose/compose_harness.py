@@ -39,7 +39,10 @@ def no_engine(reason: str) -> None:
 def compose_command() -> list[str]:
     if shutil.which("docker-compose"):
         return ["docker-compose"]
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], check=False, capture_output=True).returncode == 0:
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], check=False, capture_output=True).returncode == 0
+    ):
         return ["docker", "compose"]
     no_engine("neither docker-compose nor `docker compose` is installed")
     raise AssertionError("unreachable")
@@ -72,10 +75,19 @@ class ComposeMesh:
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.ports[service]}"
 
-    def compose(self, *args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def compose(
+        self, *args: str, timeout: float = 600, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         command = [*compose_command(), "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml"), *args]
-        result = subprocess.run(command, check=False, cwd=ROOT, env={**self.env, **(env or {})}, capture_output=True, text=True,
-                                timeout=timeout)
+        result = subprocess.run(
+            command,
+            check=False,
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert result.returncode == 0, f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-4000:]}"
         return result
 

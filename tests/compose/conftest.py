@@ -30,7 +30,7 @@ def docker_client() -> Any:
     try:
         client = docker.from_env(timeout=300)
         client.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure to reach the engine means the same thing here
+    except Exception as exc:
         no_engine(f"no Docker API at {os.environ.get('DOCKER_HOST', 'the default socket')} ({exc})")
     return client
 
@@ -59,4 +59,6 @@ def compose_mesh(docker_client: Any, tmp_path_factory: pytest.TempPathFactory) -
         left = mesh.containers()
         volumes = docker_client.volumes.list(filters={"label": f"com.docker.compose.project={PROJECT}"})
         print(f"\ncompose timings: {', '.join(f'{k} {v:.0f} s' for k, v in mesh.timings.items())}")
-        assert not left and not volumes, f"down -v left containers {sorted(left)} and volumes {[v.name for v in volumes]}"
+        assert not left and not volumes, (
+            f"down -v left containers {sorted(left)} and volumes {[v.name for v in volumes]}"
+        )

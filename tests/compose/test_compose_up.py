@@ -77,21 +77,40 @@ def test_images_are_non_root_and_the_gateway_has_no_torch_and_no_libgl(compose_m
     probe = ("import importlib.util as u, cv2; print(u.find_spec('torch') is None, u.find_spec('cv2') is not None,"
              " cv2.imdecode is not None)")
     assert _run_in_image(compose_mesh, IMAGES["gateway"], f'python -c "{probe}"').splitlines()[-1] == "True True True"
-    ldd = _run_in_image(compose_mesh, IMAGES["gateway"],
-                        "for f in $(python -c 'import cv2, os; print(os.path.dirname(cv2.__file__))')/*.so; do ldd $f; done")
+    ldd = _run_in_image(
+        compose_mesh,
+        IMAGES["gateway"],
+        "for f in $(python -c 'import cv2, os; print(os.path.dirname(cv2.__file__))')/*.so; do ldd $f; done",
+    )
     assert "libGL" not in ldd and "not found" not in ldd, ldd
-    assert _run_in_image(compose_mesh, IMAGES["mica"], "python -c 'import torch; print(torch.__version__)'").startswith("2.13.0")
+    assert _run_in_image(compose_mesh, IMAGES["mica"], "python -c 'import torch; print(torch.__version__)'").startswith(
+        "2.13.0"
+    )
 
 
 def test_grpcurl_lists_and_health_checks_all_four(compose_mesh: ComposeMesh) -> None:
     for name in SERVICES:
         address = compose_mesh.address(name)
-        listed = subprocess.run([grpcurl(), "-plaintext", address, "list"], check=False, capture_output=True, text=True, timeout=30)
+        listed = subprocess.run(
+            [grpcurl(), "-plaintext", address, "list"], check=False, capture_output=True, text=True, timeout=30
+        )
         assert listed.returncode == 0, listed.stderr
         assert {HEALTH_NAMES[name], "grpc.health.v1.Health"} <= set(listed.stdout.split()), listed.stdout
         for service in ("", HEALTH_NAMES[name]):
-            check = subprocess.run([grpcurl(), "-plaintext", "-d", json.dumps({"service": service}), address,
-                                    "grpc.health.v1.Health/Check"], check=False, capture_output=True, text=True, timeout=30)
+            check = subprocess.run(
+                [
+                    grpcurl(),
+                    "-plaintext",
+                    "-d",
+                    json.dumps({"service": service}),
+                    address,
+                    "grpc.health.v1.Health/Check",
+                ],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             assert check.returncode == 0 and json.loads(check.stdout)["status"] == "SERVING", (name, service, check)
 
 
@@ -103,7 +122,9 @@ def test_published_ports_are_loopback_only_and_assets_read_only(compose_mesh: Co
         assert assets["RW"] is False, (name, assets)
 
 
-def test_reconstruct_the_astronaut_with_the_open_pack(compose_mesh: ComposeMesh, astronaut_png: Path, tmp_path: Path) -> None:
+def test_reconstruct_the_astronaut_with_the_open_pack(
+    compose_mesh: ComposeMesh, astronaut_png: Path, tmp_path: Path
+) -> None:
     entry = _reconstruct(compose_mesh, astronaut_png, tmp_path / "open", "--samples", "4", "--seed", "3")
     assert entry["topology"] == "mediapipe468" and entry["units"] == "mm" and "fallback" not in entry, entry
     face = tmp_path / "open" / entry["dir"]
@@ -176,7 +197,9 @@ def test_flame_pack_with_synthetic_assets_mounted_read_only(compose_mesh: Compos
     for container in compose_mesh.containers().values():
         (mount,) = [m for m in container.attrs["Mounts"] if m["Destination"] == "/assets"]
         assert mount["Source"] == str(assets) and mount["RW"] is False, mount
-    entry = _reconstruct(compose_mesh, astronaut_png, tmp_path / "flame", "--samples", "5", "--steps", "8", "--seed", "11")
+    entry = _reconstruct(
+        compose_mesh, astronaut_png, tmp_path / "flame", "--samples", "5", "--steps", "8", "--seed", "11"
+    )
     assert entry["topology"] == "flame2020" and "fallback" not in entry, entry
     from facefuse.assets.flame_file import load_flame_model
 

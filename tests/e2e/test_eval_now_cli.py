@@ -13,10 +13,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval_fixtures import make_now_dataset  # noqa: E402
+from facefuse.client.commands import eval as eval_commands
+from facefuse.errors import FacefuseError
 
-from facefuse.client.commands import eval as eval_commands  # noqa: E402
-from facefuse.errors import FacefuseError  # noqa: E402
+from eval_fixtures import make_now_dataset
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,10 +77,23 @@ def test_eval_now_metrical_challenge_and_complete_run(tmp_path: Path) -> None:
 def test_eval_now_user_errors_are_facefuse_errors(tmp_path: Path, dataset) -> None:
     with pytest.raises(FacefuseError, match="does not exist"):
         _run(["eval", "now", "--dataset", str(tmp_path / "missing"), "--predictions", str(dataset.predictions)])
-    with pytest.raises(FacefuseError, match="imagepathstest.txt"):
-        _run(["eval", "now", "--dataset", str(dataset.root), "--predictions", str(dataset.predictions), "--split", "test"])
+    with pytest.raises(FacefuseError, match=r"imagepathstest\.txt"):
+        _run(
+            [
+                "eval",
+                "now",
+                "--dataset",
+                str(dataset.root),
+                "--predictions",
+                str(dataset.predictions),
+                "--split",
+                "test",
+            ]
+        )
     with pytest.raises(FacefuseError, match="workers"):
-        _run(["eval", "now", "--dataset", str(dataset.root), "--predictions", str(dataset.predictions), "--workers", "0"])
+        _run(
+            ["eval", "now", "--dataset", str(dataset.root), "--predictions", str(dataset.predictions), "--workers", "0"]
+        )
     with pytest.raises(SystemExit):
         _parser().parse_args(["eval", "now", "--dataset", "x", "--predictions", "y", "--challenge", "pose"])
 

@@ -21,8 +21,8 @@ from facefuse.client.cli import main
 from facefuse.io.meshes import read_mesh
 from facefuse.packs.flame import MicaBackend
 from facefuse.packs.loading import load_shape_backend
-from facefuse.servers.local import LocalMesh
 from facefuse.servers.base import ServerOptions, start_server
+from facefuse.servers.local import LocalMesh
 from facefuse.servers.mica import SERVICE_NAME, MicaServicer
 from facefuse.v1 import common_pb2, mica_pb2, mica_pb2_grpc
 
@@ -72,7 +72,9 @@ def test_service_answer_equals_the_in_process_call(flame_mesh: LocalMesh, mica_a
     local = MicaBackend.from_assets(mica_assets, "cpu").predict([aligned])[0]
     with grpc.insecure_channel(flame_mesh.address("mica")) as channel:
         reply = mica_pb2_grpc.MicaServiceStub(channel).Predict(
-            mica_pb2.PredictRequest(faces=[wire.face_message(aligned, 0, hw)], return_mesh=True, return_landmarks=True), timeout=60)
+            mica_pb2.PredictRequest(faces=[wire.face_message(aligned, 0, hw)], return_mesh=True, return_landmarks=True),
+            timeout=60,
+        )
     remote = reply.predictions[0]
     assert np.array_equal(wire.to_numpy(remote.shape), local.shape)
     assert np.array_equal(wire.to_numpy(remote.mesh.vertices), local.vertices_mm)
@@ -82,11 +84,29 @@ def test_service_answer_equals_the_in_process_call(flame_mesh: LocalMesh, mica_a
 
 def test_grpcurl_calls_predict_with_a_json_request(flame_mesh: LocalMesh, aligned_astronaut) -> None:
     aligned, _ = aligned_astronaut
-    grpcurl = str(Path(sys.executable).parent / "grpcurl") if (Path(sys.executable).parent / "grpcurl").exists() else shutil.which("grpcurl")
-    request = {"faces": [{"arcfaceBlob": {"dtype": "FLOAT32", "shape": [3, 112, 112],
-                                          "data": base64.b64encode(aligned.arcface_blob.astype("<f4").tobytes()).decode()}}]}
-    out = subprocess.run([grpcurl, "-plaintext", "-d", "@", flame_mesh.address("mica"), "facefuse.v1.MicaService/Predict"],
-                         input=json.dumps(request), capture_output=True, text=True, timeout=120)
+    grpcurl = (
+        str(Path(sys.executable).parent / "grpcurl")
+        if (Path(sys.executable).parent / "grpcurl").exists()
+        else shutil.which("grpcurl")
+    )
+    request = {
+        "faces": [
+            {
+                "arcfaceBlob": {
+                    "dtype": "FLOAT32",
+                    "shape": [3, 112, 112],
+                    "data": base64.b64encode(aligned.arcface_blob.astype("<f4").tobytes()).decode(),
+                }
+            }
+        ]
+    }
+    out = subprocess.run(
+        [grpcurl, "-plaintext", "-d", "@", flame_mesh.address("mica"), "facefuse.v1.MicaService/Predict"],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     shape = json.loads(out.stdout)["predictions"][0]["shape"]
     assert shape["dtype"] == "FLOAT32" and shape["shape"] == ["300"]
@@ -117,9 +137,8 @@ def test_a_damaged_checkpoint_is_failed_precondition_naming_it(mica_assets: Path
                            [SERVICE_NAME], ServerOptions())
     face = common_pb2.Face(arcface_blob=wire.from_numpy(np.zeros((3, 112, 112), np.float32)))
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            with pytest.raises(grpc.RpcError) as caught:
-                mica_pb2_grpc.MicaServiceStub(channel).Predict(mica_pb2.PredictRequest(faces=[face]), timeout=30)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel, pytest.raises(grpc.RpcError) as caught:
+            mica_pb2_grpc.MicaServiceStub(channel).Predict(mica_pb2.PredictRequest(faces=[face]), timeout=30)
     finally:
         running.stop(0)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION

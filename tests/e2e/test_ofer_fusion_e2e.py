@@ -58,7 +58,16 @@ def test_same_seed_same_samples_through_the_service(flame_mesh: LocalMesh, face_
     assert np.array_equal(first, again)
     assert not np.allclose(first, other)
     local = OferBackend.from_assets(synthetic_assets_dir, "cpu").sample(
-        aligned_face[0], 6, mode="fast", steps=8, seed=7, start_shape=None, start_t0=0, guide_shape=None, guide_strength=0.0)
+        aligned_face[0],
+        6,
+        mode="fast",
+        steps=8,
+        seed=7,
+        start_shape=None,
+        start_t0=0,
+        guide_shape=None,
+        guide_strength=0.0,
+    )
     assert np.array_equal(first, local), "the service answers exactly what the library computes"
 
 
@@ -68,8 +77,16 @@ def test_rank_scores_follow_the_candidates_not_their_order(flame_mesh: LocalMesh
     order = rng.permutation(7)
     with grpc.insecure_channel(flame_mesh.address("ofer")) as channel:
         stub = ofer_pb2_grpc.OferServiceStub(channel)
-        scores = wire.to_numpy(stub.Rank(ofer_pb2.RankRequest(face=face_message, candidates=wire.from_numpy(candidates)), timeout=120).scores)
-        permuted = wire.to_numpy(stub.Rank(ofer_pb2.RankRequest(face=face_message, candidates=wire.from_numpy(candidates[order])), timeout=120).scores)
+        scores = wire.to_numpy(
+            stub.Rank(
+                ofer_pb2.RankRequest(face=face_message, candidates=wire.from_numpy(candidates)), timeout=120
+            ).scores
+        )
+        permuted = wire.to_numpy(
+            stub.Rank(
+                ofer_pb2.RankRequest(face=face_message, candidates=wire.from_numpy(candidates[order])), timeout=120
+            ).scores
+        )
     assert scores.shape == (7,) and np.all(np.isfinite(scores))
     np.testing.assert_allclose(permuted, scores[order], rtol=1e-5, atol=1e-5)
 
@@ -105,8 +122,9 @@ def test_reconstruct_ofer_writes_samples_and_spread(flame_mesh: LocalMesh, astro
 
 
 @pytest.mark.parametrize("strategy", ["mica", "ofer", "linear", "pool", "gaussian", "sdedit", "guided", "region"])
-def test_every_strategy_is_deterministic_through_the_services(flame_mesh: LocalMesh, astronaut_png: Path, tmp_path: Path,
-                                                              strategy: str) -> None:
+def test_every_strategy_is_deterministic_through_the_services(
+    flame_mesh: LocalMesh, astronaut_png: Path, tmp_path: Path, strategy: str
+) -> None:
     shapes = []
     for run in ("a", "b"):
         entry = _run(flame_mesh, astronaut_png, tmp_path / run, "--method", "fuse", "--strategy", strategy)
@@ -124,7 +142,9 @@ def test_opt_in_dynamic_batching_across_faces(synthetic_assets_dir: Path, aligne
 
     backend = OferBackend.from_assets(synthetic_assets_dir, "cpu")
     servicer = OferServicer(backend, max_batch=8, batch_wait_s=0.2)
-    running = start_server(lambda s: ofer_pb2_grpc.add_OferServiceServicer_to_server(servicer, s), [SERVICE_NAME], ServerOptions())
+    running = start_server(
+        lambda s: ofer_pb2_grpc.add_OferServiceServicer_to_server(servicer, s), [SERVICE_NAME], ServerOptions()
+    )
     aligned, hw = aligned_face
     face = wire.face_message(aligned, 0, hw)
     got: dict[int, np.ndarray] = {}

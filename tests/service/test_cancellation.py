@@ -58,9 +58,21 @@ class SlowSampler:
             self.running.clear()
         self.finished.append(seed)
 
-    def sample(self, face: AlignedFace, num_samples: int, *, mode: str, steps: int, seed: int,
-               start_shape: np.ndarray | None, start_t0: int, guide_shape: np.ndarray | None,
-               guide_strength: float, visibility: object | None = None, stop_check: StopCheck | None = None) -> np.ndarray:
+    def sample(
+        self,
+        face: AlignedFace,
+        num_samples: int,
+        *,
+        mode: str,
+        steps: int,
+        seed: int,
+        start_shape: np.ndarray | None,
+        start_t0: int,
+        guide_shape: np.ndarray | None,
+        guide_strength: float,
+        visibility: object | None = None,
+        stop_check: StopCheck | None = None,
+    ) -> np.ndarray:
         self._steps(seed, steps, stop_check)
         return np.full((num_samples, 4), float(seed), np.float32)
 

@@ -65,20 +65,49 @@ def test_detect_writes_every_face_and_resumes(open_mesh: LocalMesh, photos: Path
 
 def test_cli_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    missing = subprocess.run([sys.executable, "-m", "facefuse.client.cli", "detect", str(tmp_path / "nope.jpg"),
-                              "-o", str(tmp_path / "o"), "--gateway", "127.0.0.1:1"], capture_output=True, text=True, env=env)
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "facefuse.client.cli",
+            "detect",
+            str(tmp_path / "nope.jpg"),
+            "-o",
+            str(tmp_path / "o"),
+            "--gateway",
+            "127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "no such file" in missing.stderr
     (tmp_path / "a.jpg").write_bytes(b"x")
-    down = subprocess.run([sys.executable, "-m", "facefuse.client.cli", "detect", str(tmp_path / "a.jpg"),
-                           "-o", str(tmp_path / "o"), "--gateway", "127.0.0.1:1"], capture_output=True, text=True, env=env,
-                          timeout=60)
-    assert down.returncode == 3 and "Traceback" not in down.stderr and "no gateway answers" in down.stderr  # gateway down
+    down = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "facefuse.client.cli",
+            "detect",
+            str(tmp_path / "a.jpg"),
+            "-o",
+            str(tmp_path / "o"),
+            "--gateway",
+            "127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert (
+        down.returncode == 3 and "Traceback" not in down.stderr and "no gateway answers" in down.stderr
+    )  # gateway down
 
 
 def test_identity_group_fuses_each_persons_images(open_mesh: LocalMesh, tmp_path: Path, astronaut_jpeg: bytes) -> None:
     import skimage.data
-
     from PIL import Image
 
     from facefuse.client.demo import occlude_mouth
@@ -108,7 +137,9 @@ def test_identity_group_fuses_each_persons_images(open_mesh: LocalMesh, tmp_path
         assert (group / name).is_file()
 
 
-def test_a_user_mask_marks_the_covered_regions_hidden(open_mesh: LocalMesh, tmp_path: Path, astronaut_jpeg: bytes) -> None:
+def test_a_user_mask_marks_the_covered_regions_hidden(
+    open_mesh: LocalMesh, tmp_path: Path, astronaut_jpeg: bytes
+) -> None:
     import skimage.data
     from PIL import Image
 

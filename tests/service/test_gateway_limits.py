@@ -123,7 +123,9 @@ def _health_seconds(channel: grpc.Channel) -> float:
 def _reflection_seconds(channel: grpc.Channel) -> float:
     started = time.monotonic()
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    (reply,) = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=1.0))
+    (reply,) = list(
+        stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=1.0)
+    )
     assert SERVICE_NAME in {s.name for s in reply.list_services_response.service}
     return time.monotonic() - started
 

@@ -86,8 +86,12 @@ def test_grpcurl_calls_health_and_info_with_json(open_mesh: LocalMesh) -> None:
     out = subprocess.run([_grpcurl(), "-plaintext", "-d", '{"service": ""}', open_mesh.address("gateway"),
                           "grpc.health.v1.Health/Check"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and json.loads(out.stdout)["status"] == "SERVING"
-    info = subprocess.run([_grpcurl(), "-plaintext", "-d", "{}", open_mesh.address("gateway"), "facefuse.v1.Gateway/Info"],
-                          capture_output=True, text=True, timeout=30)
+    info = subprocess.run(
+        [_grpcurl(), "-plaintext", "-d", "{}", open_mesh.address("gateway"), "facefuse.v1.Gateway/Info"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert info.returncode == 0, info.stderr
     payload = json.loads(info.stdout)
     assert payload.get("frontEnd", payload.get("front_end")) == "blazeface-facemesh", payload
@@ -95,8 +99,11 @@ def test_grpcurl_calls_health_and_info_with_json(open_mesh: LocalMesh) -> None:
 
 def test_stream_finds_faces_and_isolates_a_truncated_image(open_mesh: LocalMesh, astronaut_jpeg: bytes,
                                                            group_photo: bytes) -> None:
-    images = [ImageInput("astronaut.jpg", astronaut_jpeg), ImageInput("truncated.jpg", astronaut_jpeg[: len(astronaut_jpeg) // 3]),
-              ImageInput("t1.jpg", group_photo)]
+    images = [
+        ImageInput("astronaut.jpg", astronaut_jpeg),
+        ImageInput("truncated.jpg", astronaut_jpeg[: len(astronaut_jpeg) // 3]),
+        ImageInput("t1.jpg", group_photo),
+    ]
     with GatewayClient(open_mesh.gateway_address, timeout_s=120) as client:
         results = list(client.process(images, method="detect", return_crops=True))
     by_image: dict[str, list] = {}
@@ -138,8 +145,11 @@ def test_a_killed_service_becomes_unavailable_not_a_hang(tmp_path: Path, astrona
 
 def test_sigterm_shuts_a_server_down_gracefully(tmp_path: Path) -> None:
     port_file = tmp_path / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "facefuse.servers.fusion", "--port", "0", "--port-file", str(port_file),
-                             "--grace", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "facefuse.servers.fusion", "--port", "0", "--port-file", str(port_file), "--grace", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         address = _address_from(port_file)
         assert health_status(address) == health_pb2.HealthCheckResponse.SERVING
@@ -156,8 +166,14 @@ def test_make_smoke_script_passes() -> None:
     import os
 
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", "FACEFUSE_ASSETS": ""}
-    out = subprocess.run(["bash", str(root / "deploy" / "smoke.sh")], capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FACEFUSE_ASSETS": "",
+    }
+    out = subprocess.run(
+        ["bash", str(root / "deploy" / "smoke.sh")], capture_output=True, text=True, env=env, timeout=300, cwd=root
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert out.stdout.count('"status": "SERVING"') == 4
 

@@ -116,9 +116,8 @@ def test_one_image_moves_each_servers_counters(metered_mesh, astronaut_jpeg: byt
 
 def test_error_codes_are_labelled(metered_mesh) -> None:
     mesh, _, _, _ = metered_mesh
-    with grpc.insecure_channel(mesh.address("mica")) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            mica_pb2_grpc.MicaServiceStub(channel).Predict(mica_pb2.PredictRequest(), timeout=10)
+    with grpc.insecure_channel(mesh.address("mica")) as channel, pytest.raises(grpc.RpcError) as caught:
+        mica_pb2_grpc.MicaServiceStub(channel).Predict(mica_pb2.PredictRequest(), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     scraped = scrape(mesh.metrics_url("mica"))
     assert value(scraped, "facefuse_rpc_requests_total", rpc="facefuse.v1.MicaService/Predict",

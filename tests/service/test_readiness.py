@@ -19,7 +19,9 @@ GATEWAY = "facefuse.v1.Gateway"
 
 def _backend(name: str, ready: bool) -> RunningServer:
     """A server with only health and reflection, reporting the backend's readiness name."""
-    return start_server(lambda server: None, [BACKEND_HEALTH_NAMES[name]], ServerOptions(), {BACKEND_HEALTH_NAMES[name]: ready})
+    return start_server(
+        lambda server: None, [BACKEND_HEALTH_NAMES[name]], ServerOptions(), {BACKEND_HEALTH_NAMES[name]: ready}
+    )
 
 
 def _eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> bool:

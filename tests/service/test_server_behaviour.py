@@ -33,8 +33,15 @@ class EchoBackend:
     def predict(self, faces: Sequence[AlignedFace]) -> list[ShapeResult]:
         self.batch_sizes.append(len(faces))
         time.sleep(self.delay_s)
-        return [ShapeResult(vertices_mm=np.zeros((3, 3), np.float32), faces=np.array([[0, 1, 2]], np.int32),
-                            topology="test", shape=np.full(300, float(f.arcface_blob.mean()), np.float32)) for f in faces]
+        return [
+            ShapeResult(
+                vertices_mm=np.zeros((3, 3), np.float32),
+                faces=np.array([[0, 1, 2]], np.int32),
+                topology="test",
+                shape=np.full(300, float(f.arcface_blob.mean()), np.float32),
+            )
+            for f in faces
+        ]
 
 
 def _face(value: float) -> common_pb2.Face:
@@ -104,7 +111,9 @@ def test_gateway_propagates_its_deadline_to_a_slow_backend(astronaut_jpeg: bytes
     """A face whose backend is slower than the caller's deadline gets DEADLINE_EXCEEDED promptly."""
     backend = EchoBackend(delay_s=5.0)
     servicer = MicaServicer(backend, max_batch=1, batch_wait_s=0.0)
-    running = start_server(lambda s: mica_pb2_grpc.add_MicaServiceServicer_to_server(servicer, s), [SERVICE_NAME], ServerOptions())
+    running = start_server(
+        lambda s: mica_pb2_grpc.add_MicaServiceServicer_to_server(servicer, s), [SERVICE_NAME], ServerOptions()
+    )
     clients = MeshClients.connect(f"127.0.0.1:{running.port}", None, None)
 
     class OneFace:

@@ -37,7 +37,9 @@ def _compose_v1() -> str:
 @pytest.mark.parametrize("files", COMPOSE_COMBINATIONS, ids=["+".join(c) for c in COMPOSE_COMBINATIONS])
 def test_compose_v1_parses_every_combination_of_files(files: tuple[str, ...]) -> None:
     args = [a for f in files for a in ("-f", str(ROOT / f))]
-    result = subprocess.run([_compose_v1(), *args, "config", "-q"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    result = subprocess.run(
+        [_compose_v1(), *args, "config", "-q"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -50,7 +52,9 @@ def test_compose_files_match_the_compose_v2_schema(name: str) -> None:
 
     import jsonschema
 
-    schema = json.loads(resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text())
+    schema = json.loads(
+        resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
+    )
     jsonschema.validate(_load_yaml(ROOT / name), schema)
 
 
@@ -60,7 +64,9 @@ def test_the_schema_check_catches_what_v2_refuses() -> None:
 
     import jsonschema
 
-    schema = json.loads(resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text())
+    schema = json.loads(
+        resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
+    )
     broken = _load_yaml(ROOT / "docker-compose.yml")
     broken["services"]["mica"]["healthcheck"]["retires"] = 3  # a typo v2 rejects
     with pytest.raises(jsonschema.ValidationError):
@@ -73,8 +79,15 @@ def _config(*files: str, env: dict[str, str] | None = None) -> dict:
 
     args = [a for f in files for a in ("-f", str(ROOT / f))]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FACEFUSE_")}
-    result = subprocess.run([_compose_v1(), *args, "config"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=60,
-                            env={**clean, **(env or {})})
+    result = subprocess.run(
+        [_compose_v1(), *args, "config"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env={**clean, **(env or {})},
+    )
     assert result.returncode == 0, result.stderr
     from ruamel.yaml import YAML
 
@@ -154,7 +167,10 @@ def test_each_service_image_is_a_thin_non_root_stage(name: str, folder: str) -> 
     requirements = (ROOT / folder / "requirements.txt").read_text().split()
     assert {"grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf"} <= set(requirements)
     if name == "gateway":
-        assert "torch" not in requirements and "insightface" in (ROOT / folder / "requirements-nodeps.txt").read_text().split()
+        assert (
+            "torch" not in requirements
+            and "insightface" in (ROOT / folder / "requirements-nodeps.txt").read_text().split()
+        )
     else:
         assert "torch" in requirements and "insightface" not in requirements
 
@@ -238,7 +254,8 @@ from facefuse.fusion.visibility import Visibility
 setup = load_setup("open", None)
 assert setup.space is not None, setup.status.message
 x = np.zeros(1404, np.float32)
-fuse("region", FusionInputs(x, np.stack([x, x + 1]), np.zeros(2, np.float32), Visibility({}, visibility)), setup.space)""",
+inputs = FusionInputs(x, np.stack([x, x + 1]), np.zeros(2, np.float32), Visibility({}, visibility))
+fuse("region", inputs, setup.space)""",
     "gateway": """
 from facefuse.assets.store import ModelStore
 from facefuse.face.frontend import FaceFrontEnd
@@ -322,6 +339,8 @@ print(json.dumps(sorted(sorted(dists[t]) for t in top if t in dists)))
     requirements = _requirement_names(ROOT / folder / "requirements.txt")
     no_deps = ROOT / folder / "requirements-nodeps.txt"  # installed with --no-deps: themselves, not their closure
     installed_alone = {_norm(n) for n in _requirement_names(no_deps)} if no_deps.is_file() else set()
-    allowed = _distribution_closure(requirements) | installed_alone | {"facefuse", "pip", "setuptools"} | OPTIONAL_IMPORTS
+    allowed = (
+        _distribution_closure(requirements) | installed_alone | {"facefuse", "pip", "setuptools"} | OPTIONAL_IMPORTS
+    )
     missing = sorted(" or ".join(sorted(group)) for group in providers if not group & allowed)
     assert not missing, f"{folder}/requirements.txt lacks {sorted(missing)}"

@@ -27,7 +27,16 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
 def test_every_service_is_in_the_contract() -> None:
     from facefuse.v1 import fusion_pb2, gateway_pb2, mica_pb2, ofer_pb2
 
-    names = {s.full_name for m in (mica_pb2, ofer_pb2, fusion_pb2, gateway_pb2) for s in m.DESCRIPTOR.services_by_name.values()}
-    assert names == {"facefuse.v1.MicaService", "facefuse.v1.OferService", "facefuse.v1.FusionService", "facefuse.v1.Gateway"}
+    names = {
+        s.full_name
+        for m in (mica_pb2, ofer_pb2, fusion_pb2, gateway_pb2)
+        for s in m.DESCRIPTOR.services_by_name.values()
+    }
+    assert names == {
+        "facefuse.v1.MicaService",
+        "facefuse.v1.OferService",
+        "facefuse.v1.FusionService",
+        "facefuse.v1.Gateway",
+    }
     process = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].methods_by_name["Process"]
     assert process.client_streaming and process.server_streaming

@@ -400,7 +400,9 @@ class OpenGenerativeBackend:
         target = observed.copy()
         scale2 = np.full(NUM_VERTICES, np.inf)
         scale2[seen] = self.noise_mm**2 / np.clip(weights[seen], VISIBLE, 1.0)
-        completions = self.completions(face, observed, weights, RANK_IMPUTATIONS, np.random.default_rng(RANK_SEED), stop_check)
+        completions = self.completions(
+            face, observed, weights, RANK_IMPUTATIONS, np.random.default_rng(RANK_SEED), stop_check
+        )
         if completions is not None:
             target[~seen] = completions.mean(axis=0)[~seen]
             scale2[~seen] = self.imputed_noise_mm**2

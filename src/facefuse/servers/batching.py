@@ -136,9 +136,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             results = self._run_batch([entry.item for entry in live], stop_check)
             if len(results) != len(live):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(live)} items")
-        except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+        except BaseException as exc:
             for entry in live:
                 entry.future.set_exception(exc)
             return
-        for entry, result in zip(live, results):
+        for entry, result in zip(live, results, strict=True):
             entry.future.set_result(result)

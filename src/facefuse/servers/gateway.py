@@ -64,7 +64,13 @@ class StreamLimits:
     max_image_bytes: int = DEFAULT_MAX_IMAGE_MB << 20
 
     def __post_init__(self) -> None:
-        if self.max_streams < 1 or self.in_flight < 1 or self.idle_s <= 0 or self.buffer_bytes < 1 or self.max_image_bytes < 1:
+        if (
+            self.max_streams < 1
+            or self.in_flight < 1
+            or self.idle_s <= 0
+            or self.buffer_bytes < 1
+            or self.max_image_bytes < 1
+        ):
             raise InvalidInputError(f"stream limits must be positive: {self}")
 
 
@@ -142,11 +148,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     out.put(error_result(image_id, pending.refused))
                     return
                 mask = wire.to_numpy(pending.mask, "mask") if pending.mask is not None else None
-                for result in self.pipeline.process_image(image_id, b"".join(pending.parts), pending.options, mask, deadline):
+                for result in self.pipeline.process_image(
+                    image_id, b"".join(pending.parts), pending.options, mask, deadline
+                ):
                     if not deadline.alive:
                         return
                     out.put(result)
-            except Exception as exc:  # noqa: BLE001 - one image's failure never ends the stream
+            except Exception as exc:
                 out.put(error_result(image_id, exc))
             finally:
                 out.put(_IMAGE_DONE)
@@ -188,7 +196,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         item.size += len(chunk.data)
                         if item.size > limits.max_image_bytes:
                             item.refused = LimitExceededError(
-                                f"image is over the gateway's limit of {limits.max_image_bytes >> 20} MiB (--max-image-mb)")
+                                f"image is over the gateway's limit of {limits.max_image_bytes >> 20} MiB "
+                                "(--max-image-mb)"
+                            )
                             freed = sum(len(part) for part in item.parts)
                             item.parts.clear()
                             item.charged -= freed
@@ -214,7 +224,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     out.put(error_result(image_id, InvalidInputError("stream ended before the image's last chunk")))
             except grpc.RpcError:
                 pass  # the caller went away; Deadline.cancelled is set by gRPC's callback
-            except Exception as exc:  # noqa: BLE001 - handed to the stream, which reports it with a status
+            except Exception as exc:
                 reader_error.append(exc)
             finally:
                 out.put(_READER_DONE)
@@ -233,7 +243,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 if in_flight[0] == 0 and not reader_done and idle > limits.idle_s:
                     raise DeadlineError(
                         f"the stream sent nothing for {limits.idle_s:g} s with no image in progress and was ended "
-                        "(gateway flag --stream-idle-s); send the next image sooner or close the stream")
+                        "(gateway flag --stream-idle-s); send the next image sooner or close the stream") from None
                 continue
             if item is _READER_DONE:
                 reader_done = True
@@ -311,12 +321,17 @@ def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequ
     clients = MeshClients.connect(args.mica, args.ofer, args.fusion, args.max_message_mb)
     pipeline = FacePipeline(front_end, clients, max_pixels=args.max_pixels, max_decode_bytes=args.max_decode_mb << 20)
     servicer = GatewayServicer(pipeline, limits=limits, image_workers=args.image_workers, front_end_name=front_end.name)
-    return (lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
-            [SERVICE_NAME], {SERVICE_NAME: BackendReadiness({"mica": args.mica, "ofer": args.ofer, "fusion": args.fusion})})
+    return (
+        lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
+        [SERVICE_NAME],
+        {SERVICE_NAME: BackendReadiness({"mica": args.mica, "ofer": args.ofer, "fusion": args.fusion})},
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli("facefuse-gateway", "facefuse gateway: images in, faces and reconstructions out", add_arguments, build, argv)
+    return run_cli(
+        "facefuse-gateway", "facefuse gateway: images in, faces and reconstructions out", add_arguments, build, argv
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,11 @@ class MicaServicer(mica_pb2_grpc.MicaServiceServicer):
     def __init__(self, backend: ShapeBackend, *, max_batch: int = 16, batch_wait_s: float = 0.005) -> None:
         self.backend = backend
         self.batcher: DynamicBatcher[AlignedFace, ShapeResult] = DynamicBatcher(
-            lambda faces, _stop_check: backend.predict(faces), max_batch=max_batch, max_wait_s=batch_wait_s, name="mica-batcher")
+            lambda faces, _stop_check: backend.predict(faces),
+            max_batch=max_batch,
+            max_wait_s=batch_wait_s,
+            name="mica-batcher",
+        )
 
     def Predict(self, request: mica_pb2.PredictRequest, context: grpc.ServicerContext) -> mica_pb2.PredictResponse:
         if not request.faces:

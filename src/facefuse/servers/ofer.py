@@ -29,6 +29,7 @@ from facefuse.v1 import common_pb2, ofer_pb2, ofer_pb2_grpc
 
 if TYPE_CHECKING:
     from facefuse.fusion.visibility import Visibility
+    from facefuse.packs.flame import SampleJob
 
 SERVICE_NAME = "facefuse.v1.OferService"
 TURN_POLL_S = 0.05
@@ -50,9 +51,11 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
         self._lock = threading.Lock()
         self.batcher = None
         if max_batch > 1 and hasattr(backend, "sample_batch"):
-            def run(jobs, stop_check):  # type: ignore[no-untyped-def]
+            batched = backend.sample_batch
+
+            def run(jobs: Sequence[SampleJob], stop_check: StopCheck) -> list[np.ndarray]:
                 with self._model_turn(stop_check):
-                    return backend.sample_batch(jobs, stop_check=stop_check)  # type: ignore[attr-defined]
+                    return batched(jobs, stop_check=stop_check)
 
             self.batcher = DynamicBatcher(run, max_batch=max_batch, max_wait_s=batch_wait_s, name="ofer-batcher")
 
@@ -69,7 +72,9 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
         for offset in range(0, len(shapes), chunk):
             if not context.is_active():
                 return
-            yield ofer_pb2.SampleChunk(offset=offset, shapes=wire.from_numpy(shapes[offset:offset + chunk]), total=len(shapes))
+            yield ofer_pb2.SampleChunk(
+                offset=offset, shapes=wire.from_numpy(shapes[offset : offset + chunk]), total=len(shapes)
+            )
         log_event("sample", samples=len(shapes), mode=request.mode or "fast")
 
     def _sample(self, request: ofer_pb2.SampleRequest, deadline: Deadline) -> np.ndarray:
@@ -88,8 +93,16 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
         mode = request.mode or "fast"
         if mode not in MODES:
             raise InvalidInputError(f"mode {mode!r}; expected one of {MODES}")
-        start = wire.require(request.start_shape, "start_shape", shape=(None,)) if wire.has(request, "start_shape") else None
-        guide = wire.require(request.guide_shape, "guide_shape", shape=(None,)) if wire.has(request, "guide_shape") else None
+        start = (
+            wire.require(request.start_shape, "start_shape", shape=(None,))
+            if wire.has(request, "start_shape")
+            else None
+        )
+        guide = (
+            wire.require(request.guide_shape, "guide_shape", shape=(None,))
+            if wire.has(request, "guide_shape")
+            else None
+        )
         if not 0 <= request.start_t0 <= 999:
             raise InvalidInputError(f"start_t0 {request.start_t0}; expected 0..999")
         if not 0.0 <= request.guide_strength <= 1.0:  # NaN fails this too
@@ -126,17 +139,24 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
         return backend_info(self.backend.status)
 
 
-def _visibility(request: ofer_pb2.SampleRequest | ofer_pb2.RankRequest) -> "Visibility | None":
+def _visibility(request: ofer_pb2.SampleRequest | ofer_pb2.RankRequest) -> Visibility | None:
     """The face's visibility (regions, optionally per vertex) when the gateway sent one."""
     if not request.HasField("visibility"):
         return None
     from facefuse.fusion.visibility import Visibility
 
     message = request.visibility
-    per_vertex = wire.require(message.per_vertex, "visibility.per_vertex", shape=(None,)) if wire.has(message, "per_vertex") else None
+    per_vertex = (
+        wire.require(message.per_vertex, "visibility.per_vertex", shape=(None,))
+        if wire.has(message, "per_vertex")
+        else None
+    )
     check_visibility_values(message, per_vertex)
-    return Visibility(regions=dict(message.regions), per_vertex=None if per_vertex is None else np.asarray(per_vertex, np.float32),
-                      sources=tuple(message.sources))
+    return Visibility(
+        regions=dict(message.regions),
+        per_vertex=None if per_vertex is None else np.asarray(per_vertex, np.float32),
+        sources=tuple(message.sources),
+    )
 
 
 def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequence[str], dict[str, bool]]:
