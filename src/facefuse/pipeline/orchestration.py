@@ -22,13 +22,23 @@ from facefuse.errors import BackendUnavailableError, FacefuseError, InvalidInput
 from facefuse.face.frontend import SELECTIONS, select_faces
 from facefuse.face.types import AlignedFace, Detection
 from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES, decode_image
+from facefuse.rpc.deadline import Deadline
 from facefuse.rpc.interceptors import request_metadata
 from facefuse.rpc.logs import LOG, log_event
 from facefuse.rpc.metrics import count_face, observe_decode_bytes
-from facefuse.rpc.options import channel_options
-from facefuse.rpc.deadline import Deadline
+from facefuse.rpc.options import backend_channel_options, backend_target
+from facefuse.rpc.security import ClientTls, secure_or_insecure_channel
 from facefuse.rpc.status import error_from_rpc, is_backend_down, status_code_for
-from facefuse.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc, gateway_pb2, mica_pb2, mica_pb2_grpc, ofer_pb2, ofer_pb2_grpc
+from facefuse.v1 import (
+    common_pb2,
+    fusion_pb2,
+    fusion_pb2_grpc,
+    gateway_pb2,
+    mica_pb2,
+    mica_pb2_grpc,
+    ofer_pb2,
+    ofer_pb2_grpc,
+)
 
 METHODS = ("detect", "mica", "ofer", "fuse")
 DEFAULT_CALL_TIMEOUT_S = 600.0
@@ -46,14 +56,22 @@ class MeshClients:
     channels: tuple[grpc.Channel, ...] = ()
 
     @classmethod
-    def connect(cls, mica: str | None, ofer: str | None, fusion: str | None, max_message_mb: int = 64) -> "MeshClients":
-        opts = channel_options(max_message_mb)
+    def connect(cls, mica: str | None, ofer: str | None, fusion: str | None, max_message_mb: int = 64, *,
+                tls: ClientTls | None = None, tls_name: str | None = None) -> MeshClients:
+        """Channels to the model services. An address may name several replicas (``dns:///ofer:50052`` or
+        ``ip:port,ip:port``): calls are spread round robin and idempotent ones retried on another replica
+        when one goes away (``rpc.options.backend_service_config``); ``tls`` makes them (mutual) TLS."""
+        opts = backend_channel_options(max_message_mb, tls_name)
         channels: list[grpc.Channel] = []
 
         def stub(address: str | None, factory: Callable[[grpc.Channel], object]) -> object | None:
             if not address:
                 return None
-            channel = grpc.insecure_channel(address, options=opts)
+            try:
+                target = backend_target(address)
+            except ValueError as exc:
+                raise InvalidInputError(str(exc)) from None
+            channel = secure_or_insecure_channel(target, opts, tls)
             channels.append(channel)
             return factory(channel)
 
