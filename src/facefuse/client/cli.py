@@ -155,11 +155,12 @@ def cmd_mesh_up(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from facefuse.servers.local import LocalMesh
+    from facefuse.servers.local import LocalMesh, parse_replicas
 
-    with LocalMesh(assets=args.assets, pack=args.pack, device=args.device) as mesh:
+    replicas = parse_replicas(args.replicas)
+    with LocalMesh(assets=args.assets, pack=args.pack, device=args.device, replicas=replicas) as mesh:
         for name, proc in mesh.processes.items():
-            print(f"{name:8s} {proc.address}")
+            print(f"{name:9s} {proc.address}")
         print(f"gateway ready at {mesh.gateway_address}; Ctrl-C stops the mesh", flush=True)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -226,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--assets", default=None)
     up.add_argument("--pack", default="auto", choices=["auto", "flame", "open"])
     up.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    up.add_argument("--replicas", default="", metavar="SERVICE=N[,...]",
+                    help="processes per model service, e.g. ofer=2,mica=2; the gateway balances over them "
+                         "(docs/scaling.md)")
     up.set_defaults(func=cmd_mesh_up)
 
     demo = sub.add_parser("demo", help="start the mesh, run sample photos, write ./facefuse-demo")

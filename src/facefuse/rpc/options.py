@@ -82,6 +82,9 @@ def backend_channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         ("grpc.enable_retries", 1),
         # The service config above is ours: a DNS TXT record must not replace it.
         ("grpc.service_config_disable_resolution", 1),
+        # gRPC keeps a request to resend it, but only up to this size (default 256 KiB): a Face with its
+        # crops is larger, and a call whose request did not fit is never retried.
+        ("grpc.per_rpc_retry_buffer_size", max_message_mb * 1024 * 1024),
     ]
     if tls_name:
         options.append(("grpc.ssl_target_name_override", tls_name))

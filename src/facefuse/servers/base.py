@@ -217,9 +217,9 @@ def run_cli(
     args = parser.parse_args(list(argv) if argv is not None else None)
     configure_logging(prog, args.log_level)
     try:
-        options = options_from_args(args)
-        register, names, ready = build(args)
-        running = start_server(register, names, options, ready)
+        _server_tls(args)  # flag mistakes show before the models load
+        register, names, ready = build(args)  # may settle defaults (the gateway's --workers)
+        running = start_server(register, names, options_from_args(args), ready)
     except (FacefuseError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
