@@ -56,7 +56,8 @@ def test_a_replica_killed_mid_stream_costs_no_face(tmp_path, astronaut_jpeg: byt
             """Once both replicas of each service answered calls, kill ofer-2 the moment it holds one."""
             while not stop.is_set():
                 served = {name: calls(proc.metrics_url, rpc) for name, proc, rpc in (
-                    ("ofer", ofer_1, SAMPLE), ("ofer-2", ofer_2, SAMPLE), ("mica", mica_1, PREDICT), ("mica-2", mica_2, PREDICT))}
+                    ("ofer", ofer_1, SAMPLE), ("ofer-2", ofer_2, SAMPLE),
+                    ("mica", mica_1, PREDICT), ("mica-2", mica_2, PREDICT))}
                 if min(served.values()) >= 1:
                     break
                 time.sleep(0.05)
