@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     shards = sub.add_parser("shards", help="results of --shard runs")
     shards_sub = shards.add_subparsers(dest="shards_command", required=True)
-    merge = shards_sub.add_parser("merge", help="write OUT/results.jsonl from every OUT/shard-I-of-N (all N must be there)")
+    merge = shards_sub.add_parser("merge", help="write OUT/results.jsonl from every OUT/shard-I-of-N (all N needed)")
     merge.add_argument("out", type=Path, help="the -o folder the shards wrote into")
     merge.set_defaults(func=cmd_shards_merge)
 
