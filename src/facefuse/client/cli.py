@@ -21,7 +21,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_GATEWAY, EXIT_INTERRUPTED = 0, 1, 2, 3, 1
 EXIT_CODES = f"""exit codes:
   {EXIT_OK}    every input done (OK, or no face found)
   {EXIT_FAILED}    the run finished but some images or faces failed (their lines in OUT/results.jsonl say why)
-  {EXIT_USAGE}    bad usage: wrong arguments, missing input paths, options the gateway refused
+  {EXIT_USAGE}    bad usage: wrong arguments, missing input paths, options the gateway refused, a missing
+       or wrong --token-file (UNAUTHENTICATED)
   {EXIT_GATEWAY}    the gateway is down, unreachable or busy, or the stream was cut or ran past --timeout
        (finished outputs are kept)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
