@@ -27,7 +27,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from facefuse.client.api import GatewayClient, ImageInput
 from facefuse.errors import AuthError, BackendUnavailableError
+from facefuse.servers.local import free_port
 from facefuse.v1 import fusion_pb2, fusion_pb2_grpc
+from facefuse.v1.common_pb2 import InfoRequest
+from facefuse.v1.gateway_pb2_grpc import GatewayStub
 
 pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token-for-tests"
@@ -122,6 +125,7 @@ def secured(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
     certificate; a second gateway whose client certificate fusion does not trust."""
     folder = tmp_path_factory.mktemp("secured")
     cert, key = pki.server
+    health_port = free_port()
     procs = []
     try:
         fusion, fusion_port, _ = _spawn("fusion", folder, "fusion", "--pack", "open", "--tls-cert", str(cert),
@@ -131,12 +135,12 @@ def secured(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
         gateway, gateway_port, _ = _spawn(
             "gateway", folder, "gateway", *backend, "--backend-cert", str(pki.client[0]), "--backend-key",
             str(pki.client[1]), "--tls-cert", str(cert), "--tls-key", str(key), "--auth-token-file",
-            str(pki.token_file), "--no-reflection")
+            str(pki.token_file), "--no-reflection", "--health-port", str(health_port))
         procs.append(gateway)
         stranger, stranger_port, _ = _spawn("gateway", folder, "stranger", *backend, "--backend-cert",
                                             str(pki.stranger[0]), "--backend-key", str(pki.stranger[1]))
         procs.append(stranger)
-        yield {"fusion": fusion_port, "gateway": gateway_port, "stranger": stranger_port}
+        yield {"fusion": fusion_port, "gateway": gateway_port, "stranger": stranger_port, "health": health_port}
     finally:
         for proc in procs:
             proc.terminate()
@@ -198,6 +202,18 @@ def test_the_token_is_required_except_for_health(pki: Pki, secured: dict[str, in
     with grpc.secure_channel(address, _credentials(pki)) as channel:  # no token: health answers anyway
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_plaintext_health_port_serves_health_only(secured: dict[str, int]) -> None:
+    """What a kubelet gRPC probe (plaintext, no token) sees of a TLS server: health, and nothing else."""
+    with grpc.insecure_channel(f"127.0.0.1:{secured['health']}") as channel:
+        for service in ("", "facefuse.v1.Gateway"):
+            request = health_pb2.HealthCheckRequest(service=service)
+            reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as caught:
+            GatewayStub(channel).Info(InfoRequest(), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_a_tls_gateway_refuses_plaintext_and_untrusted_clients(pki: Pki, secured: dict[str, int]) -> None:

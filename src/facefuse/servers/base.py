@@ -50,6 +50,8 @@ class ServerOptions:
     tls: ServerTls | None = None  # None = plaintext (docs/scaling.md#security)
     auth_token: str | None = None  # calls other than health need ``authorization: Bearer <token>``
     reflection: bool = True
+    health_port: int = 0  # also serve health alone, plaintext, on this port (kubelet probes cannot speak TLS); 0 = off
+    max_connection_age_s: float = 0.0  # close client connections this old, so clients re-resolve DNS; 0 = never
 
     @property
     def max_message_bytes(self) -> int:
@@ -68,6 +70,7 @@ class RunningServer:
     port: int
     service_names: tuple[str, ...]
     metrics: MetricsEndpoint | None = None
+    health_server: grpc.Server | None = None
 
     def set_ready(self, service_name: str, ready: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -77,6 +80,8 @@ class RunningServer:
         """Refuse new calls, report NOT_SERVING, let calls in flight finish within the grace period."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         if self.metrics is not None:
             self.metrics.close()
 
@@ -103,9 +108,12 @@ def _start_grpc(register: Callable[[grpc.Server], None], service_names: Sequence
     credentials = options.tls.credentials() if options.tls is not None else None  # bad files fail before binding
     # The auth check sits inside ServerInterceptor, so refused calls are logged and counted too.
     auth = [BearerTokenInterceptor(options.auth_token)] if options.auth_token else []
+    age = [("grpc.max_connection_age_ms", int(options.max_connection_age_s * 1000)),
+           # calls in flight on an old connection get the longest gateway deadline to finish
+           ("grpc.max_connection_age_grace_ms", 600_000)] if options.max_connection_age_s > 0 else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers),
-        options=server_options(options.max_message_mb) + list(options.extra_options),
+        options=server_options(options.max_message_mb) + age + list(options.extra_options),
         interceptors=[ServerInterceptor(observers), *auth],
         maximum_concurrent_rpcs=options.rpc_limit,
     )
@@ -122,8 +130,9 @@ def _start_grpc(register: Callable[[grpc.Server], None], service_names: Sequence
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {options.host}:{options.port}")
+    health_server = _health_only_server(health_servicer, options) if options.health_port else None
     server.start()
-    running = RunningServer(server, health_servicer, port, names, metrics)
+    running = RunningServer(server, health_servicer, port, names, metrics, health_server)
     running.set_ready("", True)
     for name in names:
         running.set_ready(name, (ready or {}).get(name, True))
@@ -134,6 +143,18 @@ def _start_grpc(register: Callable[[grpc.Server], None], service_names: Sequence
               tls="mtls" if options.tls is not None and options.tls.client_ca else "tls" if options.tls else "off",
               auth="token" if options.auth_token else "off", reflection=options.reflection)
     return running
+
+
+def _health_only_server(health_servicer: health.HealthServicer, options: ServerOptions) -> grpc.Server:
+    """The same health answers on a plaintext side port with nothing else on it: Kubernetes' native gRPC
+    probes speak plaintext only, and a TLS server's own port would refuse them."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+                         options=server_options(1), maximum_concurrent_rpcs=8)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(f"{options.host}:{options.health_port}") == 0:
+        raise OSError(f"could not bind the health port {options.host}:{options.health_port}")
+    server.start()
+    return server
 
 
 def serve_until_signal(running: RunningServer, grace_s: float = DEFAULT_GRACE_S) -> None:
@@ -175,6 +196,12 @@ def server_arg_parser(prog: str, description: str) -> argparse.ArgumentParser:
                                "health stays open")
     security.add_argument("--no-reflection", dest="reflection", action="store_false",
                           help="do not serve the gRPC reflection service")
+    security.add_argument("--health-port", type=_port_number, default=0,
+                          help="also serve the health service alone, plaintext, on this port (probes of a TLS "
+                               "server); 0 = off")
+    parser.add_argument("--max-connection-age-s", type=float, default=0.0,
+                        help="close client connections after this many seconds (calls in flight finish), so "
+                             "clients re-resolve DNS and find new replicas; 0 = never")
     return parser
 
 
@@ -186,10 +213,13 @@ def _port_number(text: str) -> int:
 
 
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
+    if args.max_connection_age_s < 0:
+        raise InvalidInputError(f"--max-connection-age-s {args.max_connection_age_s}; expected >= 0 (0 = never)")
     return ServerOptions(
         host=args.host, port=args.port, max_message_mb=args.max_message_mb, max_workers=args.workers,
         max_concurrent_rpcs=args.max_concurrent_rpcs, grace_s=args.grace, port_file=args.port_file,
         metrics_port=args.metrics_port, tls=_server_tls(args), reflection=args.reflection,
+        health_port=args.health_port, max_connection_age_s=args.max_connection_age_s,
         auth_token=read_token(args.auth_token_file) if args.auth_token_file is not None else None,
     )
 
