@@ -113,3 +113,29 @@ def test_merge_rebases_paths_and_refuses_a_missing_shard(tmp_path: Path) -> None
     _shard_results(tmp_path, 0, 3, [])
     with pytest.raises(InvalidInputError, match="different splits"):
         merge_shards(tmp_path)
+
+
+def test_max_connection_age_makes_clients_reconnect() -> None:
+    """A server with --max-connection-age-s closes old connections (GOAWAY), so a client's channel goes
+    back to IDLE and its next call re-resolves the name: how the gateway finds replicas added later."""
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from facefuse.servers.base import ServerOptions, start_server
+
+    SERVING = health_pb2.HealthCheckResponse.SERVING
+    running = start_server(lambda server: None, [], ServerOptions(max_connection_age_s=0.5))
+    states: list[grpc.ChannelConnectivity] = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            channel.subscribe(states.append)
+            stub = health_pb2_grpc.HealthStub(channel)
+            assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
+            deadline = time.monotonic() + 10
+            while grpc.ChannelConnectivity.IDLE not in states[states.index(grpc.ChannelConnectivity.READY):]:
+                assert time.monotonic() < deadline, f"the connection was never closed: {states}"
+                time.sleep(0.05)
+            assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
+    finally:
+        running.stop(0)
