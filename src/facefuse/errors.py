@@ -36,6 +36,10 @@ class BackendError(FacefuseError):
     """A downstream service failed with its own bug (UNKNOWN or INTERNAL): not a fallback case."""
 
 
+class AuthError(FacefuseError):
+    """The caller sent no credentials or wrong ones: a missing or invalid bearer token (UNAUTHENTICATED)."""
+
+
 class DeadlineError(FacefuseError, TimeoutError):
     """The caller's deadline passed before the work was done (DEADLINE_EXCEEDED)."""
 

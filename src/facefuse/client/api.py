@@ -19,6 +19,7 @@ import numpy as np
 
 from facefuse import wire
 from facefuse.rpc.options import channel_options
+from facefuse.rpc.security import ClientTls, bearer_metadata, secure_or_insecure_channel
 from facefuse.rpc.status import error_from_rpc
 from facefuse.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -76,10 +77,16 @@ def image_chunks(images: Iterable[ImageInput], options: gateway_pb2.ProcessOptio
 
 
 class GatewayClient:
-    def __init__(self, address: str, *, max_message_mb: int = 64, timeout_s: float | None = None) -> None:
+    """A connection to the gateway. ``ca`` (a PEM file) makes it TLS, trusting that CA; ``tls=True`` makes
+    it TLS trusting the system's roots (a public ingress); ``token`` is sent as a bearer token on every call."""
+
+    def __init__(self, address: str, *, max_message_mb: int = 64, timeout_s: float | None = None,
+                 ca: str | Path | None = None, tls: bool = False, token: str | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
+        self.metadata = bearer_metadata(token)
+        client_tls = ClientTls(Path(ca)) if ca is not None else ClientTls() if tls else None
+        self.channel = secure_or_insecure_channel(address, channel_options(max_message_mb), client_tls)
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
     def wait_ready(self, timeout_s: float = 10.0) -> None:
@@ -93,13 +100,13 @@ class GatewayClient:
     def process(self, images: Iterable[ImageInput], method: str = "detect", **options: object) -> Iterator[gateway_pb2.FaceResult]:
         request = image_chunks(images, process_options(method, **options))
         try:
-            yield from self.stub.Process(request, timeout=self.timeout_s)
+            yield from self.stub.Process(request, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"gateway {self.address}") from None
 
     def info(self) -> gateway_pb2.GatewayInfo:
         try:
-            return self.stub.Info(common_pb2.InfoRequest(), timeout=10)
+            return self.stub.Info(common_pb2.InfoRequest(), timeout=10, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"gateway {self.address}") from None
 

@@ -14,14 +14,15 @@ from pathlib import Path
 
 from facefuse.client.names import display
 from facefuse.client.options import parse_option
-from facefuse.errors import BackendUnavailableError, FacefuseError
+from facefuse.errors import BackendUnavailableError, FacefuseError, InvalidInputError
 
 DEFAULT_GATEWAY = os.environ.get("FACEFUSE_GATEWAY", "127.0.0.1:50050")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_GATEWAY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = f"""exit codes:
   {EXIT_OK}    every input done (OK, or no face found)
   {EXIT_FAILED}    the run finished but some images or faces failed (their lines in OUT/results.jsonl say why)
-  {EXIT_USAGE}    bad usage: wrong arguments, missing input paths, options the gateway refused
+  {EXIT_USAGE}    bad usage: wrong arguments, missing input paths, options the gateway refused, a missing
+       or wrong --token-file (UNAUTHENTICATED)
   {EXIT_GATEWAY}    the gateway is down, unreachable or busy, or the stream was cut or ran past --timeout
        (finished outputs are kept)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
@@ -36,20 +37,38 @@ def _stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--every", type=int, default=10, help="for videos: process every N-th frame")
     parser.add_argument("--timeout", type=float, default=None, help="deadline for the whole stream, seconds")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--ca", type=Path, default=None, metavar="PEM",
+                        help="talk TLS to the gateway, trusting this CA (docs/scaling.md#security)")
+    parser.add_argument("--tls", action="store_true", help="talk TLS to the gateway, trusting the system's CAs")
+    parser.add_argument("--token-file", type=Path, default=os.environ.get("FACEFUSE_TOKEN_FILE") or None,
+                        help="send the bearer token in this file (default $FACEFUSE_TOKEN_FILE)")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="process only shard I of N (0-based) of the inputs, into OUT/shard-I-of-N "
+                             "(docs/scaling.md#batch-jobs)")
 
 
 def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> int:
     from facefuse.client.api import GatewayClient
     from facefuse.client.inputs import collect_inputs
     from facefuse.client.run import run_stream
+    from facefuse.rpc.security import read_token
 
     items = collect_inputs(args.inputs, every_n_frames=args.every)
+    if args.shard is not None:
+        from facefuse.client.shards import parse_shard, shard_folder, shard_items
+
+        shard = parse_shard(args.shard)
+        if getattr(args, "identity_group", None):
+            raise InvalidInputError("--identity-group needs all of a person's images in one run: not with --shard")
+        items = shard_items(items, shard)
+        args.out = shard_folder(args.out, shard)
+    token = read_token(args.token_file) if args.token_file is not None else None
     groups = None
     if getattr(args, "identity_group", None):
         from facefuse.client.identity import group_items
 
         groups = group_items(items, args.identity_group)  # checked before any work is done
-    with GatewayClient(args.gateway, timeout_s=args.timeout) as client:
+    with GatewayClient(args.gateway, timeout_s=args.timeout, ca=args.ca, tls=args.tls, token=token) as client:
         client.wait_ready()
         masks = read_masks(items, args.masks) if getattr(args, "masks", None) else None
         try:
@@ -155,11 +174,12 @@ def cmd_mesh_up(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from facefuse.servers.local import LocalMesh
+    from facefuse.servers.local import LocalMesh, parse_replicas
 
-    with LocalMesh(assets=args.assets, pack=args.pack, device=args.device) as mesh:
+    replicas = parse_replicas(args.replicas)
+    with LocalMesh(assets=args.assets, pack=args.pack, device=args.device, replicas=replicas) as mesh:
         for name, proc in mesh.processes.items():
-            print(f"{name:8s} {proc.address}")
+            print(f"{name:9s} {proc.address}")
         print(f"gateway ready at {mesh.gateway_address}; Ctrl-C stops the mesh", flush=True)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -169,6 +189,14 @@ def cmd_mesh_up(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
     return 0
+
+
+def cmd_shards_merge(args: argparse.Namespace) -> int:
+    from facefuse.client.shards import merge_shards
+
+    shards, lines = merge_shards(args.out)
+    print(f"merged {lines} line(s) of {shards} shard(s) into {display(str(args.out / 'results.jsonl'))}")
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -226,7 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--assets", default=None)
     up.add_argument("--pack", default="auto", choices=["auto", "flame", "open"])
     up.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    up.add_argument("--replicas", default="", metavar="SERVICE=N[,...]",
+                    help="processes per model service, e.g. ofer=2,mica=2; the gateway balances over them "
+                         "(docs/scaling.md)")
     up.set_defaults(func=cmd_mesh_up)
+
+    shards = sub.add_parser("shards", help="results of --shard runs")
+    shards_sub = shards.add_subparsers(dest="shards_command", required=True)
+    merge = shards_sub.add_parser("merge", help="write OUT/results.jsonl from every OUT/shard-I-of-N (all N needed)")
+    merge.add_argument("out", type=Path, help="the -o folder the shards wrote into")
+    merge.set_defaults(func=cmd_shards_merge)
 
     demo = sub.add_parser("demo", help="start the mesh, run sample photos, write ./facefuse-demo")
     demo.add_argument("-o", "--out", type=Path, default=Path("facefuse-demo"))

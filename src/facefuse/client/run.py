@@ -22,7 +22,7 @@ from facefuse.client.api import GatewayClient, ImageInput
 from facefuse.client.inputs import InputItem, read_bytes, read_rgb
 from facefuse.client.outputs import ResultsLog, code_name, status_entry, summarize, write_face
 from facefuse.client.validate import MAX_MESSAGE, InvalidResponseError, check_face, check_numbers, text
-from facefuse.errors import BackendUnavailableError, FacefuseError, InvalidInputError
+from facefuse.errors import AuthError, BackendUnavailableError, FacefuseError, InvalidInputError
 
 # Statuses the client itself gives (next to the gateway's gRPC code names):
 INVALID_RESPONSE = "INVALID_RESPONSE"  # the gateway's result broke the protocol; nothing of it was written
@@ -204,7 +204,7 @@ def run_stream(items: list[InputItem], out: Path, client: GatewayClient, method:
                 result = next(results)
             except StopIteration:
                 break
-            except InvalidInputError:  # the gateway refused the stream's options: bad usage
+            except (InvalidInputError, AuthError):  # the gateway refused the stream's options or credentials
                 raise
             except FacefuseError as exc:  # the call itself failed (down, busy, deadline): not one image
                 raise BackendUnavailableError(f"the stream ended early: {exc}") from None

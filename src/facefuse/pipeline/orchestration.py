@@ -12,9 +12,10 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -24,13 +25,23 @@ from facefuse.errors import BackendUnavailableError, FacefuseError, InvalidInput
 from facefuse.face.frontend import SELECTIONS, select_faces
 from facefuse.face.types import AlignedFace, Detection
 from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES, decode_image
+from facefuse.rpc.deadline import Deadline
 from facefuse.rpc.interceptors import request_metadata
 from facefuse.rpc.logs import LOG, log_event
 from facefuse.rpc.metrics import count_face, observe_decode_bytes
-from facefuse.rpc.options import channel_options
-from facefuse.rpc.deadline import Deadline
+from facefuse.rpc.options import backend_channel_options, backend_target
+from facefuse.rpc.security import ClientTls, secure_or_insecure_channel
 from facefuse.rpc.status import error_from_rpc, is_backend_down, status_code_for
-from facefuse.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc, gateway_pb2, mica_pb2, mica_pb2_grpc, ofer_pb2, ofer_pb2_grpc
+from facefuse.v1 import (
+    common_pb2,
+    fusion_pb2,
+    fusion_pb2_grpc,
+    gateway_pb2,
+    mica_pb2,
+    mica_pb2_grpc,
+    ofer_pb2,
+    ofer_pb2_grpc,
+)
 
 METHODS = ("detect", "mica", "ofer", "fuse")
 DEFAULT_CALL_TIMEOUT_S = 600.0
@@ -84,21 +95,33 @@ class MeshClients:
     ofer: ofer_pb2_grpc.OferServiceStub | None
     fusion: fusion_pb2_grpc.FusionServiceStub | None
     channels: tuple[grpc.Channel, ...] = ()
+    by_backend: dict[str, grpc.Channel] = field(default_factory=dict)
+    """Backend name (mica, ofer, fusion) -> its channel, for the gateway's readiness check."""
 
     @classmethod
-    def connect(cls, mica: str | None, ofer: str | None, fusion: str | None, max_message_mb: int = 64) -> "MeshClients":
-        opts = channel_options(max_message_mb)
-        channels: list[grpc.Channel] = []
+    def connect(cls, mica: str | None, ofer: str | None, fusion: str | None, max_message_mb: int = 64, *,
+                tls: ClientTls | None = None, tls_name: str | None = None) -> MeshClients:
+        """Channels to the model services. An address may name several replicas (``dns:///ofer:50052`` or
+        ``ip:port,ip:port``): calls are spread round robin and idempotent ones retried on another replica
+        when one goes away (``rpc.options.backend_service_config``); ``tls`` makes them (mutual) TLS."""
+        opts = backend_channel_options(max_message_mb, tls_name)
+        channels: dict[str, grpc.Channel] = {}
 
-        def stub(address: str | None, factory: Callable[[grpc.Channel], object]) -> object | None:
+        def stub(name: str, address: str | None, factory: Callable[[grpc.Channel], object]) -> object | None:
             if not address:
                 return None
-            channel = grpc.insecure_channel(address, options=opts)
-            channels.append(channel)
+            try:
+                target = backend_target(address)
+            except ValueError as exc:
+                raise InvalidInputError(str(exc)) from None
+            channel = secure_or_insecure_channel(target, opts, tls)
+            channels[name] = channel
             return factory(channel)
 
-        return cls(stub(mica, mica_pb2_grpc.MicaServiceStub), stub(ofer, ofer_pb2_grpc.OferServiceStub),  # type: ignore[arg-type]
-                   stub(fusion, fusion_pb2_grpc.FusionServiceStub), tuple(channels))  # type: ignore[arg-type]
+        return cls(stub("mica", mica, mica_pb2_grpc.MicaServiceStub),  # type: ignore[arg-type]
+                   stub("ofer", ofer, ofer_pb2_grpc.OferServiceStub),  # type: ignore[arg-type]
+                   stub("fusion", fusion, fusion_pb2_grpc.FusionServiceStub),  # type: ignore[arg-type]
+                   tuple(channels.values()), channels)
 
     def close(self) -> None:
         for channel in self.channels:
@@ -324,15 +347,17 @@ class FacePipeline:
         timeout = deadline.timeout(DEFAULT_CALL_TIMEOUT_S)
         return DEFAULT_CALL_TIMEOUT_S if timeout is None else timeout
 
-    def _call(self, backend: str, fn: Callable[..., object], request: object, deadline: Deadline) -> object:
+    def _call(self, backend: str, fn: Callable[..., object] | None, request: object, deadline: Deadline) -> object:
+        """One idempotent backend call (every call the gateway makes is one), within the caller's deadline."""
         if fn is None:
             raise BackendUnavailableError(f"{backend} service is not configured on this gateway")
-        try:
+
+        def attempt() -> object:
             call = fn.future(request, timeout=self._timeout(deadline), metadata=request_metadata())  # type: ignore[attr-defined]
             with DOWNSTREAM_CALLS.watching(call, deadline):
                 return call.result()
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, f"{backend} service") from None
+
+        return _retrying(backend, attempt)
 
     def _mica(self, face: common_pb2.Face, deadline: Deadline) -> gateway_pb2.Reconstruction:
         stub = self.clients.mica
@@ -359,14 +384,13 @@ class FacePipeline:
             request.visibility.CopyFrom(visibility)
         if stub is None:
             self._call("ofer", None, request, deadline)
-        chunks = []
-        try:
+
+        def attempt() -> list[np.ndarray]:
             call = stub.Sample(request, timeout=self._timeout(deadline), metadata=request_metadata())  # type: ignore[union-attr]
             with DOWNSTREAM_CALLS.watching(call, deadline):
-                for chunk in call:
-                    chunks.append(wire.to_numpy(chunk.shapes, "shapes"))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, "ofer service") from None
+                return [wire.to_numpy(chunk.shapes, "shapes") for chunk in call]
+
+        chunks = _retrying("ofer", attempt)  # seeded: a second try gives the same samples
         return np.concatenate(chunks, axis=0) if chunks else np.zeros((0, 300), np.float32)
 
     def _rank(self, face: common_pb2.Face, candidates: np.ndarray, deadline: Deadline,
@@ -464,6 +488,25 @@ class FacePipeline:
                          visibility: common_pb2.Visibility | None) -> tuple[np.ndarray, np.ndarray]:
         samples = self._samples(face, options, deadline, visibility=visibility)
         return samples, self._rank(face, samples, deadline, visibility)
+
+
+UNAVAILABLE_RETRIES = 1
+"""Tries of an idempotent backend call beyond gRPC's own retries, which stop once a reply has begun: a
+replica that dies while sending its reply costs one more try, which round robin sends to another."""
+
+T = TypeVar("T")
+
+
+def _retrying(backend: str, attempt: Callable[[], T]) -> T:
+    for tries_left in range(UNAVAILABLE_RETRIES, -1, -1):
+        try:
+            return attempt()
+        except grpc.RpcError as exc:
+            error = error_from_rpc(exc, f"{backend} service")
+            if not isinstance(error, BackendUnavailableError) or tries_left == 0:
+                raise error from None
+            log_event("retry", backend=backend, reason=str(error))
+    raise AssertionError("unreachable")
 
 
 def _grown_box(box: np.ndarray, shape: tuple[int, ...], factor: float) -> np.ndarray:

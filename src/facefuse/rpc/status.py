@@ -13,6 +13,7 @@ import grpc
 
 from facefuse.errors import (
     AssetError,
+    AuthError,
     BackendError,
     BackendUnavailableError,
     CancelledError,
@@ -37,6 +38,8 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     if isinstance(exc, CancelledError):
         return grpc.StatusCode.CANCELLED
+    if isinstance(exc, AuthError):
+        return grpc.StatusCode.UNAUTHENTICATED
     return grpc.StatusCode.INTERNAL
 
 
@@ -57,6 +60,8 @@ def error_from_rpc(exc: grpc.RpcError, peer: str) -> FacefuseError:
         return BackendUnavailableError(f"{peer} unavailable: {detail}")
     if code == grpc.StatusCode.CANCELLED:
         return CancelledError(message)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthError(message)
     return BackendError(f"{peer} failed ({code.name}): {detail}")
 
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -30,6 +31,7 @@ from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES
 from facefuse.pipeline.orchestration import FacePipeline, MeshClients, error_result
 from facefuse.rpc.deadline import Deadline
 from facefuse.rpc.logs import current_request_id, log_event
+from facefuse.rpc.security import ClientTls
 from facefuse.servers.base import Readiness, run_cli
 from facefuse.servers.readiness import BackendReadiness
 from facefuse.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -279,9 +281,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mica", help="address of the mica service (host:port)")
-    parser.add_argument("--ofer", help="address of the ofer service (host:port)")
-    parser.add_argument("--fusion", help="address of the fusion service (host:port)")
+    replicas = " (host:port; replicas: dns:///NAME:PORT or ip:port,ip:port, round robin with retries)"
+    parser.add_argument("--mica", help="address of the mica service" + replicas)
+    parser.add_argument("--ofer", help="address of the ofer service" + replicas)
+    parser.add_argument("--fusion", help="address of the fusion service" + replicas)
+    backend_tls = parser.add_argument_group("TLS to the backends (docs/scaling.md#security)")
+    backend_tls.add_argument("--backend-ca", type=Path, help="call the backends over TLS, trusting this PEM CA")
+    backend_tls.add_argument("--backend-cert", type=Path, help="mutual TLS: this gateway's PEM client certificate")
+    backend_tls.add_argument("--backend-key", type=Path, help="mutual TLS: the PEM key of --backend-cert")
+    backend_tls.add_argument("--backend-tls-name", help="host name the backends' certificates must carry "
+                                                         "(default: the host of each address)")
     parser.add_argument("--assets", help="folder with the official files (SCRFD detector); default $FACEFUSE_ASSETS")
     parser.add_argument("--max-image-mb", type=int, default=DEFAULT_MAX_IMAGE_MB, help="largest encoded image accepted")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest decoded image accepted (pixels)")
@@ -318,13 +327,17 @@ def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequ
         raise InvalidInputError(f"--workers {args.workers} leaves no RPC thread for health checks beyond "
                                 f"--max-streams {args.max_streams}; use at least {args.max_streams + 1} or omit it")
     front_end = FaceFrontEnd.from_assets(assets_dir(args.assets), ModelStore(), det_thresh=args.det_thresh)
-    clients = MeshClients.connect(args.mica, args.ofer, args.fusion, args.max_message_mb)
+    if args.backend_ca is None and (args.backend_cert or args.backend_key or args.backend_tls_name):
+        raise InvalidInputError("--backend-cert, --backend-key and --backend-tls-name need --backend-ca")
+    tls = ClientTls(args.backend_ca, args.backend_cert, args.backend_key) if args.backend_ca is not None else None
+    clients = MeshClients.connect(args.mica, args.ofer, args.fusion, args.max_message_mb, tls=tls,
+                                  tls_name=args.backend_tls_name)
     pipeline = FacePipeline(front_end, clients, max_pixels=args.max_pixels, max_decode_bytes=args.max_decode_mb << 20)
     servicer = GatewayServicer(pipeline, limits=limits, image_workers=args.image_workers, front_end_name=front_end.name)
     return (
         lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
         [SERVICE_NAME],
-        {SERVICE_NAME: BackendReadiness({"mica": args.mica, "ofer": args.ofer, "fusion": args.fusion})},
+        {SERVICE_NAME: BackendReadiness({name: clients.by_backend.get(name) for name in ("mica", "ofer", "fusion")})},
     )
 
 

@@ -3,7 +3,8 @@
 Each service binds port 0 and writes the port it got to a file, so there is no race for ports. The
 runner starts the three model services, then the gateway pointed at them, waits until every process
 answers health with SERVING for the overall service, and stops them all (SIGTERM, then SIGKILL after
-the grace period) on exit.
+the grace period) on exit. ``replicas`` runs several processes of a model service (``ofer``, ``ofer-2``,
+...); the gateway gets their addresses as one list and spreads its calls over them (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -22,9 +23,30 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from facefuse.errors import BackendUnavailableError
+from facefuse.errors import BackendUnavailableError, InvalidInputError
 
 SERVICES = ("mica", "ofer", "fusion")
+MAX_LOCAL_REPLICAS = 16
+
+
+def replica_names(service: str, count: int) -> list[str]:
+    """Process names of a service's replicas: the first keeps the service's name, then ``ofer-2``, ..."""
+    return [service if i == 1 else f"{service}-{i}" for i in range(1, count + 1)]
+
+
+def parse_replicas(text: str) -> dict[str, int]:
+    """``ofer=2,mica=2`` -> {"ofer": 2, "mica": 2}; services not named run once."""
+    counts: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in SERVICES or not value.strip().isdigit():
+            raise InvalidInputError(f"--replicas {text!r}: expected SERVICE=COUNT[,...] with SERVICE one of {SERVICES}")
+        count = int(value)
+        if not 1 <= count <= MAX_LOCAL_REPLICAS:
+            raise InvalidInputError(f"--replicas {part!r}: COUNT must be 1..{MAX_LOCAL_REPLICAS}")
+        counts[name] = count
+    return counts
 
 
 @dataclass
@@ -106,6 +128,7 @@ class LocalMesh:
     env: dict[str, str] = field(default_factory=dict)
     extra_args: dict[str, list[str]] = field(default_factory=dict)
     metrics: bool = False  # every service serves Prometheus metrics on a free side port (``metrics_url``)
+    replicas: dict[str, int] = field(default_factory=dict)  # e.g. {"ofer": 2}: processes per model service
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -121,7 +144,11 @@ class LocalMesh:
     def metrics_url(self, name: str) -> str:
         return self.processes[name].metrics_url
 
-    def _spawn(self, name: str, args: list[str]) -> ServiceProcess:
+    def replicas_of(self, service: str) -> list[ServiceProcess]:
+        """The running processes of one model service, first replica first."""
+        return [self.processes[n] for n in replica_names(service, self.replicas.get(service, 1)) if n in self.processes]
+
+    def _spawn(self, name: str, args: list[str], service: str | None = None) -> ServiceProcess:
         assert self.workdir is not None
         port_file = self.workdir / f"{name}.port"
         port_file.unlink(missing_ok=True)
@@ -129,8 +156,10 @@ class LocalMesh:
         # Several processes share the machine's cores: numpy's BLAS threads would only thrash (docs/open-pack.md).
         env = {"OPENBLAS_NUM_THREADS": "1", **os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         metrics_port = free_port() if self.metrics else 0
-        command = [sys.executable, "-m", f"facefuse.servers.{name}", "--port", "0", "--port-file", str(port_file),
-                   "--grace", str(self.grace_s), "--metrics-port", str(metrics_port), *args, *self.extra_args.get(name, [])]
+        service = service or name
+        command = [sys.executable, "-m", f"facefuse.servers.{service}", "--port", "0", "--port-file", str(port_file),
+                   "--grace", str(self.grace_s), "--metrics-port", str(metrics_port), *args,
+                   *self.extra_args.get(service, [])]
         with open(log_path, "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         proc = ServiceProcess(name, process, port_file, log_path, metrics_port=metrics_port)
@@ -143,15 +172,21 @@ class LocalMesh:
             self.workdir = Path(self._tmp.name)
         self.workdir.mkdir(parents=True, exist_ok=True)
         assets = ["--assets", str(self.assets)] if self.assets else []
+        parse_replicas(",".join(f"{name}={count}" for name, count in self.replicas.items()))  # names and counts
         try:
             model_args = [*assets, "--pack", self.pack]
-            backends = [self._spawn("mica", [*model_args, "--device", self.device]),
-                        self._spawn("ofer", [*model_args, "--device", self.device]),
-                        self._spawn("fusion", model_args)]
-            for proc in backends:
-                wait_for_port(proc, self.start_timeout_s)
-            gateway = self._spawn("gateway", [*assets, "--mica", backends[0].address, "--ofer", backends[1].address,
-                                              "--fusion", backends[2].address])
+            device_args = [*model_args, "--device", self.device]
+            service_args = {"mica": device_args, "ofer": device_args, "fusion": model_args}
+            backends = {service: [self._spawn(name, service_args[service], service)
+                                  for name in replica_names(service, self.replicas.get(service, 1))]
+                        for service in SERVICES}
+            for procs in backends.values():
+                for proc in procs:
+                    wait_for_port(proc, self.start_timeout_s)
+            # Several replicas: one ip:port list, which the gateway balances round robin (rpc.options).
+            addresses = [arg for service, procs in backends.items()
+                         for arg in (f"--{service}", ",".join(p.address for p in procs))]
+            gateway = self._spawn("gateway", [*assets, *addresses])
             wait_for_port(gateway, self.start_timeout_s)
             for proc in self.processes.values():
                 wait_serving(proc.address, proc.name, self.start_timeout_s)
@@ -162,7 +197,7 @@ class LocalMesh:
 
     def stop(self) -> None:
         """SIGTERM everything (gateway first), SIGKILL what outlives the grace period."""
-        order = ["gateway", *SERVICES]
+        order = ["gateway", *(n for n in self.processes if n != "gateway")]
         live = [self.processes[n] for n in order if n in self.processes and self.processes[n].process.poll() is None]
         for proc in live:
             _signal(proc.process, signal.SIGTERM)

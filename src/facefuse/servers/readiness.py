@@ -37,18 +37,28 @@ class BackendReadiness:
     without it. Polling (not the Watch stream) keeps one code path through backend restarts.
     """
 
-    def __init__(self, addresses: Mapping[str, str | None], *, interval_s: float = DEFAULT_INTERVAL_S,
+    def __init__(self, channels: Mapping[str, grpc.Channel | None], *, interval_s: float = DEFAULT_INTERVAL_S,
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        unknown = set(addresses) - set(BACKEND_HEALTH_NAMES)
+        """``channels``: backend name -> the gateway's own channel to it (so replicas, TLS and the
+        backend's name all match what the reconstructions use), or None when not configured."""
+        unknown = set(channels) - set(BACKEND_HEALTH_NAMES)
         if unknown:
             raise ValueError(f"unknown backends {sorted(unknown)}; known: {sorted(BACKEND_HEALTH_NAMES)}")
-        self.addresses = dict(addresses)
+        self.backends = list(channels)
         self.interval_s = interval_s
         self.timeout_s = timeout_s
-        self.not_ready: dict[str, str] = {name: "not checked yet" for name in self.addresses}
-        self._channels = {name: grpc.insecure_channel(address) for name, address in self.addresses.items() if address}
+        self.not_ready: dict[str, str] = {name: "not checked yet" for name in self.backends}
+        self._channels = {name: channel for name, channel in channels.items() if channel is not None}
+        self._owned: list[grpc.Channel] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_addresses(cls, addresses: Mapping[str, str | None], **settings: float) -> BackendReadiness:
+        """Plaintext channels of its own to each address (tests, tools)."""
+        readiness = cls({name: grpc.insecure_channel(a) if a else None for name, a in addresses.items()}, **settings)
+        readiness._owned = list(readiness._channels.values())
+        return readiness
 
     @property
     def ready(self) -> bool:
@@ -57,7 +67,7 @@ class BackendReadiness:
     def check_once(self) -> bool:
         """Ask every backend once; returns (and remembers) whether all are SERVING."""
         not_ready: dict[str, str] = {}
-        for name in self.addresses:
+        for name in self.backends:
             channel = self._channels.get(name)
             if channel is None:
                 not_ready[name] = "not configured"
@@ -96,6 +106,6 @@ class BackendReadiness:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.interval_s + self.timeout_s * len(self.addresses) + 1)
-        for channel in self._channels.values():
+            self._thread.join(timeout=self.interval_s + self.timeout_s * len(self.backends) + 1)
+        for channel in self._owned:  # the gateway's channels are the gateway's to close
             channel.close()
