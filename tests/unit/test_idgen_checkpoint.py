@@ -3,6 +3,7 @@ every corruption fails naming the section and key. Plus the q/k/v projection sou
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -110,9 +111,18 @@ def _corrupt(sections: dict, kind: str) -> tuple[dict, str]:
     if kind == "dtype":
         sections["var_sched"]["alphas_cumprod_prev"] = sections["var_sched"]["alphas_cumprod_prev"].float()
         return sections, "alphas_cumprod_prev"
-    if kind == "missing_section":
-        del sections["diffusion"]
-        return sections, "diffusion"
+    if kind == "missing_arcface":
+        del sections["arcface"]
+        return sections, "missing section 'arcface'"
+    if kind == "no_unet":
+        del sections["net"], sections["diffusion"]
+        return sections, "no Unet weights"
+    if kind == "unet_key_in_neither":
+        del sections["net"]["ups.1.3.fn.fn.to_out.weight"], sections["diffusion"]["net.ups.1.3.fn.fn.to_out.weight"]
+        return sections, "'ups.1.3.fn.fn.to_out.weight' are in neither 'net' nor 'diffusion'"
+    if kind == "schedule_nan":
+        sections["diffusion"]["var_sched.betas"] = sections["diffusion"]["var_sched.betas"] * float("nan")
+        return sections, "'betas' has non-finite"
     if kind == "arcface":
         del sections["arcface"]["layer3.7.conv2.weight"]
         return sections, "layer3.7.conv2.weight"
@@ -126,13 +136,15 @@ def _corrupt(sections: dict, kind: str) -> tuple[dict, str]:
 
 
 @pytest.mark.parametrize(
-    "kind", ["renamed", "shape", "dtype", "missing_section", "arcface", "diffusion_extra", "stray_shape"]
+    "kind",
+    ["renamed", "shape", "dtype", "missing_arcface", "no_unet", "unet_key_in_neither", "schedule_nan", "arcface",
+     "diffusion_extra", "stray_shape"],
 )
 def test_corruptions_fail_naming_the_fault(monkeypatch, idgen_sections, tmp_path: Path, kind: str) -> None:
     sections, name = _corrupt(idgen_sections, kind)
     monkeypatch.setattr(idgen_checkpoint, "load_checkpoint", lambda path: sections)
     for action in (validate_idgen_checkpoint, load_idgen):
-        with pytest.raises(CheckpointError, match=name.replace(".", r"\.")) as info:
+        with pytest.raises(CheckpointError, match=re.escape(name)) as info:
             action(tmp_path / "bad.tar")
         assert "bad.tar" in str(info.value)
 

@@ -73,7 +73,13 @@ class MicaBackend:
         device = resolve_device(device)
         path = asset_path(directory, "mica")
         mica = load_mica(path, flame=load_flame(directory), device=device)
-        return cls(mica, device, str(path))
+        backend = cls(mica, device, str(path))
+        differences = mica.load_report.get("flame_differences")
+        if isinstance(differences, dict) and differences:  # visible in Info, not only in the log
+            from facefuse.assets.mica_checkpoint import describe_flame_differences
+
+            backend.status.details["flame_warning"] = describe_flame_differences(differences)
+        return backend
 
     @torch.inference_mode()
     def predict(self, faces: Sequence[AlignedFace]) -> list[ShapeResult]:
@@ -145,6 +151,8 @@ class OferBackend:
         flame = FlameLayer(flame_data).to(device).eval()
         details = {"projections": str(idgen.load_report.get("projections", projections)),
                    "vertices": str(flame_data.num_vertices)}
+        if "farl_file" in idrank.load_report:
+            details["farl_file"] = idrank.load_report["farl_file"]
         return cls(idgen, idrank, flame, device, details)
 
     @torch.inference_mode()
