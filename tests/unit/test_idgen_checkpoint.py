@@ -100,6 +100,58 @@ def test_diffusion_section_wins(monkeypatch, idgen_sections, tmp_path: Path) -> 
     assert "differ in 1" in validate_idgen_checkpoint(tmp_path / "patched.tar")
 
 
+OFFICIAL_LAYOUTS = [
+    ("arcface", "net"),
+    ("arcface", "diffusion"),
+    ("arcface", "net", "var_sched"),
+    ("arcface", "var_sched", "diffusion"),
+    ("arcface", "net", "diffusion"),
+    ("arcface", "net", "var_sched", "diffusion"),
+]
+
+
+@pytest.fixture(scope="module")
+def full_model(idgen_file: Path):
+    return load_idgen(idgen_file)
+
+
+@pytest.mark.parametrize("layout", OFFICIAL_LAYOUTS, ids="+".join)
+def test_every_official_layout_loads_the_same_model(monkeypatch, idgen_sections, full_model, tmp_path: Path,
+                                                    layout: tuple[str, ...]) -> None:
+    """Any subset the official loader accepts that still holds every weight gives the same network."""
+    sections = {name: idgen_sections[name] for name in layout}
+    monkeypatch.setattr(idgen_checkpoint, "load_checkpoint", lambda path: sections)
+    model = load_idgen(tmp_path / "layout.tar")
+    mine, full = model.state_dict(), full_model.state_dict()
+    assert set(mine) == set(full) and all(torch.equal(mine[k], full[k]) and mine[k].dtype == full[k].dtype
+                                          for k in full)
+    has_schedule = "var_sched" in layout or "diffusion" in layout
+    assert (model.load_report["derived_var_sched"] == []) == has_schedule
+    assert model.load_report["sections"] == sorted(layout)
+    context = torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(0)), dim=1)
+    sampler = DDIMSampler(3)
+    assert torch.equal(model.sample(context, 2, sampler, torch.Generator().manual_seed(1)),
+                       full_model.sample(context, 2, sampler, torch.Generator().manual_seed(1)))
+    text = validate_idgen_checkpoint(tmp_path / "layout.tar")
+    absent = [name for name in ("arcface", "net", "var_sched", "diffusion") if name not in layout]
+    assert (f"absent (as the official loader allows): {', '.join(absent)}" in text) == bool(absent)
+
+
+def test_partial_net_completed_by_diffusion_and_schedule_mismatch_reported(monkeypatch, idgen_sections,
+                                                                         full_model, tmp_path: Path) -> None:
+    net = dict(idgen_sections["net"])
+    del net["init_conv.weight"]  # strict=False upstream: diffusion supplies it
+    var_sched = dict(idgen_sections["var_sched"])
+    var_sched["betas"] = var_sched["betas"] * 2
+    sections = {"arcface": idgen_sections["arcface"], "net": net, "var_sched": var_sched,
+                "diffusion": {k: v for k, v in idgen_sections["diffusion"].items() if k.startswith("net.")}}
+    monkeypatch.setattr(idgen_checkpoint, "load_checkpoint", lambda path: sections)
+    model = load_idgen(tmp_path / "partial.tar")
+    assert torch.equal(model.net.init_conv.weight, full_model.net.init_conv.weight)
+    assert any("'betas' differs from the linear schedule" in note for note in model.load_report["notes"])
+    assert "'betas' differs" in validate_idgen_checkpoint(tmp_path / "partial.tar")
+
+
 def _corrupt(sections: dict, kind: str) -> tuple[dict, str]:
     sections = {name: dict(value) for name, value in sections.items()}
     if kind == "renamed":

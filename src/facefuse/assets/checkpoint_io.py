@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import threading
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -75,7 +76,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"arrays ({_refused_globals(path, exc)}), and unpickling those can run arbitrary code. "
             "Re-save the checkpoint's state dicts (tensors only) from the program that wrote it."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError, TypeError,
+            AttributeError) as exc:  # what torch raises on a truncated or foreign file varies by format
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(exc)}"
         ) from None
@@ -160,9 +162,9 @@ def _refused_globals(path: Path, exc: BaseException) -> str:
     if names:
         return "globals " + _listed(sorted(names))
     text = str(exc)
-    marker = "Unsupported global: GLOBAL "
-    if marker in text:
-        return "global " + text.split(marker, 1)[1].split()[0]
+    named = re.search(r"GLOBAL (\S+)", text)
+    if named:
+        return "global " + named.group(1)
     reason = text.split("WeightsUnpickler error:", 1)[1].strip() if "WeightsUnpickler error:" in text else ""
     # torch's own text goes on to suggest weights_only=False; only its reason is kept.
     return _first_line(ValueError(reason)) if reason else "not a plain tensor archive"
