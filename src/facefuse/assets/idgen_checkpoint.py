@@ -32,6 +32,7 @@ their sha256.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -370,6 +371,41 @@ def resolve_projections(
     return weights, {"source": "computed", "version": version, "seed": used_seed, "sha256": sha}
 
 
+def _replay_official_program(seed: int, *, to_first_sampling: bool = True) -> tuple[dict[str, Tensor], Tensor]:
+    """(IdGen's q/k/v projections, global RNG state) of the official program: the state when it first
+    samples, or right after IdGen's Unet when not ``to_first_sampling``.
+
+    Builds every module the official test program builds, in its order, on the global RNG seeded with
+    ``seed``, inside a forked RNG so the caller's state is untouched. See :func:`official_projections`.
+    """
+    from facefuse.models.arcface import IResNet100
+    from facefuse.models.clip_vit import ClipViT
+    from facefuse.models.idrank import RankMLPNet
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        # IdRank: clip.load (FaRL's CLIP), ArcFace, RankMLPNet, its unused internal diffusion model
+        # (ArcFace + Unet); TesterRank: FLAME (no draws); IdGen model1: ArcFace, then the captured Unet.
+        for build in (ClipViT, IResNet100, RankMLPNet, IResNet100, IdGenUnet, IResNet100):
+            module = build()
+            del module
+        projections = IdGenUnet().get_projections()
+        if to_first_sampling:
+            ClipViT()  # Tester2.__init__ calls clip.load again before anything samples (FaRL loads draw nothing)
+        return projections, torch.random.get_rng_state()
+
+
+@functools.lru_cache(maxsize=8)
+def official_sampling_state(seed: int) -> Tensor:
+    """The global torch CPU RNG state the official program, run with ``seed_everything(seed)``, has when it
+    first samples (gen_mod ``test_amiya.py`` = OFER ``test.py``: the first ``FlameParamDiffusion.sample``
+    of the first image, which draws x_T = randn(B, 300) and then one normal(B, 300) per step).
+
+    Takes a few seconds (every module is really built); cached per seed for the process.
+    """
+    return _replay_official_program(int(seed))[1].clone()
+
+
 def official_projections() -> dict[str, Tensor]:
     """Replay the official construction RNG sequence and return IdGen's 6x16 q/k/v weights.
 
@@ -390,14 +426,4 @@ def official_projections() -> dict[str, Tensor]:
     modules document it), that FLAME construction draws nothing, and the torch version (init algorithms
     may change across versions). Never compared with an official run (none is available).
     """
-    from facefuse.models.arcface import IResNet100
-    from facefuse.models.clip_vit import ClipViT
-    from facefuse.models.idrank import RankMLPNet
-
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(OFFICIAL_SEED)
-        for build in (ClipViT, IResNet100, RankMLPNet, IResNet100, IdGenUnet, IResNet100):
-            module = build()
-            del module
-        unet = IdGenUnet()
-        return unet.get_projections()
+    return _replay_official_program(OFFICIAL_SEED, to_first_sampling=False)[0]

@@ -124,11 +124,13 @@ PROJECTIONS_ENV = "FACEFUSE_IDGEN_PROJECTIONS"
 class OferBackend:
     """OFER on the flame pack: IdGen samples β for a face, IdRank scores candidate shapes."""
 
-    def __init__(self, idgen: IdGen, idrank: IdRank, flame: FlameLayer, device: str, details: dict[str, str]) -> None:
+    def __init__(self, idgen: IdGen, idrank: IdRank, flame: FlameLayer, device: str, details: dict[str, str],
+                 *, reproduce_official: bool = False) -> None:
         self.idgen = idgen
         self.idrank = idrank
         self.flame = flame
         self.device = device
+        self.reproduce_official = reproduce_official
         self.status = BackendStatus(
             "ofer", "ofer-idgen-idrank", "flame", True, False, "ready", device=device, details=details
         )
@@ -149,11 +151,29 @@ class OferBackend:
                              farl_path=farl if farl.is_file() else None, device=device,
                              num_vertices=flame_data.num_vertices).eval()
         flame = FlameLayer(flame_data).to(device).eval()
+        reproduce = projections == "reproduce-official"
         details = {"projections": str(idgen.load_report.get("projections", projections)),
                    "vertices": str(flame_data.num_vertices)}
+        if reproduce:
+            details["official_sampling"] = ("mode 'official' with seed S starts from the RNG state of the official "
+                                            "program seeded with S at its first sampling")
         if "farl_file" in idrank.load_report:
             details["farl_file"] = idrank.load_report["farl_file"]
-        return cls(idgen, idrank, flame, device, details)
+        return cls(idgen, idrank, flame, device, details, reproduce_official=reproduce)
+
+    def noise_generator(self, mode: str, seed: int) -> torch.Generator:
+        """The generator a sampling with ``seed`` draws from.
+
+        In reproduce-official mode the ``official`` sampler starts where the official program seeded with
+        ``seed`` starts its first sampling (see ``official_sampling_state``); otherwise it is a fresh
+        generator seeded with ``seed``.
+        """
+        generator = torch.Generator()
+        if self.reproduce_official and mode == "official":
+            from facefuse.assets.idgen_checkpoint import official_sampling_state
+
+            return generator.set_state(official_sampling_state(int(seed)))
+        return generator.manual_seed(int(seed))
 
     @torch.inference_mode()
     def sample(self, face: AlignedFace, num_samples: int, *, mode: str, steps: int, seed: int,
@@ -169,7 +189,7 @@ class OferBackend:
         sampler = (
             OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
         )
-        generator = torch.Generator().manual_seed(int(seed))
+        generator = self.noise_generator(mode, seed)
         options: dict[str, object] = {}
         if start_shape is not None:
             options.update(
@@ -210,7 +230,7 @@ class OferBackend:
             context = torch.cat([contexts[k:k + 1].expand(n, -1) for k, n in enumerate(counts)])
             noise = torch.cat(
                 [
-                    torch.randn(jobs[i].num_samples, 300, generator=torch.Generator().manual_seed(int(jobs[i].seed)))
+                    torch.randn(jobs[i].num_samples, 300, generator=self.noise_generator(mode, jobs[i].seed))
                     for i in members
                 ]
             )
