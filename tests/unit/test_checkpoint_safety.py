@@ -89,7 +89,7 @@ def test_trainer_extras_load_safely(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     path = tmp_path / "ckpt.tar"
     save(payload, path, legacy=legacy, location=location, monkeypatch=monkeypatch)
     if location != "cpu":  # the tag is really in the file: without map_location torch wants that device
-        with pytest.raises(RuntimeError, match="(?i)cuda"):
+        with pytest.raises(RuntimeError, match=r"(?i)cuda"):
             torch.load(path, weights_only=False)
     _assert_same(payload, load_checkpoint(path))
 

@@ -18,7 +18,7 @@ import pickle
 import re
 import threading
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,12 @@ TRUST_ENV = "FACEFUSE_TRUST_CHECKPOINTS"
 _MAX_LISTED = 5
 
 
-def _numpy_reconstruction_globals() -> list[tuple[Any, str]]:
+def _numpy_reconstruction_globals() -> list[Callable[..., Any] | tuple[Callable[..., Any], str]]:
     """numpy's array / scalar / dtype rebuilders under every module name a pickle may record them by."""
     from numpy._core import multiarray  # numpy >= 2 (constraints.txt); 1.x files name numpy.core.multiarray
 
-    found: list[tuple[Any, str]] = [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    found: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+        (np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
     # A dtype is rebuilt as np.dtype(...) and then given its state, which torch allows only for listed types.
     found += [(cls, f"numpy.dtypes.{name}") for name, cls in vars(np.dtypes).items()
               if isinstance(cls, type) and issubclass(cls, np.dtype)]
@@ -46,7 +47,7 @@ def _numpy_reconstruction_globals() -> list[tuple[Any, str]]:
     return found
 
 
-NUMPY_SAFE_GLOBALS = tuple(name for _, name in _numpy_reconstruction_globals())
+NUMPY_SAFE_GLOBALS = tuple(entry[1] for entry in _numpy_reconstruction_globals() if isinstance(entry, tuple))
 """The only globals beyond torch's own that :func:`load_checkpoint` lets a file name."""
 _SAFE_GLOBALS_LOCK = threading.Lock()  # torch's allowlist is process-wide; add and remove it atomically
 
