@@ -12,6 +12,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,6 +202,106 @@ def test_bench_now_local_flag_starts_and_stops_a_mesh(now_dataset: tuple[Path, l
                      "--no-progress", "-o", str(tmp_path / "b")) == 0
     summary = json.loads((tmp_path / "b" / "bench_now.json").read_text())
     assert [row[0] for row in summary["rows"]] == ["mica"] and summary["rows"][0][2] == "1/1"
+
+
+def _start_fusion(tmp_path: Path, *extra: str):  # type: ignore[no-untyped-def]
+    import subprocess
+    import time
+
+    port_file = tmp_path / "fusion.port"
+    proc = subprocess.Popen([sys.executable, "-m", "facefuse.servers.fusion", "--pack", "open", "--port", "0",
+                             "--port-file", str(port_file), "--grace", "1", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "FACEFUSE_ASSETS": ""})
+    deadline = time.monotonic() + 60
+    while not (port_file.is_file() and port_file.read_text()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"fusion service did not start: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    return proc, f"127.0.0.1:{port_file.read_text()}"
+
+
+def test_bench_now_tune_writes_a_profile_the_fusion_service_uses(
+        mesh: LocalMesh, now_dataset: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import grpc
+
+    from facefuse import wire
+    from facefuse.client.bench.predictions import Branches
+    from facefuse.fusion.profile import read_profile
+    from facefuse.v1 import common_pb2, fusion_pb2
+
+    root, entries = now_dataset
+    out = tmp_path / "tune"
+    counter = StubCounter(monkeypatch)
+    assert run_bench("now", "--dataset", str(root), "-o", str(out), "--tune", *mesh_args(mesh)) == 0
+    printed = capsys.readouterr().out
+    assert "the test split is never used for tuning" in printed
+    for name in ("mica alone", "ofer alone", "(seed's linear blend)", "ofer ranked", "ofer random pick",
+                 "ofer oracle pick", "<- chosen", "ranking closes"):
+        assert name in printed, name
+    assert counter.images == len(entries)  # MICA and OFER ran once per image: one branch pass
+    summary = json.loads((out / "bench_now_tune.json").read_text())
+    profile = read_profile(out / "fusion_profile.json")
+    assert profile.strategy == summary["chosen"]["strategy"] and profile.options == summary["chosen"]["options"]
+    assert profile.validation["split"] == "val" and profile.validation["images"] == len(entries)
+    assert profile.facefuse_version and {"mica alone", "ofer alone"} <= set(profile.validation["baselines"])
+    chosen_row = next(row for row in summary["rows"] if row[0].endswith("<- chosen"))
+    assert chosen_row[6] == summary["chosen"]["median_mm"] == min(
+        row[6] for row in summary["rows"] if row[1] == "candidate" and row[5] == 0)
+    oracle, ranked, random_pick = (summary["selection"][k]["median_mm"] for k in ("oracle", "ranked", "random"))
+    assert oracle <= ranked + 1e-9 and oracle <= random_pick + 1e-9
+    # rerun: branches from the cache, no gateway image
+    counter.reset()
+    assert run_bench("now", "--dataset", str(root), "-o", str(out), "--tune", *mesh_args(mesh)) == 0
+    assert counter.images == 0
+    # never on the test split
+    with pytest.raises(InvalidInputError, match="validation split only"):
+        run_bench("now", "--dataset", str(root), "-o", str(tmp_path / "t2"), "--tune", "--split", "test",
+                  *mesh_args(mesh))
+
+    # the fusion service started with the profile: default strategy and options from it, shown in Info
+    proc, address = _start_fusion(tmp_path, "--fusion-profile", str(out / "fusion_profile.json"))
+    try:
+        with grpc.insecure_channel(address) as tuned_channel, grpc.insecure_channel(mesh.address("fusion")) as plain:
+            tuned_stub, plain_stub = (fusion_pb2_grpc.FusionServiceStub(c) for c in (tuned_channel, plain))
+            info = tuned_stub.Info(common_pb2.InfoRequest(), timeout=30)
+            assert info.details["profile_strategy"] == profile.strategy
+            assert json.loads(info.details["profile_options"]) == profile.options
+            assert info.details["fusion_profile"] == str(out / "fusion_profile.json")
+            listing = tuned_stub.ListStrategies(fusion_pb2.ListStrategiesRequest(), timeout=30)
+            assert listing.default_strategy == profile.strategy
+            data = np.load(next((out / "cache" / "branches").rglob("*.npz")))
+            branches = Branches.from_arrays(data)
+            request = fusion_pb2.FuseRequest(samples=wire.from_numpy(branches.samples),
+                                             scores=wire.from_numpy(branches.scores),
+                                             mica_shape=wire.from_numpy(branches.mica.shape))
+            visibility = branches.visibility_message()
+            if visibility is not None:
+                request.visibility.CopyFrom(visibility)
+            tuned = tuned_stub.Fuse(request, timeout=30)  # no strategy named: the profile's
+            explicit = fusion_pb2.FuseRequest()
+            explicit.CopyFrom(request)
+            explicit.strategy = profile.strategy
+            explicit.options.update(profile.options)
+            reference = plain_stub.Fuse(explicit, timeout=30)
+            assert tuned.strategy == profile.strategy
+            np.testing.assert_array_equal(wire.to_numpy(tuned.shape), wire.to_numpy(reference.shape))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_fusion_service_refuses_a_bad_profile(tmp_path: Path) -> None:
+    import subprocess
+
+    bad = tmp_path / "profile.json"
+    bad.write_text(json.dumps({"format": "facefuse-fusion-profile", "version": 1, "strategy": "linear",
+                               "options": {"w": 0.5, "bogus": 1.0}}))
+    out = subprocess.run([sys.executable, "-m", "facefuse.servers.fusion", "--pack", "open", "--port", "0",
+                          "--fusion-profile", str(bad)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "FACEFUSE_ASSETS": ""})
+    assert out.returncode == 2 and "bogus" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_bench_occlusion_distances(mesh: LocalMesh, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

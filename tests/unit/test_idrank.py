@@ -211,6 +211,18 @@ def _small_farl(tmp_path: Path, state: dict[str, torch.Tensor], wrap: bool = Tru
     return path
 
 
+def test_unreadable_optional_farl_file_is_reported_not_fatal(tmp_path: Path, files: dict[str, Path],
+                                                             model: IdRank) -> None:
+    """The 'farl' section supplies every FaRL weight IdRank uses, so a bad .pth loses only its check."""
+    bad = tmp_path / "FaRL.pth"
+    bad.write_bytes(b"not a checkpoint")
+    loaded = load_idrank(files["tar"], front_indices_path=files["front"], farl_path=bad)
+    assert "ignored (unreadable" in loaded.load_report["farl_file"] and str(bad) in loaded.load_report["farl_file"]
+    assert "matched" in model.load_report["farl_file"]
+    mine, reference = loaded.state_dict(), model.state_dict()
+    assert all(torch.equal(mine[k], reference[k]) for k in reference)
+
+
 def test_farl_missing_image_tower_is_named(tmp_path: Path) -> None:
     path = _small_farl(tmp_path, {"visual.class_embedding": torch.zeros(768), "ln_final.weight": torch.zeros(512)})
     with pytest.raises(CheckpointError, match=r"image-tower key.*'visual\.positional_embedding'"):

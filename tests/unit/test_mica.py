@@ -86,10 +86,24 @@ def test_validator_describes_the_checkpoint(mica_path):
     assert "925 tensors" in validate_mica_checkpoint(mica_path)
 
 
-def test_flame_disagreement_names_the_field(mica_path, flame_file_data):
+def test_flame_value_disagreement_warns_with_its_size(mica_path, flame_file_data, mica, caplog):
+    """Different values still run (as the official code does): warned, sized, and kept in load_report."""
+    assert mica.load_report["flame_differences"] == {}
     moved = dataclasses.replace(flame_file_data, v_template=flame_file_data.v_template + 1e-3)
-    with pytest.raises(AssetError, match="v_template"):
-        load_mica(mica_path, flame=moved)
+    with caplog.at_level("WARNING", logger="facefuse.assets.mica_checkpoint"):
+        warned = load_mica(mica_path, flame=moved)
+    assert set(warned.load_report["flame_differences"]) == {"v_template"}
+    assert warned.load_report["flame_differences"]["v_template"] == pytest.approx(1e-3, rel=1e-3)
+    assert "v_template by up to 0.001" in caplog.text
+    blob = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():  # MICA's own FLAME is the checkpoint's either way: same outputs
+        assert torch.equal(warned(blob).vertices, mica(blob).vertices)
+
+
+def test_flame_topology_disagreement_is_refused(mica_path, flame_file_data):
+    fewer = dataclasses.replace(flame_file_data, v_template=flame_file_data.v_template[:-1])
+    with pytest.raises(AssetError, match=r"v_template has shape .* cannot be fused"):
+        load_mica(mica_path, flame=fewer)
 
 
 def test_missing_section_is_named(tmp_path, checkpoint):

@@ -1,16 +1,19 @@
 """Loading and validating OFER's ``model_idgen_flame20.tar``, and the q/k/v projections it lacks.
 
-Sections and how they are matched (the official loader is lenient in two places; here every section
-is strict, with one documented exception):
+Sections and how they are matched. The official loader reads whichever of the four sections the file
+has (``net`` and ``diffusion`` with ``strict=False``); facefuse accepts the same layouts, but checks
+every key it reads and names what no section supplies:
 
-* ``arcface`` -> IResNet-100, strict (925 keys);
-* ``net`` -> Unet, strict (174 keys) after accepting the 6 stray ``<block>.fn.fn.qkv.weight`` keys a
-  state dict saved after any forward pass contains (each is only the last of the 16 random convs of the
-  training run; the official loader ignores them too). They are checked for shape, then dropped and
-  reported; any other extra or missing key is an error;
-* ``var_sched`` -> schedule, strict (17 buffers);
-* ``diffusion`` -> ``net.`` + ``var_sched.`` of the same modules, strict with the same exception. It is
-  loaded last, so its values win, as in the official load order.
+* ``arcface`` -> IResNet-100 (925 keys): required, nothing else holds these weights;
+* ``net`` -> Unet (174 keys) and/or ``diffusion``'s ``net.*`` keys; diffusion is loaded last and wins,
+  as in the official order. Together they must cover every Unet key. The 6 stray
+  ``<block>.fn.fn.qkv.weight`` keys a state dict saved after any forward pass contains (each is only
+  the last of the 16 random convs of the training run; the official loader ignores them too) are
+  checked for shape, then dropped and reported; any other unknown key is an error;
+* ``var_sched`` (17 buffers) and/or ``diffusion``'s ``var_sched.*``: the linear schedule is a formula,
+  so absent buffers are computed; present ones are checked for shape, dtype and finiteness, and a
+  value that differs from the formula is reported (the samplers rebuild the schedule from the formula,
+  as the official sampler does, so it cannot change the samples).
 
 The 6x16 q/k/v projections were never saved (see ``facefuse.models.idgen``). Two sources:
 
@@ -29,10 +32,12 @@ their sha256.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +49,6 @@ from facefuse.assets.checkpoint_io import (
     expected_state,
     load_checkpoint,
     load_strict,
-    require_sections,
 )
 from facefuse.errors import AssetError, CheckpointError
 from facefuse.io.atomic import atomic_open
@@ -121,17 +125,78 @@ def _split_stray_qkv(
     return clean, dropped
 
 
-def _sections(checkpoint: Mapping[str, Any], path: Path, dims: Mapping[str, int]) -> dict[str, Any]:
-    require_sections(checkpoint, IDGEN_SECTIONS, str(path))
-    net, net_dropped = _split_stray_qkv(checkpoint["net"], "", dims, f"{path} [net]")
-    diffusion, diffusion_dropped = _split_stray_qkv(checkpoint["diffusion"], "net.", dims, f"{path} [diffusion]")
-    return {
-        "arcface": checkpoint["arcface"],
-        "net": net,
-        "var_sched": checkpoint["var_sched"],
-        "diffusion": diffusion,
-        "dropped": net_dropped + diffusion_dropped,
-    }
+@dataclass
+class _Resolved:
+    """What a file supplies, after merging its sections the way the official loader does."""
+
+    arcface: Mapping[str, Any]
+    unet: dict[str, Any]  # 'net' overlaid by diffusion's net.* (diffusion is loaded last and wins)
+    var_sched: dict[str, Any]  # formula, overlaid by 'var_sched', then by diffusion's var_sched.*
+    present: dict[str, int]  # section -> key count (after dropping stray q/k/v keys)
+    dropped: list[str]
+    derived: list[str]  # var_sched buffers computed from the linear formula (absent from the file)
+    differing: int  # tensors where 'net' and diffusion's net.* disagree
+    notes: list[str]
+
+
+def _check_present(expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]], state: Mapping[str, Any],
+                   source: str) -> None:
+    """Shapes and dtypes of the keys a section has; unknown keys are errors, absent ones are not (yet)."""
+    check_state_dict({k: v for k, v in expected.items() if k in state}, state, source)
+
+
+def _resolve(checkpoint: Mapping[str, Any], path: Path, dims: Mapping[str, int]) -> _Resolved:
+    """Accept any subset of the four sections, as the official loader does; derive, verify, or name the gap.
+
+    ``arcface`` cannot come from anywhere else. The Unet comes from ``net`` and/or diffusion's ``net.*``
+    (together complete). The schedule is a formula: absent buffers are computed, present ones checked.
+    """
+    if "arcface" not in checkpoint:
+        raise CheckpointError(
+            f"{path}: missing section 'arcface' (IdGen's ArcFace weights; nothing else in the file holds "
+            f"them); the file has {sorted(map(str, checkpoint))}"
+        )
+    for name in IDGEN_SECTIONS:
+        if name in checkpoint and not isinstance(checkpoint[name], Mapping):
+            raise CheckpointError(f"{path}: section {name!r} is a {type(checkpoint[name]).__name__}, "
+                                  "expected a state dict")
+    arcface_skeleton, net_skeleton, schedule = _skeleton()
+    net, net_dropped = _split_stray_qkv(checkpoint.get("net", {}), "", dims, f"{path} [net]")
+    diffusion, diffusion_dropped = _split_stray_qkv(checkpoint.get("diffusion", {}), "net.", dims,
+                                                    f"{path} [diffusion]")
+    unet_expected = expected_state(net_skeleton)
+    sched_expected = expected_state(schedule)
+    _check_present(expected_state(arcface_skeleton), checkpoint["arcface"], f"{path} [arcface]")
+    _check_present(unet_expected, net, f"{path} [net]")
+    _check_present(sched_expected, checkpoint.get("var_sched", {}), f"{path} [var_sched]")
+    _check_present(expected_state(_DiffusionSection(net_skeleton, schedule)), diffusion, f"{path} [diffusion]")
+    diffusion_net = {k.removeprefix("net."): v for k, v in diffusion.items() if k.startswith("net.")}
+    diffusion_sched = {k.removeprefix("var_sched."): v for k, v in diffusion.items() if k.startswith("var_sched.")}
+    if not net and not diffusion_net:
+        raise CheckpointError(
+            f"{path}: no Unet weights: neither a 'net' section nor 'net.*' keys in a 'diffusion' section; "
+            f"the file has {sorted(map(str, checkpoint))}"
+        )
+    unet = {**net, **diffusion_net}
+    missing = [k for k in unet_expected if k not in unet]
+    if missing:
+        shown = ", ".join(repr(k) for k in missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: Unet key(s) {shown} are in neither 'net' nor 'diffusion' (net.*)")
+    formula = schedule.state_dict()
+    file_sched = {**checkpoint.get("var_sched", {}), **diffusion_sched}
+    notes: list[str] = []
+    for key, value in file_sched.items():
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path} [var_sched]: {key!r} has non-finite values")
+        if not torch.allclose(value, formula[key], rtol=1e-6, atol=0.0):
+            notes.append(f"var_sched {key!r} differs from the linear schedule (sampling rebuilds it from the formula)")
+    present = {name: len(checkpoint[name]) for name in IDGEN_SECTIONS if name in checkpoint}
+    present.update({name: len(state) for name, state in (("net", net), ("diffusion", diffusion)) if name in present})
+    return _Resolved(
+        arcface=checkpoint["arcface"], unet=unet, var_sched={**formula, **file_sched}, present=present,
+        dropped=net_dropped + diffusion_dropped, derived=[k for k in formula if k not in file_sched],
+        differing=_differing_tensors(net, diffusion), notes=notes,
+    )
 
 
 def _differing_tensors(net: Mapping[str, Any], diffusion: Mapping[str, Any]) -> int:
@@ -142,31 +207,32 @@ def _differing_tensors(net: Mapping[str, Any], diffusion: Mapping[str, Any]) -> 
     )
 
 
+def _describe(resolved: _Resolved) -> str:
+    sections = ", ".join(f"{name} {count}" for name, count in resolved.present.items())
+    absent = [name for name in IDGEN_SECTIONS if name not in resolved.present]
+    parts = [f"OFER IdGen checkpoint: sections {sections} (keys)"]
+    if resolved.dropped:
+        parts.append(f"{len(resolved.dropped)} stray qkv.weight keys ignored")
+    if absent:
+        parts.append(f"absent (as the official loader allows): {', '.join(absent)}")
+    if resolved.derived:
+        parts.append(f"{len(resolved.derived)} var_sched buffers computed from the linear schedule")
+    if "net" in resolved.present and "diffusion" in resolved.present:
+        parts.append("net and diffusion agree" if resolved.differing == 0
+                     else f"net and diffusion differ in {resolved.differing} tensors (diffusion wins)")
+    parts += resolved.notes
+    return "; ".join(parts)
+
+
 def validate_idgen_checkpoint(path: Path) -> str:
     """One-line description of a valid ``model_idgen_flame20.tar``; raises CheckpointError naming the fault."""
     path = Path(path)
+    resolved = _resolve(load_checkpoint(path), path, ATTENTION_BLOCK_DIMS)
     arcface, net, var_sched = _skeleton()
-    dims = ATTENTION_BLOCK_DIMS
-    sections = _sections(load_checkpoint(path), path, dims)
-    check_state_dict(expected_state(arcface), sections["arcface"], f"{path} [arcface]")
-    check_state_dict(expected_state(net), sections["net"], f"{path} [net]")
-    check_state_dict(expected_state(var_sched), sections["var_sched"], f"{path} [var_sched]")
-    check_state_dict(expected_state(_DiffusionSection(net, var_sched)), sections["diffusion"], f"{path} [diffusion]")
-    for key, value in sections["var_sched"].items():
-        if not bool(torch.isfinite(value).all()):
-            raise CheckpointError(f"{path} [var_sched]: {key!r} has non-finite values")
-    stray = len(sections["dropped"])
-    differing = _differing_tensors(sections["net"], sections["diffusion"])
-    agreement = (
-        "net and diffusion agree"
-        if differing == 0
-        else f"net and diffusion differ in {differing} tensors (diffusion wins)"
-    )
-    return (
-        f"OFER IdGen checkpoint: arcface {len(sections['arcface'])} keys, net {len(sections['net'])}, "
-        f"var_sched {len(sections['var_sched'])}, diffusion {len(sections['diffusion'])}"
-        f"{f' ({stray} stray qkv.weight keys ignored)' if stray else ''}; {agreement}"
-    )
+    check_state_dict(expected_state(arcface), resolved.arcface, f"{path} [arcface]")
+    check_state_dict(expected_state(net), resolved.unet, f"{path} [net + diffusion]")
+    check_state_dict(expected_state(var_sched), resolved.var_sched, f"{path} [var_sched]")
+    return _describe(resolved)
 
 
 def load_idgen(
@@ -181,34 +247,33 @@ def load_idgen(
 
     ``projections``: ``"default"`` (facefuse-qkv-v1 with ``seed``), ``"reproduce-official"`` (RNG replay,
     cached under FACEFUSE_HOME when ``cache``), or a path to a projections file. The returned model's
-    ``load_report`` says which keys were dropped and where the projections came from.
+    ``load_report`` says which keys were dropped, what was derived and where the projections came from.
     """
     path = Path(path)
     arcface, net, var_sched = _skeleton()
     arcface = arcface.to_empty(device=device)
     net = net.to_empty(device=device)
     var_sched = var_sched.to(device)
-    dims = ATTENTION_BLOCK_DIMS
-    sections = _sections(load_checkpoint(path), path, dims)
-    # Official order: arcface, net, var_sched, then diffusion (which overrides net and var_sched).
-    load_strict(arcface, sections["arcface"], f"{path} [arcface]")
-    load_strict(net, sections["net"], f"{path} [net]")
-    load_strict(var_sched, sections["var_sched"], f"{path} [var_sched]")
-    load_strict(_DiffusionSection(net, var_sched), sections["diffusion"], f"{path} [diffusion]")
-    if sections["dropped"]:
-        log.info(
-            "%s: ignored %d stray q/k/v keys saved by the official training run: %s",
-            path,
-            len(sections["dropped"]),
-            sections["dropped"],
-        )
+    resolved = _resolve(load_checkpoint(path), path, ATTENTION_BLOCK_DIMS)
+    # Official order: arcface, net, var_sched, then diffusion; _resolve has already overlaid them in that order.
+    load_strict(arcface, resolved.arcface, f"{path} [arcface]")
+    load_strict(net, resolved.unet, f"{path} [net + diffusion]")
+    load_strict(var_sched, resolved.var_sched, f"{path} [var_sched]")
+    if resolved.dropped:
+        log.info("%s: ignored %d stray q/k/v keys saved by the official training run: %s",
+                 path, len(resolved.dropped), resolved.dropped)
+    for note in resolved.notes:
+        log.warning("%s: %s", path, note)
     weights, provenance = resolve_projections(projections, seed=seed, cache=cache)
     net.set_projections(weights)
     model = IdGen(arcface, net, var_sched).eval()
     model.load_report = {
         "checkpoint": str(path),
-        "dropped_keys": list(sections["dropped"]),
-        "net_diffusion_differing_tensors": _differing_tensors(sections["net"], sections["diffusion"]),
+        "sections": sorted(resolved.present),
+        "dropped_keys": list(resolved.dropped),
+        "derived_var_sched": list(resolved.derived),
+        "net_diffusion_differing_tensors": resolved.differing,
+        "notes": list(resolved.notes),
         "projections": provenance,
     }
     return model
@@ -306,6 +371,41 @@ def resolve_projections(
     return weights, {"source": "computed", "version": version, "seed": used_seed, "sha256": sha}
 
 
+def _replay_official_program(seed: int, *, to_first_sampling: bool = True) -> tuple[dict[str, Tensor], Tensor]:
+    """(IdGen's q/k/v projections, global RNG state) of the official program: the state when it first
+    samples, or right after IdGen's Unet when not ``to_first_sampling``.
+
+    Builds every module the official test program builds, in its order, on the global RNG seeded with
+    ``seed``, inside a forked RNG so the caller's state is untouched. See :func:`official_projections`.
+    """
+    from facefuse.models.arcface import IResNet100
+    from facefuse.models.clip_vit import ClipViT
+    from facefuse.models.idrank import RankMLPNet
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        # IdRank: clip.load (FaRL's CLIP), ArcFace, RankMLPNet, its unused internal diffusion model
+        # (ArcFace + Unet); TesterRank: FLAME (no draws); IdGen model1: ArcFace, then the captured Unet.
+        for build in (ClipViT, IResNet100, RankMLPNet, IResNet100, IdGenUnet, IResNet100):
+            module = build()
+            del module
+        projections = IdGenUnet().get_projections()
+        if to_first_sampling:
+            ClipViT()  # Tester2.__init__ calls clip.load again before anything samples (FaRL loads draw nothing)
+        return projections, torch.random.get_rng_state()
+
+
+@functools.lru_cache(maxsize=8)
+def official_sampling_state(seed: int) -> Tensor:
+    """The global torch CPU RNG state the official program, run with ``seed_everything(seed)``, has when it
+    first samples (gen_mod ``test_amiya.py`` = OFER ``test.py``: the first ``FlameParamDiffusion.sample``
+    of the first image, which draws x_T = randn(B, 300) and then one normal(B, 300) per step).
+
+    Takes a few seconds (every module is really built); cached per seed for the process.
+    """
+    return _replay_official_program(int(seed))[1].clone()
+
+
 def official_projections() -> dict[str, Tensor]:
     """Replay the official construction RNG sequence and return IdGen's 6x16 q/k/v weights.
 
@@ -326,14 +426,4 @@ def official_projections() -> dict[str, Tensor]:
     modules document it), that FLAME construction draws nothing, and the torch version (init algorithms
     may change across versions). Never compared with an official run (none is available).
     """
-    from facefuse.models.arcface import IResNet100
-    from facefuse.models.clip_vit import ClipViT
-    from facefuse.models.idrank import RankMLPNet
-
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(OFFICIAL_SEED)
-        for build in (ClipViT, IResNet100, RankMLPNet, IResNet100, IdGenUnet, IResNet100):
-            module = build()
-            del module
-        unet = IdGenUnet()
-        return unet.get_projections()
+    return _replay_official_program(OFFICIAL_SEED, to_first_sampling=False)[0]

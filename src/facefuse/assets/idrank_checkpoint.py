@@ -208,7 +208,8 @@ def load_idrank(
     """Build IdRank and load ``model_idrank.tar`` strictly (sections net, arcface, farl).
 
     ``farl_path`` (optional) is loaded first, as OFER does, and then overwritten by the ``farl``
-    section; it therefore only checks the file. Construction consumes the default torch RNG in the
+    section; it therefore only checks the file, and a file that fails that check is reported in
+    ``load_report['farl_file']`` and the log, not raised. Construction consumes the default torch RNG in the
     official order (see :class:`~facefuse.models.idrank.IdRank`).
     """
     path = Path(path)
@@ -220,8 +221,16 @@ def load_idrank(
     except InvalidInputError as exc:  # pragma: no cover - indices were validated above
         raise AssetError(str(exc)) from None
     if farl_path is not None:
-        report = load_farl_weights(model.farl, farl_path)
-        _log.info("FaRL weights %s: %s (then overwritten by the 'farl' section)", farl_path, report.summary())
+        # Optional: every weight it could supply is overwritten by the 'farl' section below, so a file that
+        # cannot be read only loses a check, never the backend.
+        try:
+            report = load_farl_weights(model.farl, farl_path)
+        except AssetError as exc:  # CheckpointError included
+            model.load_report["farl_file"] = f"ignored (unreadable; the 'farl' section supplies the weights): {exc}"
+            _log.warning("FaRL weights %s not used: %s; IdRank uses the 'farl' section of %s", farl_path, exc, path)
+        else:
+            model.load_report["farl_file"] = f"{report.summary()} (then overwritten by the 'farl' section)"
+            _log.info("FaRL weights %s: %s (then overwritten by the 'farl' section)", farl_path, report.summary())
     for section in IDRANK_SECTIONS:
         load_strict(getattr(model, section), checkpoint[section], f"{path} section {section!r}")
     return model.to(device).eval()

@@ -3,12 +3,16 @@
 Which FLAME does MICA use? The official MICA builds its generator's FLAME from ``generic_model.pkl`` and
 then overwrites every FLAME buffer with the copy saved in ``mica.tar['flameModel']`` (``generator.*``).
 facefuse does the same: MICA's vertices always come from the checkpoint's FLAME. When the user's FLAME
-file is given too, the two are compared and a disagreement is an error, because the fusion service
-mixes MICA's vertices with vertices OFER computes from the user's file.
+file is given too, the two are compared, because the fusion service mixes MICA's vertices with vertices
+OFER computes from the user's file. A different topology (any array shape differs) cannot be fused and
+is refused; different values (beyond ``FLAME_AGREEMENT_ATOL``) still run, as in the official code, so
+they are logged as a warning naming each field and the size of the difference, and kept in
+``Mica.load_report['flame_differences']``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,8 @@ from facefuse.assets.checkpoint_io import check_state_dict, expected_state, load
 from facefuse.errors import AssetError, CheckpointError
 from facefuse.models.flame import N_JOINTS, FlameModelData, LandmarkEmbedding
 from facefuse.models.mica import Mica
+
+log = logging.getLogger(__name__)
 
 MICA_SECTIONS = ("arcface", "flameModel")
 FLAME_PREFIX = "generator."
@@ -55,8 +61,8 @@ def _skeleton_flame(section: Mapping[str, Any]) -> FlameModelData:
 def load_mica(path: str | Path, flame: FlameModelData | None = None, device: str | torch.device = "cpu") -> Mica:
     """Build ``Mica`` from ``mica.tar`` (sections 'arcface' and 'flameModel', strict), in eval mode.
 
-    ``flame``: the user's FLAME 2020 data; when given, it must agree with the checkpoint's FLAME buffers
-    (same topology, values within ``FLAME_AGREEMENT_ATOL``), else ``AssetError``.
+    ``flame``: the user's FLAME 2020 data; when given, it must have the checkpoint's FLAME topology (else
+    ``AssetError``); value differences beyond ``FLAME_AGREEMENT_ATOL`` are warned about and reported.
     """
     path = Path(path)
     checkpoint = load_checkpoint(path)
@@ -74,13 +80,19 @@ def load_mica(path: str | Path, flame: FlameModelData | None = None, device: str
     for section in MICA_SECTIONS:
         getattr(mica, section).load_state_dict(checkpoint[section], strict=True, assign=True)
     if flame is not None:
-        check_flame_agreement(mica.flame.to_data(), flame, source=str(path))
+        differences = check_flame_agreement(mica.flame.to_data(), flame, source=str(path))
+        mica.load_report["flame_differences"] = differences
+        if differences:
+            log.warning("%s: %s", path, describe_flame_differences(differences))
     return mica.to(device).eval()
 
 
 def check_flame_agreement(checkpoint_flame: FlameModelData, file_flame: FlameModelData, *, source: str,
-                          atol: float = FLAME_AGREEMENT_ATOL) -> None:
-    """Raise ``AssetError`` naming the first FLAME field where the checkpoint and the user's file differ."""
+                          atol: float = FLAME_AGREEMENT_ATOL) -> dict[str, float]:
+    """Field -> largest absolute difference, for fields differing beyond ``atol``.
+
+    Raises ``AssetError`` when a field's shape differs: then MICA's and OFER's meshes cannot be fused.
+    """
     pairs = {
         "faces": (checkpoint_flame.faces, file_flame.faces),
         "v_template": (checkpoint_flame.v_template, file_flame.v_template),
@@ -90,18 +102,25 @@ def check_flame_agreement(checkpoint_flame: FlameModelData, file_flame: FlameMod
         "parents": (checkpoint_flame.parents, file_flame.parents),
         "lbs_weights": (checkpoint_flame.lbs_weights, file_flame.lbs_weights),
     }
+    differences: dict[str, float] = {}
     for name, (ours, theirs) in pairs.items():
         if ours.shape != theirs.shape:
             raise AssetError(
                 f"{source}: the checkpoint's FLAME {name} has shape {ours.shape} but the FLAME file's has "
-                f"{theirs.shape}: the two are not the same FLAME model (MICA needs FLAME 2020)"
+                f"{theirs.shape}: the two are not the same FLAME model, so MICA's meshes cannot be fused with "
+                "OFER's (MICA needs FLAME 2020)"
             )
         diff = float(np.max(np.abs(ours.astype(np.float64) - theirs.astype(np.float64)))) if ours.size else 0.0
         if diff > atol:
-            raise AssetError(
-                f"{source}: the checkpoint's FLAME {name} differs from the FLAME file's by up to {diff:.3g} "
-                f"(tolerance {atol:g}): use the FLAME 2020 generic_model.pkl that MICA was trained with"
-            )
+            differences[name] = diff
+    return differences
+
+
+def describe_flame_differences(differences: dict[str, float], atol: float = FLAME_AGREEMENT_ATOL) -> str:
+    fields = ", ".join(f"{name} by up to {diff:.3g}" for name, diff in differences.items())
+    return (f"the checkpoint's FLAME differs from the FLAME file's ({fields}; tolerance {atol:g}): MICA runs on "
+            "the checkpoint's copy, OFER on the file's, so their meshes are not exactly comparable; use the "
+            "FLAME 2020 generic_model.pkl that MICA was trained with")
 
 
 def validate_mica_checkpoint(path: Path) -> str:

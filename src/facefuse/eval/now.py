@@ -522,6 +522,16 @@ def _evaluate_task(task: _Task) -> ImageResult:
     return result
 
 
+def measure_prediction(layout: NowLayout, item: NowImage, vertices: np.ndarray, faces: np.ndarray,
+                       landmarks7: np.ndarray, *, metrical: bool = False, unit: str = "mm") -> np.ndarray:
+    """Per-point errors (mm) of one in-memory prediction, exactly as the evaluation measures its files."""
+    scan, scan_landmarks = layout.subject_files(item.subject)
+    points, scan_lmk = _cropped_scan(str(scan), str(scan_landmarks))
+    result = align_and_measure(points, scan_lmk, np.asarray(vertices, np.float64), np.asarray(faces),
+                               np.asarray(landmarks7, np.float64).reshape(7, 3), metrical=metrical, unit=unit)
+    return result.errors.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class NowEvalConfig:
     dataset: Path

@@ -121,6 +121,7 @@ class IdRank(nn.Module):
             raise InvalidInputError(f"front indices: expected shape ({FRONT_VERTEX_COUNT},), got "
                                     f"{tuple(front_indices.shape)}")
         self.register_buffer("front_indices", front_indices.clone(), persistent=False)
+        self.load_report: dict[str, str] = {}  # filled by the loader (e.g. what the optional FaRL file gave)
 
     @torch.no_grad()
     def context(self, arcface_blob: Tensor, farl_image: Tensor, *, reproduce_official: bool = False) -> Tensor:

@@ -73,6 +73,7 @@ class Mica(nn.Module):
         super().__init__()
         self.arcface = IResNet100()
         self.flameModel = MicaGenerator(flame)  # camelCase: the checkpoint's section name
+        self.load_report: dict[str, object] = {}  # filled by the loader (e.g. FLAME disagreements)
 
     @property
     def flame(self) -> FlameLayer:

@@ -75,7 +75,13 @@ class MicaBackend:
         device = resolve_device(device)
         path = asset_path(directory, "mica")
         mica = load_mica(path, flame=load_flame(directory), device=device)
-        return cls(mica, device, str(path))
+        backend = cls(mica, device, str(path))
+        differences = mica.load_report.get("flame_differences")
+        if isinstance(differences, dict) and differences:  # visible in Info, not only in the log
+            from facefuse.assets.mica_checkpoint import describe_flame_differences
+
+            backend.status.details["flame_warning"] = describe_flame_differences(differences)
+        return backend
 
     @torch.inference_mode()
     def predict(self, faces: Sequence[AlignedFace]) -> list[ShapeResult]:
@@ -155,12 +161,16 @@ class OferBackend:
     ``stop_check`` (see ``StopCheck``) is called before the work, after every sampler step and before
     every layer of IdGen, IdRank and FLAME, so abandoned work ends within one layer's time."""
 
-    def __init__(self, idgen: IdGen, idrank: IdRank, flame: FlameLayer, device: str, details: dict[str, str]) -> None:
+    def __init__(self, idgen: IdGen, idrank: IdRank, flame: FlameLayer, device: str, details: dict[str, str],
+                 *, reproduce_official: bool = False) -> None:
         self.idgen = idgen
         self.idrank = idrank
         self.flame = flame
         self.device = device
-        self.status = BackendStatus("ofer", "ofer-idgen-idrank", "flame", True, False, "ready", device=device, details=details)
+        self.reproduce_official = reproduce_official
+        self.status = BackendStatus(
+            "ofer", "ofer-idgen-idrank", "flame", True, False, "ready", device=device, details=details
+        )
         self.stop_checks = LayerStopChecks(idgen, idrank, flame)
 
     @classmethod
@@ -179,9 +189,29 @@ class OferBackend:
                              farl_path=farl if farl.is_file() else None, device=device,
                              num_vertices=flame_data.num_vertices).eval()
         flame = FlameLayer(flame_data).to(device).eval()
+        reproduce = projections == "reproduce-official"
         details = {"projections": str(idgen.load_report.get("projections", projections)),
                    "vertices": str(flame_data.num_vertices)}
-        return cls(idgen, idrank, flame, device, details)
+        if reproduce:
+            details["official_sampling"] = ("mode 'official' with seed S starts from the RNG state of the official "
+                                            "program seeded with S at its first sampling")
+        if "farl_file" in idrank.load_report:
+            details["farl_file"] = idrank.load_report["farl_file"]
+        return cls(idgen, idrank, flame, device, details, reproduce_official=reproduce)
+
+    def noise_generator(self, mode: str, seed: int) -> torch.Generator:
+        """The generator a sampling with ``seed`` draws from.
+
+        In reproduce-official mode the ``official`` sampler starts where the official program seeded with
+        ``seed`` starts its first sampling (see ``official_sampling_state``); otherwise it is a fresh
+        generator seeded with ``seed``.
+        """
+        generator = torch.Generator()
+        if self.reproduce_official and mode == "official":
+            from facefuse.assets.idgen_checkpoint import official_sampling_state
+
+            return generator.set_state(official_sampling_state(int(seed)))
+        return generator.manual_seed(int(seed))
 
     @torch.inference_mode()
     def sample(self, face: AlignedFace, num_samples: int, *, mode: str, steps: int, seed: int,
@@ -205,7 +235,7 @@ class OferBackend:
         sampler = (
             OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
         )
-        generator = torch.Generator().manual_seed(int(seed))
+        generator = self.noise_generator(mode, seed)
         options: dict[str, object] = {}
         if start_shape is not None:
             options.update(
@@ -249,12 +279,18 @@ class OferBackend:
             contexts = self.idgen.context(blobs)
             counts = [jobs[i].num_samples for i in members]
             context = torch.cat([contexts[k:k + 1].expand(n, -1) for k, n in enumerate(counts)])
-            noise = torch.cat([torch.randn(jobs[i].num_samples, 300, generator=torch.Generator().manual_seed(int(jobs[i].seed)))
-                               for i in members])
-            sampler = OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
+            noise = torch.cat(
+                [
+                    torch.randn(jobs[i].num_samples, 300, generator=self.noise_generator(mode, jobs[i].seed))
+                    for i in members
+                ]
+            )
+            sampler = (
+                OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
+            )
             callback = {} if stop_check is None else {"callback": _step_check(stop_check)}
-            shapes = self.idgen.sample(context, len(noise), sampler, initial_noise=noise.to(self.device), **callback)
-            shapes = shapes.to(torch.float32).cpu().numpy()
+            sampled = self.idgen.sample(context, len(noise), sampler, initial_noise=noise.to(self.device), **callback)
+            shapes = sampled.to(torch.float32).cpu().numpy()
             offsets = np.cumsum([0, *counts])
             for k, i in enumerate(members):
                 results[i] = shapes[offsets[k]:offsets[k + 1]]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -11,6 +13,8 @@ import numpy as np
 
 from facefuse import wire
 from facefuse.errors import AssetError, InvalidInputError, LimitExceededError
+from facefuse.fusion.profile import PROFILE_ENV, FusionProfile, read_profile
+from facefuse.fusion.strategies import FusionStrategy
 from facefuse.packs.base import FusionSetup
 from facefuse.servers.base import run_cli
 from facefuse.servers.common import backend_info, check_visibility_values
@@ -21,11 +25,18 @@ SERVICE_NAME = "facefuse.v1.FusionService"
 
 
 class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
-    def __init__(self, setup: FusionSetup) -> None:
+    def __init__(self, setup: FusionSetup, profile: FusionProfile | None = None) -> None:
         self.space = setup.space
         self.status = setup.status
         self.keypoints = setup.keypoints
         self.default_strategy = setup.default_strategy
+        # A tuned profile: its strategy becomes the default, with its options as that strategy's defaults
+        # (a request's own options still override them).
+        self.tuned: dict[str, FusionStrategy] = {}
+        if profile is not None:
+            self.default_strategy = profile.strategy
+            self.tuned[profile.strategy] = profile.create()
+            self.status = dataclasses.replace(self.status, details={**self.status.details, **profile.info_details()})
 
     def Fuse(self, request: fusion_pb2.FuseRequest, context: grpc.ServicerContext) -> fusion_pb2.FuseResponse:
         from facefuse.fusion.strategies import DEFAULT_STRATEGY, FusionInputs, fuse
@@ -56,7 +67,9 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
                               samples=None if samples is None else np.array(samples, np.float32),
                               scores=None if scores is None else np.array(scores, np.float32),
                               visibility=visibility, options=dict(request.options))
-        result = fuse(request.strategy or self.default_strategy or DEFAULT_STRATEGY, inputs, self.space)  # type: ignore[arg-type]
+        name = request.strategy or self.default_strategy or DEFAULT_STRATEGY
+        tuned = self.tuned.get(name)
+        result = tuned(inputs, self.space) if tuned is not None else fuse(name, inputs, self.space)  # type: ignore[arg-type]
         reply = fusion_pb2.FuseResponse(
             shape=wire.from_numpy(result.shape.astype(np.float32)),
             mesh=wire.mesh_message(result.vertices_mm, self.space.faces, self.space.topology),  # type: ignore[attr-defined]
@@ -84,8 +97,9 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
 def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequence[str], dict[str, bool]]:
     from facefuse.packs.loading import load_fusion_setup
 
+    profile = read_profile(args.fusion_profile) if args.fusion_profile else None
     setup = load_fusion_setup(args.pack, args.assets)
-    servicer = FusionServicer(setup)
+    servicer = FusionServicer(setup, profile)
     return (lambda server: fusion_pb2_grpc.add_FusionServiceServicer_to_server(servicer, server),
             [SERVICE_NAME], {SERVICE_NAME: setup.status.ready})
 
@@ -93,6 +107,9 @@ def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequ
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--assets", help="folder with the official files (FLAME, masks); default $FACEFUSE_ASSETS")
     parser.add_argument("--pack", default="auto", choices=["auto", "flame", "open"], help="model pack")
+    parser.add_argument("--fusion-profile", default=os.environ.get(PROFILE_ENV) or None, metavar="PATH",
+                        help="fusion profile from `facefuse bench now --tune`: its strategy and options become the "
+                             f"default (default ${PROFILE_ENV})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

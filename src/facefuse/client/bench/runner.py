@@ -45,6 +45,12 @@ def result_ok(result: gateway_pb2.FaceResult) -> bool:
     return result.face_index >= 0 and result.status.code == 0
 
 
+def branch_cache_key(cache: BenchCache, job: GatewayJob, settings: SamplingSettings) -> str:
+    """The cache key of a job's branches: strategy options do not change them, so they are left out."""
+    branch_settings = {k: v for k, v in settings.as_dict().items() if k != "strategy_options"}
+    return cache.key(job.data, box=job.box, mask=job.mask, settings=branch_settings)
+
+
 def compute_predictions(conn: MeshConnection, cache: BenchCache, jobs: Sequence[GatewayJob], entries: Sequence[BenchEntry],
                         settings: SamplingSettings, *, progress: bool = True) -> PredictionSet:
     """Every entry's prediction for every job, from the cache where it is there (see the module doc)."""
@@ -53,8 +59,7 @@ def compute_predictions(conn: MeshConnection, cache: BenchCache, jobs: Sequence[
     if refused and conn.fusion is None:
         raise InvalidInputError(f"{', '.join(refused)} are re-fused from cached branches by the fusion service: "
                                 "pass --fusion HOST:PORT (or use --local)")
-    branch_settings = {k: v for k, v in settings.as_dict().items() if k != "strategy_options"}
-    keys = {job.job_id: cache.key(job.data, box=job.box, mask=job.mask, settings=branch_settings) for job in jobs}
+    keys = {job.job_id: branch_cache_key(cache, job, settings) for job in jobs}
     options = dict(settings.strategy_options)
     pred_keys = {job.job_id: cache.key(job.data, box=job.box, mask=job.mask, settings=settings.as_dict()) for job in jobs}
 

@@ -63,6 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     now.add_argument("--per-challenge", action="store_true", help="also median/mean/std per challenge in the table")
     now.add_argument("--metrical", action="store_true", help="metrical variant (predictions are in mm)")
     now.add_argument("--limit", type=int, default=None, help="only the first N listed images (quick looks)")
+    now.add_argument("--tune", action="store_true",
+                     help="search fusion strategy and options on the validation split (cached branches) and write "
+                          "a fusion profile for the fusion service's --fusion-profile; --methods/--strategies are "
+                          "not used")
+    now.add_argument("--profile-out", type=Path, default=None, metavar="PATH",
+                     help="with --tune: where to write the profile (default OUT/fusion_profile.json)")
     _mesh_arguments(now)
     now.set_defaults(func=cmd_bench_now)
 
@@ -121,6 +127,11 @@ def cmd_bench_now(args: argparse.Namespace) -> int:
     from facefuse.client.bench.entries import parse_list
     from facefuse.client.bench.now import NowBenchConfig, run_now_bench
 
+    if args.tune:
+        return _tune(args)
+    if args.profile_out is not None:
+        raise InvalidInputError("--profile-out is only used with --tune")
+
     config = NowBenchConfig(dataset=args.dataset, out=args.out, methods=tuple(parse_list(args.methods)),
                             strategies=tuple(parse_list(args.strategies)), split=args.split, challenge=args.challenge,
                             per_challenge=bool(args.per_challenge), metrical=bool(args.metrical), sampling=_sampling(args),
@@ -135,6 +146,30 @@ def cmd_bench_now(args: argparse.Namespace) -> int:
         print(f"facefuse: some images were not evaluated for {', '.join(incomplete)}; see {summary['files']['json']}",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from facefuse.client.bench.tune import NowTuneConfig, run_now_tune
+
+    config = NowTuneConfig(dataset=args.dataset, out=args.out, profile=args.profile_out, split=args.split,
+                           challenge=args.challenge, metrical=bool(args.metrical), sampling=_sampling(args),
+                           limit=args.limit, progress=not args.no_progress)
+    with _connection(args) as conn:
+        summary = run_now_tune(config, conn)
+    chosen, selection = summary["chosen"], summary["selection"]
+    print(f"Fusion tuning on NoW {args.split} ({args.challenge}): tuned on {summary['tuned_on']}. Errors in mm.")
+    print(summary["table"])
+    gap = selection["gap_closed"]
+    print("IdRank selection: median ranked {:.4f}, random {:.4f}, oracle {:.4f} mm; ranking closes {} of the "
+          "random -> oracle gap".format(selection["ranked"]["median_mm"] or float("nan"),
+                                        selection["random"]["median_mm"] or float("nan"),
+                                        selection["oracle"]["median_mm"] or float("nan"),
+                                        "n/a" if gap is None else f"{100 * gap:.0f}%"))
+    options = ", ".join(f"{k}={v:g}" for k, v in sorted(chosen["options"].items())) or "defaults"
+    print(f"chosen: {chosen['strategy']} ({options}), validation median {chosen['median_mm']:.4f} mm")
+    print(f"profile: {summary['profile']} (start the fusion service with --fusion-profile {summary['profile']})")
+    print(f"written: {summary['files']['csv']}, {summary['files']['json']}")
     return 0
 
 
