@@ -22,8 +22,8 @@ from facefuse.client.names import display
 from facefuse.client.validate import CheckedFace, CheckedReconstruction
 from facefuse.io.atomic import write_bytes_atomic, write_json_atomic, write_npy_atomic, write_npz_atomic, write_text_atomic
 from facefuse.io.gltf import write_glb
-from facefuse.io.meshes import heat_colors, write_obj, write_ply
-from facefuse.render import render_preview
+from facefuse.io.meshes import write_obj, write_ply, write_textured_obj
+from facefuse.render import render_preview, render_uncertainty, spread_colors
 
 RESULTS = "results.jsonl"
 DONE_CODES = {"OK", "NOT_FOUND"}
@@ -210,7 +210,8 @@ def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None)
     rec = face.reconstruction
     if rec is not None:
         colors = _landmark_colors(image, face.landmarks)
-        entry.update(write_reconstruction(target, rec, keep, colors))
+        photo = (image, face.landmarks) if image is not None and face.landmarks is not None else None
+        entry.update(write_reconstruction(target, rec, keep, colors, photo))
         if rec.visibility is not None and image is not None and face.landmarks is not None and len(face.landmarks) >= 468:
             keep(_png(target / "visibility_overlay.png", visibility_overlay(image, face.box, face.landmarks, rec.visibility)))
         for name, branch in face.branches:
@@ -230,7 +231,9 @@ def _landmark_colors(image: np.ndarray | None, landmarks: np.ndarray | None) -> 
 
 
 def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callable[[Path], None],
-                         photo_colors: np.ndarray | None = None) -> dict[str, Any]:
+                         photo_colors: np.ndarray | None = None,
+                         photo: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    """The reconstruction's files; ``photo`` (image, 468 landmarks) gives a 468-point mesh its texture."""
     info: dict[str, Any] = {"strategy": rec.strategy or rec.method}
     if rec.method != "mica":  # MICA alone has no confidence measure; fused and sampled results do
         info["confidence"] = round(rec.confidence, 4)
@@ -245,15 +248,22 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
     if vertices is not None and faces is not None:
         colors = photo_colors if rec.topology == "mediapipe468" and photo_colors is not None \
             and len(photo_colors) == len(vertices) else None
-        keep(write_obj(target / "mesh.obj", vertices, faces))
+        texture = _photo_texture(rec, photo) if colors is not None else None
+        if texture is not None and rec.uvs is not None:
+            for path in write_textured_obj(target / "mesh.obj", vertices, faces, rec.uvs, texture):
+                keep(path)
+            keep(write_glb(target / "mesh.glb", vertices, faces, uvs=rec.uvs, texture=texture))
+        else:
+            keep(write_obj(target / "mesh.obj", vertices, faces))
+            keep(write_glb(target / "mesh.glb", vertices, faces, colors=colors))
         keep(write_ply(target / "mesh.ply", vertices, faces, colors))
-        keep(write_glb(target / "mesh.glb", vertices, faces, colors=colors, uvs=rec.uvs))
         keep(_png(target / "preview.png", render_preview(vertices, faces, colors=colors)))
         info["topology"] = rec.topology
         info["units"] = "mm"
         if rec.vertex_spread is not None:
             keep(write_npy_atomic(target / "uncertainty.npy", rec.vertex_spread))
-            keep(write_ply(target / "mesh_uncertainty.ply", vertices, faces, heat_colors(rec.vertex_spread)))
+            keep(_png(target / "uncertainty.png", render_uncertainty(vertices, faces, rec.vertex_spread)))
+            keep(write_ply(target / "mesh_uncertainty.ply", vertices, faces, spread_colors(rec.vertex_spread)))
             info["spread_mm_mean"] = round(float(np.mean(rec.vertex_spread)), 4) if rec.vertex_spread.size else 0.0
     flame = rec.topology == "flame2020" or vertices is None
     if rec.shape is not None:
@@ -277,6 +287,21 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
             **{k: [float(x) for x in v.ravel()] for k, v in params.items()},
         }))
     return info
+
+
+def _photo_texture(rec: CheckedReconstruction, photo: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
+    """The open pack's texture from the photo (its 468 vertices are the landmarks); None for other meshes."""
+    if photo is None or rec.uvs is None or rec.faces is None or rec.topology != "mediapipe468":
+        return None
+    from facefuse.fusion.visibility import landmark_visibility
+    from facefuse.texture import photo_texture
+
+    image, landmarks = photo
+    if len(landmarks) < 468 or rec.uvs.shape[0] != 468:
+        return None
+    visibility = landmark_visibility(landmarks, rec.visibility) if rec.visibility else None
+    texture, _ = photo_texture(image, landmarks[:468, :2], rec.faces, rec.uvs, visibility)
+    return texture
 
 
 def summarize(entries: Iterable[dict[str, Any]]) -> dict[str, int]:
