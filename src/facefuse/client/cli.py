@@ -107,7 +107,32 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         "strategy_options": dict(parse_option(o) for o in args.option),
         "visibility_off": list(args.no_visibility) or None,
     }
-    return _run(args, args.method, options)
+    code = _run(args, args.method, options)
+    _write_report(args.out)
+    return code
+
+
+def _write_report(out: Path) -> None:
+    """The run's report at the end of ``reconstruct``; a report that cannot be written only warns."""
+    from facefuse.client.report import build_report
+
+    try:
+        print(f"report: {display(str(build_report(out)))}")
+    except (OSError, FacefuseError, ValueError) as exc:
+        print(f"facefuse: warning: could not write the report: {exc}", file=sys.stderr)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from facefuse.client.report import build_report
+
+    print(f"report: {display(str(build_report(args.out)))}")
+    return EXIT_OK
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from facefuse.client.report import serve_report
+
+    return serve_report(args.out, args.port)
 
 
 def cmd_assets_check(args: argparse.Namespace) -> int:
@@ -205,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--masks", type=Path, default=None, metavar="DIR",
                      help="occlusion masks: DIR/<image stem>.png, same size as the image, white = occluded")
     rec.set_defaults(func=cmd_reconstruct)
+
+    report = sub.add_parser("report", help="write OUT/index.html: the run, a 3D viewer per face (works offline)")
+    report.add_argument("out", type=Path, help="a reconstruct/detect output folder")
+    report.set_defaults(func=cmd_report)
+    view = sub.add_parser("view", help="serve OUT's report on 127.0.0.1 and print its address (Ctrl-C stops)")
+    view.add_argument("out", type=Path, help="a reconstruct/detect output folder")
+    view.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default %(default)s; 0: any)")
+    view.set_defaults(func=cmd_view)
 
     assets = sub.add_parser("assets", help="check or synthesize model files").add_subparsers(dest="assets_command", required=True)
     check = assets.add_parser("check", help="which official files are present and valid")

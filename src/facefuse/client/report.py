@@ -71,7 +71,7 @@ def _photo_with_boxes(source: str, faces: list[dict[str, Any]]) -> str | None:
     for entry in faces:
         box = entry.get("box")
         if isinstance(box, list) and len(box) == 4:
-            x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+            x1, y1, x2, y2 = (round(float(v)) for v in box)
             colour = (0, 200, 0) if entry.get("status") == "OK" else (220, 0, 0)
             cv2.rectangle(rgb, (x1, y1), (x2, y2), colour, thick)
             cv2.putText(rgb, str(entry["face_index"]), (x1, max(y1 - 4 * thick, 10)), cv2.FONT_HERSHEY_SIMPLEX,
@@ -104,7 +104,8 @@ def _face_data(out: Path, entry: dict[str, Any]) -> dict[str, Any] | None:
     glb = face_dir / "mesh.glb"
     if not glb.is_file() or glb.stat().st_size > MAX_EMBED_BYTES:
         return None
-    count = len(trimesh.load(str(glb), force="mesh", process=False).vertices)
+    mesh = trimesh.load(str(glb), force="mesh", process=False)
+    count = len(mesh.vertices) if isinstance(mesh, trimesh.Trimesh) else -1
     data: dict[str, Any] = {"id": f"{entry['image_id']} #{entry['face_index']}", "glb": _b64(glb.read_bytes())}
     spread_path = face_dir / "uncertainty.npy"
     if spread_path.is_file():
@@ -182,7 +183,7 @@ def build_report(out: Path) -> Path:
         counts[entry["status"]] = counts.get(entry["status"], 0) + 1
     seconds = [float(x["seconds"]) for x in entries if isinstance(x.get("seconds"), (int, float))]
     faces_ok = [x for x in entries if x["status"] == "OK" and x["face_index"] >= 0]
-    summary = [("inputs", len(inputs)), ("faces written", len(faces_ok)),
+    summary: list[tuple[str, object]] = [("inputs", len(inputs)), ("faces written", len(faces_ok)),
                *((f"status {k}", v) for k, v in sorted(counts.items()))]
     if seconds:
         summary += [("time per face, median (s)", f"{statistics.median(seconds):.3f}"),
@@ -236,3 +237,37 @@ def build_report(out: Path) -> Path:
             + "<script type=\"application/json\" id=\"facefuse-faces\">" + faces_json + "</script>"
             + "<script>" + _asset("viewer.js").replace("</", "<\\/") + "</script></body></html>\n")
     return write_text_atomic(out / REPORT, page)
+
+
+def serve_report(out: Path, port: int = 8765) -> int:
+    """Serve OUT (its report written first when missing) on 127.0.0.1 until Ctrl-C or SIGTERM."""
+    import functools
+    import http.server
+    import signal
+    import threading
+
+    out = Path(out)
+    if not 0 <= port <= 65535:
+        raise InvalidInputError(f"--port {port}: not a port number")
+    if not (out / REPORT).is_file():
+        build_report(out)
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # one line per request would drown the address
+
+    handler = functools.partial(QuietHandler, directory=str(out))
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}") from None
+    host, bound = server.server_address[:2]
+    print(f"serving {out} at http://{host!s}:{bound}/{REPORT} (Ctrl-C stops)", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

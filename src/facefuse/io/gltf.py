@@ -71,7 +71,10 @@ def glb_bytes(vertices_mm: np.ndarray, faces: np.ndarray, colors: np.ndarray | N
     elif colors is not None:
         visual = trimesh.visual.ColorVisuals(vertex_colors=_rgba_bytes(colors, v.shape[0]))
     mesh = trimesh.Trimesh(vertices=v * MM_TO_M, faces=f, visual=visual, process=False)
-    return bytes(mesh.export(file_type="glb", include_normals=True))
+    data = mesh.export(file_type="glb", include_normals=True)
+    if not isinstance(data, bytes):
+        raise TypeError(f"trimesh's glb exporter returned {type(data).__name__}, not bytes")
+    return data
 
 
 def write_glb(path: str | Path, vertices_mm: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None,

@@ -280,7 +280,12 @@
     function finish() {
       if (ready + failed < canvases.length) return;
       var coverage = viewers.map(function (v) { return v.coverage().toFixed(3); });
+      var rects = viewers.map(function (v) {
+        var r = v.canvas.getBoundingClientRect();
+        return [r.left + window.scrollX, r.top + window.scrollY, r.width, r.height].map(Math.round).join(" ");
+      });
       document.body.setAttribute("data-viewer-coverage", coverage.join(","));
+      document.body.setAttribute("data-viewer-rects", rects.join(","));
       document.body.setAttribute("data-viewer-errors", errors.join(" | "));
       document.body.setAttribute("data-viewer-status", errors.length || failed ? "error" : "ready");
     }
