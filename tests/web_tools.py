@@ -23,9 +23,13 @@ from facefuse.assets.idgen_checkpoint import facefuse_home
 GLTF_VALIDATOR = "gltf-validator@2.0.0-dev.3.10"
 VALIDATE_SCRIPT = Path(__file__).parent / "validate_gltf.js"
 INSTALL_TIMEOUT_S = 600
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
                   "--force-device-scale-factor=1", "--enable-unsafe-swiftshader", "--use-angle=swiftshader")
+
+"""WebGL runs on SwiftShader (ANGLE's CPU renderer; no GPU is used or needed). ``--disable-gpu`` is left out
+on purpose: with it Chromium composites the WebGL canvas in software, and ANGLE then logs a "GPU stall due to
+ReadPixels" performance message into the page's console for every frame, which would hide real messages."""
 
 
 def unavailable(reason: str) -> None:

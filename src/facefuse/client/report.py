@@ -149,7 +149,7 @@ def _face_card(out: Path, entry: dict[str, Any], viewer_index: int | None) -> st
                           (("photo", "photo colours"), ("shading", "shading"), ("heat", "uncertainty"),
                            ("visibility", "visibility")))
         parts.append(f'<div class="viewer"><canvas data-face="{viewer_index}" width="320" height="320"></canvas>'
-                     f'{buttons}{_heat_legend()}{_visibility_legend()}</div>')
+                     f'{buttons}<div class="legends">{_heat_legend()}{_visibility_legend()}</div></div>')
     else:
         preview = _data_uri(face_dir / "preview.png")
         if preview:

@@ -135,7 +135,7 @@
   var BACKGROUND = [0.96, 0.96, 0.97];
 
   function Viewer(canvas, face, initialMode, onReady) {
-    var gl = canvas.getContext("webgl", { preserveDrawingBuffer: true, antialias: true });
+    var gl = canvas.getContext("webgl", { preserveDrawingBuffer: false, antialias: true });
     if (!gl) throw new Error("WebGL is not available in this browser");
     var mesh = parseGlb(decodeBase64(face.glb));
     var count = mesh.positions.count, pos = mesh.positions.data;
@@ -217,18 +217,6 @@
       draw();
       return mode;
     };
-    // Fraction of pixels that differ from the background: a drawn face covers a good part of the canvas.
-    this.coverage = function () {
-      var w = canvas.width, h = canvas.height, px = new Uint8Array(w * h * 4), differ = 0;
-      gl.readPixels(0, 0, w, h, gl.RGBA, gl.UNSIGNED_BYTE, px);
-      for (var p = 0; p < w * h; p++) {
-        var d = Math.abs(px[p * 4] - BACKGROUND[0] * 255) + Math.abs(px[p * 4 + 1] - BACKGROUND[1] * 255) +
-          Math.abs(px[p * 4 + 2] - BACKGROUND[2] * 255);
-        if (d > 12) differ++;
-      }
-      return differ / (w * h);
-    };
-
     var drag = null;
     canvas.addEventListener("pointerdown", function (e) { drag = [e.clientX, e.clientY]; canvas.setPointerCapture(e.pointerId); });
     canvas.addEventListener("pointerup", function () { drag = null; });
@@ -279,12 +267,10 @@
     var viewers = [], ready = 0, failed = 0;
     function finish() {
       if (ready + failed < canvases.length) return;
-      var coverage = viewers.map(function (v) { return v.coverage().toFixed(3); });
       var rects = viewers.map(function (v) {
         var r = v.canvas.getBoundingClientRect();
         return [r.left + window.scrollX, r.top + window.scrollY, r.width, r.height].map(Math.round).join(" ");
       });
-      document.body.setAttribute("data-viewer-coverage", coverage.join(","));
       document.body.setAttribute("data-viewer-rects", rects.join(","));
       document.body.setAttribute("data-viewer-errors", errors.join(" | "));
       document.body.setAttribute("data-viewer-status", errors.length || failed ? "error" : "ready");
