@@ -19,8 +19,11 @@ def test_flame_pack_glb_files_validate_and_the_report_loads(flame_mesh: LocalMes
                                                             tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = main(["reconstruct", str(astronaut_png), "-o", str(out), "--gateway", flame_mesh.gateway_address,
-                 "--no-progress", "--save-branches", "--samples", "2", "--steps", "2"])
+                 "--no-progress", "--save-branches", "--all-files", "--samples", "2", "--steps", "2"])
     assert code == 0
+    face_dir = next(out.rglob("face_00"))
+    for name in ("crop112.png", "crop224.png", "kps5.npy", "samples.npz", "mesh_uncertainty.ply"):
+        assert (face_dir / name).is_file(), name  # --all-files writes the extras too
     files = sorted(out.rglob("*.glb"))
     assert len(files) >= 2, files  # the fused mesh and at least one branch's
     for name, result in validate_glb(files).items():

@@ -21,6 +21,7 @@ from web_tools import console_lines, read_png, run_chromium, validate_glb
 
 from facefuse.client.cli import main
 from facefuse.client.demo import occlude_mouth
+from facefuse.client.outputs import EXTRAS
 from facefuse.servers.local import LocalMesh
 
 pytestmark = pytest.mark.slow
@@ -106,6 +107,7 @@ def test_open_pack_outputs_carry_a_photo_texture_and_a_fixed_scale_heat_map(repo
         obj = trimesh.load(str(face_dir / "mesh.obj"), force="mesh", process=False)
         assert obj.visual.kind == "texture" and len(obj.vertices) == 468
         assert (face_dir / "texture.png").is_file() and (face_dir / "uncertainty.png").is_file()
+        assert not any((face_dir / name).exists() for name in EXTRAS), "extras only with --all-files"
 
 
 def test_report_and_view_commands(report_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,6 +26,8 @@ from facefuse.io.meshes import write_obj, write_ply, write_textured_obj
 from facefuse.render import render_preview, render_uncertainty, spread_colors
 
 RESULTS = "results.jsonl"
+EXTRAS = ("crop112.png", "crop224.png", "kps5.npy", "samples.npz", "mesh_uncertainty.ply")
+"""Files ``reconstruct`` writes only with ``--all-files`` (``detect`` always writes its crops and points)."""
 DONE_CODES = {"OK", "NOT_FOUND"}
 
 
@@ -183,8 +185,11 @@ def visibility_overlay(image: np.ndarray, box: np.ndarray, landmarks: np.ndarray
     return canvas
 
 
-def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None) -> dict[str, Any]:
+def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None, *,
+               all_files: bool = False) -> dict[str, Any]:
     """Write one checked face's files under OUT/<key>/face_NN; returns its results.jsonl fields.
+
+    A reconstruction leaves out the files in EXTRAS unless ``all_files``.
 
     ``key`` is the input's own folder name (``InputItem.key``) and the face index was range-checked,
     so every path stays inside ``out``.
@@ -196,11 +201,15 @@ def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None)
     def keep(path: Path) -> None:
         files.append(str(path.relative_to(out)))
 
-    if face.crop112 is not None:
+    def wanted(name: str) -> bool:
+        return all_files or face.reconstruction is None or name not in EXTRAS
+
+    if face.crop112 is not None and wanted("crop112.png"):
         keep(_png(target / "crop112.png", face.crop112))
-    if face.crop224 is not None:
+    if face.crop224 is not None and wanted("crop224.png"):
         keep(_png(target / "crop224.png", face.crop224))
-    keep(write_npy_atomic(target / "kps5.npy", face.kps5))
+    if wanted("kps5.npy"):
+        keep(write_npy_atomic(target / "kps5.npy", face.kps5))
     if face.landmarks is not None:
         keep(write_npy_atomic(target / "landmarks.npy", face.landmarks))
     if image is not None:
@@ -211,11 +220,11 @@ def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None)
     if rec is not None:
         colors = _landmark_colors(image, face.landmarks)
         photo = (image, face.landmarks) if image is not None and face.landmarks is not None else None
-        entry.update(write_reconstruction(target, rec, keep, colors, photo))
+        entry.update(write_reconstruction(target, rec, keep, colors, photo, wanted))
         if rec.visibility is not None and image is not None and face.landmarks is not None and len(face.landmarks) >= 468:
             keep(_png(target / "visibility_overlay.png", visibility_overlay(image, face.box, face.landmarks, rec.visibility)))
         for name, branch in face.branches:
-            write_reconstruction(target / f"branch_{name}", branch, keep, colors)
+            write_reconstruction(target / f"branch_{name}", branch, keep, colors, photo, wanted)
     entry["files"] = files
     entry["dir"] = str(face_dir)
     return entry
@@ -232,8 +241,10 @@ def _landmark_colors(image: np.ndarray | None, landmarks: np.ndarray | None) -> 
 
 def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callable[[Path], None],
                          photo_colors: np.ndarray | None = None,
-                         photo: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
-    """The reconstruction's files; ``photo`` (image, 468 landmarks) gives a 468-point mesh its texture."""
+                         photo: tuple[np.ndarray, np.ndarray] | None = None,
+                         wanted: Callable[[str], bool] = lambda _name: True) -> dict[str, Any]:
+    """The reconstruction's files; ``photo`` (image, 468 landmarks) gives a 468-point mesh its texture,
+    ``wanted(file name)`` says whether an optional file (EXTRAS) is written."""
     info: dict[str, Any] = {"strategy": rec.strategy or rec.method}
     if rec.method != "mica":  # MICA alone has no confidence measure; fused and sampled results do
         info["confidence"] = round(rec.confidence, 4)
@@ -263,7 +274,8 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
         if rec.vertex_spread is not None:
             keep(write_npy_atomic(target / "uncertainty.npy", rec.vertex_spread))
             keep(_png(target / "uncertainty.png", render_uncertainty(vertices, faces, rec.vertex_spread)))
-            keep(write_ply(target / "mesh_uncertainty.ply", vertices, faces, spread_colors(rec.vertex_spread)))
+            if wanted("mesh_uncertainty.ply"):
+                keep(write_ply(target / "mesh_uncertainty.ply", vertices, faces, spread_colors(rec.vertex_spread)))
             info["spread_mm_mean"] = round(float(np.mean(rec.vertex_spread)), 4) if rec.vertex_spread.size else 0.0
     flame = rec.topology == "flame2020" or vertices is None
     if rec.shape is not None:
@@ -275,7 +287,7 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
     for name, points in (("kpt7", rec.kpt7), ("kpt68", rec.landmarks68)):
         if points is not None:
             keep(write_npy_atomic(target / f"{name}.npy", points))
-    if rec.samples is not None:
+    if rec.samples is not None and wanted("samples.npz"):
         scores = rec.sample_scores if rec.sample_scores is not None else np.zeros(len(rec.samples), np.float32)
         keep(write_npz_atomic(target / "samples.npz", {"shapes": rec.samples, "scores": scores}))
     if params:
