@@ -55,3 +55,18 @@ def test_uncertainty_colours_use_one_fixed_scale():
     square = np.array([[0, 0, 0], [10, 0, 0], [0, 10, 0], [10, 10, 0]], float)
     image = render_uncertainty(square, np.array([[0, 1, 2], [1, 3, 2]]), np.array([0.0, 1.0, 4.0, 8.0]), size=64)
     assert image.shape == (64 + 44, 128, 3)
+
+
+def test_landmark_visibility_takes_each_points_regions():
+    from facefuse.assets.canonical_face import load_canonical_face
+    from facefuse.assets.store import ModelStore
+    from facefuse.fusion.visibility import MEDIAPIPE_REGIONS, REGION_NAMES, landmark_visibility
+
+    face = load_canonical_face(ModelStore())
+    landmarks = np.c_[face.vertices_mm[:, 0] * 4 + 400, -face.vertices_mm[:, 1] * 4 + 400]  # a frontal photo
+    regions = {name: 1.0 for name in REGION_NAMES} | {"lips": 0.2}
+    per_point = landmark_visibility(landmarks, regions)
+    assert per_point.shape == (468,)
+    np.testing.assert_allclose(per_point[list(MEDIAPIPE_REGIONS["lips"].indices)], 0.2)
+    assert per_point[1] == 1.0  # the nose tip
+    assert np.isnan(per_point).sum() > 20  # points in no region (jaw line, temples) have no value
