@@ -122,7 +122,7 @@ def _heat_legend() -> str:
     stops = spread_colors(np.linspace(0.0, SPREAD_SCALE_MM, 9))
     gradient = ", ".join(f"rgb({r},{g},{b})" for r, g, b in stops)
     ticks = "".join(f"<span>{mm:g}</span>" for mm in np.arange(0.0, SPREAD_SCALE_MM + 1e-9, 2.0))
-    return (f'<div class="legend heat">per-vertex spread, mm (fixed scale, the same for every face)'
+    return (f'<div class="legend heat">spread (mm), one scale for every face'
             f'<div class="bar" style="background: linear-gradient(to right, {gradient})"></div>'
             f'<div class="ticks">{ticks}</div></div>')
 
