@@ -41,6 +41,12 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def _face_dir(out: Path, entry: dict[str, Any]) -> Path:
+    """The face's folder; a ``dir`` that leaves OUT (an edited results.jsonl) names nothing: OUT/.missing."""
+    folder = (out / str(entry.get("dir", ""))).resolve()
+    return folder if folder.is_relative_to(out.resolve()) and entry.get("dir") else out / ".missing"
+
+
 def _data_uri(path: Path) -> str | None:
     if not path.is_file() or path.stat().st_size > MAX_EMBED_BYTES:
         return None
@@ -100,7 +106,7 @@ def _face_data(out: Path, entry: dict[str, Any]) -> dict[str, Any] | None:
     """The viewer's data for one face (its .glb, heat and visibility colours), or None without a mesh."""
     import trimesh
 
-    face_dir = out / str(entry.get("dir", ""))
+    face_dir = _face_dir(out, entry)
     glb = face_dir / "mesh.glb"
     if not glb.is_file() or glb.stat().st_size > MAX_EMBED_BYTES:
         return None
@@ -141,7 +147,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def _face_card(out: Path, entry: dict[str, Any], viewer_index: int | None) -> str:
     e = html.escape
-    face_dir = out / str(entry.get("dir", ""))
+    face_dir = _face_dir(out, entry)
     parts = [f'<div class="face"><h3>face {entry["face_index"]} · <span class="status-{e(entry["status"])}">'
              f'{e(entry["status"])}</span></h3>']
     if viewer_index is not None:
