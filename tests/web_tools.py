@@ -58,6 +58,8 @@ def gltf_validator() -> Path:
 def validate_glb(paths: list[Path]) -> dict[str, dict]:
     """file -> {"errors", "warnings", "messages"} from the Khronos validator."""
     package = gltf_validator()
+    if shutil.which("node") is None:
+        unavailable("Node.js is not installed, so the Khronos glTF validator cannot run")
     done = subprocess.run(["node", str(VALIDATE_SCRIPT), *map(str, paths)], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "GLTF_VALIDATOR": str(package)})
     assert done.returncode == 0, done.stderr
