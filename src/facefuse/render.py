@@ -128,3 +128,41 @@ def render_preview(
     profile = np.array([[np.cos(angle), 0.0, -np.sin(angle)], [0.0, 1.0, 0.0], [np.sin(angle), 0.0, np.cos(angle)]])
     front, side = render_views(vertices_mm, faces, [np.eye(3), profile], int(size), colors)
     return np.concatenate([front, side], axis=1)
+
+
+SPREAD_SCALE_MM = 8.0
+"""Top of the fixed uncertainty colour scale (mm): 0 is blue, this and above red, the same for every face."""
+SPREAD_COLORMAP = "turbo"
+
+
+def spread_colors(spread_mm: np.ndarray) -> np.ndarray:
+    """(V,) per-vertex spread in mm -> (V, 3) uint8 on the fixed scale 0..SPREAD_SCALE_MM."""
+    import matplotlib
+
+    t = np.clip(np.nan_to_num(np.asarray(spread_mm, np.float64), nan=0.0) / SPREAD_SCALE_MM, 0.0, 1.0)
+    return np.rint(matplotlib.colormaps[SPREAD_COLORMAP](t)[:, :3] * 255).astype(np.uint8)
+
+
+def spread_legend(width: int, height: int = 44) -> np.ndarray:
+    """(height, width, 3) colour bar of the fixed spread scale with mm ticks (0, 2, ... SPREAD_SCALE_MM)."""
+    import cv2
+
+    legend = np.full((height, width, 3), BACKGROUND, np.uint8)
+    left, right, bar_top, bar_bottom = 12, width - 12, 4, height // 2
+    ramp = spread_colors(np.linspace(0.0, SPREAD_SCALE_MM, max(right - left, 1)))
+    legend[bar_top:bar_bottom, left:right] = ramp[None, :, :]
+    for mm in np.arange(0.0, SPREAD_SCALE_MM + 1e-9, 2.0):
+        x = round(left + (right - left - 1) * float(mm) / SPREAD_SCALE_MM)
+        legend[bar_bottom:bar_bottom + 4, x] = 0
+        label = f"{mm:g} mm" if mm in (0.0, SPREAD_SCALE_MM) else f"{mm:g}"
+        size = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)[0][0]
+        x = min(max(x - size // 2, 0), width - size)
+        cv2.putText(legend, label, (x, height - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return legend
+
+
+def render_uncertainty(vertices_mm: np.ndarray, faces: np.ndarray, spread_mm: np.ndarray,
+                       size: int = 384) -> np.ndarray:
+    """The preview's two views coloured by per-vertex spread on the fixed mm scale, with its legend below."""
+    views = render_preview(vertices_mm, faces, colors=spread_colors(spread_mm), size=size)
+    return np.concatenate([views, spread_legend(views.shape[1])], axis=0)

@@ -109,7 +109,7 @@ def _run(flame_mesh: LocalMesh, photo: Path, out: Path, *extra: str) -> dict:
 
 
 def test_reconstruct_ofer_writes_samples_and_spread(flame_mesh: LocalMesh, astronaut_png: Path, tmp_path: Path) -> None:
-    entry = _run(flame_mesh, astronaut_png, tmp_path / "ofer", "--method", "ofer")
+    entry = _run(flame_mesh, astronaut_png, tmp_path / "ofer", "--method", "ofer", "--all-files")  # samples.npz
     face = tmp_path / "ofer" / entry["dir"]
     samples = np.load(face / "samples.npz")
     assert samples["shapes"].shape == (5, 300) and samples["scores"].shape == (5,)

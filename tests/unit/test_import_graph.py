@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "v1", "__init__"),
     ("rpc", "io", "geometry"),
-    ("models", "render"),
+    ("models", "render", "texture"),
     ("assets",),
     ("face", "fusion"),
     ("wire",),

@@ -74,34 +74,34 @@ def test_glb_round_trips_through_trimesh(tmp_path):
     faces = np.array([[i, (i + 1) % 30, (i + 7) % 30] for i in range(30)])
     colors = rng.integers(0, 256, size=(30, 3), dtype=np.uint8)
     uvs = rng.uniform(size=(30, 2))
-    path = write_glb(tmp_path / "m.glb", vertices, faces, colors=colors, uvs=uvs)
+    texture = rng.integers(0, 256, size=(16, 8, 3), dtype=np.uint8)
+    path = write_glb(tmp_path / "m.glb", vertices, faces, uvs=uvs, texture=texture)
     mesh = trimesh.load(str(path), process=False, force="mesh")
     np.testing.assert_allclose(np.asarray(mesh.vertices) * 1000.0, vertices, rtol=1e-6, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(mesh.faces), faces)
     # glTF's UV origin is the image's top-left; trimesh converts to a bottom-left origin (v -> 1 - v).
     np.testing.assert_allclose(np.asarray(mesh.visual.uv), np.c_[uvs[:, 0], 1 - uvs[:, 1]], rtol=1e-5, atol=1e-6)
-    coloured = trimesh.load(
-        str(write_glb(tmp_path / "c.glb", vertices, faces, colors=colors)),
-        process=False,
-        force="mesh",
-        skip_materials=True,
-    )  # with a material, trimesh files colours elsewhere
+    np.testing.assert_array_equal(np.asarray(mesh.visual.material.baseColorTexture.convert("RGB")), texture)
+    # Vertex colours: no material, so trimesh's default load (and three.js, Blender) shows them.
+    coloured = trimesh.load(str(write_glb(tmp_path / "c.glb", vertices, faces, colors=colors)), process=False,
+                            force="mesh")
+    assert coloured.visual.kind == "vertex"
     np.testing.assert_array_equal(np.asarray(coloured.visual.vertex_colors)[:, :3], colors)
-    # Layout checked by hand: header, 4-byte aligned chunks, accessor bounds.
-    data = path.read_bytes()
-    magic, version, total = struct.unpack_from("<III", data, 0)
-    assert (magic, version, total) == (0x46546C67, 2, len(data))
-    json_len, json_type = struct.unpack_from("<II", data, 12)
-    assert json_type == 0x4E4F534A and json_len % 4 == 0
-    doc = json.loads(data[20:20 + json_len])
-    bin_len, bin_type = struct.unpack_from("<II", data, 20 + json_len)
-    assert bin_type == 0x004E4942 and 28 + json_len + bin_len == len(data)
-    attrs = doc["meshes"][0]["primitives"][0]["attributes"]
-    assert set(attrs) == {"POSITION", "NORMAL", "COLOR_0", "TEXCOORD_0"}
-    position = doc["accessors"][attrs["POSITION"]]
-    np.testing.assert_allclose(position["max"], (vertices / 1000).max(axis=0), rtol=1e-6)
-    offset = doc["bufferViews"][doc["accessors"][attrs["TEXCOORD_0"]]["bufferView"]]["byteOffset"]
-    stored_uv = np.frombuffer(data, "<f4", count=60, offset=28 + json_len + offset).reshape(30, 2)
-    np.testing.assert_allclose(stored_uv, uvs, rtol=1e-6)
+    # Layout checked by hand: header, 4-byte aligned chunks, which attributes each file has.
+    layouts = (("m.glb", {"POSITION", "NORMAL", "TEXCOORD_0"}), ("c.glb", {"POSITION", "NORMAL", "COLOR_0"}))
+    for name, expected in layouts:
+        data = (tmp_path / name).read_bytes()
+        magic, version, total = struct.unpack_from("<III", data, 0)
+        assert (magic, version, total) == (0x46546C67, 2, len(data))
+        json_len, json_type = struct.unpack_from("<II", data, 12)
+        assert json_type == 0x4E4F534A and json_len % 4 == 0
+        doc = json.loads(data[20:20 + json_len])
+        primitive = doc["meshes"][0]["primitives"][0]
+        assert set(primitive["attributes"]) == expected
+        assert ("material" in primitive) == (name == "m.glb")
+        position = doc["accessors"][primitive["attributes"]["POSITION"]]
+        np.testing.assert_allclose(position["max"], (vertices / 1000).max(axis=0), rtol=1e-6)
+    with pytest.raises(InvalidInputError, match="only together with a texture"):
+        glb_bytes(vertices, faces, uvs=uvs)
     with pytest.raises(InvalidInputError):
         glb_bytes(vertices, faces + 100)

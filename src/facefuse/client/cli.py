@@ -73,7 +73,8 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> i
         masks = read_masks(items, args.masks) if getattr(args, "masks", None) else None
         try:
             report = run_stream(items, args.out, client, method, options={"selection": args.selection, **options},
-                                progress=not args.no_progress, masks=masks)
+                                progress=not args.no_progress, masks=masks,
+                                all_files=getattr(args, "all_files", False))
         except BackendUnavailableError:
             print(f"facefuse: finished outputs are kept in {display(str(args.out))}; rerun the same command to resume",
                   file=sys.stderr)
@@ -126,7 +127,32 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         "strategy_options": dict(parse_option(o) for o in args.option),
         "visibility_off": list(args.no_visibility) or None,
     }
-    return _run(args, args.method, options)
+    code = _run(args, args.method, options)
+    _write_report(args.out)
+    return code
+
+
+def _write_report(out: Path) -> None:
+    """The run's report at the end of ``reconstruct``; a report that cannot be written only warns."""
+    from facefuse.client.report import build_report
+
+    try:
+        print(f"report: {display(str(build_report(out)))}")
+    except (OSError, FacefuseError, ValueError) as exc:
+        print(f"facefuse: warning: could not write the report: {exc}", file=sys.stderr)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from facefuse.client.report import build_report
+
+    print(f"report: {display(str(build_report(args.out)))}")
+    return EXIT_OK
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from facefuse.client.report import serve_report
+
+    return serve_report(args.out, args.port)
 
 
 def cmd_assets_check(args: argparse.Namespace) -> int:
@@ -224,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--steps", type=int, default=None, help="sampler steps for the fast sampler")
     rec.add_argument("--sampler", default=None, choices=["fast", "official"], help="IdGen sampler")
     rec.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same samples)")
+    rec.add_argument("--all-files", action="store_true",
+                     help="also write the rarely needed files (crops, kps5.npy, samples.npz, mesh_uncertainty.ply)")
     rec.add_argument("--save-branches", action="store_true", help="also keep MICA's and OFER's own outputs")
     rec.add_argument("--identity-group", default=None, metavar="folders|CSV",
                      help="fuse all images of one person into one shape: 'folders' (a folder per person) or a CSV "
@@ -233,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--masks", type=Path, default=None, metavar="DIR",
                      help="occlusion masks: DIR/<image stem>.png, same size as the image, white = occluded")
     rec.set_defaults(func=cmd_reconstruct)
+
+    report = sub.add_parser("report", help="write OUT/index.html: the run, a 3D viewer per face (works offline)")
+    report.add_argument("out", type=Path, help="a reconstruct/detect output folder")
+    report.set_defaults(func=cmd_report)
+    view = sub.add_parser("view", help="serve OUT's report on 127.0.0.1 and print its address (Ctrl-C stops)")
+    view.add_argument("out", type=Path, help="a reconstruct/detect output folder")
+    view.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default %(default)s; 0: any)")
+    view.set_defaults(func=cmd_view)
 
     assets = sub.add_parser("assets", help="check or synthesize model files").add_subparsers(dest="assets_command", required=True)
     check = assets.add_parser("check", help="which official files are present and valid")

@@ -95,12 +95,16 @@ def run_demo(out: Path, assets: str | None = None) -> int:
             else:
                 for backend in info.backends:
                     print(f"  {backend.service}: {'ready' if backend.ready else 'not ready'} ({backend.message})")
-                print(
-                    "3D reconstruction needs model backends: put the official files in a folder and pass --assets DIR "
-                    "(see `facefuse assets check`); the open pack's backends are not part of this build yet."
-                )
-    print(f"done: look at {out}/reconstruct/*/face_*/preview.png (3D previews), mesh.glb / mesh.obj, "
-          f"visibility_overlay.png, and {out}/*/results.jsonl")
+                print("3D reconstruction needs model backends: put the official files in a folder and pass --assets DIR "
+                      "(see `facefuse assets check`); the open pack's backends are not part of this build yet.")
+    from facefuse.client.report import build_report
+
+    for run in ("reconstruct", "detect"):
+        if (out / run / "results.jsonl").is_file():
+            print(f"report: {build_report(out / run)}")
+    print(f"done: open {out}/reconstruct/index.html (the run, a 3D viewer per face; or `facefuse view "
+          f"{out}/reconstruct`), or look at {out}/reconstruct/*/face_*/ (mesh.glb, mesh.obj, preview.png, "
+          f"uncertainty.png, visibility_overlay.png) and {out}/*/results.jsonl")
     if failed:
         print("some images failed; see results.jsonl", file=sys.stderr)
         return 1

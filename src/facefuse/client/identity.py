@@ -14,7 +14,8 @@ from facefuse.client.outputs import ResultsLog
 from facefuse.errors import InvalidInputError
 from facefuse.fusion.identity import fuse_identity, image_weight
 from facefuse.io.atomic import write_json_atomic, write_npy_atomic, write_text_atomic
-from facefuse.io.meshes import heat_colors, read_mesh, write_obj, write_ply
+from facefuse.io.meshes import read_mesh, write_obj, write_ply
+from facefuse.render import spread_colors
 
 FOLDERS = "folders"
 
@@ -87,7 +88,7 @@ def write_identities(out: Path, groups: dict[str, list[InputItem]], method: str)
         )
         write_obj(target / "mesh.obj", result.vertices_mm, faces)
         write_ply(target / "mesh.ply", result.vertices_mm, faces)
-        write_ply(target / "mesh_uncertainty.ply", result.vertices_mm, faces, heat_colors(result.vertex_spread_mm))
+        write_ply(target / "mesh_uncertainty.ply", result.vertices_mm, faces, spread_colors(result.vertex_spread_mm))
         write_npy_atomic(target / "uncertainty.npy", result.vertex_spread_mm)
         if result.shape is not None:
             write_npy_atomic(target / "shape.npy", result.shape)

@@ -28,10 +28,12 @@ from facefuse.io.atomic import (
     write_text_atomic,
 )
 from facefuse.io.gltf import write_glb
-from facefuse.io.meshes import heat_colors, write_obj, write_ply
-from facefuse.render import render_preview
+from facefuse.io.meshes import write_obj, write_ply, write_textured_obj
+from facefuse.render import render_preview, render_uncertainty, spread_colors
 
 RESULTS = "results.jsonl"
+EXTRAS = ("crop112.png", "crop224.png", "kps5.npy", "samples.npz", "mesh_uncertainty.ply")
+"""Files ``reconstruct`` writes only with ``--all-files`` (``detect`` always writes its crops and points)."""
 DONE_CODES = {"OK", "NOT_FOUND"}
 
 
@@ -192,8 +194,11 @@ def visibility_overlay(
     return canvas
 
 
-def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None) -> dict[str, Any]:
+def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None, *,
+               all_files: bool = False) -> dict[str, Any]:
     """Write one checked face's files under OUT/<key>/face_NN; returns its results.jsonl fields.
+
+    A reconstruction leaves out the files in EXTRAS unless ``all_files``.
 
     ``key`` is the input's own folder name (``InputItem.key``) and the face index was range-checked,
     so every path stays inside ``out``.
@@ -205,11 +210,15 @@ def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None)
     def keep(path: Path) -> None:
         files.append(str(path.relative_to(out)))
 
-    if face.crop112 is not None:
+    def wanted(name: str) -> bool:
+        return all_files or face.reconstruction is None or name not in EXTRAS
+
+    if face.crop112 is not None and wanted("crop112.png"):
         keep(_png(target / "crop112.png", face.crop112))
-    if face.crop224 is not None:
+    if face.crop224 is not None and wanted("crop224.png"):
         keep(_png(target / "crop224.png", face.crop224))
-    keep(write_npy_atomic(target / "kps5.npy", face.kps5))
+    if wanted("kps5.npy"):
+        keep(write_npy_atomic(target / "kps5.npy", face.kps5))
     if face.landmarks is not None:
         keep(write_npy_atomic(target / "landmarks.npy", face.landmarks))
     if image is not None:
@@ -219,7 +228,8 @@ def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None)
     rec = face.reconstruction
     if rec is not None:
         colors = _landmark_colors(image, face.landmarks)
-        entry.update(write_reconstruction(target, rec, keep, colors))
+        photo = (image, face.landmarks) if image is not None and face.landmarks is not None else None
+        entry.update(write_reconstruction(target, rec, keep, colors, photo, wanted))
         if (
             rec.visibility is not None
             and image is not None
@@ -233,7 +243,7 @@ def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None)
                 )
             )
         for name, branch in face.branches:
-            write_reconstruction(target / f"branch_{name}", branch, keep, colors)
+            write_reconstruction(target / f"branch_{name}", branch, keep, colors, photo, wanted)
     entry["files"] = files
     entry["dir"] = str(face_dir)
     return entry
@@ -249,7 +259,11 @@ def _landmark_colors(image: np.ndarray | None, landmarks: np.ndarray | None) -> 
 
 
 def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callable[[Path], None],
-                         photo_colors: np.ndarray | None = None) -> dict[str, Any]:
+                         photo_colors: np.ndarray | None = None,
+                         photo: tuple[np.ndarray, np.ndarray] | None = None,
+                         wanted: Callable[[str], bool] = lambda _name: True) -> dict[str, Any]:
+    """The reconstruction's files; ``photo`` (image, 468 landmarks) gives a 468-point mesh its texture,
+    ``wanted(file name)`` says whether an optional file (EXTRAS) is written."""
     info: dict[str, Any] = {"strategy": rec.strategy or rec.method}
     if rec.method != "mica":  # MICA alone has no confidence measure; fused and sampled results do
         info["confidence"] = round(rec.confidence, 4)
@@ -264,15 +278,23 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
     if vertices is not None and faces is not None:
         colors = photo_colors if rec.topology == "mediapipe468" and photo_colors is not None \
             and len(photo_colors) == len(vertices) else None
-        keep(write_obj(target / "mesh.obj", vertices, faces))
+        texture = _photo_texture(rec, photo) if colors is not None else None
+        if texture is not None and rec.uvs is not None:
+            for path in write_textured_obj(target / "mesh.obj", vertices, faces, rec.uvs, texture):
+                keep(path)
+            keep(write_glb(target / "mesh.glb", vertices, faces, uvs=rec.uvs, texture=texture))
+        else:
+            keep(write_obj(target / "mesh.obj", vertices, faces))
+            keep(write_glb(target / "mesh.glb", vertices, faces, colors=colors))
         keep(write_ply(target / "mesh.ply", vertices, faces, colors))
-        keep(write_glb(target / "mesh.glb", vertices, faces, colors=colors, uvs=rec.uvs))
         keep(_png(target / "preview.png", render_preview(vertices, faces, colors=colors)))
         info["topology"] = rec.topology
         info["units"] = "mm"
         if rec.vertex_spread is not None:
             keep(write_npy_atomic(target / "uncertainty.npy", rec.vertex_spread))
-            keep(write_ply(target / "mesh_uncertainty.ply", vertices, faces, heat_colors(rec.vertex_spread)))
+            keep(_png(target / "uncertainty.png", render_uncertainty(vertices, faces, rec.vertex_spread)))
+            if wanted("mesh_uncertainty.ply"):
+                keep(write_ply(target / "mesh_uncertainty.ply", vertices, faces, spread_colors(rec.vertex_spread)))
             info["spread_mm_mean"] = round(float(np.mean(rec.vertex_spread)), 4) if rec.vertex_spread.size else 0.0
     flame = rec.topology == "flame2020" or vertices is None
     if rec.shape is not None:
@@ -284,7 +306,7 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
     for name, points in (("kpt7", rec.kpt7), ("kpt68", rec.landmarks68)):
         if points is not None:
             keep(write_npy_atomic(target / f"{name}.npy", points))
-    if rec.samples is not None:
+    if rec.samples is not None and wanted("samples.npz"):
         scores = rec.sample_scores if rec.sample_scores is not None else np.zeros(len(rec.samples), np.float32)
         keep(write_npz_atomic(target / "samples.npz", {"shapes": rec.samples, "scores": scores}))
     if params:
@@ -307,6 +329,21 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
             )
         )
     return info
+
+
+def _photo_texture(rec: CheckedReconstruction, photo: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
+    """The open pack's texture from the photo (its 468 vertices are the landmarks); None for other meshes."""
+    if photo is None or rec.uvs is None or rec.faces is None or rec.topology != "mediapipe468":
+        return None
+    from facefuse.fusion.visibility import landmark_visibility
+    from facefuse.texture import photo_texture
+
+    image, landmarks = photo
+    if len(landmarks) < 468 or rec.uvs.shape[0] != 468:
+        return None
+    visibility = landmark_visibility(landmarks, rec.visibility) if rec.visibility else None
+    texture, _ = photo_texture(image, landmarks[:468, :2], rec.faces, rec.uvs, visibility)
+    return texture
 
 
 def summarize(entries: Iterable[dict[str, Any]]) -> dict[str, int]:

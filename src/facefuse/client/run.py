@@ -63,6 +63,7 @@ class _Stream:
 
     def __init__(self, out: Path, log: ResultsLog, method: str, progress: Any) -> None:
         self.out, self.log, self.method, self.progress = out, log, method, progress
+        self.all_files = False  # also the rarely needed files (outputs.EXTRAS)
         self.sent: dict[str, _Image] = {}
         self.entries: list[dict[str, Any]] = []
         self.faces = 0
@@ -74,8 +75,8 @@ class _Stream:
         with self._lock:
             self.log.append(entry)
             self.entries.append(entry)
-            if image is not None and not image.closed and (entry["face_index"] < 0 or image.num_faces is not None
-                                                            and len(image.seen) >= image.num_faces):
+            if image is not None and not image.closed and (entry["face_index"] < 0 or (image.num_faces is not None
+                                                            and len(image.seen) >= image.num_faces)):
                 image.closed = True
                 image.pixels = None
                 self.progress.update(1)
@@ -141,8 +142,8 @@ class _Stream:
             image.pixels = _decode_for_overlay(item)
         base = status_entry(item, self.method, "OK", "", face_index=face.face_index, num_faces=face.num_faces)
         try:
-            files = write_face(self.out, item.key, face, image.pixels)
-        except Exception as exc:  # noqa: BLE001 - one face's files (disk full, a renderer error) never end the run
+            files = write_face(self.out, item.key, face, image.pixels, all_files=self.all_files)
+        except Exception as exc:
             base.update(status=WRITE_FAILED, message=f"could not write this face's files: {type(exc).__name__}: {exc}")
             return base
         self.faces += 1
@@ -178,7 +179,7 @@ class _Stream:
 
 def run_stream(items: list[InputItem], out: Path, client: GatewayClient, method: str, *,
                options: dict[str, Any] | None = None, progress: bool = True,
-               masks: dict[str, np.ndarray] | None = None) -> RunReport:
+               masks: dict[str, np.ndarray] | None = None, all_files: bool = False) -> RunReport:
     """Send every input not done yet, write what comes back; ``masks`` is keyed by ``InputItem.key``.
 
     Raises InvalidInputError when the gateway refuses the stream's options, BackendUnavailableError when it
@@ -195,6 +196,7 @@ def run_stream(items: list[InputItem], out: Path, client: GatewayClient, method:
     started = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", desc=method, disable=not progress or not todo, file=sys.stderr)
     stream = _Stream(out, log, method, bar)
+    stream.all_files = all_files
     try:
         if not todo:  # everything is done already: no stream to open
             return report

@@ -159,6 +159,25 @@ def region_polygon(name: str, landmarks468: np.ndarray) -> np.ndarray:
     return _convex_hull(points) if shape.hull else points
 
 
+def landmark_visibility(landmarks468: np.ndarray, regions: dict[str, float]) -> np.ndarray:
+    """(468,) visibility of each FaceMesh point: the lowest of the regions it lies in, NaN in none.
+
+    For showing visibility on a 468-point mesh (the open pack's vertices are these points); a point on a
+    region's outline counts as inside it.
+    """
+    from skimage.measure import points_in_poly
+
+    xy = _landmarks_xy(landmarks468)
+    out = np.full(NUM_MEDIAPIPE_LANDMARKS, np.nan)
+    for name, value in regions.items():
+        if name not in MEDIAPIPE_REGIONS:
+            continue
+        inside = points_in_poly(xy, region_polygon(name, landmarks468))
+        inside[list(MEDIAPIPE_REGIONS[name].indices)] = True
+        out[inside] = np.fmin(out[inside], float(value))
+    return out
+
+
 def _polygon_pixels(polygon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) of every pixel centre inside the polygon, including pixels outside any image."""
     from skimage.draw import polygon as fill

@@ -1,7 +1,7 @@
 """Meshes and parameters out: OBJ/PLY through trimesh, written atomically.
 
 OBJ files carry no vertex colours (the NoW evaluation's loader breaks on them); colours and heat maps
-go to PLY.
+go to PLY, and a photo texture (open pack) to an OBJ with ``vt``, ``.mtl`` and ``texture.png``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,27 @@ def write_obj(path: str | Path, vertices: np.ndarray, faces: np.ndarray) -> Path
     text = trimesh.exchange.obj.export_obj(_mesh(vertices, faces), include_color=False, include_texture=False,
                                            include_normals=False, header=None)
     return write_bytes_atomic(path, text.encode())
+
+
+def write_textured_obj(path: str | Path, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray,
+                       texture: np.ndarray) -> list[Path]:
+    """OBJ with ``vt`` coordinates, its ``.mtl`` and ``texture.png`` beside it; returns the three paths.
+
+    ``uvs`` have a top-left origin (facefuse's and glTF's); OBJ's has a bottom-left one, so v is flipped.
+    """
+    from PIL import Image
+
+    target = Path(path)
+    t = np.asarray(uvs, np.float64)
+    material = trimesh.visual.material.SimpleMaterial(name="texture", image=Image.fromarray(np.asarray(texture)),
+                                                      diffuse=[255, 255, 255, 255])
+    mesh = trimesh.Trimesh(vertices=np.asarray(vertices, np.float64), faces=np.asarray(faces, np.int64), process=False,
+                           visual=trimesh.visual.TextureVisuals(uv=np.c_[t[:, 0], 1.0 - t[:, 1]], material=material))
+    text, extras = trimesh.exchange.obj.export_obj(mesh, include_texture=True, return_texture=True,
+                                                   include_normals=False, header=None,
+                                                   mtl_name=target.with_suffix(".mtl").name)
+    written = [write_bytes_atomic(target.parent / name, data) for name, data in sorted(extras.items())]
+    return [*written, write_bytes_atomic(target, text.encode())]
 
 
 def write_ply(path: str | Path, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None) -> Path:
