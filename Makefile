@@ -10,11 +10,12 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.facefuse-installed
 OUT ?= facefuse-demo
 
-.PHONY: help install protos check-protos demo test test-fast test-compose smoke up down compose-config bench clean
+.PHONY: help install protos check-protos demo lint test test-fast test-compose smoke up down compose-config bench clean
 
 help:
 	@echo "make demo     set up .venv and run the demo (local mesh, open pack) into ./$(OUT)"
-	@echo "make test     set up .venv and run the whole test suite"
+	@echo "make test     set up .venv and run the whole test suite (ruff + mypy first)"
+	@echo "make lint     ruff and mypy only"
 	@echo "make protos   regenerate src/facefuse/v1 from protos/"
 	@echo "make smoke    start the mesh locally and call it with grpcurl"
 	@echo "make test-compose  build the images and test the mesh in containers (sets up an engine if none)"
@@ -38,7 +39,12 @@ check-protos: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m facefuse.client.cli demo -o $(OUT)
 
-test: $(STAMP)
+# ruff and mypy (config in pyproject.toml) run first: a lint or type error fails `make test`.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -74,8 +74,11 @@ def official_keys():
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--compose", action="store_true",
-                     help="also collect tests/compose: build the images and run the mesh in containers (make test-compose)")
+    parser.addoption(
+        "--compose",
+        action="store_true",
+        help="also collect tests/compose: build the images and run the mesh in containers (make test-compose)",
+    )
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:

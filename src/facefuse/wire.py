@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+from google.protobuf.message import Message
 
 from facefuse.errors import InvalidInputError
 from facefuse.v1 import common_pb2
@@ -172,9 +173,9 @@ def require(message: common_pb2.Tensor, name: str, *, shape: Sequence[int | None
     return require_finite(array, name)
 
 
-def has(message: object, field: str) -> bool:
+def has(message: Message, field: str) -> bool:
     """True when an optional message field is set and, for tensors, non-empty."""
-    if not message.HasField(field):  # type: ignore[attr-defined]
+    if not message.HasField(field):
         return False
     value = getattr(message, field)
     return not isinstance(value, common_pb2.Tensor) or value.dtype != DType.DTYPE_UNSPECIFIED

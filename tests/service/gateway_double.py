@@ -15,7 +15,9 @@ from facefuse.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 Script = Callable[[list[str]], Iterator[gateway_pb2.FaceResult]]
 
 
-def face_result(image_id: str, method: str = "mica", *, face_index: int = 0, num_faces: int = 1) -> gateway_pb2.FaceResult:
+def face_result(
+    image_id: str, method: str = "mica", *, face_index: int = 0, num_faces: int = 1
+) -> gateway_pb2.FaceResult:
     """A well-formed OK result: a small face and, unless ``detect``, a small FLAME-like reconstruction."""
     rng = np.random.default_rng(face_index)
     face = common_pb2.Face(

@@ -42,7 +42,9 @@ def backends() -> Iterator[dict[str, RunningServer]]:
 
 
 def test_gateway_health_name_follows_its_backends(backends: dict[str, RunningServer]) -> None:
-    readiness = BackendReadiness.from_addresses({n: f"127.0.0.1:{s.port}" for n, s in backends.items()}, interval_s=0.1, timeout_s=1.0)
+    readiness = BackendReadiness.from_addresses(
+        {n: f"127.0.0.1:{s.port}" for n, s in backends.items()}, interval_s=0.1, timeout_s=1.0
+    )
     gateway = start_server(lambda server: None, [GATEWAY], ServerOptions(), {GATEWAY: readiness})
     address = f"127.0.0.1:{gateway.port}"
     try:
@@ -65,7 +67,9 @@ def test_gateway_health_name_follows_its_backends(backends: dict[str, RunningSer
 
 
 def test_an_unconfigured_backend_means_not_ready(backends: dict[str, RunningServer]) -> None:
-    readiness = BackendReadiness.from_addresses({"mica": f"127.0.0.1:{backends['mica'].port}", "ofer": None, "fusion": None})
+    readiness = BackendReadiness.from_addresses(
+        {"mica": f"127.0.0.1:{backends['mica'].port}", "ofer": None, "fusion": None}
+    )
     try:
         assert readiness.check_once() is False
         assert readiness.not_ready == {"ofer": "not configured", "fusion": "not configured"}

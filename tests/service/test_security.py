@@ -208,7 +208,10 @@ def test_the_plaintext_health_port_serves_health_only(secured: dict[str, int]) -
     """What a kubelet gRPC probe (plaintext, no token) sees of a TLS server: health, and nothing else."""
     with grpc.insecure_channel(f"127.0.0.1:{secured['health']}") as channel:
         # liveness, and the gateway's readiness: NOT_SERVING, as this gateway has no mica or ofer to follow
-        expected = {"": health_pb2.HealthCheckResponse.SERVING, "facefuse.v1.Gateway": health_pb2.HealthCheckResponse.NOT_SERVING}
+        expected = {
+            "": health_pb2.HealthCheckResponse.SERVING,
+            "facefuse.v1.Gateway": health_pb2.HealthCheckResponse.NOT_SERVING,
+        }
         for service, status in expected.items():
             request = health_pb2.HealthCheckRequest(service=service)
             reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=10)

@@ -60,4 +60,11 @@ def test_a_tensor_shape_is_checked_before_anything_is_decoded() -> None:
     good = tensor(wire.from_numpy(np.ones((2, 3), np.float32)), "t", (None, 3), (common_pb2.FLOAT32,), max_dim=100)
     assert good.shape == (2, 3)
     with pytest.raises(InvalidResponseError, match="beyond"):
-        tensor(wire.from_numpy(np.full((2, 3), 1e9, np.float32)), "t", (None, 3), (common_pb2.FLOAT32,), max_dim=100, max_abs=1e5)
+        tensor(
+            wire.from_numpy(np.full((2, 3), 1e9, np.float32)),
+            "t",
+            (None, 3),
+            (common_pb2.FLOAT32,),
+            max_dim=100,
+            max_abs=1e5,
+        )

@@ -140,5 +140,8 @@ def test_request_id_travels(server: tuple[grpc.Channel, _Servicer]) -> None:
     assert len(made) == 16 and servicer.request_ids[-1] == made
     health = health_pb2_grpc.HealthStub(channel)
     started = time.monotonic()
-    assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
     assert time.monotonic() - started < 1.0

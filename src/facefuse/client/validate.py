@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from google.protobuf.message import Message
 
 from facefuse import wire
 from facefuse.errors import FacefuseError, InvalidInputError
@@ -125,11 +126,11 @@ def _number(value: float, name: str, low: float, high: float) -> float:
     return float(value)
 
 
-def _optional(message: object, field_name: str, name: str, shape: Sequence[int | None], dtypes: Sequence[int],
-              **limits: float) -> np.ndarray | None:
+def _optional(message: Message, field_name: str, name: str, shape: Sequence[int | None], dtypes: Sequence[int], *,
+              max_dim: int, max_abs: float | None = None) -> np.ndarray | None:
     if not wire.has(message, field_name):
         return None
-    return tensor(getattr(message, field_name), name, shape, dtypes, **limits)  # type: ignore[arg-type]
+    return tensor(getattr(message, field_name), name, shape, dtypes, max_dim=max_dim, max_abs=max_abs)
 
 
 def check_reconstruction(rec: gateway_pb2.Reconstruction, name: str) -> CheckedReconstruction:

@@ -545,9 +545,9 @@ class NowEvalConfig:
     progress: bool = True
 
 
-def error_statistics(errors: np.ndarray) -> dict[str, float | int]:
+def error_statistics(errors: np.ndarray) -> dict[str, float | int | None]:
     if len(errors) == 0:
-        return {"median_mm": None, "mean_mm": None, "std_mm": None, "n_points": 0}  # type: ignore[dict-item]
+        return {"median_mm": None, "mean_mm": None, "std_mm": None, "n_points": 0}
     e = np.asarray(errors, dtype=np.float64)
     return {
         "median_mm": float(np.median(e)),

@@ -395,7 +395,9 @@ class GuidedStrategy(FusionStrategy):
     summary = "Rank-select among samples whose every step's x̂₀ was pulled toward MICA's shape."
 
     def steering(self, options, visibility):
-        return SamplerSteering(mica_first=True, guide_strength=float(options.get("strength", guided_strength(visibility))))
+        return SamplerSteering(
+            mica_first=True, guide_strength=float(options.get("strength", guided_strength(visibility)))
+        )
 
     def fuse(self, x, options, space):
         return x.samples[_best(x.scores)], _rms_spread(space, x.samples)

@@ -305,7 +305,7 @@ def _pillow_to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode == "F":  # its scaling depends on the whole image's range
         return _to_rgb_uint8(image)
     width, height = image.size
-    sixteen_bit_range = image.mode != "I" or image.getextrema()[1] > 255  # type: ignore[index,operator]
+    sixteen_bit_range = image.mode != "I" or image.getextrema()[1] > 255  # type: ignore[operator]
     rgb = np.empty((height, width, 3), np.uint8)
     rows = max(1, _STRIP_PIXELS // width)
     for top in range(0, height, rows):

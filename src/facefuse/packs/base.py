@@ -15,6 +15,7 @@ import numpy as np
 
 from facefuse.errors import AssetError
 from facefuse.face.types import AlignedFace
+from facefuse.fusion.space import ShapeSpace
 
 if TYPE_CHECKING:
     from facefuse.fusion.visibility import Visibility
@@ -84,10 +85,12 @@ class FusionSetup:
 
     Each pack assembles its own (``flame_fusion_setup``, ``open_fusion_setup``), as it does its backends."""
 
-    space: object | None
+    space: ShapeSpace | None
     status: BackendStatus
     keypoints: Keypoints | None = None
     default_strategy: str = ""
+    uvs: np.ndarray | None = None
+    """(V, 2) texture coordinates of the space's mesh, sent with every fused mesh when the topology has them."""
 
 
 class UnavailableBackend:

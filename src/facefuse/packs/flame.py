@@ -214,9 +214,21 @@ class OferBackend:
         return generator.manual_seed(int(seed))
 
     @torch.inference_mode()
-    def sample(self, face: AlignedFace, num_samples: int, *, mode: str, steps: int, seed: int,
-               start_shape: np.ndarray | None, start_t0: int, guide_shape: np.ndarray | None,
-               guide_strength: float, visibility: object | None = None, stop_check: StopCheck | None = None) -> np.ndarray:
+    def sample(
+        self,
+        face: AlignedFace,
+        num_samples: int,
+        *,
+        mode: str,
+        steps: int,
+        seed: int,
+        start_shape: np.ndarray | None,
+        start_t0: int,
+        guide_shape: np.ndarray | None,
+        guide_strength: float,
+        visibility: object | None = None,
+        stop_check: StopCheck | None = None,
+    ) -> np.ndarray:
         with self.stop_checks.watching(stop_check):
             return self._sample(face, num_samples, mode=mode, steps=steps, seed=seed, start_shape=start_shape,
                                 start_t0=start_t0, guide_shape=guide_shape, guide_strength=guide_strength,
@@ -243,8 +255,10 @@ class OferBackend:
                 t0=start_t0,
             )
         if guide_shape is not None and guide_strength > 0:
-            options.update(guide_target=torch.from_numpy(np.asarray(guide_shape, np.float32))[None].expand(num_samples, -1),
-                           guide_strength=float(guide_strength))
+            options.update(
+                guide_target=torch.from_numpy(np.asarray(guide_shape, np.float32))[None].expand(num_samples, -1),
+                guide_strength=float(guide_strength),
+            )
         if stop_check is not None:
             options.update(callback=_step_check(stop_check))
         shapes = self.idgen.sample(context, num_samples, sampler, generator, **options)
@@ -288,8 +302,8 @@ class OferBackend:
             sampler = (
                 OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
             )
-            callback = {} if stop_check is None else {"callback": _step_check(stop_check)}
-            sampled = self.idgen.sample(context, len(noise), sampler, initial_noise=noise.to(self.device), **callback)
+            sampled = self.idgen.sample(context, len(noise), sampler, initial_noise=noise.to(self.device),
+                                        callback=None if stop_check is None else _step_check(stop_check))
             shapes = sampled.to(torch.float32).cpu().numpy()
             offsets = np.cumsum([0, *counts])
             for k, i in enumerate(members):
@@ -308,7 +322,9 @@ class OferBackend:
         if face.farl_input is None:
             raise InvalidInputError("face.farl_input is missing: IdRank needs the CLIP-normalised face crop")
         if np.ndim(candidates) != 2 or np.shape(candidates)[1] != N_SHAPE:
-            raise InvalidInputError(f"candidates: expected (N, {N_SHAPE}) FLAME coefficients, got {np.shape(candidates)}")
+            raise InvalidInputError(
+                f"candidates: expected (N, {N_SHAPE}) FLAME coefficients, got {np.shape(candidates)}"
+            )
         blob = torch.from_numpy(np.ascontiguousarray(face.arcface_blob))[None].to(self.device)
         farl = torch.from_numpy(np.ascontiguousarray(face.farl_input))[None].to(self.device)
         context = self.idrank.context(blob, farl)
@@ -343,5 +359,9 @@ def flame_fusion_setup(directory: Path) -> FusionSetup:
         return lmk68, lmk68[list(NOW7_FROM_LMK68)]
 
     details = {"regions": ",".join(sorted(space.regions)) or "none (region strategy unavailable)"}
-    return FusionSetup(space, BackendStatus("fusion", "flame2020-linear", "flame", True, False, "ready", details=details),
-                       keypoints, DEFAULT_STRATEGY)
+    return FusionSetup(
+        space,
+        BackendStatus("fusion", "flame2020-linear", "flame", True, False, "ready", details=details),
+        keypoints,
+        DEFAULT_STRATEGY,
+    )

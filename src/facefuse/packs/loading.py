@@ -9,6 +9,7 @@ service in health, and answers FAILED_PRECONDITION with that reason.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from facefuse.assets.registry import asset_path, assets_dir
 from facefuse.errors import AssetError
@@ -59,12 +60,13 @@ def _load(slot: str, pack: str, assets: str | Path | None, device: str, files: t
 
 def load_shape_backend(pack: str, assets: str | Path | None, device: str) -> ShapeBackend:
     """The mica service's backend: MICA (flame pack) or metric FaceMesh (open pack)."""
-    return _load("mica", pack, assets, device, MICA_FILES, "MicaBackend", "load_open_shape_backend")  # type: ignore[return-value]
+    return cast(ShapeBackend, _load("mica", pack, assets, device, MICA_FILES, "MicaBackend", "load_open_shape_backend"))
 
 
 def load_generative_backend(pack: str, assets: str | Path | None, device: str) -> GenerativeBackend:
     """The ofer service's backend: IdGen + IdRank (flame pack) or the GP sampler (open pack)."""
-    return _load("ofer", pack, assets, device, OFER_FILES, "OferBackend", "load_open_generative_backend")  # type: ignore[return-value]
+    return cast(GenerativeBackend,
+                _load("ofer", pack, assets, device, OFER_FILES, "OferBackend", "load_open_generative_backend"))
 
 
 def load_fusion_setup(pack: str, assets: str | Path | None) -> FusionSetup:
@@ -74,10 +76,10 @@ def load_fusion_setup(pack: str, assets: str | Path | None) -> FusionSetup:
     if isinstance(choice, UnavailableBackend):
         return FusionSetup(None, choice.status)
     try:
-        if choice == "flame":
+        if choice == "flame" and directory is not None:  # _choose picks flame only when its files are there
             from facefuse.packs.flame import flame_fusion_setup
 
-            return flame_fusion_setup(directory)  # type: ignore[arg-type]
+            return flame_fusion_setup(directory)
         from facefuse.packs.open import open_fusion_setup
 
         return open_fusion_setup()

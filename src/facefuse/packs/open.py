@@ -435,7 +435,6 @@ def open_fusion_setup() -> FusionSetup:
 
     canonical = load_canonical_face()
     space = open_shape_space(canonical=canonical)
-    space.uvs = canonical.uvs  # type: ignore[attr-defined]
     return FusionSetup(space, BackendStatus("fusion", "mediapipe468-identity", "open", True, False, "ready",
                                             details={"regions": ",".join(sorted(space.regions))}),
-                       lambda vertices: (None, kpt7(vertices)), OPEN_DEFAULT_STRATEGY)
+                       lambda vertices: (None, kpt7(vertices)), OPEN_DEFAULT_STRATEGY, uvs=canonical.uvs)

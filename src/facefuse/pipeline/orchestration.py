@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -42,6 +42,18 @@ from facefuse.v1 import (
     ofer_pb2,
     ofer_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from facefuse.face.hands import HandDetector
+
+
+class FrontEnd(Protocol):
+    """What the pipeline needs of a face front end (``facefuse.face.frontend.FaceFrontEnd`` or a test
+    double); one that also has ``estimate_iris`` gives the open pack its metric scale."""
+
+    def detect(self, image: np.ndarray) -> list[Detection]: ...
+
+    def align(self, image: np.ndarray, detection: Detection) -> AlignedFace: ...
 
 METHODS = ("detect", "mica", "ofer", "fuse")
 DEFAULT_CALL_TIMEOUT_S = 600.0
@@ -107,20 +119,18 @@ class MeshClients:
         opts = backend_channel_options(max_message_mb, tls_name)
         channels: dict[str, grpc.Channel] = {}
 
-        def stub(name: str, address: str | None, factory: Callable[[grpc.Channel], object]) -> object | None:
+        for name, address in (("mica", mica), ("ofer", ofer), ("fusion", fusion)):
             if not address:
-                return None
+                continue
             try:
                 target = backend_target(address)
             except ValueError as exc:
                 raise InvalidInputError(str(exc)) from None
-            channel = secure_or_insecure_channel(target, opts, tls)
-            channels[name] = channel
-            return factory(channel)
-
-        return cls(stub("mica", mica, mica_pb2_grpc.MicaServiceStub),  # type: ignore[arg-type]
-                   stub("ofer", ofer, ofer_pb2_grpc.OferServiceStub),  # type: ignore[arg-type]
-                   stub("fusion", fusion, fusion_pb2_grpc.FusionServiceStub),  # type: ignore[arg-type]
+            channels[name] = secure_or_insecure_channel(target, opts, tls)
+        mica_channel, ofer_channel, fusion_channel = (channels.get(n) for n in ("mica", "ofer", "fusion"))
+        return cls(None if mica_channel is None else mica_pb2_grpc.MicaServiceStub(mica_channel),
+                   None if ofer_channel is None else ofer_pb2_grpc.OferServiceStub(ofer_channel),
+                   None if fusion_channel is None else fusion_pb2_grpc.FusionServiceStub(fusion_channel),
                    tuple(channels.values()), channels)
 
     def close(self) -> None:
@@ -189,7 +199,9 @@ def check_options(options: gateway_pb2.ProcessOptions) -> None:
         raise InvalidInputError(f"strategy_options['strength']: {strength}; expected 0..1")
     unknown = set(options.visibility_off) - set(VISIBILITY_SOURCES)
     if unknown:
-        raise InvalidInputError(f"visibility_off: unknown source(s) {sorted(unknown)}; known: {', '.join(VISIBILITY_SOURCES)}")
+        raise InvalidInputError(
+            f"visibility_off: unknown source(s) {sorted(unknown)}; known: {', '.join(VISIBILITY_SOURCES)}"
+        )
     if len(options.boxes) > MAX_GIVEN_BOXES:
         raise LimitExceededError(f"{len(options.boxes)} boxes given; the limit is {MAX_GIVEN_BOXES}")
     for i, box in enumerate(options.boxes):
@@ -211,14 +223,14 @@ def check_mask(mask: np.ndarray | None, image_shape: tuple[int, ...]) -> None:
 class FacePipeline:
     """Per-image work of the gateway, independent of the transport that feeds it."""
 
-    def __init__(self, front_end: object, clients: MeshClients, *, max_pixels: int = 40_000_000,
+    def __init__(self, front_end: FrontEnd, clients: MeshClients, *, max_pixels: int = 40_000_000,
                  max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES, face_workers: int = 4) -> None:
         self.front_end = front_end
         self.clients = clients
         self.max_pixels = max_pixels
         self.max_decode_bytes = max_decode_bytes
         self._faces_pool = ThreadPoolExecutor(max_workers=face_workers, thread_name_prefix="face")
-        self._hands: object | None = None
+        self._hands: HandDetector | bool | None = None  # None: not tried yet; False: unavailable
         self._branch_pool = ThreadPoolExecutor(max_workers=face_workers, thread_name_prefix="branch")
         self._default_strategy: str | None = None
 
@@ -226,8 +238,14 @@ class FacePipeline:
         self._faces_pool.shutdown(wait=False, cancel_futures=True)
         self._branch_pool.shutdown(wait=False, cancel_futures=True)
 
-    def process_image(self, image_id: str, data: bytes, options: gateway_pb2.ProcessOptions,
-                      mask: np.ndarray | None = None, deadline: Deadline | None = None) -> Iterator[gateway_pb2.FaceResult]:
+    def process_image(
+        self,
+        image_id: str,
+        data: bytes,
+        options: gateway_pb2.ProcessOptions,
+        mask: np.ndarray | None = None,
+        deadline: Deadline | None = None,
+    ) -> Iterator[gateway_pb2.FaceResult]:
         """Results for one image, one per face as soon as each is ready; errors become results."""
         started = time.monotonic()
         deadline = deadline or Deadline.none()
@@ -240,7 +258,7 @@ class FacePipeline:
         except FacefuseError as exc:
             yield error_result(image_id, exc)
             return
-        except Exception as exc:  # noqa: BLE001 - one bad image never ends the stream
+        except Exception as exc:
             yield error_result(image_id, exc)
             return
         if not faces:
@@ -263,7 +281,7 @@ class FacePipeline:
             yield result
 
     def _faces(self, image: np.ndarray, options: gateway_pb2.ProcessOptions) -> list[AlignedFace | FacefuseError]:
-        detections = self.front_end.detect(image)  # type: ignore[attr-defined]
+        detections = self.front_end.detect(image)
         chosen: list[Detection | None]
         if options.boxes:
             chosen = match_given_boxes(detections, list(options.boxes))
@@ -274,7 +292,7 @@ class FacePipeline:
             if det is None:
                 out.append(InvalidInputError("no detection matches the given box"))
                 continue
-            out.append(self.front_end.align(image, det))  # type: ignore[attr-defined]
+            out.append(self.front_end.align(image, det))
         return out
 
     def _face_result(self, image_id: str, index: int, num: int, face: AlignedFace, image: np.ndarray,
@@ -294,7 +312,7 @@ class FacePipeline:
             if method != "detect" and face.detection.landmarks is not None and face.detection.iris is None \
                     and hasattr(self.front_end, "estimate_iris"):
                 # Iris size gives the open pack its metric scale (the human iris is ~11.7 mm across).
-                face.detection.iris = self.front_end.estimate_iris(image, face.detection.landmarks).as_detection_iris()  # type: ignore[attr-defined]
+                face.detection.iris = self.front_end.estimate_iris(image, face.detection.landmarks).as_detection_iris()
             if method in ("ofer", "fuse"):
                 visibility = self.visibility(image, face, mask, options)
             face_msg = wire.face_message(face, index, hw, with_crops=True)
@@ -305,7 +323,7 @@ class FacePipeline:
                 result.reconstruction.CopyFrom(self._ofer(face_msg, options, deadline, visibility))
             elif method == "fuse":
                 self._fuse(face_msg, options, deadline, result, visibility)
-        except Exception as exc:  # noqa: BLE001 - one face's failure is that face's status; bugs are logged
+        except Exception as exc:
             return error_result(image_id, exc, index, num)
         return result
 
@@ -318,28 +336,38 @@ class FacePipeline:
         if landmarks is None or len(landmarks) < 468:
             return None  # no dense landmarks (SCRFD front end): fusion assumes full visibility
         off = set(options.visibility_off)  # names and the mask's shape checked at the edge (check_options, check_mask)
-        sources = VisibilitySources(mask="mask" not in off, photometric="photometric" not in off, hands="hands" not in off)
+        sources = VisibilitySources(
+            mask="mask" not in off, photometric="photometric" not in off, hands="hands" not in off
+        )
         hand_points = None
         if sources.hands:
             detector = self._hand_detector()
             if detector is not None:
                 # The palm model sees a 192 px view: search a region around the face so hands there are large enough.
-                hand_points = [hand.points for hand in detector.detect(image, region=_grown_box(face.detection.box, image.shape, 2.5))]
-        vis = sources.estimate(image, landmarks, occluder_mask=None if mask is None else mask > 127, hand_points=hand_points)
-        message = common_pb2.Visibility(regions={k: float(v) for k, v in vis.regions.items()}, sources=list(vis.sources))
+                hand_points = [
+                    hand.points
+                    for hand in detector.detect(image, region=_grown_box(face.detection.box, image.shape, 2.5))
+                ]
+        vis = sources.estimate(
+            image, landmarks, occluder_mask=None if mask is None else mask > 127, hand_points=hand_points
+        )
+        message = common_pb2.Visibility(
+            regions={k: float(v) for k, v in vis.regions.items()}, sources=list(vis.sources)
+        )
         return message
 
-    def _hand_detector(self) -> object | None:
+    def _hand_detector(self) -> HandDetector | None:
+        from facefuse.face.hands import HandDetector
+
         if self._hands is None:
             try:
                 from facefuse.assets.store import ModelStore
-                from facefuse.face.hands import HandDetector
 
                 self._hands = HandDetector.from_store(ModelStore())
             except (ImportError, FacefuseError) as exc:
                 log_event("hands_unavailable", reason=str(exc))
                 self._hands = False
-        return self._hands or None
+        return self._hands if isinstance(self._hands, HandDetector) else None
 
     # -- branches --------------------------------------------------------------------------------
 
@@ -347,13 +375,13 @@ class FacePipeline:
         timeout = deadline.timeout(DEFAULT_CALL_TIMEOUT_S)
         return DEFAULT_CALL_TIMEOUT_S if timeout is None else timeout
 
-    def _call(self, backend: str, fn: Callable[..., object] | None, request: object, deadline: Deadline) -> object:
+    def _call(self, backend: str, fn: grpc.UnaryUnaryMultiCallable | None, request: object, deadline: Deadline) -> Any:
         """One idempotent backend call (every call the gateway makes is one), within the caller's deadline."""
         if fn is None:
             raise BackendUnavailableError(f"{backend} service is not configured on this gateway")
 
-        def attempt() -> object:
-            call = fn.future(request, timeout=self._timeout(deadline), metadata=request_metadata())  # type: ignore[attr-defined]
+        def attempt() -> Any:
+            call = fn.future(request, timeout=self._timeout(deadline), metadata=request_metadata())
             with DOWNSTREAM_CALLS.watching(call, deadline):
                 return call.result()
 
@@ -363,7 +391,7 @@ class FacePipeline:
         stub = self.clients.mica
         reply = self._call("mica", stub.Predict if stub else None,
                            mica_pb2.PredictRequest(faces=[face], return_mesh=True, return_landmarks=True), deadline)
-        pred = reply.predictions[0]  # type: ignore[attr-defined]
+        pred = reply.predictions[0]
         return gateway_pb2.Reconstruction(method="mica", shape=pred.shape, mesh=pred.mesh,
                                           landmarks68=pred.landmarks68, kpt7=pred.kpt7)
 
@@ -383,10 +411,11 @@ class FacePipeline:
         if visibility is not None:
             request.visibility.CopyFrom(visibility)
         if stub is None:
-            self._call("ofer", None, request, deadline)
+            raise BackendUnavailableError("ofer service is not configured on this gateway")
+        sample = stub.Sample
 
         def attempt() -> list[np.ndarray]:
-            call = stub.Sample(request, timeout=self._timeout(deadline), metadata=request_metadata())  # type: ignore[union-attr]
+            call = sample(request, timeout=self._timeout(deadline), metadata=request_metadata())
             with DOWNSTREAM_CALLS.watching(call, deadline):
                 return [wire.to_numpy(chunk.shapes, "shapes") for chunk in call]
 
@@ -400,24 +429,45 @@ class FacePipeline:
         if visibility is not None:
             request.visibility.CopyFrom(visibility)
         reply = self._call("ofer", stub.Rank if stub else None, request, deadline)
-        return np.array(wire.to_numpy(reply.scores, "scores"))  # type: ignore[attr-defined]
+        return np.array(wire.to_numpy(reply.scores, "scores"))
 
     def _fusion(self, request: fusion_pb2.FuseRequest, deadline: Deadline) -> fusion_pb2.FuseResponse:
         stub = self.clients.fusion
-        return self._call("fusion", stub.Fuse if stub else None, request, deadline)  # type: ignore[return-value]
+        return self._call("fusion", stub.Fuse if stub else None, request, deadline)
 
-    def _fused_reconstruction(self, method: str, fused: fusion_pb2.FuseResponse, candidates: np.ndarray,
-                              scores: np.ndarray, visibility: common_pb2.Visibility | None) -> gateway_pb2.Reconstruction:
+    def _fused_reconstruction(
+        self,
+        method: str,
+        fused: fusion_pb2.FuseResponse,
+        candidates: np.ndarray,
+        scores: np.ndarray,
+        visibility: common_pb2.Visibility | None,
+    ) -> gateway_pb2.Reconstruction:
         rec = gateway_pb2.Reconstruction(
-            method=method, strategy=fused.strategy, shape=fused.shape, mesh=fused.mesh, landmarks68=fused.landmarks68,
-            kpt7=fused.kpt7, vertex_spread=fused.vertex_spread, confidence=fused.confidence,
-            samples=wire.from_numpy(candidates.astype(np.float32)), sample_scores=wire.from_numpy(scores.astype(np.float32)))
+            method=method,
+            strategy=fused.strategy,
+            shape=fused.shape,
+            mesh=fused.mesh,
+            landmarks68=fused.landmarks68,
+            kpt7=fused.kpt7,
+            vertex_spread=fused.vertex_spread,
+            confidence=fused.confidence,
+            samples=wire.from_numpy(candidates.astype(np.float32)),
+            sample_scores=wire.from_numpy(scores.astype(np.float32)),
+        )
         if visibility is not None:
             rec.visibility.CopyFrom(visibility)
         return rec
 
-    def _fuse_request(self, strategy: str, options: gateway_pb2.ProcessOptions, candidates: np.ndarray, scores: np.ndarray,
-                      visibility: common_pb2.Visibility | None, mica_shape: common_pb2.Tensor | None = None) -> fusion_pb2.FuseRequest:
+    def _fuse_request(
+        self,
+        strategy: str,
+        options: gateway_pb2.ProcessOptions,
+        candidates: np.ndarray,
+        scores: np.ndarray,
+        visibility: common_pb2.Visibility | None,
+        mica_shape: common_pb2.Tensor | None = None,
+    ) -> fusion_pb2.FuseRequest:
         request = fusion_pb2.FuseRequest(strategy=strategy, options=dict(options.strategy_options),
                                          samples=wire.from_numpy(candidates.astype(np.float32)),
                                          scores=wire.from_numpy(scores.astype(np.float32)))
@@ -437,8 +487,10 @@ class FacePipeline:
     def default_strategy(self, deadline: Deadline) -> str:
         if self._default_strategy is None:
             stub = self.clients.fusion
-            reply = self._call("fusion", stub.ListStrategies if stub else None, fusion_pb2.ListStrategiesRequest(), deadline)
-            self._default_strategy = reply.default_strategy  # type: ignore[attr-defined]
+            reply = self._call(
+                "fusion", stub.ListStrategies if stub else None, fusion_pb2.ListStrategiesRequest(), deadline
+            )
+            self._default_strategy = reply.default_strategy
         return self._default_strategy
 
     def _fuse(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: Deadline,
@@ -450,7 +502,9 @@ class FacePipeline:
         steer = steering_for(strategy, dict(options.strategy_options), _overall_visibility(visibility))
         generative: Future[tuple[np.ndarray, np.ndarray]] | None = None
         if not steer.mica_first:
-            generative = self._branch_pool.submit(contextvars.copy_context().run, self._sample_and_rank, face, options, deadline, visibility)
+            generative = self._branch_pool.submit(
+                contextvars.copy_context().run, self._sample_and_rank, face, options, deadline, visibility
+            )
         mica = self._mica(face, deadline)
         try:
             if generative is not None:
@@ -458,9 +512,15 @@ class FacePipeline:
                 candidates = samples
             else:
                 samples = self._samples(
-                    face, options, deadline, visibility=visibility,
-                    start=mica.shape if steer.start_t0 is not None else None, t0=steer.start_t0 or 0,
-                    guide=mica.shape if steer.guide_strength is not None else None, strength=steer.guide_strength or 0.0)
+                    face,
+                    options,
+                    deadline,
+                    visibility=visibility,
+                    start=mica.shape if steer.start_t0 is not None else None,
+                    t0=steer.start_t0 or 0,
+                    guide=mica.shape if steer.guide_strength is not None else None,
+                    strength=steer.guide_strength or 0.0,
+                )
                 candidates = samples
                 if steer.mica_in_pool:  # MICA's shape joins the pool as the last candidate
                     candidates = np.concatenate([samples, wire.to_numpy(mica.shape)[None].astype(np.float32)], axis=0)
@@ -476,13 +536,17 @@ class FacePipeline:
             mica.strategy = "mica"
             result.reconstruction.CopyFrom(mica)
             return
-        fused = self._fusion(self._fuse_request(strategy, options, candidates, scores, visibility, mica.shape), deadline)
+        fused = self._fusion(
+            self._fuse_request(strategy, options, candidates, scores, visibility, mica.shape), deadline
+        )
         result.reconstruction.CopyFrom(self._fused_reconstruction("fuse", fused, candidates, scores, visibility))
         if options.save_branches:
             result.branches.add(name="mica", reconstruction=mica)
             n = len(samples)
             ofer = self._fusion(self._fuse_request("ofer", options, samples, scores[:n], visibility), deadline)
-            result.branches.add(name="ofer", reconstruction=self._fused_reconstruction("ofer", ofer, samples, scores[:n], visibility))
+            result.branches.add(
+                name="ofer", reconstruction=self._fused_reconstruction("ofer", ofer, samples, scores[:n], visibility)
+            )
 
     def _sample_and_rank(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: Deadline,
                          visibility: common_pb2.Visibility | None) -> tuple[np.ndarray, np.ndarray]:
@@ -512,7 +576,9 @@ def _retrying(backend: str, attempt: Callable[[], T]) -> T:
 def _grown_box(box: np.ndarray, shape: tuple[int, ...], factor: float) -> np.ndarray:
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     half = max(box[2] - box[0], box[3] - box[1]) * factor / 2
-    return np.array([max(cx - half, 0), max(cy - half, 0), min(cx + half, shape[1]), min(cy + half, shape[0])], np.float32)
+    return np.array(
+        [max(cx - half, 0), max(cy - half, 0), min(cx + half, shape[1]), min(cy + half, shape[0])], np.float32
+    )
 
 
 def _overall_visibility(visibility: common_pb2.Visibility | None) -> float:

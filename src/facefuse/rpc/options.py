@@ -19,7 +19,8 @@ def message_size_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> Channe
 
 def channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> ChannelOptions:
     """Options of every facefuse client channel (gateway -> backends, client -> gateway)."""
-    return message_size_options(max_message_mb) + [
+    return [
+        *message_size_options(max_message_mb),
         # Notice a peer that vanished without closing the connection (a killed container) within ~30 s.
         ("grpc.keepalive_time_ms", 20_000),
         ("grpc.keepalive_timeout_ms", 10_000),
@@ -29,7 +30,8 @@ def channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> ChannelOpti
 
 def server_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> ChannelOptions:
     """Options of every facefuse server: the same size limits, and keepalive pings allowed at our clients' rate."""
-    return message_size_options(max_message_mb) + [
+    return [
+        *message_size_options(max_message_mb),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 0),
     ]

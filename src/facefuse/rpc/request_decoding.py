@@ -78,7 +78,7 @@ def _decoding(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | 
         wrapped["stream_unary"] = stream_request(handler.stream_unary, streaming_reply=False)
     elif handler.stream_stream is not None:
         wrapped["stream_stream"] = stream_request(handler.stream_stream, streaming_reply=True)
-    return handler._replace(**wrapped)  # type: ignore[attr-defined]  # grpc's handlers are namedtuples
+    return handler._replace(**wrapped)  # grpc's handlers are namedtuples
 
 
 class _DecodingGenericHandler(grpc.GenericRpcHandler):
@@ -107,4 +107,4 @@ class _DecodingServer:
 
 def decoding_server(server: grpc.Server) -> grpc.Server:
     """``server`` for registering services whose requests should be decoded as described above."""
-    return _DecodingServer(server)  # type: ignore[return-value]
+    return _DecodingServer(server)

@@ -119,7 +119,9 @@ class RunningServer:
                 thread.join(max(0.0, until - time.monotonic()))
         busy = [t.name for t in threading.enumerate() if t.name.startswith(self.worker_prefix) and t.is_alive()]
         if busy:
-            log_event("abandoned", handlers=len(busy), reason="still running after the grace period and its cancellation")
+            log_event(
+                "abandoned", handlers=len(busy), reason="still running after the grace period and its cancellation"
+            )
         return not busy
 
 

@@ -30,6 +30,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         self.status = setup.status
         self.keypoints = setup.keypoints
         self.default_strategy = setup.default_strategy
+        self.uvs = setup.uvs
         # A tuned profile: its strategy becomes the default, with its options as that strategy's defaults
         # (a request's own options still override them).
         self.tuned: dict[str, FusionStrategy] = {}
@@ -44,7 +45,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
 
         if self.space is None:
             raise AssetError(f"fusion has no shape space: {self.status.message}")
-        k = self.space.num_coeffs  # type: ignore[attr-defined]
+        k = self.space.num_coeffs
         mica = wire.require(request.mica_shape, "mica_shape", shape=(k,)) if wire.has(request, "mica_shape") else None
         samples = wire.require(request.samples, "samples", shape=(None, k)) if wire.has(request, "samples") else None
         scores = wire.require(request.scores, "scores", shape=(None,)) if wire.has(request, "scores") else None
@@ -57,7 +58,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
                 raise InvalidInputError(f"options[{key!r}]: {value} is not a finite number")
         visibility = None
         if request.HasField("visibility"):
-            v = self.space.num_vertices  # type: ignore[attr-defined]
+            v = self.space.num_vertices
             per_vertex = (wire.require(request.visibility.per_vertex, "visibility.per_vertex", shape=(v,))
                           if wire.has(request.visibility, "per_vertex") else None)
             check_visibility_values(request.visibility, per_vertex)
@@ -69,10 +70,10 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
                               visibility=visibility, options=dict(request.options))
         name = request.strategy or self.default_strategy or DEFAULT_STRATEGY
         tuned = self.tuned.get(name)
-        result = tuned(inputs, self.space) if tuned is not None else fuse(name, inputs, self.space)  # type: ignore[arg-type]
+        result = tuned(inputs, self.space) if tuned is not None else fuse(name, inputs, self.space)
         reply = fusion_pb2.FuseResponse(
             shape=wire.from_numpy(result.shape.astype(np.float32)),
-            mesh=wire.mesh_message(result.vertices_mm, self.space.faces, self.space.topology),  # type: ignore[attr-defined]
+            mesh=wire.mesh_message(result.vertices_mm, self.space.faces, self.space.topology),
             vertex_spread=wire.from_numpy(result.vertex_spread_mm.astype(np.float32), unit="mm"),
             confidence=float(result.confidence), strategy=result.strategy)
         if self.keypoints is not None:
@@ -80,15 +81,18 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
             if lmk68 is not None:
                 reply.landmarks68.CopyFrom(wire.from_numpy(lmk68.astype(np.float32), unit="mm"))
             reply.kpt7.CopyFrom(wire.from_numpy(kpt7.astype(np.float32), unit="mm"))
-        uvs = getattr(self.space, "uvs", None)
-        if uvs is not None:
-            reply.mesh.uvs.CopyFrom(wire.from_numpy(np.asarray(uvs, np.float32)))
+        if self.uvs is not None:
+            reply.mesh.uvs.CopyFrom(wire.from_numpy(np.asarray(self.uvs, np.float32)))
         return reply
 
-    def ListStrategies(self, request: fusion_pb2.ListStrategiesRequest, context: grpc.ServicerContext) -> fusion_pb2.ListStrategiesResponse:
+    def ListStrategies(
+        self, request: fusion_pb2.ListStrategiesRequest, context: grpc.ServicerContext
+    ) -> fusion_pb2.ListStrategiesResponse:
         from facefuse.fusion.strategies import DEFAULT_STRATEGY, strategy_names
 
-        return fusion_pb2.ListStrategiesResponse(names=strategy_names(), default_strategy=self.default_strategy or DEFAULT_STRATEGY)
+        return fusion_pb2.ListStrategiesResponse(
+            names=strategy_names(), default_strategy=self.default_strategy or DEFAULT_STRATEGY
+        )
 
     def Info(self, request: common_pb2.InfoRequest, context: grpc.ServicerContext) -> common_pb2.BackendInfo:
         return backend_info(self.status)

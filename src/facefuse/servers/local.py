@@ -9,6 +9,7 @@ the grace period) on exit. ``replicas`` runs several processes of a model servic
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -73,12 +74,16 @@ def wait_for_port(proc: ServiceProcess, timeout_s: float) -> int:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.process.poll() is not None:
-            raise BackendUnavailableError(f"{proc.name} exited with code {proc.process.returncode}:\n{_tail(proc.log_path)}")
+            raise BackendUnavailableError(
+                f"{proc.name} exited with code {proc.process.returncode}:\n{_tail(proc.log_path)}"
+            )
         if proc.port_file.is_file() and proc.port_file.read_text().strip():
             proc.port = int(proc.port_file.read_text())
             return proc.port
         time.sleep(0.05)
-    raise BackendUnavailableError(f"{proc.name} did not start listening within {timeout_s:.0f} s:\n{_tail(proc.log_path)}")
+    raise BackendUnavailableError(
+        f"{proc.name} did not start listening within {timeout_s:.0f} s:\n{_tail(proc.log_path)}"
+    )
 
 
 def free_port() -> int:
@@ -166,7 +171,7 @@ class LocalMesh:
         self.processes[name] = proc
         return proc
 
-    def start(self) -> "LocalMesh":
+    def start(self) -> LocalMesh:
         if self.workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="facefuse-mesh-")
             self.workdir = Path(self._tmp.name)
@@ -218,10 +223,12 @@ class LocalMesh:
         _signal(proc.process, signal.SIGKILL)
         proc.process.wait(timeout=10)
 
-    def __enter__(self) -> "LocalMesh":
+    def __enter__(self) -> LocalMesh:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -229,7 +236,5 @@ def _signal(process: subprocess.Popen[bytes], sig: int) -> None:
     try:
         os.killpg(process.pid, sig)
     except (ProcessLookupError, PermissionError):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             process.send_signal(sig)
-        except ProcessLookupError:
-            pass

@@ -50,7 +50,9 @@ class MeshConnection:
                  max_message_mb: int = 64) -> None:
         if local == (gateway is not None):
             raise InvalidInputError("pass either --gateway HOST:PORT or --local")
-        self._local_args = {"assets": assets, "pack": pack} if local else None
+        self._local = local
+        self._assets = assets
+        self._pack = pack
         self._gateway_address = gateway
         self._fusion_address = fusion
         self.timeout_s = timeout_s
@@ -64,23 +66,28 @@ class MeshConnection:
         self.strategies: list[str] = []
         self.default_strategy = ""
 
-    def __enter__(self) -> "MeshConnection":
+    def __enter__(self) -> MeshConnection:
         from facefuse.client.api import GatewayClient
         from facefuse.rpc.options import channel_options
 
         try:
-            if self._local_args is not None:
+            if self._local:
                 from facefuse.servers.local import LocalMesh
 
                 print("starting a local mesh...", file=sys.stderr, flush=True)
-                self.mesh = LocalMesh(**self._local_args).start()
+                self.mesh = LocalMesh(assets=self._assets, pack=self._pack).start()
                 self._gateway_address = self.mesh.gateway_address
                 self._fusion_address = self.mesh.address("fusion")
-            self.client = GatewayClient(self._gateway_address, timeout_s=self.timeout_s, max_message_mb=self.max_message_mb)
+            if self._gateway_address is None:
+                raise InvalidInputError("no gateway: give --gateway ADDRESS or --local")
+            self.client = GatewayClient(
+                self._gateway_address, timeout_s=self.timeout_s, max_message_mb=self.max_message_mb
+            )
             self.client.wait_ready()
             info = self.client.info()
-            self.fingerprint = json.dumps(sorted([b.service, b.backend, b.pack, b.message if not b.ready else "ready"]
-                                                 for b in info.backends) + [info.front_end])
+            backends = sorted(
+                [b.service, b.backend, b.pack, b.message if not b.ready else "ready"] for b in info.backends)
+            self.fingerprint = json.dumps([*backends, info.front_end])
             if self._fusion_address:
                 self._fusion_channel = grpc.insecure_channel(self._fusion_address,
                                                              options=channel_options(self.max_message_mb))
@@ -97,7 +104,9 @@ class MeshConnection:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
@@ -145,10 +154,15 @@ class MeshConnection:
     def fuse(self, strategy: str, branches: Branches, options: dict[str, float]) -> Prediction:
         """The fusion service's answer for cached branches: the request the gateway would send."""
         if self.fusion is None:
-            raise InvalidInputError(f"re-fusing strategy {strategy!r} needs the fusion service: pass --fusion HOST:PORT "
-                                    "(or use --local)")
-        request = fusion_pb2.FuseRequest(strategy=strategy, options=options,
-                                         samples=wire.from_numpy(branches.samples), scores=wire.from_numpy(branches.scores))
+            raise InvalidInputError(
+                f"re-fusing strategy {strategy!r} needs the fusion service: pass --fusion HOST:PORT (or use --local)"
+            )
+        request = fusion_pb2.FuseRequest(
+            strategy=strategy,
+            options=options,
+            samples=wire.from_numpy(branches.samples),
+            scores=wire.from_numpy(branches.scores),
+        )
         if strategy != "ofer":  # the gateway's own ofer result is fused without MICA
             request.mica_shape.CopyFrom(wire.from_numpy(branches.mica.shape))
         visibility = branches.visibility_message()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ class NowBenchConfig:
     challenge: str = "all"  # all | neutral | expression | occlusion | selfie
     per_challenge: bool = False
     metrical: bool = False
-    sampling: SamplingSettings = SamplingSettings()
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
     workers: int = 1
     limit: int | None = None
     progress: bool = True
@@ -61,7 +61,8 @@ def read_now_box(path: Path) -> tuple[float, float, float, float]:
         raise AssetError(f"{path}: unreadable ({exc})") from None
     if values.shape != (4,) or not np.all(np.isfinite(values)) or values[2] <= values[0] or values[3] <= values[1]:
         raise AssetError(f"{path}: not {what}: got {values.tolist()}")
-    return tuple(float(v) for v in values)  # type: ignore[return-value]
+    x1, y1, x2, y2 = (float(v) for v in values)
+    return x1, y1, x2, y2
 
 
 def now_jobs(layout: Any, items: Sequence[Any]) -> tuple[list[GatewayJob], list[str]]:

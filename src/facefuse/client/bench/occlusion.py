@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ class OcclusionBenchConfig:
     kinds: tuple[str, ...] = ("mask", "eye_band", "hand", "rectangle")
     coverages: tuple[float, ...] = (0.1, 0.2, 0.3)
     seed: int = 0
-    sampling: SamplingSettings = SamplingSettings()
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
     now_dataset: Path | None = None
     split: str = "val"
     oracle_mask: bool = False
@@ -114,7 +114,9 @@ def region_vertex_sets(topology: str, num_vertices: int, *, assets: str | None =
         from facefuse.packs.open import mediapipe_regions
 
         regions = mediapipe_regions(load_canonical_face())
-        return {k: v for k, v in regions.items() if k in REGION_COLUMNS}, "fusion regions of the open pack (mediapipe468)"
+        return {
+            k: v for k, v in regions.items() if k in REGION_COLUMNS
+        }, "fusion regions of the open pack (mediapipe468)"
     if topology == "flame2020":
         from facefuse.assets.registry import asset_path, assets_dir
 
@@ -123,7 +125,9 @@ def region_vertex_sets(topology: str, num_vertices: int, *, assets: str | None =
             from facefuse.assets.flame_file import load_flame_masks
 
             masks = load_flame_masks(asset_path(directory, "flame_masks"), num_vertices=num_vertices)
-            return {k: np.asarray(v) for k, v in masks.items() if k in REGION_COLUMNS}, "FLAME_masks.pkl (fusion regions)"
+            return {
+                k: np.asarray(v) for k, v in masks.items() if k in REGION_COLUMNS
+            }, "FLAME_masks.pkl (fusion regions)"
         if reference is not None and reference.landmarks68 is not None:
             lmk = reference.landmarks68
             radius = LANDMARK_REGION_RADIUS * float(np.linalg.norm(lmk[36] - lmk[45]))
@@ -197,25 +201,27 @@ def run_occlusion_bench(config: OcclusionBenchConfig, conn: MeshConnection) -> d
     for item in items:
         originals[item.image_id] = item.path.read_bytes()
         now_item = now_items.get(str(item.path))
-        box = None
+        now_box = None
         if now_item is not None and layout.detected_faces is not None:
             box_path = layout.detected_faces / now_item.subject / now_item.challenge / f"{now_item.stem}.npy"
-            box = read_now_box(box_path) if box_path.is_file() else None
-        given[item.image_id] = box
+            now_box = read_now_box(box_path) if box_path.is_file() else None
+        given[item.image_id] = now_box
     faces: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     detect_keys = {i: cache.key(d, box=given[i], mask=None, settings={"detect": True}) for i, d in originals.items()}
     to_detect = []
     for image_id, key in detect_keys.items():
-        data = cache.load("detect", key)
-        if data is not None:
-            faces[image_id] = (data["box"], data["kps5"])
+        cached = cache.load("detect", key)
+        if cached is not None:
+            faces[image_id] = (cached["box"], cached["kps5"])
         else:
             to_detect.append(GatewayJob(image_id, originals[image_id], given[image_id]))
     if to_detect:
         bar = progress_bar(len(to_detect), "detect", config.progress)
         for job, result in conn.process(to_detect, "detect", {}):
             if result_ok(result):
-                box = np.array([result.face.box.x1, result.face.box.y1, result.face.box.x2, result.face.box.y2], np.float32)
+                box = np.array(
+                    [result.face.box.x1, result.face.box.y1, result.face.box.x2, result.face.box.y2], np.float32
+                )
                 kps5 = np.asarray(wire.to_numpy(result.face.kps5), np.float32)
                 cache.store("detect", detect_keys[job.job_id], {"box": box, "kps5": kps5})
                 faces[job.job_id] = (box, kps5)
@@ -232,7 +238,7 @@ def run_occlusion_bench(config: OcclusionBenchConfig, conn: MeshConnection) -> d
         if item.image_id not in faces:
             continue
         box, kps5 = faces[item.image_id]
-        box_t = tuple(float(v) for v in box)
+        box_t = (float(box[0]), float(box[1]), float(box[2]), float(box[3]))
         reference_ids[item.image_id] = f"{item.image_id}|reference"
         jobs.append(GatewayJob(reference_ids[item.image_id], originals[item.image_id], box_t))
         rgb = decode_image(originals[item.image_id], source=item.image_id)
@@ -247,14 +253,14 @@ def run_occlusion_bench(config: OcclusionBenchConfig, conn: MeshConnection) -> d
             except FacefuseError as exc:
                 notes.append(f"{item.image_id} {spec.label}: no variant ({exc})")
                 continue
-            data = _png_bytes(image)
+            png = _png_bytes(image)
             folder = out / "variants" / item.key
             if not (folder / f"{spec.label}.png").is_file():
                 from facefuse.io.atomic import write_bytes_atomic
 
-                write_bytes_atomic(folder / f"{spec.label}.png", data)
+                write_bytes_atomic(folder / f"{spec.label}.png", png)
             wire_mask = (mask.astype(np.uint8) * 255) if (config.oracle_mask and mask is not None) else None
-            jobs.append(GatewayJob(job_id, data, box_t, wire_mask))
+            jobs.append(GatewayJob(job_id, png, box_t, wire_mask))
             variant_rows[job_id] = (item.image_id, spec, coverage)
 
     preds = compute_predictions(conn, cache, jobs, entries, config.sampling, progress=config.progress)
@@ -294,7 +300,7 @@ def run_occlusion_bench(config: OcclusionBenchConfig, conn: MeshConnection) -> d
             records = [r for r in every if "mean_mm" in r]
             measured = [r["measured_coverage"] for r in every]
 
-            def mean_of(name: str) -> float | None:
+            def mean_of(name: str, records: list[dict[str, Any]] = records) -> float | None:
                 return float(np.mean([r[name] for r in records])) if records else None
 
             row: list[Any] = [entry.name, spec.label, spec.coverage,
@@ -310,7 +316,7 @@ def run_occlusion_bench(config: OcclusionBenchConfig, conn: MeshConnection) -> d
     # 4. NoW error per level, where the photos are NoW images with ground truth
     now_rows = _occlusion_now(config, conn, layout, now_items, items, entries, specs, preds, reference_ids, out) \
         if now_items else []
-    summary = {
+    summary: dict[str, Any] = {
         "benchmark": "occlusion", "distance": "mean_mm and the region columns: mean per-vertex Euclidean distance (mm) "
         "to the same method's prediction for the clean photo, both in the model's canonical frame (no alignment); "
         "rigid_mm: the same after the best rigid alignment; size_ratio: the occluded prediction's size relative to "

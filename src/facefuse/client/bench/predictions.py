@@ -39,7 +39,7 @@ class Prediction:
         return out
 
     @classmethod
-    def from_arrays(cls, data: Any, prefix: str = "") -> "Prediction":
+    def from_arrays(cls, data: Any, prefix: str = "") -> Prediction:
         lmk = f"{prefix}landmarks68"
         return cls(np.asarray(data[f"{prefix}vertices"], np.float32), np.asarray(data[f"{prefix}faces"], np.int32),
                    np.asarray(data[f"{prefix}kpt7"], np.float32), str(data[f"{prefix}topology"]),
@@ -48,16 +48,20 @@ class Prediction:
 
     @classmethod
     def from_message(cls, shape: common_pb2.Tensor, mesh: common_pb2.Mesh, kpt7: common_pb2.Tensor,
-                     landmarks68: common_pb2.Tensor | None, what: str) -> "Prediction":
+                     landmarks68: common_pb2.Tensor | None, what: str) -> Prediction:
         if not wire.has(mesh, "vertices") or not wire.has(mesh, "faces"):
             raise InvalidInputError(f"{what}: the result has no mesh")
         if kpt7 is None or not kpt7.shape:
             raise InvalidInputError(f"{what}: the result has no 7 NoW points (kpt7)")
         lmk = wire.to_numpy(landmarks68) if landmarks68 is not None and landmarks68.shape else None
-        return cls(np.asarray(wire.to_numpy(mesh.vertices), np.float32), np.asarray(wire.to_numpy(mesh.faces), np.int32),
-                   np.asarray(wire.to_numpy(kpt7), np.float32).reshape(7, 3), mesh.topology,
-                   np.asarray(wire.to_numpy(shape), np.float32) if shape.shape else np.zeros(0, np.float32),
-                   None if lmk is None else np.asarray(lmk, np.float32))
+        return cls(
+            np.asarray(wire.to_numpy(mesh.vertices), np.float32),
+            np.asarray(wire.to_numpy(mesh.faces), np.int32),
+            np.asarray(wire.to_numpy(kpt7), np.float32).reshape(7, 3),
+            mesh.topology,
+            np.asarray(wire.to_numpy(shape), np.float32) if shape.shape else np.zeros(0, np.float32),
+            None if lmk is None else np.asarray(lmk, np.float32),
+        )
 
 
 @dataclass
@@ -85,11 +89,11 @@ class Branches:
         return out
 
     @classmethod
-    def from_arrays(cls, data: Any) -> "Branches":
+    def from_arrays(cls, data: Any) -> Branches:
         names = [str(n) for n in data["visibility_names"]]
         values = np.asarray(data["visibility_values"], np.float32)
         return cls(Prediction.from_arrays(data, "mica_"), np.asarray(data["samples"], np.float32),
-                   np.asarray(data["scores"], np.float32), {n: float(v) for n, v in zip(names, values)},
+                   np.asarray(data["scores"], np.float32), {n: float(v) for n, v in zip(names, values, strict=True)},
                    tuple(str(s) for s in data["visibility_sources"]), np.asarray(data["box"], np.float32),
                    np.asarray(data["kps5"], np.float32),
                    np.asarray(data["visibility_per_vertex"], np.float32) if "visibility_per_vertex" in data else None)
@@ -119,14 +123,21 @@ def branches_from_result(result: gateway_pb2.FaceResult) -> Branches:
     face = result.face
     vis = rec.visibility if rec.HasField("visibility") else None
     return Branches(
-        mica=Prediction.from_message(mica.shape, mica.mesh, mica.kpt7, mica.landmarks68, f"{result.image_id} mica branch"),
-        samples=samples, scores=scores,
+        mica=Prediction.from_message(
+            mica.shape, mica.mesh, mica.kpt7, mica.landmarks68, f"{result.image_id} mica branch"
+        ),
+        samples=samples,
+        scores=scores,
         visibility_regions={k: float(v) for k, v in (vis.regions.items() if vis is not None else [])},
         visibility_sources=tuple(vis.sources) if vis is not None else (),
         box=np.array([face.box.x1, face.box.y1, face.box.x2, face.box.y2], np.float32),
-        kps5=np.asarray(wire.to_numpy(face.kps5), np.float32) if wire.has(face, "kps5") else np.zeros((5, 2), np.float32),
+        kps5=np.asarray(wire.to_numpy(face.kps5), np.float32)
+        if wire.has(face, "kps5")
+        else np.zeros((5, 2), np.float32),
         visibility_per_vertex=np.asarray(wire.to_numpy(vis.per_vertex), np.float32)
-        if vis is not None and wire.has(vis, "per_vertex") else None)
+        if vis is not None and wire.has(vis, "per_vertex")
+        else None,
+    )
 
 
 class BenchCache:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,9 @@ class PredictionSet:
 def progress_bar(total: int, desc: str, enabled: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or total == 0, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total, desc=desc, unit="img", disable=not enabled or total == 0, file=sys.stderr, dynamic_ncols=True
+    )
 
 
 def result_ok(result: gateway_pb2.FaceResult) -> bool:
@@ -51,8 +54,15 @@ def branch_cache_key(cache: BenchCache, job: GatewayJob, settings: SamplingSetti
     return cache.key(job.data, box=job.box, mask=job.mask, settings=branch_settings)
 
 
-def compute_predictions(conn: MeshConnection, cache: BenchCache, jobs: Sequence[GatewayJob], entries: Sequence[BenchEntry],
-                        settings: SamplingSettings, *, progress: bool = True) -> PredictionSet:
+def compute_predictions(
+    conn: MeshConnection,
+    cache: BenchCache,
+    jobs: Sequence[GatewayJob],
+    entries: Sequence[BenchEntry],
+    settings: SamplingSettings,
+    *,
+    progress: bool = True,
+) -> PredictionSet:
     """Every entry's prediction for every job, from the cache where it is there (see the module doc)."""
     out = PredictionSet()
     refused = [e.name for e in entries if e.method != "mica" and not e.steered]
@@ -61,7 +71,9 @@ def compute_predictions(conn: MeshConnection, cache: BenchCache, jobs: Sequence[
                                 "pass --fusion HOST:PORT (or use --local)")
     keys = {job.job_id: branch_cache_key(cache, job, settings) for job in jobs}
     options = dict(settings.strategy_options)
-    pred_keys = {job.job_id: cache.key(job.data, box=job.box, mask=job.mask, settings=settings.as_dict()) for job in jobs}
+    pred_keys = {
+        job.job_id: cache.key(job.data, box=job.box, mask=job.mask, settings=settings.as_dict()) for job in jobs
+    }
 
     def cached_prediction(entry: BenchEntry, job: GatewayJob) -> Prediction | None:
         data = cache.load(f"pred/{entry.name}", pred_keys[job.job_id])
@@ -113,8 +125,15 @@ def compute_predictions(conn: MeshConnection, cache: BenchCache, jobs: Sequence[
         bar = progress_bar(len(todo), f"{entry.name} ({entry.source})", progress)
         for job in todo:
             branches = out.branches[job.job_id]
-            _keep(out, cache, conn, entry, job.job_id, pred_keys[job.job_id],
-                  lambda: branches.mica if entry.method == "mica" else conn.fuse(entry.strategy or entry.method, branches, options))
+            _keep(
+                out,
+                cache,
+                conn,
+                entry,
+                job.job_id,
+                pred_keys[job.job_id],
+                functools.partial(_prediction_from_branches, conn, entry, branches, options),
+            )
             bar.update(1)
         bar.close()
 
@@ -128,7 +147,7 @@ def compute_predictions(conn: MeshConnection, cache: BenchCache, jobs: Sequence[
         try:
             for job, result in conn.process(todo, "fuse", {**settings.gateway_options(), "strategy": entry.strategy}):
                 _keep(out, cache, conn, entry, job.job_id, pred_keys[job.job_id],
-                      lambda: _steered_prediction(result, f"{job.job_id} {entry.name}"))
+                      functools.partial(_steered_prediction, result, f"{job.job_id} {entry.name}"))
                 bar.update(1)
         finally:
             bar.close()
@@ -148,6 +167,12 @@ def _keep(out: PredictionSet, cache: BenchCache, conn: MeshConnection, entry: Be
     out.predictions.setdefault(entry.name, {})[job_id] = prediction
 
 
+def _prediction_from_branches(conn: MeshConnection, entry: BenchEntry, branches: Branches,
+                        options: dict[str, float]) -> Prediction:
+    """An entry's prediction from cached branches: MICA's as is, any other by re-fusing them."""
+    return branches.mica if entry.method == "mica" else conn.fuse(entry.strategy or entry.method, branches, options)
+
+
 def _steered_prediction(result: gateway_pb2.FaceResult, where: str) -> Prediction:
     rec = result.reconstruction
     if not result_ok(result):
@@ -157,7 +182,9 @@ def _steered_prediction(result: gateway_pb2.FaceResult, where: str) -> Predictio
     return Prediction.from_message(rec.shape, rec.mesh, rec.kpt7, rec.landmarks68, where)
 
 
-def _fail_all(out: PredictionSet, entries: Sequence[BenchEntry], job_id: str, message: str, conn: MeshConnection) -> None:
+def _fail_all(
+    out: PredictionSet, entries: Sequence[BenchEntry], job_id: str, message: str, conn: MeshConnection
+) -> None:
     conn.counters.failed += 1
     for entry in entries:
         if job_id not in out.predictions.get(entry.name, {}):

@@ -201,10 +201,9 @@ def _add(scored: _Scored, compute: Any) -> None:
 
 def _gap_closed(random: dict[str, Any], ranked: dict[str, Any], oracle: dict[str, Any]) -> float | None:
     """(random − ranked) / (random − oracle) on the median: 1 = IdRank picks like the oracle, 0 = like chance."""
-    values = (random.get("median_mm"), ranked.get("median_mm"), oracle.get("median_mm"))
-    if any(v is None for v in values):
+    r, k, o = random.get("median_mm"), ranked.get("median_mm"), oracle.get("median_mm")
+    if r is None or k is None or o is None:
         return None
-    r, k, o = (float(v) for v in values)  # type: ignore[arg-type]
     return None if r - o <= 1e-12 else (r - k) / (r - o)
 
 

@@ -29,15 +29,21 @@ def _mesh_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--local", action="store_true", help="start the mesh as local processes for the run")
     parser.add_argument("--fusion", metavar="HOST:PORT",
                         help="the fusion service, for re-fusing cached branches (default with --local: the local one)")
-    parser.add_argument("--assets", default=None, help="with --local: the official files folder (default $FACEFUSE_ASSETS)")
+    parser.add_argument(
+        "--assets", default=None, help="with --local: the official files folder (default $FACEFUSE_ASSETS)"
+    )
     parser.add_argument("--pack", default="auto", choices=["auto", "flame", "open"], help="with --local: model pack")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma list of mica, ofer, fuse (default %(default)s)")
+    parser.add_argument(
+        "--methods", default=DEFAULT_METHODS, help="comma list of mica, ofer, fuse (default %(default)s)"
+    )
     parser.add_argument("--strategies", default="",
                         help="comma list of fusion strategies for method fuse (default: the fusion service's default)")
     parser.add_argument("--option", action="append", default=[], help="strategy option NAME=NUMBER, repeatable")
     parser.add_argument("--samples", type=int, default=10, help="OFER samples per face (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
-    parser.add_argument("--steps", type=int, default=0, help="sampler steps for the fast sampler (default: the service's)")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="sampler steps for the fast sampler (default: the service's)"
+    )
     parser.add_argument("--sampler", default="", choices=["", "fast", "official"], help="IdGen sampler")
     parser.add_argument("--timeout", type=float, default=None, help="deadline per gateway stream, seconds")
     parser.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
@@ -78,7 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                      "the method's own clean result, overall and per region "
                                      "(OUT/bench_occlusion.json, .csv).")
     occ.add_argument("--images", required=True, nargs="+", metavar="PATH", help="photos: files, folders or patterns")
-    occ.add_argument("--kinds", default="mask,band,hand,rect", help="occluders: mask, band, hand, rect (default %(default)s)")
+    occ.add_argument(
+        "--kinds", default="mask,band,hand,rect", help="occluders: mask, band, hand, rect (default %(default)s)"
+    )
     occ.add_argument("--coverage", default="0.1,0.2,0.3", help="coverage levels of hand and rect (default %(default)s)")
     occ.add_argument("--now-dataset", type=Path, default=None, metavar="NOW_DIR",
                      help="NoW folder: photos that are NoW images also get their NoW error per level")
@@ -89,9 +97,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     occ.set_defaults(func=cmd_bench_occlusion)
 
 
-def _sampling(args: argparse.Namespace) -> "SamplingSettings":
-    from facefuse.client.options import parse_option
+def _sampling(args: argparse.Namespace) -> SamplingSettings:
     from facefuse.client.bench.entries import SamplingSettings
+    from facefuse.client.options import parse_option
 
     if args.samples < 1:
         raise InvalidInputError(f"--samples must be at least 1, got {args.samples}")
@@ -102,7 +110,7 @@ def _sampling(args: argparse.Namespace) -> "SamplingSettings":
                             strategy_options=options)
 
 
-def _connection(args: argparse.Namespace) -> "MeshConnection":
+def _connection(args: argparse.Namespace) -> MeshConnection:
     from facefuse.client.bench.connection import MeshConnection
 
     return MeshConnection(gateway=args.gateway, fusion=args.fusion, local=bool(args.local), assets=args.assets,
@@ -114,7 +122,10 @@ def _print_summary(summary: dict, title: str) -> None:
     print(summary["table"])
     steered = [name for name, e in summary.get("entries", {}).items() if "gateway again" in e.get("source", "")]
     if steered:
-        print(f"note: {', '.join(steered)} steer the sampler/ranker with MICA's shape, so they ran through the gateway again")
+        print(
+            f"note: {', '.join(steered)} steer the sampler/ranker with MICA's shape, "
+            "so they ran through the gateway again"
+        )
     counters = summary["counters"]
     print(f"gateway images: {counters['gateway_images']}, fusion calls: {counters['fusion_calls']}, "
           f"from cache: {counters['cached_items']}, failed: {counters['failed_items']}")
@@ -132,10 +143,20 @@ def cmd_bench_now(args: argparse.Namespace) -> int:
     if args.profile_out is not None:
         raise InvalidInputError("--profile-out is only used with --tune")
 
-    config = NowBenchConfig(dataset=args.dataset, out=args.out, methods=tuple(parse_list(args.methods)),
-                            strategies=tuple(parse_list(args.strategies)), split=args.split, challenge=args.challenge,
-                            per_challenge=bool(args.per_challenge), metrical=bool(args.metrical), sampling=_sampling(args),
-                            workers=args.workers, limit=args.limit, progress=not args.no_progress)
+    config = NowBenchConfig(
+        dataset=args.dataset,
+        out=args.out,
+        methods=tuple(parse_list(args.methods)),
+        strategies=tuple(parse_list(args.strategies)),
+        split=args.split,
+        challenge=args.challenge,
+        per_challenge=bool(args.per_challenge),
+        metrical=bool(args.metrical),
+        sampling=_sampling(args),
+        workers=args.workers,
+        limit=args.limit,
+        progress=not args.no_progress,
+    )
     with _connection(args) as conn:
         summary = run_now_bench(config, conn)
     variant = "metrical" if args.metrical else "non-metrical"
@@ -195,6 +216,9 @@ def cmd_bench_occlusion(args: argparse.Namespace) -> int:
         print(summary["now_table"])
     failed = [r for r in summary["per_image"] if "error" in r]
     if failed:  # a face lost under an occluder is a finding, not a failed run
-        print(f"{len(failed)} prediction(s) missing (e.g. {failed[0]['image']} {failed[0]['variant']}: {failed[0]['error']}); "
-              f"see {summary['files']['json']}")
+        print(
+            f"{len(failed)} prediction(s) missing "
+            f"(e.g. {failed[0]['image']} {failed[0]['variant']}: {failed[0]['error']}); "
+            f"see {summary['files']['json']}"
+        )
     return 0
