@@ -118,3 +118,15 @@ EXPOSE 50050
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
   CMD python -m facefuse.servers.probe 127.0.0.1:50050 facefuse.v1.Gateway
 ENTRYPOINT ["python", "-m", "facefuse.servers.gateway", "--host", "0.0.0.0", "--port", "50050"]
+
+# The client (`facefuse reconstruct|detect|report`), for batch jobs (deploy/k8s/jobs) and compose's
+# `client` profile: no torch and no models; it talks to a gateway and writes files.
+FROM base AS client
+COPY client/requirements.txt ./
+RUN pip install -c constraints.txt -r requirements.txt
+COPY src/facefuse /opt/facefuse/src/facefuse
+ENV FACEFUSE_HOME=/tmp/facefuse MPLCONFIGDIR=/tmp/matplotlib FACEFUSE_GATEWAY=gateway:50050
+RUN python -m compileall -q /opt/facefuse/src
+USER facefuse
+WORKDIR /home/facefuse
+ENTRYPOINT ["python", "-m", "facefuse.client.cli"]

@@ -133,6 +133,30 @@ def test_reconstruct_the_astronaut_with_the_open_pack(
     assert json.loads((face / "params.json").read_text())["model"].endswith("(open pack)")
 
 
+def test_the_client_image_reconstructs_a_shard_over_the_compose_network(
+    compose_mesh: ComposeMesh, astronaut_png: Path, tmp_path: Path
+) -> None:
+    """What the Kubernetes Job runs (deploy/k8s/jobs): the client image, `reconstruct --shard`, the
+    gateway by its service name; compose's `client` profile, as the README shows it."""
+    data, results = tmp_path / "data", tmp_path / "results"
+    data.mkdir()
+    results.mkdir()
+    results.chmod(0o777)  # the image runs as uid 10001
+    (data / "astronaut.png").write_bytes(astronaut_png.read_bytes())
+    started = time.monotonic()
+    compose_mesh.compose("--profile", "client", "build", "client", timeout=1200)
+    compose_mesh.timings["client image build_s"] = round(time.monotonic() - started)
+    compose_mesh.compose("--profile", "client", "run", "--rm", "--no-deps", "-v", f"{data}:/data:ro",
+                         "-v", f"{results}:/results", "client", "reconstruct", "/data", "-o", "/results",
+                         "--shard", "0/1", "--samples", "4", "--no-progress", timeout=600)
+    lines = [json.loads(line) for line in (results / "shard-0-of-1" / "results.jsonl").read_text().splitlines()]
+    (entry,) = [line for line in lines if line.get("face_index", -1) >= 0]
+    assert entry["status"] == "OK" and entry["topology"] == "mediapipe468", entry
+    _check_mesh_files(results / "shard-0-of-1" / entry["dir"], 468)
+    image = compose_mesh.client.images.get("facefuse/client:0.1.0")
+    assert image.attrs["Config"]["User"] == "facefuse"
+
+
 def test_killed_ofer_gives_flagged_mica_fallback_and_start_recovers(compose_mesh: ComposeMesh, astronaut_png: Path,
                                                                     tmp_path: Path) -> None:
     gateway = compose_mesh.address("gateway")

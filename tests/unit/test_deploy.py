@@ -97,7 +97,10 @@ def _config(*files: str, env: dict[str, str] | None = None) -> dict:
 def test_compose_default_is_cpu_ready_checked_read_only_and_loopback() -> None:
     config = _config("docker-compose.yml")
     services = config["services"]
-    assert set(services) == set(IMAGES)
+    assert set(services) == {*IMAGES, "client"}
+    client = services.pop("client")  # a tool run on demand, not part of `up`
+    assert client["profiles"] == ["client"] and client["build"]["target"] == "client"
+    assert client["image"] == "facefuse/client:0.1.0" and "ports" not in client
     for name, service in services.items():
         assert service["build"]["target"] == name and service["image"] == f"facefuse/{name}:0.1.0"
         assert "deploy" not in service, f"{name}: GPU reservations belong in docker-compose.gpu.yml"
@@ -113,6 +116,16 @@ def test_compose_default_is_cpu_ready_checked_read_only_and_loopback() -> None:
     assert "TORCH_SOURCE" not in services["gateway"]["build"].get("args", {}), "the gateway has no torch"
     opened = _config("docker-compose.yml", env={"FACEFUSE_BIND": "0.0.0.0"})["services"]["gateway"]["ports"]
     assert opened[0].startswith("0.0.0.0:50050:")
+
+
+def test_client_image_installs_what_reconstruct_imports_and_no_torch() -> None:
+    """The client image holds neither torch nor models (what it must hold: the test below)."""
+    names = {_norm(n) for n in _requirement_names(ROOT / "client" / "requirements.txt")}
+    assert "torch" not in names and "insightface" not in names and "onnxruntime" not in names
+    lines = (ROOT / "Dockerfile").read_text().split("FROM base AS client", 1)[1].splitlines()
+    assert any("client/requirements.txt" in line for line in lines)
+    assert any(line.startswith("USER facefuse") for line in lines)
+    assert "!client/requirements.txt" in (ROOT / ".dockerignore").read_text().split()
 
 
 def test_gpu_override_reserves_gpus_for_mica_and_ofer_only() -> None:
@@ -344,3 +357,36 @@ print(json.dumps(sorted(sorted(dists[t]) for t in top if t in dists)))
     )
     missing = sorted(" or ".join(sorted(group)) for group in providers if not group & allowed)
     assert not missing, f"{folder}/requirements.txt lacks {sorted(missing)}"
+
+
+@pytest.mark.slow
+def test_client_requirements_cover_what_reconstruct_imports(tmp_path: Path) -> None:
+    """`facefuse reconstruct` (open pack, one photo, the run report) in a fresh interpreter: every
+    distribution it imports must be installed by client/requirements.txt, the client image's list."""
+    import json
+
+    import imageio.v3 as iio
+    import skimage.data
+
+    from facefuse.servers.local import LocalMesh
+
+    iio.imwrite(tmp_path / "a.png", skimage.data.astronaut())
+    with LocalMesh(pack="open") as mesh:
+        code = f"""
+import json, sys
+from facefuse.client.cli import main
+rc = main(["reconstruct", {str(tmp_path / "a.png")!r}, "-o", {str(tmp_path / "out")!r},
+           "--gateway", {mesh.gateway_address!r}, "--no-progress"])
+from importlib import metadata
+top = {{m.split(".")[0] for m in sys.modules}}
+dists = metadata.packages_distributions()
+print(json.dumps([rc, sorted(sorted(dists[t]) for t in top if t in dists)]))
+"""
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rc, groups = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rc == 0 and (tmp_path / "out" / "index.html").is_file()
+    allowed = (_distribution_closure(_requirement_names(ROOT / "client" / "requirements.txt"))
+               | {"facefuse", "pip", "setuptools"} | OPTIONAL_IMPORTS)
+    missing = sorted(" or ".join(sorted(g)) for g in ({_norm(d) for d in group} for group in groups) if not g & allowed)
+    assert not missing, f"client/requirements.txt lacks {missing}"
