@@ -131,9 +131,12 @@ class LayerStopChecks:
     (thread-local, so callers sharing the modules never stop each other's work); it changes no number.
     """
 
-    def __init__(self, *modules: torch.nn.Module) -> None:
+    def __init__(self, *modules: torch.nn.Module | None) -> None:
+        """Hooks every submodule of the given networks (None: a network this backend was built without)."""
         self._local = threading.local()
         for module in modules:
+            if module is None:
+                continue
             for submodule in module.modules():
                 submodule.register_forward_pre_hook(self._before_layer)
 
