@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from facefuse.client.inputs import collect_inputs
 from facefuse.client.run import run_stream
 from facefuse.io.atomic import write_bytes_atomic
 from facefuse.servers.local import LocalMesh
+
+if TYPE_CHECKING:
+    from facefuse.face.frontend import FaceFrontEnd
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -41,7 +45,7 @@ def occlude_mouth(image: np.ndarray, kps5: np.ndarray) -> np.ndarray:
     return out
 
 
-def sample_photos(folder: Path, front_end: object | None = None) -> list[Path]:
+def sample_photos(folder: Path, front_end: FaceFrontEnd | None = None) -> list[Path]:
     import insightface
     import skimage.data
 
@@ -54,7 +58,7 @@ def sample_photos(folder: Path, front_end: object | None = None) -> list[Path]:
         ),
     ]
     if front_end is not None:
-        detections = front_end.detect(astronaut)  # type: ignore[attr-defined]
+        detections = front_end.detect(astronaut)
         if detections:
             paths.append(
                 write_bytes_atomic(
