@@ -141,3 +141,20 @@ def test_max_connection_age_makes_clients_reconnect() -> None:
             channel.unsubscribe(states.append)
     finally:
         running.stop(0)
+
+
+def test_a_token_file_must_hold_one_printable_ascii_token(tmp_path: Path) -> None:
+    """The token is compared in constant time, which needs ASCII: anything else is refused at start-up."""
+    from facefuse.rpc.security import read_token
+
+    good = tmp_path / "good"
+    good.write_bytes(b"  s3cret-token\n")
+    assert read_token(good) == "s3cret-token"
+    for name, data in {"empty": b"\n", "space": b"two words", "latin1": b"caf\xe9", "utf8": "tök".encode(),
+                       "control": b"a\x01b", "long": b"x" * 5000}.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(InvalidInputError, match="token file"):
+            read_token(path)
+    with pytest.raises(InvalidInputError, match="cannot read"):
+        read_token(tmp_path / "missing")

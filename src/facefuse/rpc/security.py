@@ -48,7 +48,8 @@ def read_token(path: str | Path) -> str:
     except OSError as exc:
         raise InvalidInputError(f"token file {path}: cannot read it ({exc.strerror or exc})") from None
     token = raw.decode("ascii", "replace").strip()
-    if not token or len(raw) > MAX_TOKEN_BYTES or not token.isprintable() or " " in token:
+    if (not token or len(raw) > MAX_TOKEN_BYTES or not token.isascii() or not token.isprintable()
+            or " " in token):
         raise InvalidInputError(f"token file {path}: expected one token of printable ASCII without spaces, "
                                 f"1..{MAX_TOKEN_BYTES} bytes")
     return token
