@@ -76,7 +76,8 @@ def test_replicas_flag() -> None:
 
 def test_shard_flag() -> None:
     assert parse_shard("0/4") == Shard(0, 4) and parse_shard("3/4").folder == "shard-3-of-4"
-    for bad in ("4/4", "-1/4", "1", "a/b", "0/0", "1/2/3"):
+    assert parse_shard(" 1 / 2 ") == Shard(1, 2)
+    for bad in ("4/4", "-1/4", "1", "a/b", "0/0", "1/2/3", "²/4", "1/٤", "0/9999999", ""):
         with pytest.raises(InvalidInputError, match="--shard"):
             parse_shard(bad)
 

@@ -22,7 +22,8 @@ from facefuse.errors import InvalidInputError
 from facefuse.io.atomic import write_text_atomic
 
 MAX_SHARDS = 100_000
-_FOLDER = re.compile(r"^shard-(\d+)-of-(\d+)$")
+_FOLDER = re.compile(r"^shard-(\d+)-of-(\d+)$", re.ASCII)
+_SHARD = re.compile(r"^\s*(\d{1,6})\s*/\s*(\d{1,6})\s*$", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,10 @@ class Shard:
 
 def parse_shard(text: str) -> Shard:
     """``I/N`` with 0 <= I < N <= MAX_SHARDS."""
-    index, sep, count = text.partition("/")
-    if not sep or not index.strip().isdigit() or not count.strip().isdigit():
+    match = _SHARD.match(text)
+    if match is None:
         raise InvalidInputError(f"--shard {text!r}: expected I/N, e.g. 0/4 (shards are numbered from 0)")
-    shard = Shard(int(index), int(count))
+    shard = Shard(int(match[1]), int(match[2]))
     if not 1 <= shard.count <= MAX_SHARDS or not 0 <= shard.index < shard.count:
         raise InvalidInputError(f"--shard {text!r}: expected 0 <= I < N <= {MAX_SHARDS}")
     return shard
