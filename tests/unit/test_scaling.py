@@ -59,7 +59,7 @@ def test_backend_targets(address: str, target: str) -> None:
 
 
 @pytest.mark.parametrize("address", ["ofer:1,mica:2", "127.0.0.1:1,", "127.0.0.1:1,[::1]:2",
-                                     "127.0.0.1:1,127.0.0.1:99999"])
+                                     "127.0.0.1:1,127.0.0.1:99999", "127.0.0.1:1,127.0.0.1:²"])
 def test_bad_address_lists_are_refused(address: str) -> None:
     with pytest.raises(ValueError, match="address list"):
         backend_target(address)
@@ -69,7 +69,7 @@ def test_replicas_flag() -> None:
     assert parse_replicas("ofer=2, mica=3") == {"ofer": 2, "mica": 3}
     assert parse_replicas("") == {}
     assert replica_names("ofer", 3) == ["ofer", "ofer-2", "ofer-3"]
-    for bad in ("gateway=2", "ofer", "ofer=0", "ofer=x", "ofer=99"):
+    for bad in ("gateway=2", "ofer", "ofer=0", "ofer=x", "ofer=99", "ofer=²"):
         with pytest.raises(InvalidInputError, match="--replicas"):
             parse_replicas(bad)
 

@@ -112,7 +112,7 @@ def backend_target(address: str) -> str:
 
 def _ip_family(host_port: str) -> str | None:
     host, sep, port = host_port.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         return None
     try:
         ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)

@@ -41,7 +41,7 @@ def parse_replicas(text: str) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
         name = name.strip()
-        if not sep or name not in SERVICES or not value.strip().isdigit():
+        if not sep or name not in SERVICES or not (value.strip().isascii() and value.strip().isdigit()):
             raise InvalidInputError(f"--replicas {text!r}: expected SERVICE=COUNT[,...] with SERVICE one of {SERVICES}")
         count = int(value)
         if not 1 <= count <= MAX_LOCAL_REPLICAS:
