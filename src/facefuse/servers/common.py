@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from concurrent.futures import Future, wait
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
+from facefuse import wire
 from facefuse.errors import FacefuseError, InvalidInputError
 from facefuse.packs.base import BackendStatus
 from facefuse.rpc.deadline import Deadline
 from facefuse.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from facefuse.fusion.visibility import Visibility
 
 T = TypeVar("T")
 
@@ -24,13 +28,21 @@ def backend_info(status: BackendStatus) -> common_pb2.BackendInfo:
     )
 
 
-def check_visibility_values(message: common_pb2.Visibility, per_vertex: np.ndarray | None) -> None:
-    """Visibility is a fraction: every region value and per-vertex entry finite and in [0, 1]."""
+def visibility_from_message(message: common_pb2.Visibility, num_vertices: int | None = None) -> Visibility:
+    """A request's visibility, checked: a fraction per region and, when sent, per vertex (``num_vertices``
+    of them when the service knows its mesh), every value finite and in [0, 1]."""
+    from facefuse.fusion.visibility import Visibility
+
     for region, value in message.regions.items():
         if not 0.0 <= value <= 1.0:  # NaN fails this too
             raise InvalidInputError(f"visibility.regions[{region!r}]: {value}; expected 0..1")
-    if per_vertex is not None and per_vertex.size and not (per_vertex.min() >= 0.0 and per_vertex.max() <= 1.0):
-        raise InvalidInputError("visibility.per_vertex: values must lie in [0, 1]")
+    per_vertex = None
+    if wire.has(message, "per_vertex"):
+        per_vertex = np.asarray(wire.require(message.per_vertex, "visibility.per_vertex", shape=(num_vertices,)),
+                                np.float32)
+        if per_vertex.size and not (per_vertex.min() >= 0.0 and per_vertex.max() <= 1.0):
+            raise InvalidInputError("visibility.per_vertex: values must lie in [0, 1]")
+    return Visibility(regions=dict(message.regions), per_vertex=per_vertex, sources=tuple(message.sources))
 
 
 WAIT_POLL_S = 0.05

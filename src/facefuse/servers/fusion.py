@@ -17,7 +17,7 @@ from facefuse.fusion.profile import PROFILE_ENV, FusionProfile, read_profile
 from facefuse.fusion.strategies import FusionStrategy
 from facefuse.packs.base import FusionSetup
 from facefuse.servers.base import run_cli
-from facefuse.servers.common import backend_info, check_visibility_values
+from facefuse.servers.common import backend_info, visibility_from_message
 from facefuse.servers.ofer import MAX_CANDIDATES
 from facefuse.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc
 
@@ -41,7 +41,6 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
 
     def Fuse(self, request: fusion_pb2.FuseRequest, context: grpc.ServicerContext) -> fusion_pb2.FuseResponse:
         from facefuse.fusion.strategies import DEFAULT_STRATEGY, FusionInputs, fuse
-        from facefuse.fusion.visibility import Visibility
 
         if self.space is None:
             raise AssetError(f"fusion has no shape space: {self.status.message}")
@@ -56,14 +55,8 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         for key, value in request.options.items():
             if not math.isfinite(value):
                 raise InvalidInputError(f"options[{key!r}]: {value} is not a finite number")
-        visibility = None
-        if request.HasField("visibility"):
-            v = self.space.num_vertices
-            per_vertex = (wire.require(request.visibility.per_vertex, "visibility.per_vertex", shape=(v,))
-                          if wire.has(request.visibility, "per_vertex") else None)
-            check_visibility_values(request.visibility, per_vertex)
-            visibility = Visibility(regions=dict(request.visibility.regions), per_vertex=per_vertex,
-                                    sources=tuple(request.visibility.sources))
+        visibility = (visibility_from_message(request.visibility, self.space.num_vertices)
+                      if request.HasField("visibility") else None)
         inputs = FusionInputs(mica_shape=None if mica is None else np.array(mica, np.float32),
                               samples=None if samples is None else np.array(samples, np.float32),
                               scores=None if scores is None else np.array(scores, np.float32),

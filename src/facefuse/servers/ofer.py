@@ -22,7 +22,7 @@ from facefuse.servers.batching import DynamicBatcher
 from facefuse.servers.common import (
     add_model_arguments,
     backend_info,
-    check_visibility_values,
+    visibility_from_message,
     wait_all,
 )
 from facefuse.v1 import common_pb2, ofer_pb2, ofer_pb2_grpc
@@ -141,22 +141,7 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
 
 def _visibility(request: ofer_pb2.SampleRequest | ofer_pb2.RankRequest) -> Visibility | None:
     """The face's visibility (regions, optionally per vertex) when the gateway sent one."""
-    if not request.HasField("visibility"):
-        return None
-    from facefuse.fusion.visibility import Visibility
-
-    message = request.visibility
-    per_vertex = (
-        wire.require(message.per_vertex, "visibility.per_vertex", shape=(None,))
-        if wire.has(message, "per_vertex")
-        else None
-    )
-    check_visibility_values(message, per_vertex)
-    return Visibility(
-        regions=dict(message.regions),
-        per_vertex=None if per_vertex is None else np.asarray(per_vertex, np.float32),
-        sources=tuple(message.sources),
-    )
+    return visibility_from_message(request.visibility) if request.HasField("visibility") else None
 
 
 def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequence[str], dict[str, bool]]:
