@@ -65,45 +65,18 @@ def test_detect_writes_every_face_and_resumes(open_mesh: LocalMesh, photos: Path
 
 def test_cli_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    missing = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "facefuse.client.cli",
-            "detect",
-            str(tmp_path / "nope.jpg"),
-            "-o",
-            str(tmp_path / "o"),
-            "--gateway",
-            "127.0.0.1:1",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+
+    def detect(image: Path) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "facefuse.client.cli", "detect", str(image), "-o", str(tmp_path / "o"),
+                   "--gateway", "127.0.0.1:1"]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+
+    missing = detect(tmp_path / "nope.jpg")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "no such file" in missing.stderr
     (tmp_path / "a.jpg").write_bytes(b"x")
-    down = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "facefuse.client.cli",
-            "detect",
-            str(tmp_path / "a.jpg"),
-            "-o",
-            str(tmp_path / "o"),
-            "--gateway",
-            "127.0.0.1:1",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    assert (
-        down.returncode == 3 and "Traceback" not in down.stderr and "no gateway answers" in down.stderr
-    )  # gateway down
+    down = detect(tmp_path / "a.jpg")  # gateway down
+    assert down.returncode == 3 and "Traceback" not in down.stderr and "no gateway answers" in down.stderr
 
 
 def test_identity_group_fuses_each_persons_images(open_mesh: LocalMesh, tmp_path: Path, astronaut_jpeg: bytes) -> None:
