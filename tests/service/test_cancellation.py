@@ -201,7 +201,7 @@ def test_the_batcher_drops_queued_items_whose_caller_is_gone_without_running_the
         expired = batcher.submit(1, Deadline.after(0.05))
         gone = Deadline.after(60)
         cancelled = batcher.submit(2, gone)
-        gone.cancelled.set()
+        gone.cancel()
         withdrawn = batcher.submit(3)
         withdrawn.cancel()
         alive = batcher.submit(4, Deadline.after(60))
@@ -257,7 +257,7 @@ def test_the_gateway_pipeline_cancels_its_backend_call_when_its_own_caller_leave
     try:
         worker.start()
         _wait_until(backend.running.is_set)
-        deadline.cancelled.set()  # what the gateway's context callback does when its caller cancels
+        deadline.cancel()  # what the gateway's context callback does when its caller cancels
         _wait_until(lambda: backend.stopped == [1], timeout_s=1.0)
         worker.join(5)
         assert not worker.is_alive()

@@ -78,7 +78,7 @@ def test_deadline() -> None:
     with pytest.raises(DeadlineError):
         past.timeout()
     gone = Deadline.after(10.0)
-    gone.cancelled.set()
+    gone.cancel()
     with pytest.raises(CancelledError):
         gone.check("sampling")
 

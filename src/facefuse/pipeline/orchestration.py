@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import contextvars
 import math
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -59,44 +57,6 @@ METHODS = ("detect", "mica", "ofer", "fuse")
 DEFAULT_CALL_TIMEOUT_S = 600.0
 VISIBILITY_SOURCES = ("mask", "photometric", "hands")
 MAX_GIVEN_BOXES = 64
-
-
-class DownstreamCalls:
-    """Cancels downstream calls whose own caller went away, so the model services stop their work too.
-
-    One daemon thread looks at the watched calls' deadlines every ``poll_s`` (a ``Deadline`` learns of
-    a cancellation through an Event, which cannot notify anyone)."""
-
-    def __init__(self, poll_s: float = 0.05) -> None:
-        self.poll_s = poll_s
-        self._calls: dict[int, tuple[Deadline, grpc.Future]] = {}
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    @contextmanager
-    def watching(self, call: grpc.Future, deadline: Deadline) -> Iterator[None]:
-        key = id(call)
-        with self._lock:
-            self._calls[key] = (deadline, call)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._watch, name="downstream-cancel", daemon=True)
-                self._thread.start()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._calls.pop(key, None)
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(self.poll_s)
-            with self._lock:
-                gone = [call for deadline, call in self._calls.values() if deadline.cancelled.is_set()]
-            for call in gone:
-                call.cancel()
-
-
-DOWNSTREAM_CALLS = DownstreamCalls()
 
 
 @dataclass
@@ -382,7 +342,7 @@ class FacePipeline:
 
         def attempt() -> Any:
             call = fn.future(request, timeout=self._timeout(deadline), metadata=request_metadata())
-            with DOWNSTREAM_CALLS.watching(call, deadline):
+            with deadline.cancelling(call):
                 return call.result()
 
         return _retrying(backend, attempt)
@@ -416,7 +376,7 @@ class FacePipeline:
 
         def attempt() -> list[np.ndarray]:
             call = sample(request, timeout=self._timeout(deadline), metadata=request_metadata())
-            with DOWNSTREAM_CALLS.watching(call, deadline):
+            with deadline.cancelling(call):
                 return [wire.to_numpy(chunk.shapes, "shapes") for chunk in call]
 
         chunks = _retrying("ofer", attempt)  # seeded: a second try gives the same samples

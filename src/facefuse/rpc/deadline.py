@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
@@ -29,6 +31,8 @@ class Deadline:
 
     at: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event, compare=False)
+    _on_cancel: list[Callable[[], object]] = field(default_factory=list, compare=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     @classmethod
     def none(cls) -> Deadline:
@@ -43,8 +47,33 @@ class Deadline:
         """The caller's deadline; the returned object also learns when the caller goes away."""
         left = context.time_remaining()
         deadline = cls(None if left is None or left > NO_DEADLINE_S else time.monotonic() + left)
-        context.add_callback(deadline.cancelled.set)
+        context.add_callback(deadline.cancel)
         return deadline
+
+    def cancel(self) -> None:
+        """The caller went away: mark it, and cancel what ``cancelling`` registered, at once."""
+        with self._lock:
+            self.cancelled.set()
+            pending, self._on_cancel[:] = list(self._on_cancel), []
+        for cancel in pending:
+            cancel()
+
+    @contextmanager
+    def cancelling(self, call: grpc.Future) -> Iterator[None]:
+        """While the block runs, the caller going away cancels the downstream ``call`` at once, so the
+        service it reaches stops its work too."""
+        with self._lock:
+            registered = not self.cancelled.is_set()
+            if registered:
+                self._on_cancel.append(call.cancel)
+        if not registered:
+            call.cancel()
+        try:
+            yield
+        finally:
+            with self._lock:
+                if call.cancel in self._on_cancel:
+                    self._on_cancel.remove(call.cancel)
 
     def remaining(self) -> float | None:
         """Seconds left (may be negative), or None when there is no deadline."""
