@@ -120,13 +120,13 @@ def test_fallback_scale_without_iris(shape_backend, astronaut_face, space):
     det = astronaut_face.detection
     bare = Detection(det.box, det.score, det.kps5, det.landmarks, det.detector)
     metric = shape_backend.reconstruct(bare)
-    assert metric.scale_source == "canonical-size"
+    assert metric.scale_source == "default"
     canon = space.template_mm.astype(np.float64)
     ratio = np.linalg.norm(metric.vertices_mm[33] - metric.vertices_mm[263]) / np.linalg.norm(canon[33] - canon[263])
     assert 0.9 < ratio < 1.1  # mean adult size
     # An implausible iris reading (a quarter of the face's scale) falls back too.
     odd = Detection(det.box, det.score, det.kps5, det.landmarks, det.detector, iris=det.iris * [1, 1, 4])
-    assert shape_backend.reconstruct(odd).scale_source == "canonical-size"
+    assert shape_backend.reconstruct(odd).scale_source == "default"
 
 
 def test_refuses_faces_without_facemesh_points(shape_backend, astronaut_face):

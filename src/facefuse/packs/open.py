@@ -41,9 +41,28 @@ PACK = "open"
 NUM_VERTICES = 468
 IRIS_DIAMETER_MM = 11.7
 """Mean adult horizontal visible iris diameter (white-to-white), nearly constant across people (sd ≈ 0.5 mm)."""
-IRIS_SCALE_RANGE = (0.7, 1.3)
-"""The iris scale is used only when it lies within this factor of the canonical-size scale: outside it the
-iris reading is implausible (eyes closed, covered, or a misfit) and the canonical-size fallback is used."""
+IRIS_SCALE_RANGE = (0.85, 1.18)
+"""The iris scale is used only when it lies within this factor of the default (canonical-size) scale. Adult
+outer eye-corner widths have a spread of about ±5 % (sd) around the canonical face's, so this band is
+about three standard deviations: beyond it the iris reading is more likely wrong (eyes closed or
+covered, a misfit, a face too small for the iris model) than the face that unusual."""
+IRIS_MIN_CONFIDENCE = 0.3
+"""An iris reading with a lower confidence (:func:`iris_scale`) is not used: the default scale is."""
+IRIS_EYE_TOLERANCE = 0.08
+"""Relative difference of the two eyes' corrected iris diameters tolerated in full; the confidence falls
+linearly from there to 0 at :data:`IRIS_EYE_LIMIT`, and beyond the tolerance only the more frontal eye
+(the wider one in the image) is used."""
+IRIS_EYE_LIMIT = 0.35
+IRIS_FULL_CONFIDENCE_PX = 10.0
+"""Iris diameters of at least this many pixels are read at full confidence; below it the confidence falls
+linearly to 0 at :data:`IRIS_MIN_DIAMETER_PX` (the iris model sees a 64 px eye crop; a 4 px iris is noise)."""
+IRIS_MIN_DIAMETER_PX = 3.0
+IRIS_FRONTAL_DEG = 20.0
+"""Head rotations (angle between the face's forward axis and the view) up to this are read at full
+confidence; the confidence falls linearly to 0 at :data:`IRIS_MAX_DEG`, where the foreshortening
+correction (1/cos) is too steep to trust a pixel-level reading."""
+IRIS_MAX_DEG = 60.0
+SCALE_SOURCES = ("iris", "default")
 KPT7_INDICES = (33, 133, 362, 263, 2, 61, 291)
 """NoW's 7 points on the 468 topology, in FLAME's NoW order (iBUG 36, 39, 42, 45, 33, 48, 54): image-left
 eye outer and inner corner, image-right eye inner and outer corner, nose bottom (subnasale), image-left
@@ -81,9 +100,11 @@ class MetricFace:
 
     vertices_mm: np.ndarray  # (468, 3) float64
     mm_per_px: float
-    scale_source: str  # "iris" | "canonical-size"
+    scale_source: str  # "iris" | "default" (canonical size), see SCALE_SOURCES
     rotation: np.ndarray  # (3, 3): camera (x right, y up, z toward the viewer) -> canonical frame
     fit_rms_mm: float  # weighted RMS distance to the canonical face after the fit
+    scale_confidence: float = 0.0  # [0, 1]: the iris reading's confidence when used, 0 for the default
+    iris: IrisScale | None = None  # the iris reading, used or not (None without iris points)
 
 
 def camera_points(landmarks: np.ndarray) -> np.ndarray:
@@ -101,9 +122,102 @@ def iris_mm_per_px(iris: np.ndarray | None) -> float | None:
     return IRIS_DIAMETER_MM / float(valid.mean()) if valid.size else None
 
 
+@dataclass(frozen=True)
+class IrisScale:
+    """One face's iris reading: millimetres per pixel, how far to trust it and why."""
+
+    mm_per_px: float | None  # 11.7 mm / the corrected diameter; None when no eye has a valid reading
+    confidence: float  # [0, 1], the product of the factors below
+    eyes: str  # "both" | "image-left" | "image-right" | "none": whose diameters were used
+    diameters_px: tuple[float, float]  # per eye (image-left, image-right), corrected for head rotation; nan if invalid
+    foreshortening: float  # measured / true diameter expected from the head pose (1 = frontal)
+    rotation_deg: float  # angle between the face's forward axis and the view direction
+    eye_disagreement: float  # |d_left - d_right| / their mean (0 with one eye)
+    factors: dict[str, float]  # resolution, pose, agreement: each in [0, 1]
+
+
+def _ramp(value: float, full: float, zero: float) -> float:
+    """1 at ``full``, 0 at ``zero``, linear between (either order), clipped."""
+    return float(np.clip((value - zero) / (full - zero), 0.0, 1.0))
+
+
+def iris_foreshortening(rotation: np.ndarray, eye_axis_xy: np.ndarray) -> float:
+    """Measured / true iris diameter for a head pose, as the iris model measures it.
+
+    The iris is taken as a disc facing the face's forward axis (the gaze follows the head; see the docs
+    for when it does not). Under the pose ``rotation`` (camera -> canonical frame, as :class:`MetricFace`)
+    the disc projects to an ellipse: the full diameter across the tilt, times cos(angle to the view)
+    along it. The iris model reports the mean of two chords through the centre, one along the eye
+    (``eye_axis_xy``, image pixels, y down) and one across it; this is that mean over the true diameter.
+    """
+    normal = np.asarray(rotation, dtype=np.float64)[2]  # the canonical +z (forward) axis in camera space
+    cos_view = float(np.clip(abs(normal[2]), 1e-3, 1.0))
+    tilt = np.array([normal[0], -normal[1]])  # image direction (y down) of the foreshortened axis
+    along = np.asarray(eye_axis_xy, dtype=np.float64)
+    along = along / max(float(np.linalg.norm(along)), 1e-12)
+    chords = []
+    for u in (along, np.array([-along[1], along[0]])):
+        norm = float(np.linalg.norm(tilt))
+        if norm < 1e-9:
+            chords.append(1.0)
+            continue
+        minor = tilt / norm
+        c_minor = float(u @ minor)
+        c_major = float(np.sqrt(max(1.0 - c_minor**2, 0.0)))
+        chords.append(1.0 / float(np.sqrt(c_major**2 + (c_minor / cos_view) ** 2)))
+    return float(np.mean(chords))
+
+
+def iris_scale(iris: np.ndarray | None, landmarks: np.ndarray, rotation: np.ndarray) -> IrisScale:
+    """The iris reading of one face, corrected for head rotation, with both eyes checked against each other.
+
+    ``iris``: (2, 3) per eye (image-left, image-right) centre x, y and diameter in pixels
+    (``Detection.iris``); ``landmarks``: the 468 FaceMesh points (eye corners give each eye's axis and
+    width); ``rotation``: the head pose of the Procrustes fit. Confidence = resolution x pose x agreement
+    (:data:`IRIS_FULL_CONFIDENCE_PX`, :data:`IRIS_FRONTAL_DEG`, :data:`IRIS_EYE_TOLERANCE`).
+    """
+    nan2 = (float("nan"), float("nan"))
+    if iris is None:
+        return IrisScale(None, 0.0, "none", nan2, 1.0, 0.0, 0.0, {})
+    raw = np.asarray(iris, dtype=np.float64).reshape(2, 3)[:, 2]
+    from facefuse.face.facemesh import EYE_CORNERS_IMAGE_LEFT, EYE_CORNERS_IMAGE_RIGHT
+
+    points = np.asarray(landmarks, dtype=np.float64)[:, :2]
+    # Each eye's axis as the iris model's crop takes it: from its first corner to its second.
+    axes = [points[b] - points[a] for a, b in (EYE_CORNERS_IMAGE_LEFT, EYE_CORNERS_IMAGE_RIGHT)]
+    widths = np.array([float(np.linalg.norm(a)) for a in axes])
+    normal_z = float(np.clip(abs(np.asarray(rotation, dtype=np.float64)[2, 2]), 0.0, 1.0))
+    rotation_deg = float(np.degrees(np.arccos(normal_z)))
+    shortening = np.array([iris_foreshortening(rotation, a) for a in axes])
+    valid = np.isfinite(raw) & (raw > IRIS_MIN_DIAMETER_PX) & (widths > 0)
+    corrected = np.where(valid, raw / shortening, np.nan)
+    if not valid.any():
+        return IrisScale(None, 0.0, "none", nan2, float(shortening.mean()), rotation_deg, 0.0, {})
+    pose = _ramp(rotation_deg, IRIS_FRONTAL_DEG, IRIS_MAX_DEG)
+    names = ("image-left", "image-right")
+    if valid.all():
+        disagreement = float(abs(corrected[0] - corrected[1]) / corrected.mean())
+        agreement = _ramp(disagreement, IRIS_EYE_TOLERANCE, IRIS_EYE_LIMIT)
+        if disagreement <= IRIS_EYE_TOLERANCE:
+            used, eyes = [0, 1], "both"
+        else:  # the more frontal eye: the wider one in the image (the far eye turns away and hides behind the nose)
+            k = int(np.argmax(widths))
+            used, eyes = [k], names[k]
+    else:
+        disagreement, agreement = 0.0, 0.5  # one eye alone cannot be checked: half trust at most
+        k = int(np.flatnonzero(valid)[0])
+        used, eyes = [k], names[k]
+    diameter = float(np.mean(corrected[used]))
+    resolution = _ramp(float(np.mean(raw[used])), IRIS_FULL_CONFIDENCE_PX, IRIS_MIN_DIAMETER_PX)
+    factors = {"resolution": resolution, "pose": pose, "agreement": agreement}
+    confidence = float(np.clip(resolution * pose * agreement, 0.0, 1.0))
+    return IrisScale(IRIS_DIAMETER_MM / diameter, confidence, eyes, (float(corrected[0]), float(corrected[1])),
+                     float(shortening[used].mean()), rotation_deg, disagreement, factors)
+
+
 def metric_face(landmarks: np.ndarray, canonical: CanonicalFace, *, iris: np.ndarray | None = None,
                 visibility: np.ndarray | None = None) -> MetricFace:
-    """Metric scale (iris, else canonical size), then pose removed by a weighted rigid fit to the canonical face.
+    """Metric scale (iris, else the default: canonical size), then pose removed by a weighted rigid fit to the canonical face.
 
     Weights: the canonical model's Procrustes weights, times ``visibility`` (V,) when given; if the
     visible weighted landmarks carry almost no weight, every visible vertex counts equally.
@@ -116,18 +230,20 @@ def metric_face(landmarks: np.ndarray, canonical: CanonicalFace, *, iris: np.nda
             weights = np.clip(np.asarray(visibility, dtype=np.float64), 0.0, 1.0)
     if weights.sum() <= 0:
         raise InvalidInputError("metric face: no visible landmark to fit the pose on (visibility is all zero)")
-    size_scale = umeyama(points, canonical.vertices_mm, weights).scale
+    size_fit = umeyama(points, canonical.vertices_mm, weights)
+    size_scale = size_fit.scale
     if size_scale <= 0:
         raise InvalidInputError("metric face: the landmarks are degenerate (no positive scale fits the canonical face)")
-    mm_per_px, source = size_scale, "canonical-size"
-    from_iris = iris_mm_per_px(iris)
-    if from_iris is not None and IRIS_SCALE_RANGE[0] <= from_iris / size_scale <= IRIS_SCALE_RANGE[1]:
-        mm_per_px, source = from_iris, "iris"
+    mm_per_px, source, confidence = size_scale, "default", 0.0
+    reading = None if iris is None else iris_scale(iris, landmarks, size_fit.rotation)
+    if (reading is not None and reading.mm_per_px is not None and reading.confidence >= IRIS_MIN_CONFIDENCE
+            and IRIS_SCALE_RANGE[0] <= reading.mm_per_px / size_scale <= IRIS_SCALE_RANGE[1]):
+        mm_per_px, source, confidence = reading.mm_per_px, "iris", reading.confidence
     metric = points * mm_per_px
     pose = umeyama(metric, canonical.vertices_mm, weights, scale=1.0)
     rotation, vertices = pose.rotation, pose.apply(metric)
     rms = float(np.sqrt((weights @ ((vertices - canonical.vertices_mm) ** 2).sum(axis=1)) / weights.sum()))
-    return MetricFace(vertices, float(mm_per_px), source, rotation, rms)
+    return MetricFace(vertices, float(mm_per_px), source, rotation, rms, confidence, reading)
 
 
 def kpt7(vertices_mm: np.ndarray) -> np.ndarray:
