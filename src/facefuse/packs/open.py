@@ -217,7 +217,10 @@ def iris_scale(iris: np.ndarray | None, landmarks: np.ndarray, rotation: np.ndar
 
 def metric_face(landmarks: np.ndarray, canonical: CanonicalFace, *, iris: np.ndarray | None = None,
                 visibility: np.ndarray | None = None) -> MetricFace:
-    """Metric scale (iris, else the default: canonical size), then pose removed by a weighted rigid fit to the canonical face.
+    """Metric scale (iris, else the default: canonical size), then pose removed by a rigid fit to the canonical face.
+
+    The iris is used when :func:`iris_scale` trusts it (confidence >= :data:`IRIS_MIN_CONFIDENCE`) and it
+    lies within :data:`IRIS_SCALE_RANGE` of the canonical-size scale; otherwise the default scale is.
 
     Weights: the canonical model's Procrustes weights, times ``visibility`` (V,) when given; if the
     visible weighted landmarks carry almost no weight, every visible vertex counts equally.
