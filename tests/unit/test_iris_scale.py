@@ -16,10 +16,10 @@ import skimage.data
 from facefuse.assets.store import ModelStore
 from facefuse.face.frontend import FaceFrontEnd
 from facefuse.face.types import Detection
+from facefuse.packs.base import SCALE_SOURCES
 from facefuse.packs.open import (
     IRIS_MIN_CONFIDENCE,
     IRIS_SCALE_RANGE,
-    SCALE_SOURCES,
     iris_foreshortening,
     load_open_shape_backend,
     metric_face,

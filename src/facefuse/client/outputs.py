@@ -269,10 +269,17 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
         info["confidence"] = round(rec.confidence, 4)
     if rec.fallback:
         info["fallback"] = rec.fallback
+    scale: dict[str, Any] = {}
+    if rec.scale_source:  # where the metric scale came from (open pack): iris or the default size
+        scale = {"scale_source": rec.scale_source, "scale_confidence": round(rec.scale_confidence, 4)}
+        info.update(scale)
     if rec.visibility is not None:
         visibility = {k: round(v, 3) for k, v in sorted(rec.visibility.items())}
-        keep(write_json_atomic(target / "visibility.json", {"regions": visibility, "sources": rec.visibility_sources}))
+        keep(write_json_atomic(target / "visibility.json", {"regions": visibility, "sources": rec.visibility_sources,
+                                                            "unknown": rec.visibility_unknown}))
         info["visibility"] = visibility
+        if rec.visibility_unknown:
+            info["visibility_unknown"] = list(rec.visibility_unknown)
     params: dict[str, np.ndarray] = {}
     vertices, faces = rec.vertices, rec.faces
     if vertices is not None and faces is not None:
@@ -324,6 +331,7 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
                     },
                     "method": rec.method,
                     "strategy": rec.strategy or rec.method,
+                    **scale,
                     **{k: [float(x) for x in v.ravel()] for k, v in params.items()},
                 },
             )

@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 
 from facefuse import wire
 from facefuse.errors import FacefuseError, InvalidInputError
+from facefuse.packs.base import SCALE_SOURCES
 from facefuse.v1 import common_pb2, gateway_pb2
 
 MAX_FACES = 1024  # faces per image
@@ -61,6 +62,9 @@ class CheckedReconstruction:
     sample_scores: np.ndarray | None = None  # (N,)
     visibility: dict[str, float] | None = None
     visibility_sources: list[str] = field(default_factory=list)
+    visibility_unknown: list[str] = field(default_factory=list)  # regions with no evidence (value 1 = trusted)
+    scale_source: str = ""  # "iris" | "default" | "" (not reported)
+    scale_confidence: float = 0.0  # [0, 1]
 
 
 @dataclass(frozen=True)
@@ -165,13 +169,25 @@ def check_reconstruction(rec: gateway_pb2.Reconstruction, name: str) -> CheckedR
                        _FLOATS, max_dim=MAX_SAMPLES, max_abs=1e9)
     if scores is not None and samples is None:
         raise InvalidResponseError(f"{name}.sample_scores: sent without samples")
-    visibility, sources = None, []
+    visibility, sources, unknown = None, [], []
+    if rec.scale_source not in ("", *SCALE_SOURCES):
+        raise InvalidResponseError(f"{name}.scale_source: {text(rec.scale_source)!r}; expected one of {SCALE_SOURCES}")
+    scale_confidence = _number(rec.scale_confidence, f"{name}.scale_confidence", 0.0, 1.0)
+    if not rec.scale_source and scale_confidence != 0.0:
+        raise InvalidResponseError(f"{name}.scale_confidence: set without a scale_source")
     if rec.HasField("visibility"):
         regions = rec.visibility.regions
         if len(regions) > MAX_REGIONS or len(rec.visibility.sources) > MAX_REGIONS:
             raise InvalidResponseError(f"{name}.visibility: more than {MAX_REGIONS} regions or sources")
         visibility = {text(k): _number(v, f"{name}.visibility[{text(k)}]", 0.0, 1.0) for k, v in regions.items()}
         sources = [text(s) for s in rec.visibility.sources]
+        if len(rec.visibility.unknown) > MAX_REGIONS:
+            raise InvalidResponseError(f"{name}.visibility.unknown: more than {MAX_REGIONS} regions")
+        unknown = [text(s) for s in rec.visibility.unknown]
+        if any(u not in visibility for u in unknown):
+            raise InvalidResponseError(f"{name}.visibility.unknown: names a region it does not report")
+    elif len(rec.visibility.unknown):
+        raise InvalidResponseError(f"{name}.visibility.unknown: sent without a visibility")
     return CheckedReconstruction(
         method=text(rec.method),
         strategy=text(rec.strategy),
@@ -189,6 +205,9 @@ def check_reconstruction(rec: gateway_pb2.Reconstruction, name: str) -> CheckedR
         sample_scores=scores,
         visibility=visibility,
         visibility_sources=sources,
+        visibility_unknown=unknown,
+        scale_source=rec.scale_source,
+        scale_confidence=scale_confidence,
     )
 
 

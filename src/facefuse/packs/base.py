@@ -33,6 +33,11 @@ class BackendStatus:
     details: dict[str, str] = field(default_factory=dict)
 
 
+SCALE_SOURCES = ("iris", "default")
+"""Where a shape backend's metric scale came from: the iris (about 11.7 mm across in every adult) or the
+default (a mean-sized face). A backend whose model predicts metric shapes directly (MICA) reports none."""
+
+
 @dataclass
 class ShapeResult:
     """One face's deterministic reconstruction. Lengths in millimetres."""
@@ -45,6 +50,8 @@ class ShapeResult:
     landmarks68_mm: np.ndarray | None = None
     kpt7_mm: np.ndarray | None = None
     uvs: np.ndarray | None = None      # (V,2) float32 texture coordinates, when the topology has them
+    scale_source: str = ""             # "iris" | "default" where the metric scale is estimated (open pack)
+    scale_confidence: float = 0.0      # [0, 1] confidence of that scale
 
 
 StopCheck = Callable[[], None]

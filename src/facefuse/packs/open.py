@@ -62,7 +62,6 @@ IRIS_FRONTAL_DEG = 20.0
 confidence; the confidence falls linearly to 0 at :data:`IRIS_MAX_DEG`, where the foreshortening
 correction (1/cos) is too steep to trust a pixel-level reading."""
 IRIS_MAX_DEG = 60.0
-SCALE_SOURCES = ("iris", "default")
 KPT7_INDICES = (33, 133, 362, 263, 2, 61, 291)
 """NoW's 7 points on the 468 topology, in FLAME's NoW order (iBUG 36, 39, 42, 45, 33, 48, 54): image-left
 eye outer and inner corner, image-right eye inner and outer corner, nose bottom (subnasale), image-left
@@ -397,7 +396,7 @@ class OpenShapeBackend:
             results.append(ShapeResult(
                 vertices_mm=vertices, faces=self.canonical.faces, topology=TOPOLOGY,
                 shape=shape_from_vertices(metric.vertices_mm, self.canonical), kpt7_mm=kpt7(vertices),
-                uvs=self.canonical.uvs))
+                uvs=self.canonical.uvs, scale_source=metric.scale_source, scale_confidence=metric.scale_confidence))
         return results
 
 

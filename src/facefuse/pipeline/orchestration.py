@@ -19,10 +19,17 @@ import grpc
 import numpy as np
 
 from facefuse import wire
-from facefuse.errors import BackendUnavailableError, FacefuseError, InvalidInputError, LimitExceededError
+from facefuse.errors import (
+    BackendError,
+    BackendUnavailableError,
+    FacefuseError,
+    InvalidInputError,
+    LimitExceededError,
+)
 from facefuse.face.frontend import SELECTIONS, select_faces
 from facefuse.face.types import AlignedFace, Detection
 from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES, decode_image
+from facefuse.packs.base import SCALE_SOURCES
 from facefuse.rpc.deadline import Deadline
 from facefuse.rpc.interceptors import request_metadata
 from facefuse.rpc.logs import LOG, log_event
@@ -168,6 +175,14 @@ def check_options(options: gateway_pb2.ProcessOptions) -> None:
         corners = (box.x1, box.y1, box.x2, box.y2)
         if not all(math.isfinite(v) for v in (*corners, box.score)) or box.x2 <= box.x1 or box.y2 <= box.y1:
             raise InvalidInputError(f"boxes[{i}]: {corners} is not a finite box with x2 > x1 and y2 > y1")
+
+
+def check_scale(source: str, confidence: float) -> None:
+    """A mica reply's scale fields: a known source and a confidence in [0, 1] (0 when not reported)."""
+    if source and source not in SCALE_SOURCES:
+        raise BackendError(f"mica reply: scale_source {source[:40]!r}; expected one of {SCALE_SOURCES} or none")
+    if not (math.isfinite(confidence) and 0.0 <= confidence <= 1.0) or (not source and confidence != 0.0):
+        raise BackendError(f"mica reply: scale_confidence {confidence!r} is not in [0, 1] (or set without a source)")
 
 
 def check_mask(mask: np.ndarray | None, image_shape: tuple[int, ...]) -> None:
@@ -352,8 +367,10 @@ class FacePipeline:
         reply = self._call("mica", stub.Predict if stub else None,
                            mica_pb2.PredictRequest(faces=[face], return_mesh=True, return_landmarks=True), deadline)
         pred = reply.predictions[0]
+        check_scale(pred.scale_source, pred.scale_confidence)
         return gateway_pb2.Reconstruction(method="mica", shape=pred.shape, mesh=pred.mesh,
-                                          landmarks68=pred.landmarks68, kpt7=pred.kpt7)
+                                          landmarks68=pred.landmarks68, kpt7=pred.kpt7,
+                                          scale_source=pred.scale_source, scale_confidence=pred.scale_confidence)
 
     def _samples(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: Deadline,
                  start: common_pb2.Tensor | None = None, t0: int = 0,
@@ -500,6 +517,9 @@ class FacePipeline:
             self._fuse_request(strategy, options, candidates, scores, visibility, mica.shape), deadline
         )
         result.reconstruction.CopyFrom(self._fused_reconstruction("fuse", fused, candidates, scores, visibility))
+        # The fused mesh lives at the mica branch's metric scale: say where that scale came from.
+        result.reconstruction.scale_source = mica.scale_source
+        result.reconstruction.scale_confidence = mica.scale_confidence
         if options.save_branches:
             result.branches.add(name="mica", reconstruction=mica)
             n = len(samples)

@@ -148,7 +148,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Visibility(_message.Message):
-    __slots__ = ("regions", "per_vertex", "sources")
+    __slots__ = ("regions", "per_vertex", "sources", "unknown")
     class RegionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -159,7 +159,9 @@ class Visibility(_message.Message):
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     PER_VERTEX_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     regions: _containers.ScalarMap[str, float]
     per_vertex: Tensor
     sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, regions: _Optional[_Mapping[str, float]] = ..., per_vertex: _Optional[_Union[Tensor, _Mapping]] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+    unknown: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, regions: _Optional[_Mapping[str, float]] = ..., per_vertex: _Optional[_Union[Tensor, _Mapping]] = ..., sources: _Optional[_Iterable[str]] = ..., unknown: _Optional[_Iterable[str]] = ...) -> None: ...

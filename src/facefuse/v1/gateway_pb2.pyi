@@ -57,7 +57,7 @@ class ImageChunk(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., options: _Optional[_Union[ProcessOptions, _Mapping]] = ..., mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class Reconstruction(_message.Message):
-    __slots__ = ("method", "strategy", "shape", "mesh", "landmarks68", "kpt7", "vertex_spread", "confidence", "samples", "sample_scores", "visibility", "fallback")
+    __slots__ = ("method", "strategy", "shape", "mesh", "landmarks68", "kpt7", "vertex_spread", "confidence", "samples", "sample_scores", "visibility", "fallback", "scale_source", "scale_confidence")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,8 @@ class Reconstruction(_message.Message):
     SAMPLE_SCORES_FIELD_NUMBER: _ClassVar[int]
     VISIBILITY_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    SCALE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     method: str
     strategy: str
     shape: _common_pb2.Tensor
@@ -82,7 +84,9 @@ class Reconstruction(_message.Message):
     sample_scores: _common_pb2.Tensor
     visibility: _common_pb2.Visibility
     fallback: str
-    def __init__(self, method: _Optional[str] = ..., strategy: _Optional[str] = ..., shape: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., mesh: _Optional[_Union[_common_pb2.Mesh, _Mapping]] = ..., landmarks68: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., kpt7: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., vertex_spread: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., confidence: _Optional[float] = ..., samples: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sample_scores: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., visibility: _Optional[_Union[_common_pb2.Visibility, _Mapping]] = ..., fallback: _Optional[str] = ...) -> None: ...
+    scale_source: str
+    scale_confidence: float
+    def __init__(self, method: _Optional[str] = ..., strategy: _Optional[str] = ..., shape: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., mesh: _Optional[_Union[_common_pb2.Mesh, _Mapping]] = ..., landmarks68: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., kpt7: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., vertex_spread: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., confidence: _Optional[float] = ..., samples: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sample_scores: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., visibility: _Optional[_Union[_common_pb2.Visibility, _Mapping]] = ..., fallback: _Optional[str] = ..., scale_source: _Optional[str] = ..., scale_confidence: _Optional[float] = ...) -> None: ...
 
 class Branch(_message.Message):
     __slots__ = ("name", "reconstruction")
