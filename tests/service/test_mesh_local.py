@@ -241,3 +241,16 @@ def test_open_ofer_service_imputes_from_the_face_crop_it_is_sent(open_mesh: Loca
     np.testing.assert_allclose(remote(True), with_imputation.sample(face, 6, seed=3, visibility=visibility), atol=1e-3)
     np.testing.assert_allclose(remote(False), gp_only.sample(face, 6, seed=3, visibility=visibility), atol=1e-3)
     assert np.abs(remote(True) - remote(False)).max() > 1.0
+
+
+def test_the_scale_source_travels_from_mica_through_the_gateway(open_mesh: LocalMesh, astronaut_jpeg: bytes) -> None:
+    """The open mica service reads the astronaut's scale from her iris; the gateway passes the source and its
+    confidence on, for MICA alone and for the fused mesh (which lives at MICA's scale)."""
+    with GatewayClient(open_mesh.gateway_address, timeout_s=300) as client:
+        for method in ("mica", "fuse"):
+            (result,) = list(client.process([ImageInput("astronaut.jpg", astronaut_jpeg)], method=method,
+                                            num_samples=4))
+            assert result.status.code == 0, result.status.message
+            rec = result.reconstruction
+            assert rec.scale_source == "iris", method
+            assert 0.3 <= rec.scale_confidence <= 1.0, (method, rec.scale_confidence)
