@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--identity-group", default=None, metavar="folders|CSV",
                      help="fuse all images of one person into one shape: 'folders' (a folder per person) or a CSV "
                           "of image,identity rows; written to OUT/identities/")
-    rec.add_argument("--no-visibility", action="append", default=[], choices=["mask", "photometric", "hands"],
+    rec.add_argument("--no-visibility", action="append", default=[], choices=["mask", "photometric", "hands", "pose"],
                      help="switch a visibility source off (repeatable)")
     rec.add_argument("--masks", type=Path, default=None, metavar="DIR",
                      help="occlusion masks: DIR/<image stem>.png, same size as the image, white = occluded")

@@ -452,16 +452,22 @@ def _unknown(source: str) -> Visibility:
 
 
 def is_monochrome(ycc: np.ndarray, pixels: dict[str, tuple[np.ndarray, np.ndarray, int]], min_spread: float) -> bool:
-    """Whether the face's pixels (all regions, inside the frame) carry no usable colour: the 90th percentile
-    of their chroma distance from the median chroma is below ``min_spread``. Skin, lips, eyes and most
-    occluders differ by well over that in a colour photo; in grayscale it is 0, in a tinted print about 1."""
+    """Whether the face's pixels (all regions, inside the frame) carry no colour beyond their brightness.
+
+    Chroma (Cr, Cb) is fitted as a linear function of luma; the photo is monochrome when the 90th
+    percentile of the residual is below ``min_spread``: 0 in grayscale, about 1 (rounding) in a sepia or
+    tinted print, where the colour follows the brightness. Skin, lips, eyes and occluders of a colour
+    photo leave well over that.
+    """
     rows = np.concatenate([r for r, _, _ in pixels.values()])
     cols = np.concatenate([c for _, c, _ in pixels.values()])
-    if rows.size == 0:
+    if rows.size < 3:
         return False
-    chroma = ycc[rows, cols, 1:]
-    distance = np.linalg.norm(chroma - np.median(chroma, axis=0), axis=1)
-    return float(np.percentile(distance, 90)) < min_spread
+    values = ycc[rows, cols]
+    design = np.stack([values[:, 0], np.ones(len(values))], axis=1)
+    coef, *_ = np.linalg.lstsq(design, values[:, 1:], rcond=None)
+    residual = np.linalg.norm(values[:, 1:] - design @ coef, axis=1)
+    return float(np.percentile(residual, 90)) < min_spread
 
 
 def visibility_photometric(image_rgb: np.ndarray, landmarks468: np.ndarray,
@@ -525,8 +531,8 @@ def visibility_photometric(image_rgb: np.ndarray, landmarks468: np.ndarray,
 
 
 def combine(*visibilities: Visibility | None) -> Visibility:
-    """Merge sources: the minimum per region (and per vertex) over the sources that report it; a region is
-    unknown only when every source that reports it says so."""
+    """Merge sources: the minimum per region (and per vertex) over the sources that report it. A region stays
+    unknown when a source could not judge it (no colour evidence) and no other source found it covered."""
     present = [v for v in visibilities if v is not None]
     if not present:
         return Visibility.full()
@@ -543,9 +549,9 @@ def combine(*visibilities: Visibility | None) -> Visibility:
     sources: list[str] = []
     for vis in present:
         sources += [s for s in vis.sources if s not in sources]
-    # Unknown where no source that reports the region knows it (an unknown region reads 1, so the minimum
-    # above already takes any source's evidence).
-    unknown = tuple(n for n in names if all(n in v.unknown for v in present if n in v.regions))
+    # Unknown where a source could not judge the region and no other source found it covered (an unknown
+    # region reads 1, so the minimum above already takes any source's evidence of a cover).
+    unknown = tuple(n for n in names if regions[n] >= 1.0 and any(n in v.unknown for v in present))
     return Visibility(regions, per_vertex, tuple(sources), unknown)
 
 
@@ -557,10 +563,13 @@ class VisibilitySources:
     photometric: bool = True
     hands: bool = True
     photometric_settings: PhotometricSettings = field(default_factory=PhotometricSettings)
+    pose: bool = True
 
     def estimate(self, image_rgb: np.ndarray, landmarks468: np.ndarray, *, occluder_mask: np.ndarray | None = None,
-                 hand_points: Sequence[np.ndarray] | None = None, hand_mask: np.ndarray | None = None) -> Visibility:
-        """Run the enabled sources that have their inputs, and :func:`combine` them."""
+                 hand_points: Sequence[np.ndarray] | None = None, hand_mask: np.ndarray | None = None,
+                 triangles: np.ndarray | None = None, canonical_mm: np.ndarray | None = None) -> Visibility:
+        """Run the enabled sources that have their inputs, and :func:`combine` them. The pose source needs
+        landmarks with depth plus the topology's ``triangles`` and ``canonical_mm`` face."""
         image = np.asarray(image_rgb)
         found: list[Visibility] = []
         if self.mask and occluder_mask is not None:
@@ -569,4 +578,7 @@ class VisibilitySources:
             found.append(visibility_photometric(image, landmarks468, self.photometric_settings))
         if self.hands and (hand_points or hand_mask is not None):
             found.append(visibility_from_hands(landmarks468, image.shape, hand_points=hand_points, hand_mask=hand_mask))
+        if (self.pose and triangles is not None and canonical_mm is not None
+                and np.ndim(landmarks468) == 2 and np.shape(landmarks468)[1] >= 3):
+            found.append(visibility_from_pose(landmarks468, triangles, canonical_mm))
         return combine(*found) if found else Visibility.full("none")

@@ -49,6 +49,7 @@ from facefuse.v1 import (
 )
 
 if TYPE_CHECKING:
+    from facefuse.assets.canonical_face import CanonicalFace
     from facefuse.face.hands import HandDetector
 
 
@@ -62,7 +63,7 @@ class FrontEnd(Protocol):
 
 METHODS = ("detect", "mica", "ofer", "fuse")
 DEFAULT_CALL_TIMEOUT_S = 600.0
-VISIBILITY_SOURCES = ("mask", "photometric", "hands")
+VISIBILITY_SOURCES = ("mask", "photometric", "hands", "pose")
 MAX_GIVEN_BOXES = 64
 
 
@@ -206,6 +207,7 @@ class FacePipeline:
         self.max_decode_bytes = max_decode_bytes
         self._faces_pool = ThreadPoolExecutor(max_workers=face_workers, thread_name_prefix="face")
         self._hands: HandDetector | bool | None = None  # None: not tried yet; False: unavailable
+        self._canonical: CanonicalFace | bool | None = None  # the same for the canonical face
         self._branch_pool = ThreadPoolExecutor(max_workers=face_workers, thread_name_prefix="branch")
         self._default_strategy: str | None = None
 
@@ -312,8 +314,10 @@ class FacePipeline:
             return None  # no dense landmarks (SCRFD front end): fusion assumes full visibility
         off = set(options.visibility_off)  # names and the mask's shape checked at the edge (check_options, check_mask)
         sources = VisibilitySources(
-            mask="mask" not in off, photometric="photometric" not in off, hands="hands" not in off
+            mask="mask" not in off, photometric="photometric" not in off, hands="hands" not in off,
+            pose="pose" not in off,
         )
+        canonical = self._canonical_face() if sources.pose else None
         hand_points = None
         if sources.hands:
             detector = self._hand_detector()
@@ -324,12 +328,27 @@ class FacePipeline:
                     for hand in detector.detect(image, region=_grown_box(face.detection.box, image.shape, 2.5))
                 ]
         vis = sources.estimate(
-            image, landmarks, occluder_mask=None if mask is None else mask > 127, hand_points=hand_points
+            image, landmarks, occluder_mask=None if mask is None else mask > 127, hand_points=hand_points,
+            triangles=None if canonical is None else canonical.faces,
+            canonical_mm=None if canonical is None else canonical.vertices_mm,
         )
         message = common_pb2.Visibility(
-            regions={k: float(v) for k, v in vis.regions.items()}, sources=list(vis.sources)
+            regions={k: float(v) for k, v in vis.regions.items()}, sources=list(vis.sources), unknown=list(vis.unknown)
         )
         return message
+
+    def _canonical_face(self) -> CanonicalFace | None:
+        """The 468-point topology's canonical face (triangles and frontal layout for the pose source), or
+        None when the model store cannot give it (the pose source is then skipped, logged once)."""
+        if self._canonical is None:
+            try:
+                from facefuse.assets.canonical_face import load_canonical_face
+
+                self._canonical = load_canonical_face()
+            except (ImportError, FacefuseError) as exc:
+                log_event("pose_visibility_unavailable", reason=str(exc))
+                self._canonical = False
+        return self._canonical if not isinstance(self._canonical, bool) else None
 
     def _hand_detector(self) -> HandDetector | None:
         from facefuse.face.hands import HandDetector
