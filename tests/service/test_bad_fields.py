@@ -95,6 +95,8 @@ SAMPLE_CASES: dict[str, tuple[ofer_pb2.SampleRequest, grpc.StatusCode]] = {
     "start_shape NaN": (_sample(start_shape=_with_nan((OPEN_K,))), INVALID),
     "guide_shape dims overflow": (_sample(guide_shape=OVERFLOW), INVALID),
     "visibility region NaN": (_sample(visibility=common_pb2.Visibility(regions={"nose": float("nan")})), INVALID),
+    "visibility unknown region not reported": (
+        _sample(visibility=common_pb2.Visibility(regions={"nose": 1.0}, unknown=["elbow"])), INVALID),
     "visibility per_vertex inf": (
         _sample(visibility=common_pb2.Visibility(per_vertex=_with_nan((468,), np.inf))),
         INVALID,
@@ -145,6 +147,8 @@ FUSE_CASES: dict[str, tuple[fusion_pb2.FuseRequest, grpc.StatusCode]] = {
         INVALID,
     ),
     "region out of range": (_fuse(visibility=common_pb2.Visibility(regions={"nose": 2.0})), INVALID),
+    "unknown region read as hidden": (_fuse(visibility=common_pb2.Visibility(regions={"nose": 0.0}, unknown=["nose"])),
+                                      INVALID),
     "too many samples": (
         _fuse(
             samples=wire.from_numpy(np.zeros((1002, OPEN_K), np.float32)),
