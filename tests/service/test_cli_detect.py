@@ -131,6 +131,7 @@ def test_a_user_mask_marks_the_covered_regions_hidden(
     out = tmp_path / "out"
     assert main(["reconstruct", str(tmp_path / "in"), "-o", str(out), "--gateway", open_mesh.gateway_address,
                  "--masks", str(tmp_path / "masks"), "--no-visibility", "photometric", "--no-visibility", "hands",
+                 "--no-visibility", "pose",
                  "--no-progress", "--samples", "4"]) == 0
     (entry,) = _results(out)
     visibility = json.loads((out / entry["dir"] / "visibility.json").read_text())
