@@ -184,3 +184,15 @@ def test_fallback_rule(shape_backend, astronaut):
     tiny[:, 2] = 3.5
     assert metric_face(astronaut.landmarks, canonical, iris=tiny).iris.confidence < IRIS_MIN_CONFIDENCE
     assert metric_face(astronaut.landmarks, canonical, iris=tiny).scale_source == "default"
+
+
+def test_the_gateway_checks_the_scale_fields_of_a_mica_reply():
+    from facefuse.errors import BackendError
+    from facefuse.pipeline.orchestration import check_scale
+
+    check_scale("iris", 0.71)
+    check_scale("default", 0.0)
+    check_scale("", 0.0)  # not reported (the flame pack's MICA)
+    for source, confidence in (("ruler", 0.5), ("iris", 1.5), ("iris", float("nan")), ("", 0.4), ("default", -0.1)):
+        with pytest.raises(BackendError, match="scale"):
+            check_scale(source, confidence)
