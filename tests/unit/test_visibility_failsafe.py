@@ -226,3 +226,13 @@ def test_services_check_unknown_regions():
         visibility_from_message(common_pb2.Visibility(regions={"lips": 1.0}, unknown=["elbow"]))
     with pytest.raises(InvalidInputError, match="unknown"):
         visibility_from_message(common_pb2.Visibility(regions={"nose": 0.3}, unknown=["nose"]))
+
+
+def test_points_behind_the_surface():
+    from facefuse.fusion.visibility import behind_surface
+
+    # One big triangle near the camera (z = 10) and three points: behind it, in front of it, beside it.
+    xyz = np.array([[0.0, 0.0, 10.0], [100.0, 0.0, 10.0], [0.0, 100.0, 10.0],
+                    [20.0, 20.0, 0.0], [20.0, 20.0, 20.0], [90.0, 90.0, 0.0]])
+    hidden = behind_surface(xyz, np.array([[0, 1, 2]]))
+    assert hidden.tolist() == [False, False, False, True, False, False]

@@ -376,7 +376,34 @@ def facing_camera(landmarks468: np.ndarray, triangles: np.ndarray) -> np.ndarray
         np.add.at(normals, tri[:, k], area_normals)
     length = np.linalg.norm(normals, axis=1)
     cos_view = np.where(length > 0, normals[:, 2] / np.maximum(length, 1e-12), 1.0)
-    return np.clip(cos_view / FACING_FULL, 0.0, 1.0)
+    facing = np.clip(cos_view / FACING_FULL, 0.0, 1.0)
+    facing[behind_surface(xyz, tri)] = 0.0
+    return facing
+
+
+OCCLUSION_DEPTH = 0.03
+"""A point counts as behind the surface when another triangle over it in the image lies closer to the
+camera by more than this fraction of the face's size (FaceMesh's depth is a learned guess: a margin)."""
+
+
+def behind_surface(xyz: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """(V,) bool: points hidden by the face's own surface (e.g. the far eye's inner corner behind the nose
+    of a turned head). ``xyz``: (V, 3) camera frame, x right, y up, z toward the camera; a point is
+    behind when a triangle not containing it covers its (x, y) and lies nearer by :data:`OCCLUSION_DEPTH`."""
+    tri = np.asarray(triangles)
+    a, b, c = xyz[tri[:, 0], :2], xyz[tri[:, 1], :2], xyz[tri[:, 2], :2]
+    v0, v1 = b - a, c - a
+    denominator = v0[:, 0] * v1[:, 1] - v1[:, 0] * v0[:, 1]  # (F,)
+    usable = np.abs(denominator) > 1e-9
+    rel = xyz[:, None, :2] - a[None]  # (V, F, 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = (rel[..., 0] * v1[:, 1] - v1[:, 0] * rel[..., 1]) / denominator
+        v = (v0[:, 0] * rel[..., 1] - rel[..., 0] * v0[:, 1]) / denominator
+    inside = usable & (u >= 0.0) & (v >= 0.0) & (u + v <= 1.0)
+    z = xyz[tri[:, 0], 2] * (1.0 - u - v) + xyz[tri[:, 1], 2] * u + xyz[tri[:, 2], 2] * v  # (V, F)
+    size = float(np.ptp(xyz[:, :2], axis=0).max())
+    own = (tri[None, :, :] == np.arange(len(xyz))[:, None, None]).any(axis=2)
+    return (inside & ~own & (z > xyz[:, None, 2] + OCCLUSION_DEPTH * size)).any(axis=1)
 
 
 def region_members(frontal_xy: np.ndarray) -> dict[str, np.ndarray]:
