@@ -391,19 +391,27 @@ def behind_surface(xyz: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     of a turned head). ``xyz``: (V, 3) camera frame, x right, y up, z toward the camera; a point is
     behind when a triangle not containing it covers its (x, y) and lies nearer by :data:`OCCLUSION_DEPTH`."""
     tri = np.asarray(triangles)
-    a, b, c = xyz[tri[:, 0], :2], xyz[tri[:, 1], :2], xyz[tri[:, 2], :2]
-    v0, v1 = b - a, c - a
-    denominator = v0[:, 0] * v1[:, 1] - v1[:, 0] * v0[:, 1]  # (F,)
+    xy = xyz[:, :2]
+    corners = xy[tri]  # (F, 3, 2)
+    low, high = corners.min(axis=1), corners.max(axis=1)
+    # Candidate pairs: the point inside the triangle's bounding box and not one of its corners.
+    point, face = np.nonzero((xy[:, 0:1] >= low[:, 0]) & (xy[:, 0:1] <= high[:, 0])
+                             & (xy[:, 1:2] >= low[:, 1]) & (xy[:, 1:2] <= high[:, 1]))
+    keep = ~(tri[face] == point[:, None]).any(axis=1)
+    point, face = point[keep], face[keep]
+    a, b, c = corners[face, 0], corners[face, 1], corners[face, 2]
+    v0, v1, rel = b - a, c - a, xy[point] - a
+    denominator = v0[:, 0] * v1[:, 1] - v1[:, 0] * v0[:, 1]
     usable = np.abs(denominator) > 1e-9
-    rel = xyz[:, None, :2] - a[None]  # (V, F, 2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        u = (rel[..., 0] * v1[:, 1] - v1[:, 0] * rel[..., 1]) / denominator
-        v = (v0[:, 0] * rel[..., 1] - rel[..., 0] * v0[:, 1]) / denominator
+    safe = np.where(usable, denominator, 1.0)
+    u = (rel[:, 0] * v1[:, 1] - v1[:, 0] * rel[:, 1]) / safe
+    v = (v0[:, 0] * rel[:, 1] - rel[:, 0] * v0[:, 1]) / safe
     inside = usable & (u >= 0.0) & (v >= 0.0) & (u + v <= 1.0)
-    z = xyz[tri[:, 0], 2] * (1.0 - u - v) + xyz[tri[:, 1], 2] * u + xyz[tri[:, 2], 2] * v  # (V, F)
-    size = float(np.ptp(xyz[:, :2], axis=0).max())
-    own = (tri[None, :, :] == np.arange(len(xyz))[:, None, None]).any(axis=2)
-    return (inside & ~own & (z > xyz[:, None, 2] + OCCLUSION_DEPTH * size)).any(axis=1)
+    z = xyz[tri[face, 0], 2] * (1.0 - u - v) + xyz[tri[face, 1], 2] * u + xyz[tri[face, 2], 2] * v
+    size = float(np.ptp(xy, axis=0).max())
+    hidden = np.zeros(len(xyz), bool)
+    hidden[point[inside & (z > xyz[point, 2] + OCCLUSION_DEPTH * size)]] = True
+    return hidden
 
 
 def region_members(frontal_xy: np.ndarray) -> dict[str, np.ndarray]:
