@@ -147,8 +147,8 @@ FUSE_CASES: dict[str, tuple[fusion_pb2.FuseRequest, grpc.StatusCode]] = {
         INVALID,
     ),
     "region out of range": (_fuse(visibility=common_pb2.Visibility(regions={"nose": 2.0})), INVALID),
-    "unknown region read as hidden": (_fuse(visibility=common_pb2.Visibility(regions={"nose": 0.0}, unknown=["nose"])),
-                                      INVALID),
+    "unknown region not reported": (_fuse(visibility=common_pb2.Visibility(regions={"nose": 0.5}, unknown=["lips"])),
+                                    INVALID),
     "too many samples": (
         _fuse(
             samples=wire.from_numpy(np.zeros((1002, OPEN_K), np.float32)),

@@ -254,3 +254,24 @@ def test_the_scale_source_travels_from_mica_through_the_gateway(open_mesh: Local
             rec = result.reconstruction
             assert rec.scale_source == "iris", method
             assert 0.3 <= rec.scale_confidence <= 1.0, (method, rec.scale_confidence)
+
+
+def test_a_grayscale_photo_is_unknown_not_hidden_through_the_gateway(open_mesh: LocalMesh) -> None:
+    """The gateway's visibility for a grayscale copy of the astronaut: the skin test has nothing to judge, so
+    every region arrives unknown, with the geometric evidence alone (the pose source: nearly 1 for her
+    almost frontal face), not hidden."""
+    import io
+
+    import skimage.data
+    from PIL import Image
+
+    gray = Image.fromarray(skimage.data.astronaut()).convert("L").convert("RGB")
+    buffer = io.BytesIO()
+    gray.save(buffer, format="PNG")
+    with GatewayClient(open_mesh.gateway_address, timeout_s=300) as client:
+        (result,) = list(client.process([ImageInput("gray.png", buffer.getvalue())], method="fuse", num_samples=4))
+    assert result.status.code == 0, result.status.message
+    vis = result.reconstruction.visibility
+    assert set(vis.sources) >= {"photometric", "pose"}
+    assert set(vis.unknown) == set(vis.regions) and len(vis.unknown) == 7
+    assert all(value > 0.9 for value in vis.regions.values()), dict(vis.regions)

@@ -82,11 +82,11 @@ def test_grayscale_photo_is_unknown_not_hidden(astronaut):
     # Odd lighting: a strong blue cast leaves the skin gate without support -> unknown too.
     blue = np.clip(image * [0.35, 0.5, 1.0] + [0, 0, 60], 0, 255).astype(np.uint8)
     assert visibility_photometric(blue, lmk).unknown == REGION_NAMES
-    # Unknown gives way to any source with evidence (a hand over the mouth), and stays unknown elsewhere.
+    # Geometric evidence still counts (a hand over the mouth); the photometric part stays marked unknown.
     hands = Visibility({r: (0.2 if r == "lips" else 1.0) for r in REGION_NAMES}, None, ("hands",))
     merged = combine(visibility_photometric(_gray(image), lmk), hands)
-    assert merged.regions["lips"] == 0.2 and "lips" not in merged.unknown
-    assert merged.unknown == tuple(r for r in REGION_NAMES if r != "lips")
+    assert merged.regions == {r: (0.2 if r == "lips" else 1.0) for r in REGION_NAMES}
+    assert merged.unknown == REGION_NAMES
 
 
 def test_grayscale_faces_of_two_people_give_two_shapes(front_end, store, group_photo):
@@ -224,8 +224,6 @@ def test_services_check_unknown_regions():
     assert visibility_from_message(good).unknown == ("lips",)
     with pytest.raises(InvalidInputError, match="unknown"):
         visibility_from_message(common_pb2.Visibility(regions={"lips": 1.0}, unknown=["elbow"]))
-    with pytest.raises(InvalidInputError, match="unknown"):
-        visibility_from_message(common_pb2.Visibility(regions={"nose": 0.3}, unknown=["nose"]))
 
 
 def test_points_behind_the_surface():

@@ -62,7 +62,7 @@ class CheckedReconstruction:
     sample_scores: np.ndarray | None = None  # (N,)
     visibility: dict[str, float] | None = None
     visibility_sources: list[str] = field(default_factory=list)
-    visibility_unknown: list[str] = field(default_factory=list)  # regions with no evidence (value 1 = trusted)
+    visibility_unknown: list[str] = field(default_factory=list)  # regions a source could not judge
     scale_source: str = ""  # "iris" | "default" | "" (not reported)
     scale_confidence: float = 0.0  # [0, 1]
 

@@ -100,8 +100,9 @@ class Visibility:
     per_vertex: np.ndarray | None = None  # (V,) for the topology at hand
     sources: tuple[str, ...] = ()
     unknown: tuple[str, ...] = ()
-    """Regions no source had evidence on (a grayscale photo for the skin test). Their value is 1: unknown
-    means "trust the observation", never "hidden" (a hidden face would be replaced by the prior)."""
+    """Regions a source could not judge (the skin test in a grayscale photo). That source counts as 1 there:
+    unknown means "trust the observation" unless other evidence (hands, a mask, the pose) says otherwise,
+    never "hidden" (a hidden face would be replaced by the prior)."""
 
     @property
     def overall(self) -> float:
@@ -566,8 +567,9 @@ def visibility_photometric(image_rgb: np.ndarray, landmarks468: np.ndarray,
 
 
 def combine(*visibilities: Visibility | None) -> Visibility:
-    """Merge sources: the minimum per region (and per vertex) over the sources that report it. A region stays
-    unknown when a source could not judge it (no colour evidence) and no other source found it covered."""
+    """Merge sources: the minimum per region (and per vertex) over the sources that report it. A region is
+    listed unknown when a source could not judge it (no colour evidence); its value is then what the other
+    sources found (1 when none did)."""
     present = [v for v in visibilities if v is not None]
     if not present:
         return Visibility.full()
@@ -584,9 +586,8 @@ def combine(*visibilities: Visibility | None) -> Visibility:
     sources: list[str] = []
     for vis in present:
         sources += [s for s in vis.sources if s not in sources]
-    # Unknown where a source could not judge the region and no other source found it covered (an unknown
-    # region reads 1, so the minimum above already takes any source's evidence of a cover).
-    unknown = tuple(n for n in names if regions[n] >= 1.0 and any(n in v.unknown for v in present))
+    # A source without evidence reports 1 there, so the minimum above is the other sources' evidence alone.
+    unknown = tuple(n for n in names if any(n in v.unknown for v in present))
     return Visibility(regions, per_vertex, tuple(sources), unknown)
 
 

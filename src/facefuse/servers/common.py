@@ -45,8 +45,6 @@ def visibility_from_message(message: common_pb2.Visibility, num_vertices: int | 
     unknown = tuple(message.unknown)
     if len(unknown) > len(message.regions) or any(name not in message.regions for name in unknown):
         raise InvalidInputError("visibility.unknown: names a region that visibility.regions does not report")
-    if any(message.regions[name] != 1.0 for name in unknown):
-        raise InvalidInputError("visibility.unknown: an unknown region must read 1 (trust the observation)")
     return Visibility(regions=dict(message.regions), per_vertex=per_vertex, sources=tuple(message.sources),
                       unknown=unknown)
 
