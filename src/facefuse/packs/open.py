@@ -379,7 +379,8 @@ class OpenShapeBackend:
         self.canonical = canonical
         self.status = BackendStatus(
             "mica", "facemesh-metric", PACK, True, False, "ready", device="cpu",
-            details={"topology": TOPOLOGY, "vertices": str(NUM_VERTICES), "scale": f"iris {IRIS_DIAMETER_MM} mm",
+            details={"topology": TOPOLOGY, "vertices": str(NUM_VERTICES),
+                     "scale": f"iris {IRIS_DIAMETER_MM} mm (head-rotation corrected, both eyes checked), else default",
                      "shape": "displacement from the canonical face, mm (1404)"})
 
     def reconstruct(
