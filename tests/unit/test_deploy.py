@@ -188,6 +188,14 @@ def test_each_service_image_is_a_thin_non_root_stage(name: str, folder: str) -> 
         assert "torch" in requirements and "insightface" not in requirements
 
 
+def test_no_stage_installs_node_or_npm() -> None:
+    """The model store fetches the npm tarball over HTTPS itself: the models stage needs only Python."""
+    stages = _dockerfile_stages()
+    assert "models" in stages
+    for name, (_parent, lines) in stages.items():
+        assert not any(re.search(r"\b(npm|nodejs)\b", line) for line in lines if not line.startswith("#")), name
+
+
 def test_torch_source_choices_are_all_handled() -> None:
     stages = _dockerfile_stages()
     run = next(line for line in stages["torch-build"][1] if line.startswith("RUN"))
