@@ -15,6 +15,7 @@ from pathlib import Path
 from facefuse.client.names import display
 from facefuse.client.options import parse_option
 from facefuse.errors import BackendUnavailableError, FacefuseError, InvalidInputError
+from facefuse.face.types import det_thresh_argument
 
 DEFAULT_GATEWAY = os.environ.get("FACEFUSE_GATEWAY", "127.0.0.1:50050")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_GATEWAY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -46,6 +47,9 @@ def _stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls", action="store_true", help="talk TLS to the gateway, trusting the system's CAs")
     parser.add_argument("--token-file", type=Path, default=os.environ.get("FACEFUSE_TOKEN_FILE") or None,
                         help="send the bearer token in this file (default $FACEFUSE_TOKEN_FILE)")
+    parser.add_argument("--det-thresh", type=det_thresh_argument, default=None, metavar="T",
+                        help="face detector score threshold for these images, 0 < T < 1 (default: the gateway's; "
+                             "open front end 0.5, SCRFD 0.4); lower finds more occluded faces (docs/open-pack.md)")
     parser.add_argument("--shard", default=None, metavar="I/N",
                         help="process only shard I of N (0-based) of the inputs, into OUT/shard-I-of-N "
                              "(docs/scaling.md#batch-jobs)")
@@ -76,7 +80,8 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> i
         client.wait_ready()
         masks = read_masks(items, args.masks) if getattr(args, "masks", None) else None
         try:
-            report = run_stream(items, args.out, client, method, options={"selection": args.selection, **options},
+            report = run_stream(items, args.out, client, method,
+                                options={"selection": args.selection, "det_thresh": args.det_thresh, **options},
                                 progress=not args.no_progress, masks=masks,
                                 all_files=getattr(args, "all_files", False))
         except BackendUnavailableError:
