@@ -118,6 +118,15 @@ def test_compose_default_is_cpu_ready_checked_read_only_and_loopback() -> None:
     assert opened[0].startswith("0.0.0.0:50050:")
 
 
+def test_compose_passes_the_detection_threshold_to_the_gateway() -> None:
+    """Empty by default (the gateway then uses the detector's own threshold); set, it reaches the gateway."""
+    from facefuse.servers.gateway import DET_THRESH_ENV
+
+    assert _config("docker-compose.yml")["services"]["gateway"]["environment"][DET_THRESH_ENV] in ("", None)
+    chosen = _config("docker-compose.yml", env={DET_THRESH_ENV: "0.35"})["services"]["gateway"]["environment"]
+    assert chosen[DET_THRESH_ENV] == "0.35"
+
+
 def test_client_image_installs_what_reconstruct_imports_and_no_torch() -> None:
     """The client image holds neither torch nor models (what it must hold: the test below)."""
     names = {_norm(n) for n in _requirement_names(ROOT / "client" / "requirements.txt")}

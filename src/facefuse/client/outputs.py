@@ -34,7 +34,8 @@ from facefuse.render import render_preview, render_uncertainty, spread_colors
 RESULTS = "results.jsonl"
 EXTRAS = ("crop112.png", "crop224.png", "kps5.npy", "samples.npz", "mesh_uncertainty.ply")
 """Files ``reconstruct`` writes only with ``--all-files`` (``detect`` always writes its crops and points)."""
-DONE_CODES = {"OK", "NOT_FOUND"}
+DONE_CODES = {"OK"}
+"""Lines a rerun skips. NOT_FOUND is not among them: a rerun (e.g. with a lower --det-thresh) looks again."""
 
 
 def code_name(code: int) -> str:
