@@ -179,8 +179,8 @@ def _cover_mouth(image: np.ndarray, kps5: np.ndarray, offset: np.ndarray | None 
     eyes, mouth = kps[:2].mean(0), kps[3:5].mean(0)
     half_w = 1.0 * np.linalg.norm(kps[4] - kps[3])
     half_h = 0.5 * np.linalg.norm(mouth - eyes)
-    out[int(max(mouth[1] - half_h, 0)):int(mouth[1] + 1.6 * half_h), int(max(mouth[0] - half_w, 0)):int(mouth[0] + half_w)] \
-        = (224, 172, 140)
+    rows = slice(int(max(mouth[1] - half_h, 0)), int(mouth[1] + 1.6 * half_h))
+    out[rows, int(max(mouth[0] - half_w, 0)):int(mouth[0] + half_w)] = (224, 172, 140)
     return out
 
 
