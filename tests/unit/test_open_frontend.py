@@ -229,7 +229,7 @@ def test_mouth_covered_faces_are_still_found(front_end, astronaut):
     _same_eyes(found, reference, np.zeros(2, np.float32))
     crop, offset = _tight_crop(astronaut, reference, 0.9)
     covered_crop = _cover_mouth(crop, reference.kps5, offset)
-    (found,) = front_end.detect(covered_crop)  # BlazeFace 0.37 on it: the second chance finds it
+    (found,) = front_end.detect(covered_crop)  # BlazeFace 0.33 on it: found on the zoomed-out copy
     assert found.found_by in ("second_chance", "zoom_out")
     _same_eyes(found, reference, offset)
 

@@ -113,9 +113,10 @@ class _OpenDetector:
         if passed:  # a near box that overlaps a passed one is the same face, not a second one
             kept = np.stack([f.box for f in passed])
             near = [f for f in near if not np.any(iou(f.box, kept) > self.blazeface.nms_iou)]
+        near_found_by = "second_chance" if found_by == "detector" else found_by  # zoom_out covers its own near boxes
         detections = []
         for face, min_score, how in [*((f, self.mesh_min_score, found_by) for f in passed),
-                                     *((f, CONFIRM_MESH_SCORE, "second_chance") for f in near)]:
+                                     *((f, CONFIRM_MESH_SCORE, near_found_by) for f in near)]:
             box = face.box - np.tile(shift, 2)
             kps = face.keypoints - shift
             detection = self._meshed(image, box, kps[0], kps[1], face.score, min_score, how)
