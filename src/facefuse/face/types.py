@@ -17,7 +17,8 @@ KPS5_ORDER = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
 FOUND_BY = ("detector", "second_chance", "zoom_out", "whole_image")
 """How a face was found (``Detection.found_by``): the detector's score passed the threshold; it scored
 just under it and FaceMesh confirmed it; it was found on a zoomed-out (padded) copy of a face-filling
-photo (by either of the first two rules); or the whole photo was taken as the face box and FaceMesh confirmed it (docs/open-pack.md)."""
+photo (by either of the first two rules); or the whole photo was taken as the face box and FaceMesh
+confirmed it (docs/open-pack.md)."""
 
 
 def check_det_thresh(value: float | str | None, what: str = "detection threshold") -> float | None:
