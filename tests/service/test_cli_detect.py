@@ -169,7 +169,7 @@ def test_detection_threshold_end_to_end_and_no_face_exit_code(open_mesh: LocalMe
     assert line["status"] == "NOT_FOUND" and line["face_index"] == -1
     assert main(base) == 0  # retried (not skipped as done), found at the default threshold
     assert "1 image(s) processed, 0 already done" in capsys.readouterr().out
-    assert [e["status"] for e in _results(out)] == ["OK"]
+    assert [(e["status"], e["found_by"]) for e in _results(out)] == [("OK", "detector")]
 
     crop_folder = tmp_path / "crop"
     crop_folder.mkdir()
@@ -178,7 +178,7 @@ def test_detection_threshold_end_to_end_and_no_face_exit_code(open_mesh: LocalMe
     assert main(["detect", str(crop_folder), "-o", str(crop_out), "--gateway", open_mesh.gateway_address,
                  "--no-progress"]) == 0
     (face,) = _results(crop_out)
-    assert face["status"] == "OK"
+    assert face["status"] == "OK" and face["found_by"] == "zoom_out"
 
 
 @pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.1", "nan", "high"])
