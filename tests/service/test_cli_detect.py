@@ -197,3 +197,54 @@ def test_bad_detection_threshold_is_a_usage_error(tmp_path: Path, value: str) ->
     gateway = subprocess.run([sys.executable, "-m", "facefuse.servers.gateway", "--port", "0"], capture_output=True,
                              text=True, env={**env, "FACEFUSE_DET_THRESH": value}, timeout=60)
     assert gateway.returncode == 2 and "between 0 and 1" in gateway.stderr, gateway.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["detect", "x.jpg", "-o", "out"],
+    ["reconstruct", "x.jpg", "-o", "out"],
+    ["mesh", "up"],
+    ["demo"],
+    ["bench", "occlusion", "--images", "x", "--local", "-o", "out"],
+])
+def test_every_entry_point_refuses_a_bad_threshold_before_any_work(command: list[str],
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--det-thresh", "1.2"])
+    assert stopped.value.code == 2
+    assert "--det-thresh" in capsys.readouterr().err
+
+
+def test_mesh_up_det_thresh_sets_the_gateways_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`facefuse mesh up --det-thresh 0.99`: a request without its own threshold gets the gateway's, so the
+    mouth-covered astronaut (BlazeFace 0.81) is not found; a request's own --det-thresh still wins."""
+    import signal
+
+    import skimage.data
+
+    covered = skimage.data.astronaut().copy()
+    covered[125:185, 195:260] = (224, 172, 140)
+    photo = tmp_path / "covered.png"
+    photo.write_bytes(_png(covered))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FACEFUSE_ASSETS": ""}
+    mesh = subprocess.Popen([sys.executable, "-m", "facefuse.client.cli", "mesh", "up", "--det-thresh", "0.99"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                            start_new_session=True)
+    try:
+        import queue
+        import threading
+
+        lines: queue.Queue[str] = queue.Queue()
+        assert mesh.stdout is not None
+        threading.Thread(target=lambda: [lines.put(line) for line in mesh.stdout], daemon=True).start()
+        address = None
+        while address is None:
+            line = lines.get(timeout=180)  # queue.Empty: mesh up did not get ready in time
+            if line.startswith("gateway ready at "):
+                address = line.split()[3].rstrip(";")
+        base = ["detect", str(photo), "--gateway", address, "--no-progress"]
+        assert main([*base, "-o", str(tmp_path / "strict")]) == 1
+        assert [e["status"] for e in _results(tmp_path / "strict")] == ["NOT_FOUND"]
+        assert main([*base, "-o", str(tmp_path / "own"), "--det-thresh", "0.5"]) == 0
+    finally:
+        os.killpg(mesh.pid, signal.SIGTERM)
+        mesh.wait(timeout=60)
