@@ -265,3 +265,14 @@ def test_threshold_out_of_range_is_refused(front_end, store, astronaut, bad):
         front_end.detect(astronaut, det_thresh=bad)
     with pytest.raises(InvalidInputError, match="between 0 and 1"):
         FaceFrontEnd.from_assets(None, store, det_thresh=bad)
+
+
+def test_recover_missed_off_is_the_detector_alone(store, front_end, astronaut, group_photo):
+    """The switch a before/after study uses: without the recovery paths the crops are missed again."""
+    plain = FaceFrontEnd.from_assets(None, store, recover_missed=False)
+    (reference,) = front_end.detect(astronaut)
+    for fraction in (0.9, 0.8):
+        crop, _ = _tight_crop(astronaut, reference, fraction)
+        assert plain.detect(crop) == [] and len(front_end.detect(crop)) == 1
+    boxes = [d.box.tolist() for d in plain.detect(group_photo)]
+    assert boxes == [d.box.tolist() for d in front_end.detect(group_photo)]  # full photos: the same faces

@@ -72,7 +72,8 @@ class _OpenDetector:
 
     name = "blazeface-facemesh"
 
-    def __init__(self, store: ModelStore, det_thresh: float | None, mesh_min_score: float) -> None:
+    def __init__(self, store: ModelStore, det_thresh: float | None, mesh_min_score: float,
+                 recover_missed: bool = True) -> None:
         from facefuse.face.blazeface import DEFAULT_SCORE_THRESH, BlazeFaceFullRange
         from facefuse.face.facemesh import FaceMesh
         from facefuse.face.tflite import TFLiteModel
@@ -83,11 +84,12 @@ class _OpenDetector:
                                             score_thresh=DEFAULT_SCORE_THRESH if thresh is None else thresh)
         self.mesh = FaceMesh(TFLiteModel(store.path("face_landmark")))
         self.mesh_min_score = mesh_min_score
+        self.recover_missed = recover_missed
 
     def detect(self, image: np.ndarray, det_thresh: float | None = None) -> list[Detection]:
         thresh = self.blazeface.score_thresh if det_thresh is None else float(det_thresh)
         detections = self._from_detector(image, image, thresh, 0.0, 0.0, "detector")
-        if detections:
+        if detections or not self.recover_missed:
             return detections
         # Nothing found: perhaps a crop the face fills. First the detector on a zoomed-out copy ...
         h, w = image.shape[:2]
@@ -109,7 +111,7 @@ class _OpenDetector:
         shift = np.array([offset_x, offset_y], np.float32)
         passed = self.blazeface.faces(raw, thresh)
         near = [f for f in self.blazeface.faces(raw, max(thresh - SECOND_CHANCE_MARGIN, thresh / 2.0))
-                if f.score < thresh]
+                if f.score < thresh] if self.recover_missed else []
         if passed:  # a near box that overlaps a passed one is the same face, not a second one
             kept = np.stack([f.box for f in passed])
             near = [f for f in near if not np.any(iou(f.box, kept) > self.blazeface.nms_iou)]
@@ -177,11 +179,15 @@ class FaceFrontEnd:
 
     @classmethod
     def from_assets(cls, assets_dir: Path | None, store: ModelStore, *, selection: str = "all",
-                    det_thresh: float | None = None, mesh_min_score: float = DEFAULT_MESH_MIN_SCORE) -> FaceFrontEnd:
+                    det_thresh: float | None = None, mesh_min_score: float = DEFAULT_MESH_MIN_SCORE,
+                    recover_missed: bool = True) -> FaceFrontEnd:
         """SCRFD when ``assets_dir/antelopev2/scrfd_10g_bnkps.onnx`` exists, else the open front end.
 
         ``det_thresh`` (0 < t < 1; None: the detector's own default, 0.4 SCRFD, 0.5 BlazeFace) is the
         detector score a face needs; out of range is an ``InvalidInputError``.
+
+        ``recover_missed=False`` turns the open front end's second chance, zoom-out pass and whole-image
+        path off: the detector and its threshold alone, as before issue 16 (for before/after studies).
         """
         det_thresh = check_det_thresh(det_thresh)
         if assets_dir is not None and (Path(assets_dir) / SCRFD_RELPATH).is_file():
@@ -190,7 +196,7 @@ class FaceFrontEnd:
             detector: FaceDetector = ScrfdDetector(Path(assets_dir) / SCRFD_RELPATH,
                                      det_thresh=DET_THRESH if det_thresh is None else det_thresh)
         else:
-            detector = _OpenDetector(store, det_thresh, mesh_min_score)
+            detector = _OpenDetector(store, det_thresh, mesh_min_score, recover_missed)
         return cls(detector, selection, store)
 
     def detect(self, image_rgb: np.ndarray, det_thresh: float | None = None) -> list[Detection]:
