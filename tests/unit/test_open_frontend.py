@@ -276,3 +276,16 @@ def test_recover_missed_off_is_the_detector_alone(store, front_end, astronaut, g
         assert plain.detect(crop) == [] and len(front_end.detect(crop)) == 1
     boxes = [d.box.tolist() for d in plain.detect(group_photo)]
     assert boxes == [d.box.tolist() for d in front_end.detect(group_photo)]  # full photos: the same faces
+
+
+def test_zoom_out_on_a_large_crop_maps_back_to_its_pixels(front_end, astronaut):
+    """A face-filling crop of 1000+ px (the zoom-out copy is made from a 384 px version): eyes in place."""
+    (reference,) = front_end.detect(astronaut)
+    crop, offset = _tight_crop(astronaut, reference, 0.8)
+    factor = 12.0
+    large = cv2.resize(crop, (round(crop.shape[1] * factor), round(crop.shape[0] * factor)),
+                       interpolation=cv2.INTER_CUBIC)
+    (found,) = front_end.detect(large)
+    assert found.found_by == "zoom_out"
+    scaled = Detection(box=reference.box * factor, score=reference.score, kps5=reference.kps5 * factor)
+    _same_eyes(found, scaled, offset * factor)

@@ -36,6 +36,8 @@ CONFIRM_MESH_SCORE = 0.9
 ZOOM_OUT_PAD = 0.5
 """The zoom-out pass pads each side by this fraction of the photo's longer side: full-range BlazeFace is
 made for faces that fill a small part of the frame, and scores face-filling crops low."""
+ZOOM_OUT_SIDE = 384
+"""The zoom-out pass works on a copy at most this long (2 x the detector's 192 px input)."""
 WHOLE_IMAGE_MIN_FACE = 0.3
 """The whole-image path keeps a face only if its landmarks span at least this fraction of the photo's
 longer side (the case it exists for is a crop the face fills, not a small face the detector missed)."""
@@ -88,27 +90,32 @@ class _OpenDetector:
 
     def detect(self, image: np.ndarray, det_thresh: float | None = None) -> list[Detection]:
         thresh = self.blazeface.score_thresh if det_thresh is None else float(det_thresh)
-        detections = self._from_detector(image, image, thresh, 0.0, 0.0, "detector")
+        detections = self._from_detector(image, image, thresh, 0.0, 1.0, "detector")
         if detections or not self.recover_missed:
             return detections
-        # Nothing found: perhaps a crop the face fills. First the detector on a zoomed-out copy ...
+        # Nothing found: perhaps a crop the face fills. First the detector on a zoomed-out copy (made from
+        # a copy at most ZOOM_OUT_SIDE px long: the detector sees 192 px anyway, and a big photo padded at
+        # full size would take four times its memory) ...
         h, w = image.shape[:2]
-        pad = round(max(h, w) * ZOOM_OUT_PAD)
-        padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-        detections = self._from_detector(padded, image, thresh, float(pad), float(pad), "zoom_out")
+        scale = min(1.0, ZOOM_OUT_SIDE / max(h, w))
+        small = image if scale == 1.0 else cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
+                                                       interpolation=cv2.INTER_AREA)
+        pad = round(max(small.shape[:2]) * ZOOM_OUT_PAD)
+        padded = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        detections = self._from_detector(padded, image, thresh, float(pad), scale, "zoom_out")
         if detections:
             return detections
         # ... then the whole photo as the face box, kept only when FaceMesh is sure twice.
         whole = self._whole_image(image)
         return [whole] if whole is not None else []
 
-    def _from_detector(self, searched: np.ndarray, image: np.ndarray, thresh: float, offset_x: float,
-                       offset_y: float, found_by: str) -> list[Detection]:
-        """Faces the detector finds in ``searched`` (``image`` padded by the offsets), meshed on ``image``."""
+    def _from_detector(self, searched: np.ndarray, image: np.ndarray, thresh: float, pad: float, scale: float,
+                       found_by: str) -> list[Detection]:
+        """Faces the detector finds in ``searched`` (``image`` resized by ``scale``, then padded by ``pad``
+        px on every side), mapped back and meshed on ``image``."""
         from facefuse.face.blazeface import iou
 
         raw = self.blazeface.raw(searched)
-        shift = np.array([offset_x, offset_y], np.float32)
         passed = self.blazeface.faces(raw, thresh)
         near = [f for f in self.blazeface.faces(raw, max(thresh - SECOND_CHANCE_MARGIN, thresh / 2.0))
                 if f.score < thresh] if self.recover_missed else []
@@ -119,8 +126,8 @@ class _OpenDetector:
         detections = []
         for face, min_score, how in [*((f, self.mesh_min_score, found_by) for f in passed),
                                      *((f, CONFIRM_MESH_SCORE, near_found_by) for f in near)]:
-            box = face.box - np.tile(shift, 2)
-            kps = face.keypoints - shift
+            box = (face.box - pad) / scale
+            kps = (face.keypoints - pad) / scale
             detection = self._meshed(image, box, kps[0], kps[1], face.score, min_score, how)
             if detection is not None:
                 detections.append(detection)
