@@ -295,6 +295,11 @@ def test_npm_registry_errors_are_clear(tmp_path, fake_entries, monkeypatch):
         monkeypatch.setenv(store_module.NPM_REGISTRY_ENV, registry.url)
         with pytest.raises(AssetError, match=r"@fake/assets@1\.0 .*HTTP 404"):
             ModelStore(tmp_path / "home").path("blob_part")
+    with _TarballServer({"/@fake/assets/-/assets-1.0.tgz": GOOD_TGZ}) as registry:
+        monkeypatch.setenv(store_module.NPM_REGISTRY_ENV, registry.url)
+        monkeypatch.setattr(store_module, "MAX_NPM_TARBALL_BYTES", len(GOOD_TGZ) - 1)
+        with pytest.raises(AssetError, match="refused"):
+            ModelStore(tmp_path / "home").path("blob_part")
     monkeypatch.setenv(store_module.NPM_REGISTRY_ENV, "file:///etc")
     with pytest.raises(AssetError, match="http:// or https://"):
         ModelStore(tmp_path / "home").path("blob_part")
