@@ -126,6 +126,7 @@ def _attacks() -> list[tuple[str, Callable[[str], list[gateway_pb2.FaceResult]]]
             mutate(lambda r: r.face.crop112.CopyFrom(wire.from_numpy(np.zeros((1024, 1024, 3), np.uint8)))),
         ),
         ("face sent twice", duplicate),
+        ("unknown found_by", mutate(lambda r: setattr(r.face, "found_by", "../../etc"))),
         ("OK for no face", mutate(lambda r: setattr(r, "face_index", -1))),
         ("unknown scale source", mutate(lambda r: setattr(r.reconstruction, "scale_source", "../x"))),
         ("scale confidence above 1", mutate(lambda r: r.reconstruction.MergeFrom(

@@ -34,7 +34,8 @@ from facefuse.render import render_preview, render_uncertainty, spread_colors
 RESULTS = "results.jsonl"
 EXTRAS = ("crop112.png", "crop224.png", "kps5.npy", "samples.npz", "mesh_uncertainty.ply")
 """Files ``reconstruct`` writes only with ``--all-files`` (``detect`` always writes its crops and points)."""
-DONE_CODES = {"OK", "NOT_FOUND"}
+DONE_CODES = {"OK"}
+"""Lines a rerun skips. NOT_FOUND is not among them: a rerun (e.g. with a lower --det-thresh) looks again."""
 
 
 def code_name(code: int) -> str:
@@ -225,6 +226,8 @@ def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None,
         keep(_png(target / "overlay.png", overlay(image, face.box, face.kps5, face.landmarks)))
     entry: dict[str, Any] = {"box": [round(float(v), 2) for v in face.box], "score": round(face.score, 4),
                              "detector": face.detector}
+    if face.found_by:
+        entry["found_by"] = face.found_by  # detector | second_chance | zoom_out | whole_image (docs/open-pack.md)
     rec = face.reconstruction
     if rec is not None:
         colors = _landmark_colors(image, face.landmarks)

@@ -81,6 +81,7 @@ class CheckedFace:
     crop224: np.ndarray | None = None
     reconstruction: CheckedReconstruction | None = None
     branches: tuple[tuple[str, CheckedReconstruction], ...] = ()
+    found_by: str = ""  # facefuse.face.types.FOUND_BY, or "" when the gateway did not say
 
 
 def text(value: str, limit: int = MAX_TEXT) -> str:
@@ -251,4 +252,14 @@ def check_face(result: gateway_pb2.FaceResult, method: str) -> CheckedFace:
         crop224=_optional(face, "crop224", "face.crop224", (224, 224, 3), _BYTES, max_dim=224),
         reconstruction=reconstruction,
         branches=tuple(branches),
+        found_by=_found_by(face.found_by),
     )
+
+
+def _found_by(value: str) -> str:
+    """One of the known ways a face is found (docs/open-pack.md), or empty; anything else breaks the protocol."""
+    from facefuse.face.types import FOUND_BY
+
+    if value and value not in FOUND_BY:
+        raise InvalidResponseError(f"face.found_by {text(value)!r} is not one of {FOUND_BY}")
+    return value

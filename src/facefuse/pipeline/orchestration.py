@@ -27,7 +27,7 @@ from facefuse.errors import (
     LimitExceededError,
 )
 from facefuse.face.frontend import SELECTIONS, select_faces
-from facefuse.face.types import AlignedFace, Detection
+from facefuse.face.types import AlignedFace, Detection, check_det_thresh
 from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES, decode_image
 from facefuse.packs.base import SCALE_SOURCES
 from facefuse.rpc.deadline import Deadline
@@ -57,7 +57,8 @@ class FrontEnd(Protocol):
     """What the pipeline needs of a face front end (``facefuse.face.frontend.FaceFrontEnd`` or a test
     double); one that also has ``estimate_iris`` gives the open pack its metric scale."""
 
-    def detect(self, image: np.ndarray) -> list[Detection]: ...
+    def detect(self, image: np.ndarray, det_thresh: float | None = None) -> list[Detection]: ...
+    # ``det_thresh`` is passed only when a request sets ProcessOptions.det_thresh (doubles may omit it).
 
     def align(self, image: np.ndarray, detection: Detection) -> AlignedFace: ...
 
@@ -153,6 +154,8 @@ def check_options(options: gateway_pb2.ProcessOptions) -> None:
         raise InvalidInputError(f"strategy {options.strategy!r}; known: {strategy_names()}")
     if options.selection and options.selection not in SELECTIONS:
         raise InvalidInputError(f"selection {options.selection!r}; expected one of {SELECTIONS}")
+    if options.det_thresh != 0.0:
+        check_det_thresh(options.det_thresh, "det_thresh")
     for name in ("num_samples", "steps"):
         if getattr(options, name) < 0:
             raise InvalidInputError(f"{name} {getattr(options, name)}; expected >= 0 (0 = the default)")
@@ -258,7 +261,10 @@ class FacePipeline:
             yield result
 
     def _faces(self, image: np.ndarray, options: gateway_pb2.ProcessOptions) -> list[AlignedFace | FacefuseError]:
-        detections = self.front_end.detect(image)
+        if options.det_thresh != 0.0:
+            detections = self.front_end.detect(image, det_thresh=options.det_thresh)
+        else:
+            detections = self.front_end.detect(image)
         chosen: list[Detection | None]
         if options.boxes:
             chosen = match_given_boxes(detections, list(options.boxes))

@@ -79,7 +79,7 @@ class Box(_message.Message):
     def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Face(_message.Message):
-    __slots__ = ("index", "box", "kps5", "landmarks", "detector", "crop112", "arcface_blob", "crop224", "farl_input", "image_size", "crop_box224", "score", "iris")
+    __slots__ = ("index", "box", "kps5", "landmarks", "detector", "crop112", "arcface_blob", "crop224", "farl_input", "image_size", "crop_box224", "score", "iris", "found_by")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     BOX_FIELD_NUMBER: _ClassVar[int]
     KPS5_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class Face(_message.Message):
     CROP_BOX224_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     IRIS_FIELD_NUMBER: _ClassVar[int]
+    FOUND_BY_FIELD_NUMBER: _ClassVar[int]
     index: int
     box: Box
     kps5: Tensor
@@ -106,7 +107,8 @@ class Face(_message.Message):
     crop_box224: Tensor
     score: float
     iris: Tensor
-    def __init__(self, index: _Optional[int] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., kps5: _Optional[_Union[Tensor, _Mapping]] = ..., landmarks: _Optional[_Union[Tensor, _Mapping]] = ..., detector: _Optional[str] = ..., crop112: _Optional[_Union[Tensor, _Mapping]] = ..., arcface_blob: _Optional[_Union[Tensor, _Mapping]] = ..., crop224: _Optional[_Union[Tensor, _Mapping]] = ..., farl_input: _Optional[_Union[Tensor, _Mapping]] = ..., image_size: _Optional[_Union[Tensor, _Mapping]] = ..., crop_box224: _Optional[_Union[Tensor, _Mapping]] = ..., score: _Optional[float] = ..., iris: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    found_by: str
+    def __init__(self, index: _Optional[int] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., kps5: _Optional[_Union[Tensor, _Mapping]] = ..., landmarks: _Optional[_Union[Tensor, _Mapping]] = ..., detector: _Optional[str] = ..., crop112: _Optional[_Union[Tensor, _Mapping]] = ..., arcface_blob: _Optional[_Union[Tensor, _Mapping]] = ..., crop224: _Optional[_Union[Tensor, _Mapping]] = ..., farl_input: _Optional[_Union[Tensor, _Mapping]] = ..., image_size: _Optional[_Union[Tensor, _Mapping]] = ..., crop_box224: _Optional[_Union[Tensor, _Mapping]] = ..., score: _Optional[float] = ..., iris: _Optional[_Union[Tensor, _Mapping]] = ..., found_by: _Optional[str] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("code", "message")

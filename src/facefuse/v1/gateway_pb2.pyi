@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ProcessOptions(_message.Message):
-    __slots__ = ("method", "strategy", "selection", "num_samples", "steps", "sampler_mode", "seed", "save_branches", "strategy_options", "boxes", "return_crops", "visibility_off")
+    __slots__ = ("method", "strategy", "selection", "num_samples", "steps", "sampler_mode", "seed", "save_branches", "strategy_options", "boxes", "return_crops", "visibility_off", "det_thresh")
     class StrategyOptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class ProcessOptions(_message.Message):
     BOXES_FIELD_NUMBER: _ClassVar[int]
     RETURN_CROPS_FIELD_NUMBER: _ClassVar[int]
     VISIBILITY_OFF_FIELD_NUMBER: _ClassVar[int]
+    DET_THRESH_FIELD_NUMBER: _ClassVar[int]
     method: str
     strategy: str
     selection: str
@@ -40,7 +41,8 @@ class ProcessOptions(_message.Message):
     boxes: _containers.RepeatedCompositeFieldContainer[_common_pb2.Box]
     return_crops: bool
     visibility_off: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, method: _Optional[str] = ..., strategy: _Optional[str] = ..., selection: _Optional[str] = ..., num_samples: _Optional[int] = ..., steps: _Optional[int] = ..., sampler_mode: _Optional[str] = ..., seed: _Optional[int] = ..., save_branches: _Optional[bool] = ..., strategy_options: _Optional[_Mapping[str, float]] = ..., boxes: _Optional[_Iterable[_Union[_common_pb2.Box, _Mapping]]] = ..., return_crops: _Optional[bool] = ..., visibility_off: _Optional[_Iterable[str]] = ...) -> None: ...
+    det_thresh: float
+    def __init__(self, method: _Optional[str] = ..., strategy: _Optional[str] = ..., selection: _Optional[str] = ..., num_samples: _Optional[int] = ..., steps: _Optional[int] = ..., sampler_mode: _Optional[str] = ..., seed: _Optional[int] = ..., save_branches: _Optional[bool] = ..., strategy_options: _Optional[_Mapping[str, float]] = ..., boxes: _Optional[_Iterable[_Union[_common_pb2.Box, _Mapping]]] = ..., return_crops: _Optional[bool] = ..., visibility_off: _Optional[_Iterable[str]] = ..., det_thresh: _Optional[float] = ...) -> None: ...
 
 class ImageChunk(_message.Message):
     __slots__ = ("image_id", "data", "last", "options", "mask")
