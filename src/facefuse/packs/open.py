@@ -32,6 +32,7 @@ from facefuse.fusion.space import ShapeSpace
 from facefuse.fusion.visibility import Visibility
 from facefuse.geometry import umeyama
 from facefuse.models.gpmm import GaussianProcessMorphableModel
+from facefuse.models.landmark_fit import fit_shape_to_landmarks
 from facefuse.packs.base import BackendStatus, FusionSetup, ShapeResult, StopCheck
 
 if TYPE_CHECKING:  # FaceMesh (LiteRT, OpenCV) is imported only where the generative backend runs it.
@@ -128,6 +129,57 @@ def metric_face(landmarks: np.ndarray, canonical: CanonicalFace, *, iris: np.nda
     rotation, vertices = pose.rotation, pose.apply(metric)
     rms = float(np.sqrt((weights @ ((vertices - canonical.vertices_mm) ** 2).sum(axis=1)) / weights.sum()))
     return MetricFace(vertices, float(mm_per_px), source, rotation, rms)
+
+
+SHAPE_FITS = ("facemesh", "model", "model+detail")
+"""How :class:`OpenShapeBackend` makes the metric mesh: ``facemesh`` trusts FaceMesh's x, y and z (the mesh
+before issue 16); ``model`` is the GP morphable model fitted to the 2-D landmarks and the face contour
+jointly with the head pose, FaceMesh's z a weak prior; ``model+detail`` is that fit with each seen
+landmark's image position put back (what the model's span cannot express, e.g. parted lips), depth from
+the fit. See docs/open-pack.md for which measured better."""
+DEFAULT_SHAPE_FIT = "facemesh"
+LANDMARK_SD_MM = 1.0
+"""Per-coordinate sd of a seen FaceMesh landmark's image position in the fit (≈ 0.7 px at 1.5 mm/px)."""
+DEPTH_SD_MM = 4.0
+"""Sd of FaceMesh's relative depth in the fit: a weak prior (its depth carries little identity)."""
+FIT_ITERATIONS = 8
+
+
+def face_oval() -> tuple[int, ...]:
+    """The closed loop of FaceMesh's face-contour landmarks (the silhouette), from the visibility module."""
+    from facefuse.fusion.visibility import _SILHOUETTE
+
+    return tuple(_SILHOUETTE)
+
+
+def fitted_metric_face(landmarks: np.ndarray, canonical: CanonicalFace, gpmm: GaussianProcessMorphableModel, *,
+                       iris: np.ndarray | None = None, visibility: np.ndarray | None = None,
+                       detail: bool = False) -> MetricFace:
+    """The metric mesh from the shape model fitted to the 2-D landmarks and contour with the head pose.
+
+    Scale and the starting pose come from :func:`metric_face` (iris or canonical size; rigid fit); then
+    :func:`facefuse.models.landmark_fit.fit_shape_to_landmarks` fits the GP's low-rank shape and the pose to
+    FaceMesh's x, y (weight = visibility), the face oval by its normal only, FaceMesh's z as a weak prior.
+    ``detail``: seen landmarks keep their observed image position (blended by visibility), depth from the fit.
+    """
+    start = metric_face(landmarks, canonical, iris=iris, visibility=visibility)
+    observed = camera_points(landmarks) * start.mm_per_px
+    to_canonical = start.rotation
+    offset = start.vertices_mm[0] - to_canonical @ observed[0]
+    weights = np.ones(NUM_VERTICES) if visibility is None else np.clip(np.asarray(visibility, np.float64), 0.0, 1.0)
+    fit = fit_shape_to_landmarks(
+        gpmm.mean_mm, gpmm.basis, gpmm.eigenvalues, observed, weights, to_canonical.T, -to_canonical.T @ offset,
+        landmark_sd_mm=float(np.hypot(LANDMARK_SD_MM, np.sqrt(gpmm.residual_variance))),
+        depth_sd_mm=float(np.hypot(DEPTH_SD_MM, np.sqrt(gpmm.residual_variance))),
+        contour=face_oval(), iterations=FIT_ITERATIONS)
+    vertices = fit.vertices_mm
+    if detail:
+        camera = vertices @ fit.rotation.T + fit.translation
+        camera[:, :2] = weights[:, None] * observed[:, :2] + (1.0 - weights[:, None]) * camera[:, :2]
+        vertices = (camera - fit.translation) @ fit.rotation
+    pw = canonical.procrustes_weights()
+    rms = float(np.sqrt((pw @ ((vertices - canonical.vertices_mm) ** 2).sum(axis=1)) / pw.sum()))
+    return MetricFace(vertices, start.mm_per_px, start.scale_source, fit.rotation.T, rms)
 
 
 def kpt7(vertices_mm: np.ndarray) -> np.ndarray:
@@ -257,17 +309,24 @@ def _check_visibility(visibility: np.ndarray | Visibility | None) -> np.ndarray 
 class OpenShapeBackend:
     """The mica slot of the open pack: FaceMesh points -> a metric mesh in the canonical pose."""
 
-    def __init__(self, canonical: CanonicalFace, device: str = "cpu") -> None:
+    def __init__(self, canonical: CanonicalFace, device: str = "cpu", shape_fit: str = DEFAULT_SHAPE_FIT) -> None:
+        if shape_fit not in SHAPE_FITS:
+            raise InvalidInputError(f"shape fit: expected one of {SHAPE_FITS}, got {shape_fit!r}")
         self.canonical = canonical
+        self.shape_fit = shape_fit
+        self.gpmm = None if shape_fit == "facemesh" else open_gpmm(canonical)
         self.status = BackendStatus(
             "mica", "facemesh-metric", PACK, True, False, "ready", device="cpu",
             details={"topology": TOPOLOGY, "vertices": str(NUM_VERTICES), "scale": f"iris {IRIS_DIAMETER_MM} mm",
-                     "shape": "displacement from the canonical face, mm (1404)"})
+                     "shape": "displacement from the canonical face, mm (1404)", "shape_fit": shape_fit})
 
     def reconstruct(
         self, face: AlignedFace | Detection, visibility: np.ndarray | None = None, position: int = 0
     ) -> MetricFace:
         landmarks, iris = _landmarks_of(face, position)
+        if self.gpmm is not None:
+            return fitted_metric_face(landmarks, self.canonical, self.gpmm, iris=iris,
+                                      visibility=_check_visibility(visibility), detail=self.shape_fit == "model+detail")
         return metric_face(landmarks, self.canonical, iris=iris, visibility=_check_visibility(visibility))
 
     def predict(self, faces: Sequence[AlignedFace]) -> list[ShapeResult]:
@@ -412,8 +471,8 @@ class OpenGenerativeBackend:
         return (-(prior + misfit.sum(axis=1))).astype(np.float32)
 
 
-def load_open_shape_backend(device: str = "cpu", store=None) -> OpenShapeBackend:
-    return OpenShapeBackend(load_canonical_face(store), device)
+def load_open_shape_backend(device: str = "cpu", store=None, *, shape_fit: str = DEFAULT_SHAPE_FIT) -> OpenShapeBackend:
+    return OpenShapeBackend(load_canonical_face(store), device, shape_fit)
 
 
 def load_open_generative_backend(device: str = "cpu", store=None, *, imputation: bool = True) -> OpenGenerativeBackend:
