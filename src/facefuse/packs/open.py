@@ -143,6 +143,8 @@ LANDMARK_SD_MM = 1.0
 DEPTH_SD_MM = 4.0
 """Sd of FaceMesh's relative depth in the fit: a weak prior (its depth carries little identity)."""
 FIT_ITERATIONS = 8
+FIT_RANK: int | None = None
+"""Leading GP components the fit uses (None: all the GP keeps); a cut never splits a degenerate (y, z) pair."""
 
 
 def face_oval() -> tuple[int, ...]:
@@ -167,8 +169,11 @@ def fitted_metric_face(landmarks: np.ndarray, canonical: CanonicalFace, gpmm: Ga
     to_canonical = start.rotation
     offset = start.vertices_mm[0] - to_canonical @ observed[0]
     weights = np.ones(NUM_VERTICES) if visibility is None else np.clip(np.asarray(visibility, np.float64), 0.0, 1.0)
+    rank = gpmm.rank if FIT_RANK is None else min(FIT_RANK, gpmm.rank)
+    while rank < gpmm.rank and np.isclose(gpmm.eigenvalues[rank], gpmm.eigenvalues[rank - 1], rtol=1e-9, atol=0.0):
+        rank += 1
     fit = fit_shape_to_landmarks(
-        gpmm.mean_mm, gpmm.basis, gpmm.eigenvalues, observed, weights, to_canonical.T, -to_canonical.T @ offset,
+        gpmm.mean_mm, gpmm.basis[:, :rank], gpmm.eigenvalues[:rank], observed, weights, to_canonical.T, -to_canonical.T @ offset,
         landmark_sd_mm=float(np.hypot(LANDMARK_SD_MM, np.sqrt(gpmm.residual_variance))),
         depth_sd_mm=float(np.hypot(DEPTH_SD_MM, np.sqrt(gpmm.residual_variance))),
         contour=face_oval(), iterations=FIT_ITERATIONS)
