@@ -7,8 +7,9 @@ camera is weak-perspective with a known scale: the observations are already in m
 pixel), so the image is the orthographic projection (Y_x, Y_y). Evidence, all Gaussian:
 
 * landmarks: (Y_i,x, Y_i,y) − o_i,xy with sd ``landmark_sd_mm`` / √w_i (w_i = 0: unseen, no term);
-* contour (silhouette) landmarks: only the component along the 2-D contour normal counts, because a
-  point's position *along* the outline is ill-defined (the outline's position is the evidence);
+* contour (silhouette) landmarks: only the component along the 2-D normal of the model's projected
+  outline counts, because a point's position *along* the outline is ill-defined (the outline's position
+  is the evidence);
 * depth: Y_i,z − o_i,z with sd ``depth_sd_mm`` / √w_i — the landmark network's relative depth, a weak
   prior rather than the truth (its depth carries little identity);
 * prior: α_k / √λ_k.
@@ -98,7 +99,6 @@ def fit_shape_to_landmarks(
     contour_idx = np.asarray(list(contour), dtype=np.int64)
     plain = np.ones(num_vertices, bool)
     plain[contour_idx] = False
-    normals = contour_normals(obs[:, :2], contour_idx) if contour_idx.size else np.zeros((0, 2))
 
     sqrt_lam = np.sqrt(lam)
     phi_v = phi.reshape(num_vertices, 3, rank) * sqrt_lam  # whitened: X = μ + Φ_v β, β ~ N(0, I)
@@ -130,6 +130,8 @@ def fit_shape_to_landmarks(
         if need_jacobian and jac is not None:
             jac_blocks.append((jac[plain, :2] * scale_xy[:, None, None]).reshape(-1, num_params))
         if contour_idx.size:
+            # normals of the model's own outline, so a hidden contour landmark does not tilt its neighbours'
+            normals = contour_normals(camera[:, :2], contour_idx)
             scale_c = root_w[contour_idx] / landmark_sd_mm
             blocks.append(np.einsum("ca,ca->c", diff[contour_idx, :2], normals) * scale_c)
             lm.append(blocks[-1])
