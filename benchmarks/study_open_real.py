@@ -57,9 +57,9 @@ def photos() -> dict[str, np.ndarray]:
     from PIL import Image
 
     folder = Path(insightface.__file__).parent / "data" / "images"
-    hanks = np.asarray(Image.open(folder / "Tom_Hanks_54745.png").convert("RGB").resize((336, 336), Image.BICUBIC))
+    hanks = Image.open(folder / "Tom_Hanks_54745.png").convert("RGB").resize((336, 336), Image.Resampling.BICUBIC)
     canvas = np.full((536, 536, 3), 128, np.uint8)
-    canvas[100:436, 100:436] = hanks
+    canvas[100:436, 100:436] = np.asarray(hanks)
     return {"astronaut": skimage.data.astronaut(), "t1": np.asarray(Image.open(folder / "t1.jpg").convert("RGB")),
             "hanks": canvas}
 
@@ -93,7 +93,7 @@ def photo_variant(image: np.ndarray, kind: str, box: np.ndarray) -> tuple[np.nda
         noise = np.random.default_rng(0).normal(0.0, 8.0, image.shape)
         return np.clip(image + noise, 0, 255).astype(np.uint8), identity
     if kind == "downscaled":
-        size = (int(round(w * 0.6)), int(round(h * 0.6)))
+        size = (round(w * 0.6), round(h * 0.6))
         out = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
         return out, np.array([[size[0] / w, 0, 0], [0, size[1] / h, 0]])
     if kind in ("loose_crop", "tight_crop"):
@@ -133,7 +133,7 @@ def face_variant(image: np.ndarray, kind: str, landmarks: np.ndarray) -> np.ndar
         for angle in np.linspace(0.0, 2 * np.pi, 8, endpoint=False):
             tip = centre + radius * np.array([np.cos(angle), np.sin(angle)])
             axes = (max(int(0.28 * eye_width), 2), max(int(0.18 * eye_width), 2))
-            cv2.ellipse(out, (int(round(tip[0])), int(round(tip[1]))), axes, float(np.degrees(angle)), 0, 360,
+            cv2.ellipse(out, (round(float(tip[0])), round(float(tip[1]))), axes, float(np.degrees(angle)), 0, 360,
                         colour, thickness=-1)
         return out
     raise ValueError(kind)
@@ -163,6 +163,7 @@ def measure(shape_fit: str | None) -> dict[str, Any]:
     def meshes(image: np.ndarray) -> list[tuple[Any, np.ndarray]]:
         out = []
         for detection in front_end.detect(image):
+            assert detection.landmarks is not None  # the open front end gives the 468 points
             detection.iris = front_end.estimate_iris(image, detection.landmarks).as_detection_iris()
             (result,) = backend.predict([front_end.align(image, detection)])
             out.append((detection, result.vertices_mm.astype(np.float64)))
@@ -181,12 +182,12 @@ def measure(shape_fit: str | None) -> dict[str, Any]:
     for photo, image in photos().items():
         references = meshes(image)
         names = [f"{photo}{k}" if photo == "t1" else photo for k in range(len(references))]
-        for name, (detection, vertices) in zip(names, references):
+        for name, (_, vertices) in zip(names, references, strict=True):
             originals[name] = vertices
         for kind in PHOTO_VARIANTS + FACE_VARIANTS:
             per_photo = kind in PHOTO_VARIANTS and kind not in ("loose_crop",)
-            shared = meshes(photo_variant(image, kind, np.zeros(4))[0]) if per_photo else None
-            for name, (detection, reference) in zip(names, references):
+            shared = meshes(photo_variant(image, kind, np.zeros(4))[0]) if per_photo else []
+            for name, (detection, reference) in zip(names, references, strict=True):
                 box = np.asarray(detection.box, np.float64)
                 lm = np.asarray(detection.landmarks, np.float64)
                 if kind in FACE_VARIANTS:
@@ -204,7 +205,7 @@ def measure(shape_fit: str | None) -> dict[str, Any]:
                     found = shared
                 scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
                 nose = _affine_apply(matrix, detection.kps5[2][None])[0]
-                vertices = find(found or [], nose, float(detection.width) * scale)
+                vertices = find(found, nose, float(detection.width) * scale)
                 case: dict[str, Any] = {"face": name, "variant": kind, "found": vertices is not None}
                 if vertices is not None:
                     if kind == "flipped":  # the mirror person: mirror back before comparing

@@ -74,17 +74,17 @@ def test_contour_points_count_only_across_the_outline(model):
     grid = np.arange(len(truth)).reshape(11, 9)
     loop = [*grid[0], *grid[1:, -1], *grid[-1, -2::-1], *grid[-2:0:-1, 0]]
     normals = contour_normals(observed[:, :2], loop)
-    kwargs = dict(landmark_sd_mm=0.05, contour=loop, iterations=15)
-    base = fit_shape_to_landmarks(model.mean_mm, model.basis, model.eigenvalues, observed, np.ones(len(truth)),
-                                  np.eye(3), np.zeros(3), **kwargs)
+
+    def fit(observed_mm):
+        return fit_shape_to_landmarks(model.mean_mm, model.basis, model.eigenvalues, observed_mm, np.ones(len(truth)),
+                                      np.eye(3), np.zeros(3), landmark_sd_mm=0.05, contour=loop, iterations=15)
+
+    base = fit(observed)
     slid, pushed = observed.copy(), observed.copy()
     tangent = np.stack([-normals[:, 1], normals[:, 0]], axis=1)
     slid[loop, :2] += 3.0 * tangent
     pushed[loop, :2] += 3.0 * normals
-    along = fit_shape_to_landmarks(model.mean_mm, model.basis, model.eigenvalues, slid, np.ones(len(truth)),
-                                   np.eye(3), np.zeros(3), **kwargs)
-    across = fit_shape_to_landmarks(model.mean_mm, model.basis, model.eigenvalues, pushed, np.ones(len(truth)),
-                                    np.eye(3), np.zeros(3), **kwargs)
+    along, across = fit(slid), fit(pushed)
     moved_along = np.linalg.norm(along.vertices_mm - base.vertices_mm, axis=1).mean()
     moved_across = np.linalg.norm(across.vertices_mm - base.vertices_mm, axis=1).mean()
     assert moved_across > 5.0 and moved_along < 0.05 * moved_across  # along: only the normals shift a little

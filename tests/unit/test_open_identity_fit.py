@@ -33,6 +33,7 @@ def astronaut_face(store):
     front_end = FaceFrontEnd.from_assets(None, store)
     image = skimage.data.astronaut()
     (det,) = front_end.detect(image)
+    assert det.landmarks is not None
     det.iris = front_end.estimate_iris(image, det.landmarks).as_detection_iris()
     return front_end.align(image, det)
 

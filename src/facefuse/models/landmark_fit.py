@@ -50,9 +50,9 @@ def _cross_matrix(v: np.ndarray) -> np.ndarray:
     return np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
 
 
-def contour_normals(points_xy: np.ndarray, loop: Sequence[int]) -> np.ndarray:
+def contour_normals(points_xy: np.ndarray, loop: Sequence[int] | np.ndarray) -> np.ndarray:
     """(len(loop), 2) unit normals of a closed 2-D polygon at its vertices (central differences)."""
-    ring = np.asarray(points_xy, dtype=np.float64)[list(loop)]
+    ring = np.asarray(points_xy, dtype=np.float64)[np.asarray(loop, dtype=np.int64)]
     tangent = np.roll(ring, -1, axis=0) - np.roll(ring, 1, axis=0)
     normal = np.stack([tangent[:, 1], -tangent[:, 0]], axis=1)
     length = np.linalg.norm(normal, axis=1, keepdims=True)

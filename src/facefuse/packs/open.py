@@ -173,7 +173,8 @@ def fitted_metric_face(landmarks: np.ndarray, canonical: CanonicalFace, gpmm: Ga
     while rank < gpmm.rank and np.isclose(gpmm.eigenvalues[rank], gpmm.eigenvalues[rank - 1], rtol=1e-9, atol=0.0):
         rank += 1
     fit = fit_shape_to_landmarks(
-        gpmm.mean_mm, gpmm.basis[:, :rank], gpmm.eigenvalues[:rank], observed, weights, to_canonical.T, -to_canonical.T @ offset,
+        gpmm.mean_mm, gpmm.basis[:, :rank], gpmm.eigenvalues[:rank], observed, weights,
+        to_canonical.T, -to_canonical.T @ offset,
         landmark_sd_mm=float(np.hypot(LANDMARK_SD_MM, np.sqrt(gpmm.residual_variance))),
         depth_sd_mm=float(np.hypot(DEPTH_SD_MM, np.sqrt(gpmm.residual_variance))),
         contour=face_oval(), iterations=FIT_ITERATIONS)
