@@ -26,7 +26,9 @@ original's nose tip maps to. Reported, for the tree this script imports ``facefu
 temporary folder, imported through PYTHONPATH in a subprocess) and writes both columns in one table.
 
     PYTHONPATH=src .venv/bin/python benchmarks/study_open_real.py [--before f4f12f7] [--out benchmarks/results]
-        [--shape-fit facemesh|model|model+detail]   (only on trees that have OpenShapeBackend's shape_fit)
+        [--shape-fit FIT[:mirror|:plain]] [--also FIT[:mirror|:plain],...]
+    FIT = facemesh | model | model+detail (OpenShapeBackend's shape_fit; :mirror / :plain turn mirror
+    averaging on / off); only on trees that have those options.
 """
 
 from __future__ import annotations
@@ -147,7 +149,10 @@ def _rms(a: np.ndarray, b: np.ndarray, scale: bool) -> float:
 
 
 def measure(shape_fit: str | None) -> dict[str, Any]:
-    """Every number of the study for the facefuse this process imports."""
+    """Every number of the study for the facefuse this process imports.
+
+    ``shape_fit``: None = the backend's defaults; else ``FIT`` or ``FIT:mirror`` / ``FIT:plain`` (the
+    OpenShapeBackend shape_fit, with mirror averaging on / off), for trees that have those options."""
     import facefuse
     from facefuse.assets.store import ModelStore
     from facefuse.face.frontend import FaceFrontEnd
@@ -156,8 +161,14 @@ def measure(shape_fit: str | None) -> dict[str, Any]:
 
     store = ModelStore()
     front_end = FaceFrontEnd.from_assets(None, store)
-    backend = (load_open_shape_backend("cpu", store) if shape_fit is None
-               else load_open_shape_backend("cpu", store, shape_fit=shape_fit))
+    if shape_fit is None:
+        backend = load_open_shape_backend("cpu", store)
+    else:
+        fit, _, mirror_option = shape_fit.partition(":")
+        options: dict[str, Any] = {"shape_fit": fit}
+        if mirror_option:
+            options["mirror_average"] = mirror_option == "mirror"
+        backend = load_open_shape_backend("cpu", store, **options)
     mirror = mirror_map(backend.canonical.vertices_mm)
 
     def meshes(image: np.ndarray) -> list[tuple[Any, np.ndarray]]:
@@ -214,7 +225,8 @@ def measure(shape_fit: str | None) -> dict[str, Any]:
                     if kind in PERTURBATIONS:
                         case["rms_to_original_mm"] = _rms(vertices, reference, scale=False)
                         within.setdefault(name, []).append(case["rms_to_original_mm"])
-                        within_shape.setdefault(name, []).append(_rms(vertices, reference, scale=True))
+                        case["shape_rms_to_original_mm"] = _rms(vertices, reference, scale=True)
+                        within_shape.setdefault(name, []).append(case["shape_rms_to_original_mm"])
                 cases.append(case)
 
     names = sorted(originals)
@@ -223,6 +235,11 @@ def measure(shape_fit: str | None) -> dict[str, Any]:
     between_shape = float(np.mean([_rms(originals[a], originals[b], scale=True) for a, b in pairs]))
     within_mean = float(np.mean([np.mean(v) for v in within.values()]))
     within_shape_mean = float(np.mean([np.mean(v) for v in within_shape.values()]))
+    no_flip: dict[str, list[float]] = {}
+    for c in cases:
+        if "shape_rms_to_original_mm" in c and c["variant"] != "flipped":
+            no_flip.setdefault(c["face"], []).append(c["shape_rms_to_original_mm"])
+    within_shape_no_flip = float(np.mean([np.mean(v) for v in no_flip.values()]))
     spreads = {}
     for name in names:
         eyes = [c["eye_mm"] for c in cases if c["face"] == name and "eye_mm" in c]
@@ -232,7 +249,8 @@ def measure(shape_fit: str | None) -> dict[str, Any]:
                    for kind in PHOTO_VARIANTS + FACE_VARIANTS}
     return {
         "facefuse": str(Path(facefuse.__file__).resolve().parent),
-        "shape_fit": getattr(backend, "shape_fit", "facemesh (no option)"),
+        "shape_fit": getattr(backend, "shape_fit", "facemesh (no option)")
+        + (" + mirror average" if getattr(backend, "mesh", None) is not None else ""),
         "faces": names,
         "detection_rate": float(np.mean([c["found"] for c in cases])),
         "detected_cases": f"{sum(c['found'] for c in cases)}/{len(cases)}",
@@ -244,6 +262,11 @@ def measure(shape_fit: str | None) -> dict[str, Any]:
         "between_rms_mm": between, "within_rms_mm": within_mean, "ratio": between / within_mean,
         "between_shape_rms_mm": between_shape, "within_shape_rms_mm": within_shape_mean,
         "ratio_shape": between_shape / within_shape_mean,
+        "ratio_shape_no_flip": between_shape / within_shape_no_flip,
+        "within_shape_per_variant_mm": {
+            kind: float(np.mean([c["shape_rms_to_original_mm"] for c in cases
+                                 if c["variant"] == kind and "shape_rms_to_original_mm" in c] or [np.nan]))
+            for kind in PERTURBATIONS},
         "within_rms_per_face_mm": {k: float(np.mean(v)) for k, v in within.items()},
         "cases": cases,
     }
@@ -262,6 +285,11 @@ ROWS = (
     ("between people, shape only (similarity) RMS (mm)", lambda r: f"{r['between_shape_rms_mm']:.2f}"),
     ("same face, shape only RMS (mm)", lambda r: f"{r['within_shape_rms_mm']:.2f}"),
     ("**distinctness ratio, shape only**", lambda r: f"**{r['ratio_shape']:.2f}**"),
+    ("distinctness ratio, shape only, without the flipped copy",
+     lambda r: f"{r['ratio_shape_no_flip']:.2f}" if "ratio_shape_no_flip" in r else "-"),
+    *((f"same face, shape only RMS (mm): {k}",
+       lambda r, k=k: f"{r['within_shape_per_variant_mm'][k]:.2f}" if "within_shape_per_variant_mm" in r else "-")
+      for k in PERTURBATIONS),
 )
 
 
@@ -295,7 +323,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--before", default=None, help="git ref to measure as 'before' (e.g. f4f12f7)")
     parser.add_argument("--shape-fit", default=None, help="OpenShapeBackend shape_fit for the current tree")
-    parser.add_argument("--also", default="", help="comma-separated extra shape_fit values to add as columns")
+    parser.add_argument("--also", default="", help="comma-separated extra FIT[:mirror|:plain] columns")
     parser.add_argument("--json-only", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.json_only:
@@ -307,7 +335,7 @@ def main() -> None:
     after = measure(args.shape_fit)
     columns[f"after (shape_fit {after['shape_fit']})"] = after
     for extra in filter(None, args.also.split(",")):
-        columns[f"shape_fit {extra}"] = measure(extra)
+        columns[extra] = measure(extra)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     lines = ["# Open pack on the shipped photos and their variants", "",
              f"Faces: {', '.join(after['faces'])}; variants: {', '.join(PHOTO_VARIANTS + FACE_VARIANTS)}; "

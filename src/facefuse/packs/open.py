@@ -31,7 +31,7 @@ from facefuse.face.types import AlignedFace, Detection
 from facefuse.fusion.space import ShapeSpace
 from facefuse.fusion.visibility import Visibility
 from facefuse.geometry import umeyama
-from facefuse.models.gpmm import GaussianProcessMorphableModel
+from facefuse.models.gpmm import GaussianProcessMorphableModel, mirror_map
 from facefuse.models.landmark_fit import fit_shape_to_landmarks
 from facefuse.packs.base import BackendStatus, FusionSetup, ShapeResult, StopCheck
 
@@ -138,6 +138,9 @@ jointly with the head pose, FaceMesh's z a weak prior; ``model+detail`` is that 
 landmark's image position put back (what the model's span cannot express, e.g. parted lips), depth from
 the fit. See docs/open-pack.md for which measured better."""
 DEFAULT_SHAPE_FIT = "facemesh"
+DEFAULT_MIRROR_AVERAGE = True
+"""Whether the loaders mirror-average FaceMesh's points (measured to make people's meshes more distinct,
+docs/open-pack.md); needs LiteRT and OpenCV in the service that runs the deterministic backend."""
 LANDMARK_SD_MM = 1.0
 """Per-coordinate sd of a seen FaceMesh landmark's image position in the fit (≈ 0.7 px at 1.5 mm/px)."""
 DEPTH_SD_MM = 4.0
@@ -313,23 +316,43 @@ def _check_visibility(visibility: np.ndarray | Visibility | None) -> np.ndarray 
 
 
 class OpenShapeBackend:
-    """The mica slot of the open pack: FaceMesh points -> a metric mesh in the canonical pose."""
+    """The mica slot of the open pack: FaceMesh points -> a metric mesh in the canonical pose.
 
-    def __init__(self, canonical: CanonicalFace, device: str = "cpu", shape_fit: str = DEFAULT_SHAPE_FIT) -> None:
+    With ``mesh`` (a FaceMesh model) the points are first mirror-averaged: FaceMesh also runs on the
+    mirrored box crop and the two readings are averaged (:mod:`facefuse.face.mirror`); a face message
+    without its box crop keeps its own points.
+    """
+
+    def __init__(self, canonical: CanonicalFace, device: str = "cpu", shape_fit: str = DEFAULT_SHAPE_FIT,
+                 mesh: FaceMesh | None = None) -> None:
         if shape_fit not in SHAPE_FITS:
             raise InvalidInputError(f"shape fit: expected one of {SHAPE_FITS}, got {shape_fit!r}")
         self.canonical = canonical
         self.shape_fit = shape_fit
         self.gpmm = None if shape_fit == "facemesh" else open_gpmm(canonical)
+        self.mesh = mesh
+        self.mirror = mirror_map(canonical.vertices_mm) if mesh is not None else None
         self.status = BackendStatus(
             "mica", "facemesh-metric", PACK, True, False, "ready", device="cpu",
             details={"topology": TOPOLOGY, "vertices": str(NUM_VERTICES), "scale": f"iris {IRIS_DIAMETER_MM} mm",
-                     "shape": "displacement from the canonical face, mm (1404)", "shape_fit": shape_fit})
+                     "shape": "displacement from the canonical face, mm (1404)", "shape_fit": shape_fit,
+                     "mirror_average": "on" if mesh is not None else "off"})
+
+    def landmarks(self, face: AlignedFace | Detection, position: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        """The face's checked 468 points (mirror-averaged when this backend has a FaceMesh model) and its iris."""
+        landmarks, iris = _landmarks_of(face, position)
+        if self.mesh is not None and self.mirror is not None and isinstance(face, AlignedFace):
+            from facefuse.face.mirror import mirror_averaged_face_landmarks
+
+            averaged = mirror_averaged_face_landmarks(self.mesh, face, self.mirror)
+            if averaged is not None:
+                landmarks = averaged
+        return landmarks, iris
 
     def reconstruct(
         self, face: AlignedFace | Detection, visibility: np.ndarray | None = None, position: int = 0
     ) -> MetricFace:
-        landmarks, iris = _landmarks_of(face, position)
+        landmarks, iris = self.landmarks(face, position)
         if self.gpmm is not None:
             return fitted_metric_face(landmarks, self.canonical, self.gpmm, iris=iris,
                                       visibility=_check_visibility(visibility), detail=self.shape_fit == "model+detail")
@@ -477,8 +500,18 @@ class OpenGenerativeBackend:
         return (-(prior + misfit.sum(axis=1))).astype(np.float32)
 
 
-def load_open_shape_backend(device: str = "cpu", store=None, *, shape_fit: str = DEFAULT_SHAPE_FIT) -> OpenShapeBackend:
-    return OpenShapeBackend(load_canonical_face(store), device, shape_fit)
+def load_open_shape_backend(device: str = "cpu", store=None, *, shape_fit: str = DEFAULT_SHAPE_FIT,
+                            mirror_average: bool = DEFAULT_MIRROR_AVERAGE) -> OpenShapeBackend:
+    """The metric-mesh backend; ``mirror_average`` loads FaceMesh from the model store (LiteRT, OpenCV)."""
+    mesh = None
+    if mirror_average:
+        from facefuse.assets.store import ModelStore
+        from facefuse.face.facemesh import FaceMesh
+        from facefuse.face.tflite import TFLiteModel
+
+        store = store if store is not None else ModelStore()
+        mesh = FaceMesh(TFLiteModel(store.path("face_landmark")))
+    return OpenShapeBackend(load_canonical_face(store), device, shape_fit, mesh)
 
 
 def load_open_generative_backend(device: str = "cpu", store=None, *, imputation: bool = True) -> OpenGenerativeBackend:
@@ -490,8 +523,10 @@ def load_open_generative_backend(device: str = "cpu", store=None, *, imputation:
 
     store = store if store is not None else ModelStore()
     canonical = load_canonical_face(store)
-    mesh = FaceMesh(TFLiteModel(store.path("face_landmark"))) if imputation else None
-    return OpenGenerativeBackend(OpenShapeBackend(canonical, device), open_gpmm(canonical), mesh)
+    mesh = FaceMesh(TFLiteModel(store.path("face_landmark"))) if imputation or DEFAULT_MIRROR_AVERAGE else None
+    # the ranker's deterministic mesh must be the one the mica slot makes (mirror-averaged by default)
+    shape_backend = OpenShapeBackend(canonical, device, mesh=mesh if DEFAULT_MIRROR_AVERAGE else None)
+    return OpenGenerativeBackend(shape_backend, open_gpmm(canonical), mesh if imputation else None)
 
 
 def open_fusion_setup() -> FusionSetup:
