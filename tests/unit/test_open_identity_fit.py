@@ -127,6 +127,6 @@ def test_mirror_averaging_makes_two_shipped_faces_more_distinct(store):
         backend = _backend(store, "facemesh", mirror_average)
         meshes = {name: [backend.reconstruct(f).vertices_mm for f in found] for name, found in faces.items()}
         between = _shape_rms(meshes["astronaut"][0], meshes["hanks"][0])
-        within = np.mean([_shape_rms(m, ms[0]) for ms in meshes.values() for m in ms[1:]])
+        within = float(np.mean([_shape_rms(m, ms[0]) for ms in meshes.values() for m in ms[1:]]))
         ratios[mirror_average] = between / within
     assert ratios[True] > 1.05 * ratios[False], ratios  # measured 6.9 -> 7.5 on this pair

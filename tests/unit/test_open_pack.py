@@ -206,8 +206,8 @@ def test_rank_is_order_independent_and_prefers_the_evidence(generative_backend, 
 
 @pytest.mark.parametrize("colour,max_fused_mm,min_margin_mm", [((90, 90, 100), 5.25, 0.3), ((0, 0, 0), 5.5, 0.1)],
                          ids=["grey", "black"])
-def test_mouth_occlusion_completion(colour, max_fused_mm, min_margin_mm, front_end, shape_backend, generative_backend, space,
-                                    astronaut_face, reference):
+def test_mouth_occlusion_completion(colour, max_fused_mm, min_margin_mm, front_end, shape_backend, generative_backend,
+                                    space, astronaut_face, reference):
     """Mouth covered by a flat patch: imputed GP completion (hidden) + deterministic (seen), fused by 'region'.
 
     Errors: mean distance (mm) over the hidden vertices to the unoccluded reconstruction, after a
