@@ -31,7 +31,8 @@ from facefuse.face.types import AlignedFace, Detection
 from facefuse.fusion.space import ShapeSpace
 from facefuse.fusion.visibility import Visibility
 from facefuse.geometry import umeyama
-from facefuse.models.gpmm import GaussianProcessMorphableModel
+from facefuse.models.gpmm import GaussianProcessMorphableModel, mirror_map
+from facefuse.models.landmark_fit import fit_shape_to_landmarks
 from facefuse.packs.base import BackendStatus, FusionSetup, ShapeResult, StopCheck
 
 if TYPE_CHECKING:  # FaceMesh (LiteRT, OpenCV) is imported only where the generative backend runs it.
@@ -248,6 +249,67 @@ def metric_face(landmarks: np.ndarray, canonical: CanonicalFace, *, iris: np.nda
     return MetricFace(vertices, float(mm_per_px), source, rotation, rms, confidence, reading)
 
 
+SHAPE_FITS = ("facemesh", "model", "model+detail")
+"""How :class:`OpenShapeBackend` makes the metric mesh: ``facemesh`` trusts FaceMesh's x, y and z (the mesh
+before issue 16); ``model`` is the GP morphable model fitted to the 2-D landmarks and the face contour
+jointly with the head pose, FaceMesh's z a weak prior; ``model+detail`` is that fit with each seen
+landmark's image position put back (what the model's span cannot express, e.g. parted lips), depth from
+the fit. See docs/open-pack.md for which measured better."""
+DEFAULT_SHAPE_FIT = "facemesh"
+DEFAULT_MIRROR_AVERAGE = True
+"""Whether the loaders mirror-average FaceMesh's points (measured to make people's meshes more distinct,
+docs/open-pack.md); needs LiteRT and OpenCV in the service that runs the deterministic backend."""
+LANDMARK_SD_MM = 1.0
+"""Per-coordinate sd of a seen FaceMesh landmark's image position in the fit (≈ 0.7 px at 1.5 mm/px)."""
+DEPTH_SD_MM = 4.0
+"""Sd of FaceMesh's relative depth in the fit: a weak prior (its depth carries little identity)."""
+FIT_ITERATIONS = 8
+FIT_RANK: int | None = None
+"""Leading GP components the fit uses (None: all the GP keeps); a cut never splits a degenerate (y, z) pair."""
+
+
+def face_oval() -> tuple[int, ...]:
+    """The closed loop of FaceMesh's face-contour landmarks (the silhouette), from the visibility module."""
+    from facefuse.fusion.visibility import _SILHOUETTE
+
+    return tuple(_SILHOUETTE)
+
+
+def fitted_metric_face(landmarks: np.ndarray, canonical: CanonicalFace, gpmm: GaussianProcessMorphableModel, *,
+                       iris: np.ndarray | None = None, visibility: np.ndarray | None = None,
+                       detail: bool = False) -> MetricFace:
+    """The metric mesh from the shape model fitted to the 2-D landmarks and contour with the head pose.
+
+    Scale and the starting pose come from :func:`metric_face` (iris or canonical size; rigid fit); then
+    :func:`facefuse.models.landmark_fit.fit_shape_to_landmarks` fits the GP's low-rank shape and the pose to
+    FaceMesh's x, y (weight = visibility), the face oval by its normal only, FaceMesh's z as a weak prior.
+    ``detail``: seen landmarks keep their observed image position (blended by visibility), depth from the fit.
+    """
+    start = metric_face(landmarks, canonical, iris=iris, visibility=visibility)
+    observed = camera_points(landmarks) * start.mm_per_px
+    to_canonical = start.rotation
+    offset = start.vertices_mm[0] - to_canonical @ observed[0]
+    weights = np.ones(NUM_VERTICES) if visibility is None else np.clip(np.asarray(visibility, np.float64), 0.0, 1.0)
+    rank = gpmm.rank if FIT_RANK is None else min(FIT_RANK, gpmm.rank)
+    while rank < gpmm.rank and np.isclose(gpmm.eigenvalues[rank], gpmm.eigenvalues[rank - 1], rtol=1e-9, atol=0.0):
+        rank += 1
+    fit = fit_shape_to_landmarks(
+        gpmm.mean_mm, gpmm.basis[:, :rank], gpmm.eigenvalues[:rank], observed, weights,
+        to_canonical.T, -to_canonical.T @ offset,
+        landmark_sd_mm=float(np.hypot(LANDMARK_SD_MM, np.sqrt(gpmm.residual_variance))),
+        depth_sd_mm=float(np.hypot(DEPTH_SD_MM, np.sqrt(gpmm.residual_variance))),
+        contour=face_oval(), iterations=FIT_ITERATIONS)
+    vertices = fit.vertices_mm
+    if detail:
+        camera = vertices @ fit.rotation.T + fit.translation
+        camera[:, :2] = weights[:, None] * observed[:, :2] + (1.0 - weights[:, None]) * camera[:, :2]
+        vertices = (camera - fit.translation) @ fit.rotation
+    pw = canonical.procrustes_weights()
+    rms = float(np.sqrt((pw @ ((vertices - canonical.vertices_mm) ** 2).sum(axis=1)) / pw.sum()))
+    return MetricFace(vertices, start.mm_per_px, start.scale_source, fit.rotation.T, rms,
+                      start.scale_confidence, start.iris)
+
+
 def kpt7(vertices_mm: np.ndarray) -> np.ndarray:
     return np.asarray(vertices_mm, dtype=np.float32)[list(KPT7_INDICES)]
 
@@ -373,20 +435,47 @@ def _check_visibility(visibility: np.ndarray | Visibility | None) -> np.ndarray 
 
 
 class OpenShapeBackend:
-    """The mica slot of the open pack: FaceMesh points -> a metric mesh in the canonical pose."""
+    """The mica slot of the open pack: FaceMesh points -> a metric mesh in the canonical pose.
 
-    def __init__(self, canonical: CanonicalFace, device: str = "cpu") -> None:
+    With ``mesh`` (a FaceMesh model) the points are first mirror-averaged: FaceMesh also runs on the
+    mirrored box crop and the two readings are averaged (:mod:`facefuse.face.mirror`); a face message
+    without its box crop keeps its own points.
+    """
+
+    def __init__(self, canonical: CanonicalFace, device: str = "cpu", shape_fit: str = DEFAULT_SHAPE_FIT,
+                 mesh: FaceMesh | None = None) -> None:
+        if shape_fit not in SHAPE_FITS:
+            raise InvalidInputError(f"shape fit: expected one of {SHAPE_FITS}, got {shape_fit!r}")
         self.canonical = canonical
+        self.shape_fit = shape_fit
+        self.gpmm = None if shape_fit == "facemesh" else open_gpmm(canonical)
+        self.mesh = mesh
+        self.mirror = mirror_map(canonical.vertices_mm) if mesh is not None else None
         self.status = BackendStatus(
             "mica", "facemesh-metric", PACK, True, False, "ready", device="cpu",
             details={"topology": TOPOLOGY, "vertices": str(NUM_VERTICES),
                      "scale": f"iris {IRIS_DIAMETER_MM} mm (head-rotation corrected, both eyes checked), else default",
-                     "shape": "displacement from the canonical face, mm (1404)"})
+                     "shape": "displacement from the canonical face, mm (1404)", "shape_fit": shape_fit,
+                     "mirror_average": "on" if mesh is not None else "off"})
+
+    def landmarks(self, face: AlignedFace | Detection, position: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        """The face's checked 468 points (mirror-averaged when this backend has a FaceMesh model) and its iris."""
+        landmarks, iris = _landmarks_of(face, position)
+        if self.mesh is not None and self.mirror is not None and isinstance(face, AlignedFace):
+            from facefuse.face.mirror import mirror_averaged_face_landmarks
+
+            averaged = mirror_averaged_face_landmarks(self.mesh, face, self.mirror)
+            if averaged is not None:
+                landmarks = averaged
+        return landmarks, iris
 
     def reconstruct(
         self, face: AlignedFace | Detection, visibility: np.ndarray | None = None, position: int = 0
     ) -> MetricFace:
-        landmarks, iris = _landmarks_of(face, position)
+        landmarks, iris = self.landmarks(face, position)
+        if self.gpmm is not None:
+            return fitted_metric_face(landmarks, self.canonical, self.gpmm, iris=iris,
+                                      visibility=_check_visibility(visibility), detail=self.shape_fit == "model+detail")
         return metric_face(landmarks, self.canonical, iris=iris, visibility=_check_visibility(visibility))
 
     def predict(self, faces: Sequence[AlignedFace]) -> list[ShapeResult]:
@@ -531,8 +620,18 @@ class OpenGenerativeBackend:
         return (-(prior + misfit.sum(axis=1))).astype(np.float32)
 
 
-def load_open_shape_backend(device: str = "cpu", store=None) -> OpenShapeBackend:
-    return OpenShapeBackend(load_canonical_face(store), device)
+def load_open_shape_backend(device: str = "cpu", store=None, *, shape_fit: str = DEFAULT_SHAPE_FIT,
+                            mirror_average: bool = DEFAULT_MIRROR_AVERAGE) -> OpenShapeBackend:
+    """The metric-mesh backend; ``mirror_average`` loads FaceMesh from the model store (LiteRT, OpenCV)."""
+    mesh = None
+    if mirror_average:
+        from facefuse.assets.store import ModelStore
+        from facefuse.face.facemesh import FaceMesh
+        from facefuse.face.tflite import TFLiteModel
+
+        store = store if store is not None else ModelStore()
+        mesh = FaceMesh(TFLiteModel(store.path("face_landmark")))
+    return OpenShapeBackend(load_canonical_face(store), device, shape_fit, mesh)
 
 
 def load_open_generative_backend(device: str = "cpu", store=None, *, imputation: bool = True) -> OpenGenerativeBackend:
@@ -544,8 +643,10 @@ def load_open_generative_backend(device: str = "cpu", store=None, *, imputation:
 
     store = store if store is not None else ModelStore()
     canonical = load_canonical_face(store)
-    mesh = FaceMesh(TFLiteModel(store.path("face_landmark"))) if imputation else None
-    return OpenGenerativeBackend(OpenShapeBackend(canonical, device), open_gpmm(canonical), mesh)
+    mesh = FaceMesh(TFLiteModel(store.path("face_landmark"))) if imputation or DEFAULT_MIRROR_AVERAGE else None
+    # the ranker's deterministic mesh must be the one the mica slot makes (mirror-averaged by default)
+    shape_backend = OpenShapeBackend(canonical, device, mesh=mesh if DEFAULT_MIRROR_AVERAGE else None)
+    return OpenGenerativeBackend(shape_backend, open_gpmm(canonical), mesh if imputation else None)
 
 
 def open_fusion_setup() -> FusionSetup:
