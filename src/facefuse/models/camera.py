@@ -75,9 +75,9 @@ def rotation_to_axis_angle(rotation: Tensor) -> Tensor:
     Why here: the fit composes rotations as matrices, the outputs (and FLAME) speak axis-angle.
     """
     r = rotation.to(torch.float64)
-    cos = ((r.diagonal(dim1=1, dim2=2).sum(-1) - 1.0) / 2.0).clamp(-1.0, 1.0)
-    angle = torch.arccos(cos)
+    cos = (r.diagonal(dim1=1, dim2=2).sum(-1) - 1.0) / 2.0
     skew = torch.stack([r[:, 2, 1] - r[:, 1, 2], r[:, 0, 2] - r[:, 2, 0], r[:, 1, 0] - r[:, 0, 1]], dim=-1)
+    angle = torch.atan2(skew.norm(dim=-1) / 2.0, cos)  # precise at both ends, unlike arccos near π
     sin = torch.sin(angle)
     out = torch.empty(r.shape[0], 3, dtype=torch.float64, device=r.device)
     small = angle < 1e-6
