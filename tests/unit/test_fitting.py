@@ -71,7 +71,8 @@ def _angle_deg(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return np.degrees(rotation_to_axis_angle(a @ b.transpose(1, 2)).norm(dim=-1).numpy())
 
 
-def test_landmark_flame_equals_the_full_layer_at_the_landmarks(flame: FlameLayer, landmark_flame: LandmarkFlame) -> None:
+def test_landmark_flame_equals_the_full_layer_at_the_landmarks(flame: FlameLayer,
+                                                               landmark_flame: LandmarkFlame) -> None:
     g = torch.Generator().manual_seed(3)
     shape = torch.randn(2, 300, generator=g, dtype=torch.float64)
     expression = torch.randn(2, 50, generator=g, dtype=torch.float64)
@@ -92,7 +93,8 @@ def test_camera_focal_and_axis_angle() -> None:
         focal_px_from_35mm(0.0, 10, 10)
 
 
-def test_fit_recovers_known_expression_jaw_pose_and_translation(flame: FlameLayer, landmark_flame: LandmarkFlame) -> None:
+def test_fit_recovers_known_expression_jaw_pose_and_translation(flame: FlameLayer,
+                                                               landmark_flame: LandmarkFlame) -> None:
     case = _posed_case(flame)
     fit = fit_posed_face(flame_landmark_model(landmark_flame, case["shape"]), NUM_EXPRESSION, case["noisy"],
                          torch.ones(2, 68, dtype=torch.float64), case["camera"])

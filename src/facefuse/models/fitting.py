@@ -187,12 +187,14 @@ def fit_posed_face(
     camera: Tensor,
     *,
     fit_jaw: bool = True,
+    initial_rotation: Tensor | None = None,
     settings: FitSettings = FitSettings(),
 ) -> PosedFit:
     """Fit expression (first ``num_expression`` components), jaw, rotation and translation to landmarks.
 
     ``target_px`` (B,L,2) detected landmarks, ``weights`` (B,L) in [0, 1] (visibility; hidden ≈ 0),
     ``camera`` (B,3,3) intrinsics. ``num_expression`` 0 and ``fit_jaw`` False make it a rigid fit.
+    ``initial_rotation`` (B,3,3) model -> camera where a head pose is already known; default frontal.
     Raises ValueError when a face has no landmark with positive weight.
     """
     dtype = torch.float64
@@ -207,7 +209,7 @@ def fit_posed_face(
         raise ValueError("fit: a face has no landmark with positive weight (everything hidden)")
     expression = torch.zeros(batch, num_expression, dtype=dtype, device=device)
     jaw = torch.zeros(batch, 3, dtype=dtype, device=device)
-    frontal = flame_to_opencv(batch, dtype, device)
+    frontal = flame_to_opencv(batch, dtype, device) if initial_rotation is None else initial_rotation.to(dtype)
 
     # Initial guess: frontal, at the depth where the neutral landmarks' size matches the detected ones.
     with torch.no_grad():

@@ -19,6 +19,7 @@ from facefuse.fusion.space import ShapeSpace
 
 if TYPE_CHECKING:
     from facefuse.fusion.visibility import Visibility
+    from facefuse.packs.posed import PosedFaceResult, PoseFitTarget
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ class GenerativeBackend(Protocol):
         ...
 
 
+PosedFitter = Callable[[np.ndarray, np.ndarray, "PoseFitTarget"], "PosedFaceResult"]
+"""(fused shape coefficients, fused vertices (V,3) mm, the face's landmarks and camera) -> the posed face."""
+
 Keypoints = Callable[[np.ndarray], tuple[np.ndarray | None, np.ndarray]]
 """vertices (V,3) mm -> (68 landmarks or None, the 7 NoW points), both mm."""
 
@@ -91,6 +95,8 @@ class FusionSetup:
     default_strategy: str = ""
     uvs: np.ndarray | None = None
     """(V, 2) texture coordinates of the space's mesh, sent with every fused mesh when the topology has them."""
+    posed_fitter: PosedFitter | None = None
+    """Fits the fused face to the photo (expression, pose, camera; ``facefuse.packs.posed``); None: not offered."""
 
 
 class UnavailableBackend:
