@@ -138,7 +138,8 @@ class MeshConnection:
             from facefuse.client.api import ImageInput
 
             for job in jobs:
-                extra = {"boxes": [job.box]} if job.box is not None else {"selection": "largest"}
+                extra: dict[str, Any] = {"boxes": [job.box]} if job.box is not None else {"selection": "largest"}
+                extra["neutral_only"] = True  # benchmarks evaluate the neutral shape: no posed-face fit
                 self.counters.gateway_images += 1
                 yield from image_chunks([ImageInput(job.job_id, job.data, job.mask)],
                                         process_options(method, **options, **extra))
