@@ -129,7 +129,7 @@ def pose_fit_target(message: common_pb2.PoseFitInput, visibility: Visibility | N
     if not wire.has(message, "image_size"):
         raise InvalidInputError("pose_fit.image_size: missing (width, height)")
     size = wire.require(message.image_size, "pose_fit.image_size", shape=(2,),
-                        dtypes=(common_pb2.DType.DTYPE_INT32, common_pb2.DType.DTYPE_INT64))
+                        dtypes=(common_pb2.INT32, common_pb2.INT64))
     width, height = int(size[0]), int(size[1])
     if not (0 < width <= MAX_IMAGE_SIDE and 0 < height <= MAX_IMAGE_SIDE):
         raise InvalidInputError(f"pose_fit.image_size: {width}x{height}; expected 1..{MAX_IMAGE_SIDE} per side")
