@@ -45,8 +45,8 @@ LandmarkModel = Callable[[Tensor, Tensor], Tensor]
 class FitSettings:
     """Step counts, step sizes and prior strengths of :func:`fit_posed_face` (defaults: docs/posed-face.md)."""
 
-    rigid_steps: int = 150
-    full_steps: int = 350
+    rigid_steps: int = 100
+    full_steps: int = 300
     rigid_lr: float = 0.03
     full_lr: float = 0.02
     expression_lr: float = 0.05
@@ -54,7 +54,7 @@ class FitSettings:
     """σ of the data term as a fraction of the face's size in px (RMS distance of the landmarks from their centroid)."""
     huber_delta: float = 3.0
     """The pseudo-Huber's knee in σ: residuals beyond 3σ count linearly."""
-    expression_prior: float = 0.02
+    expression_prior: float = 0.1
     """Weight of ½‖ψ‖² (FLAME's expression coefficients have unit prior variance)."""
     jaw_prior_rad: tuple[float, float, float] = (0.3, 0.05, 0.05)
     """Prior standard deviation of the jaw's axis-angle per axis: it opens about x, barely turns about y, z."""
