@@ -34,7 +34,7 @@ from facefuse.models.camera import (
 )
 from facefuse.models.fitting import LandmarkFlame, fit_posed_face, flame_landmark_model
 from facefuse.models.flame import FlameLayer
-from facefuse.packs.open import metric_face
+from facefuse.packs.open import camera_points, metric_face
 from facefuse.packs.posed import OpenPosedFitter, PoseFitTarget
 
 from timing import timed
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     points = np.load(ROOT / "tests" / "data" / "visibility_astronaut_landmarks468.npy")
     neutral = metric_face(points, canonical).vertices_mm
     target = PoseFitTarget(points, None, 512, 512, focal_px_from_35mm(DEFAULT_FOCAL_35MM, 512, 512), "default")
-    fitter = OpenPosedFitter(canonical)
+    fitter = OpenPosedFitter(canonical, camera_points)
     result = fitter(neutral, target)
     wall, cpu = timed(lambda: fitter(neutral, target), args.repeats)
     timings["open_s_per_face"] = {"wall": wall, "cpu": cpu}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def test_the_68_point_map_agrees_with_the_now_points() -> None:
 
 def test_open_split_keeps_no_residual_where_hidden_and_poses_onto_the_points() -> None:
     from facefuse.assets.canonical_face import load_canonical_face
-    from facefuse.packs.open import metric_face
+    from facefuse.packs.open import camera_points, metric_face
     from facefuse.packs.posed import OpenPosedFitter, PoseFitTarget
 
     canonical = load_canonical_face()
@@ -58,7 +59,7 @@ def test_open_split_keeps_no_residual_where_hidden_and_poses_onto_the_points() -
     visibility = np.ones(468)
     visibility[:100] = 0.0
     target = PoseFitTarget(points, visibility, 512, 512, focal_px_from_35mm(DEFAULT_FOCAL_35MM, 512, 512), "default")
-    fitter = OpenPosedFitter(canonical)
+    fitter = OpenPosedFitter(canonical, camera_points)
     residual, _weights, rotation = fitter.split(canonical.vertices_mm, target)
     assert np.all(residual[:100] == 0.0) and np.abs(residual[100:]).max() > 0.5  # expression where seen
     np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-9)
@@ -72,7 +73,7 @@ def _posed_message(**change: object) -> common_pb2.PosedFace:
     rt[:3, :3] = np.diag([1.0, -1.0, -1.0])
     rt[:3, 3] = [0.0, 0.0, 800.0]
     k = np.array([[900, 0, 255.5], [0, 900, 255.5], [0, 0, 1]], np.float32)
-    fields: dict[str, object] = dict(
+    fields: dict[str, Any] = dict(
         expression=wire.from_numpy(np.zeros(50, np.float32)), jaw_pose=wire.from_numpy(np.zeros(3, np.float32)),
         global_pose=wire.from_numpy(np.array([np.pi, 0, 0], np.float32)),
         translation=wire.from_numpy(rt[:3, 3].copy()), camera_intrinsics=wire.from_numpy(k),

@@ -260,7 +260,7 @@ def fit_posed_face(
     for stage, (steps, groups) in enumerate(stages):
         # The rigid stage moves no model parameter: its landmarks are computed once.
         fixed = neutral_model if stage == 0 else None
-        optimiser = torch.optim.Adam(groups)  # type: ignore[arg-type]
+        optimiser = torch.optim.Adam(groups)
         base = [float(g["lr"]) for g in groups]  # type: ignore[arg-type]
         for step in range(steps):
             for group, lr in zip(optimiser.param_groups, base, strict=True):

@@ -442,7 +442,7 @@ def open_fusion_setup() -> FusionSetup:
     space = open_shape_space(canonical=canonical)
     from facefuse.packs.posed import OpenPosedFitter
 
-    fitter = OpenPosedFitter(canonical)
+    fitter = OpenPosedFitter(canonical, camera_points)
     return FusionSetup(space, BackendStatus("fusion", "mediapipe468-identity", "open", True, False, "ready",
                                             details={"regions": ",".join(sorted(space.regions)),
                                                      "posed_fit": "neutral + observed residual, head pose, camera"}),

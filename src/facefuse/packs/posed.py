@@ -15,7 +15,7 @@ gateway's visibility) get ~0 weight. The math lives in :mod:`facefuse.models.fit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -36,39 +36,11 @@ from facefuse.models.fitting import (
     rigid_landmark_model,
 )
 from facefuse.models.flame import FlameLayer, FlameModelData
+from facefuse.packs.base import PosedFaceResult, PoseFitTarget
 
 DEFAULT_NUM_EXPRESSION = 50
 """FLAME expression components fitted (fewer when the file has fewer)."""
 FOCAL_SOURCES = ("exif", "default")
-
-
-@dataclass(frozen=True)
-class PosedFaceResult:
-    """One face as photographed (names as in params.json); float32 arrays, camera space in mm."""
-
-    expression: np.ndarray  # (K,)
-    jaw_pose: np.ndarray  # (3,)
-    global_pose: np.ndarray  # (3,)
-    translation: np.ndarray  # (3,)
-    camera_intrinsics: np.ndarray  # (3,3)
-    camera_extrinsics: np.ndarray  # (4,4)
-    image_size: np.ndarray  # (2,) int32 width, height
-    focal_source: str
-    reprojection_error_px: float
-    vertices_mm: np.ndarray  # (V,3) camera space
-    landmarks_px: np.ndarray  # (L,2)
-
-
-@dataclass(frozen=True)
-class PoseFitTarget:
-    """What the fit is given for one face: detected points, their visibility, the photo's camera."""
-
-    landmarks_px: np.ndarray  # (468+, 3) FaceMesh points, x, y in px
-    visibility: np.ndarray | None  # (468,) in [0, 1], NaN = in no region (counted as seen); None: all seen
-    width: int
-    height: int
-    focal_px: float
-    focal_source: str
 
 
 def _result(fit: PosedFit, vertices: torch.Tensor, camera: torch.Tensor, target: PoseFitTarget,
@@ -123,8 +95,12 @@ class FlamePosedFitter:
 class OpenPosedFitter:
     """The open pack's posed face: neutral mesh + observed expression residual, posed through the camera."""
 
-    def __init__(self, canonical: CanonicalFace, settings: FitSettings | None = None) -> None:
+    def __init__(self, canonical: CanonicalFace, camera_points: Callable[[np.ndarray], np.ndarray],
+                 settings: FitSettings | None = None) -> None:
+        """``camera_points``: FaceMesh points (px, y down, z away) -> the canonical face's axes (the open
+        pack's ``packs.open.camera_points``; passed in so this module does not import the pack)."""
         self.canonical = canonical
+        self.camera_points = camera_points
         self.settings = settings or FitSettings()
 
     def split(self, neutral_mm: np.ndarray, target: PoseFitTarget) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,9 +110,7 @@ class OpenPosedFitter:
         are similarity-fitted onto the neutral mesh on the visible points weighted like MediaPipe's own
         Procrustes; what remains is the expression. Hidden points keep the neutral shape (residual 0).
         """
-        from facefuse.packs.open import camera_points
-
-        points = camera_points(_facemesh_points(target))
+        points = self.camera_points(_facemesh_points(target))
         weights = np.ones(len(points)) if target.visibility is None else np.where(
             np.isfinite(target.visibility), np.clip(target.visibility, 0.0, 1.0), 1.0)
         fit_weights = self.canonical.procrustes_weights() * weights
