@@ -106,3 +106,23 @@ def test_client_refuses_an_inconsistent_posed_face(change: dict[str, object]) ->
         check_posed(_posed_message(**change), "posed", 10)
     with pytest.raises(InvalidResponseError, match="without a mesh"):
         check_posed(_posed_message(), "posed", None)
+
+
+def test_benchmark_runs_ask_for_the_neutral_shape_only() -> None:
+    """NoW and the occlusion study evaluate the neutral shape: every image the bench sends skips the fit."""
+    from types import SimpleNamespace
+
+    from facefuse.client.bench.connection import GatewayJob, MeshConnection
+
+    sent: list[Any] = []
+
+    def process(chunks: Any, timeout: float | None = None) -> Any:  # stands in for the gateway stub
+        sent.extend(chunks)
+        return iter(())
+
+    connection = MeshConnection(gateway="127.0.0.1:1")
+    connection.client = SimpleNamespace(stub=SimpleNamespace(Process=process))
+    jobs = [GatewayJob("a", _jpeg(None), box=(1.0, 1.0, 40.0, 40.0)), GatewayJob("b", _jpeg(None))]
+    assert list(connection.process(jobs, "fuse", {})) == []
+    first_chunks = [chunk for chunk in sent if chunk.HasField("options")]
+    assert len(first_chunks) == 2 and all(chunk.options.neutral_only for chunk in first_chunks)
