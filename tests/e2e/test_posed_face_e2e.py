@@ -51,6 +51,8 @@ def test_open_pack_posed_face_lands_on_the_astronaut(open_mesh_assetless: LocalM
     neutral, neutral_triangles = read_mesh(face / "mesh.obj")
     np.testing.assert_array_equal(triangles, neutral_triangles)
     assert params["image_size"].tolist() == [512, 512]
+    meta = json.loads((face / "params.json").read_text())
+    assert meta["focal_source"] == "default" and meta["reprojection_error_px"] == entry["reprojection_error_px"]
     k, rt = params["camera_intrinsics"], params["camera_extrinsics"]
     assert k[0, 2] == pytest.approx(255.5) and k[1, 2] == pytest.approx(255.5)
     np.testing.assert_allclose(rt[:3, 3], params["translation"], atol=1e-4)

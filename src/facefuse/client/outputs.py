@@ -328,6 +328,9 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
                     },
                     "method": rec.method,
                     "strategy": rec.strategy or rec.method,
+                    **({"focal_source": rec.posed.focal_source,
+                        "reprojection_error_px": round(rec.posed.reprojection_error_px, 3)}
+                       if rec.posed is not None and posed_units else {}),
                     **{k: [float(x) for x in v.ravel()] for k, v in params.items()},
                 },
             )
@@ -350,8 +353,7 @@ def write_posed(target: Path, posed: CheckedPosedFace, faces: np.ndarray, keep: 
             else "mm residual from the neutral mesh, xyz per vertex",
             "jaw_pose": "axis-angle rad", "global_pose": "axis-angle rad, model -> camera",
             "translation": "mm", "camera_intrinsics": "px", "camera_extrinsics": "model mm -> camera mm",
-            "image_size": "px (width, height)", "camera": "OpenCV: x right, y down, z forward",
-            "focal_source": posed.focal_source}
+            "image_size": "px (width, height)", "camera": "OpenCV: x right, y down, z forward"}
 
 
 def _photo_texture(rec: CheckedReconstruction, photo: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
