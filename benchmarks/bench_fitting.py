@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     target = PoseFitTarget(points, None, 512, 512, focal_px_from_35mm(DEFAULT_FOCAL_35MM, 512, 512), "default")
     fitter = OpenPosedFitter(canonical, camera_points)
     result = fitter(neutral, target)
+    assert result is not None
     wall, cpu = timed(lambda: fitter(neutral, target), args.repeats)
     timings["open_s_per_face"] = {"wall": wall, "cpu": cpu}
     report["open_astronaut"] = {"reprojection_px": result.reprojection_error_px,

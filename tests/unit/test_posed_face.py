@@ -60,12 +60,16 @@ def test_open_split_keeps_no_residual_where_hidden_and_poses_onto_the_points() -
     visibility[:100] = 0.0
     target = PoseFitTarget(points, visibility, 512, 512, focal_px_from_35mm(DEFAULT_FOCAL_35MM, 512, 512), "default")
     fitter = OpenPosedFitter(canonical, camera_points)
-    residual, _weights, rotation = fitter.split(canonical.vertices_mm, target)
+    split = fitter.split(canonical.vertices_mm, target)
+    assert split is not None
+    residual, _weights, rotation = split
     assert np.all(residual[:100] == 0.0) and np.abs(residual[100:]).max() > 0.5  # expression where seen
     np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-9)
     result = fitter(metric_face(points, canonical).vertices_mm, target)
-    assert result.reprojection_error_px < 1.5  # measured 0.7 px on all points
+    assert result is not None and result.reprojection_error_px < 1.5  # measured 0.7 px on all points
     assert 300 < result.translation[2] < 3000
+    hidden = PoseFitTarget(points, np.zeros(468), 512, 512, 600.0, "default")
+    assert fitter(canonical.vertices_mm, hidden) is None  # nothing seen: no posed face, not an error
 
 
 def _posed_message(**change: object) -> common_pb2.PosedFace:

@@ -104,8 +104,9 @@ class PoseFitTarget:
     focal_source: str
 
 
-PosedFitter = Callable[[np.ndarray, np.ndarray, PoseFitTarget], PosedFaceResult]
-"""(fused shape coefficients, fused vertices (V,3) mm, the face's landmarks and camera) -> the posed face."""
+PosedFitter = Callable[[np.ndarray, np.ndarray, PoseFitTarget], PosedFaceResult | None]
+"""(fused shape coefficients, fused vertices (V,3) mm, the face's landmarks and camera) -> the posed face,
+or None when no landmark is visible."""
 
 Keypoints = Callable[[np.ndarray], tuple[np.ndarray | None, np.ndarray]]
 """vertices (V,3) mm -> (68 landmarks or None, the 7 NoW points), both mm."""

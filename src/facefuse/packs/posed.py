@@ -78,11 +78,14 @@ class FlamePosedFitter:
         self.num_expression = min(int(num_expression), self.layer.num_expression)
         self.settings = settings or FitSettings()
 
-    def __call__(self, shape: np.ndarray, target: PoseFitTarget) -> PosedFaceResult:
+    def __call__(self, shape: np.ndarray, target: PoseFitTarget) -> PosedFaceResult | None:
+        """The posed face, or None when no landmark is visible (nothing to fit to)."""
         points = _facemesh_points(target)
         beta = torch.from_numpy(np.asarray(shape, np.float64).reshape(1, -1))
         landmarks = torch.from_numpy(ibug68_from_facemesh(points)[:, :2])[None]
         weights = torch.from_numpy(ibug68_weights(target.visibility))[None]
+        if float(weights.sum()) <= 0.0:
+            return None
         camera = _camera(target)
         with torch.enable_grad():
             fit = fit_posed_face(flame_landmark_model(self.landmarks, beta), self.num_expression, landmarks, weights,
@@ -103,8 +106,9 @@ class OpenPosedFitter:
         self.camera_points = camera_points
         self.settings = settings or FitSettings()
 
-    def split(self, neutral_mm: np.ndarray, target: PoseFitTarget) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(residual (468,3) mm, weights (468,), initial model -> OpenCV camera rotation (3,3)).
+    def split(self, neutral_mm: np.ndarray, target: PoseFitTarget) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(residual (468,3) mm, weights (468,), initial model -> OpenCV camera rotation (3,3)); None when
+        no point is visible.
 
         The observed points (x right, y up, z toward the viewer; FaceMesh's z is a relative depth in px)
         are similarity-fitted onto the neutral mesh on the visible points weighted like MediaPipe's own
@@ -117,16 +121,20 @@ class OpenPosedFitter:
         if fit_weights.sum() < 0.2 * self.canonical.landmark_weights.sum():
             fit_weights = weights
         if fit_weights.sum() <= 0:
-            raise InvalidInputError("pose fit: no visible landmark (visibility is all zero)")
+            return None
         similarity = umeyama(points, neutral_mm, fit_weights)
         residual = (similarity.apply(points) - neutral_mm) * weights[:, None]
         # similarity.rotation: camera (y up) -> model; the model -> OpenCV camera rotation flips y and z back.
         rotation = np.diag([1.0, -1.0, -1.0]) @ similarity.rotation.T
         return residual, weights, rotation
 
-    def __call__(self, neutral_mm: np.ndarray, target: PoseFitTarget) -> PosedFaceResult:
+    def __call__(self, neutral_mm: np.ndarray, target: PoseFitTarget) -> PosedFaceResult | None:
+        """The posed face, or None when no point is visible (nothing to fit to)."""
         neutral = np.asarray(neutral_mm, np.float64)
-        residual, weights, rotation = self.split(neutral, target)
+        split = self.split(neutral, target)
+        if split is None:
+            return None
+        residual, weights, rotation = split
         posed_model = torch.from_numpy(neutral + residual)[None]
         camera = _camera(target)
         landmarks = torch.from_numpy(_facemesh_points(target)[:, :2])[None]

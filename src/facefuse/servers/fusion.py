@@ -89,7 +89,10 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
                 log_event("posed_fit_unavailable", pack=self.status.pack)
             else:
                 posed = self.posed_fitter(np.asarray(result.shape, np.float64), np.asarray(result.vertices_mm), target)
-                reply.posed.CopyFrom(posed_face_message(posed))
+                if posed is None:
+                    log_event("posed_fit_skipped", reason="no visible landmark")
+                else:
+                    reply.posed.CopyFrom(posed_face_message(posed))
         return reply
 
     def ListStrategies(
