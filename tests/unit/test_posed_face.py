@@ -90,8 +90,15 @@ def _posed_message(**change: object) -> common_pb2.PosedFace:
 
 
 def test_client_accepts_a_consistent_posed_face() -> None:
+    from facefuse.client.validate import CheckedReconstruction, posed_mesh
+
     checked = check_posed(_posed_message(), "posed", 10)
     assert checked.vertices.shape == (10, 3) and checked.image_size.tolist() == [512, 512]
+    triangles = np.array([[0, 1, 2]], np.int32)
+    rec = CheckedReconstruction("fuse", "region", 1.0, "", faces=triangles, posed=checked)
+    mesh = posed_mesh(rec)
+    assert mesh is not None and mesh.image_size == (512, 512) and mesh.intrinsics[0, 0] == 900
+    assert posed_mesh(CheckedReconstruction("fuse", "region", 1.0, "", faces=triangles)) is None
 
 
 @pytest.mark.parametrize("change", [

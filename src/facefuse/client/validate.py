@@ -264,6 +264,24 @@ def check_reconstruction(rec: gateway_pb2.Reconstruction, name: str) -> CheckedR
     )
 
 
+@dataclass(frozen=True)
+class PosedMesh:
+    """What drawing the face over its photo needs: camera-space vertices (mm), triangles, K, photo size."""
+
+    vertices: np.ndarray  # (V,3) mm, OpenCV camera axes
+    faces: np.ndarray  # (F,3)
+    intrinsics: np.ndarray  # (3,3) px
+    image_size: tuple[int, int]  # (width, height)
+
+
+def posed_mesh(rec: CheckedReconstruction) -> PosedMesh | None:
+    """The posed mesh of a checked reconstruction, or None without a posed fit (docs/posed-face.md)."""
+    if rec.posed is None or rec.faces is None:
+        return None
+    width, height = (int(v) for v in rec.posed.image_size)
+    return PosedMesh(rec.posed.vertices, rec.faces, rec.posed.camera_intrinsics, (width, height))
+
+
 def check_face(result: gateway_pb2.FaceResult, method: str) -> CheckedFace:
     """Everything the writers need from an OK face result, checked; raises InvalidResponseError."""
     check_numbers(result)
