@@ -67,6 +67,22 @@ def test_open_pack_posed_face_lands_on_the_astronaut(open_mesh_assetless: LocalM
     np.testing.assert_allclose(posed, moved, atol=0.05)
 
 
+def test_the_focal_comes_from_exif_when_the_photo_has_it(open_mesh_assetless: LocalMesh, tmp_path: Path) -> None:
+    import skimage.data
+    from PIL import Image
+
+    from facefuse.models.camera import focal_px_from_35mm
+
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0xA405] = 50  # FocalLengthIn35mmFilm
+    photo = tmp_path / "astronaut_50mm.jpg"
+    Image.fromarray(skimage.data.astronaut()).save(photo, quality=95, exif=exif)
+    entry, face = _reconstruct(open_mesh_assetless.gateway_address, photo, tmp_path / "out")
+    assert entry["focal_source"] == "exif" and entry["reprojection_error_px"] < OPEN_REPROJECTION_PX
+    k = np.load(face / "params.npz")["camera_intrinsics"]
+    assert k[0, 0] == pytest.approx(focal_px_from_35mm(50.0, 512, 512), rel=1e-5)
+
+
 def test_neutral_only_skips_the_fit(open_mesh_assetless: LocalMesh, astronaut_png: Path, tmp_path: Path) -> None:
     entry, face = _reconstruct(open_mesh_assetless.gateway_address, astronaut_png, tmp_path / "out", "--neutral-only")
     assert "reprojection_error_px" not in entry
