@@ -2,7 +2,7 @@
 
 * flame pack (:class:`FlamePosedFitter`): FLAME with the fused β fixed; expression (first
   ``num_expression`` components), jaw, rotation and translation fitted to the 68 iBUG landmarks read off
-  the 468 FaceMesh points (``face.landmarks68``) through FLAME's ``landmark_embedding.npy``.
+  the 468 FaceMesh points (:mod:`facefuse.face.landmarks68`) through FLAME's ``landmark_embedding.npy``.
 * open pack (:class:`OpenPosedFitter`): the observed FaceMesh mesh is split into the neutral identity part
   (the fused mesh, ``mesh.obj``) and an expression residual (observed − neutral after a similarity fit on
   the visible points; hidden points get no residual, i.e. the neutral shape there); the posed face
