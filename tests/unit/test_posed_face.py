@@ -137,3 +137,20 @@ def test_benchmark_runs_ask_for_the_neutral_shape_only() -> None:
     assert list(connection.process(jobs, "fuse", {})) == []
     first_chunks = [chunk for chunk in sent if chunk.HasField("options")]
     assert len(first_chunks) == 2 and all(chunk.options.neutral_only for chunk in first_chunks)
+
+
+def test_a_hidden_region_gives_its_landmarks_zero_weight_in_the_service_request() -> None:
+    """The fusion service turns the gateway's region visibility into per-landmark fit weights."""
+    from facefuse.fusion.visibility import Visibility
+    from facefuse.servers.fusion import pose_fit_target
+
+    points = np.load(ASTRONAUT_468).astype(np.float32)
+    message = common_pb2.PoseFitInput(landmarks=wire.from_numpy(points),
+                                      image_size=wire.from_numpy(np.array([512, 512], np.int32)),
+                                      focal_px=600.0, focal_source="default")
+    regions = {name: 1.0 for name in ("forehead", "left_eye", "right_eye", "nose", "left_cheek", "right_cheek")}
+    target = pose_fit_target(message, Visibility(regions={**regions, "lips": 0.0}))
+    weights = ibug68_weights(target.visibility)
+    assert np.all(weights[48:68] == 0.0)  # the mouth
+    assert np.all(weights[36:48] == 1.0) and np.all(weights[27:36] == 1.0)  # eyes and nose still seen
+    assert pose_fit_target(message, None).visibility is None
