@@ -145,6 +145,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         "sampler_mode": args.sampler, "save_branches": args.save_branches, "return_crops": True,
         "strategy_options": dict(parse_option(o) for o in args.option),
         "visibility_off": list(args.no_visibility) or None,
+        "neutral_only": True if args.neutral_only else None,
     }
     code = _run(args, args.method, options)
     _write_report(args.out)
@@ -278,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--all-files", action="store_true",
                      help="also write the rarely needed files (crops, kps5.npy, samples.npz, mesh_uncertainty.ply)")
     rec.add_argument("--save-branches", action="store_true", help="also keep MICA's and OFER's own outputs")
+    rec.add_argument("--neutral-only", action="store_true",
+                     help="skip the posed-face fit (expression, head pose, camera, mesh_posed.*); docs/posed-face.md")
     rec.add_argument("--identity-group", default=None, metavar="folders|CSV",
                      help="fuse all images of one person into one shape: 'folders' (a folder per person) or a CSV "
                           "of image,identity rows; written to OUT/identities/")

@@ -19,7 +19,7 @@ import numpy as np
 
 from facefuse.client.inputs import InputItem
 from facefuse.client.names import display
-from facefuse.client.validate import CheckedFace, CheckedReconstruction
+from facefuse.client.validate import CheckedFace, CheckedPosedFace, CheckedReconstruction
 from facefuse.io.atomic import (
     write_bytes_atomic,
     write_json_atomic,
@@ -310,9 +310,12 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
     if rec.shape is not None:
         keep(write_npy_atomic(target / "shape.npy", rec.shape))
         params["shape"] = rec.shape
-        if flame:  # the neutral FLAME shape: expression and pose are zero by construction
+        if flame and rec.posed is None:  # the neutral FLAME shape: expression and pose are zero by construction
             params["expression"] = np.zeros(100, np.float32)
             params["pose"] = np.zeros(15, np.float32)
+    posed_units: dict[str, str] = {}
+    if rec.posed is not None and faces is not None:
+        posed_units = write_posed(target, rec.posed, faces, keep, params, info)
     for name, points in (("kpt7", rec.kpt7), ("kpt68", rec.landmarks68)):
         if points is not None:
             keep(write_npy_atomic(target / f"{name}.npy", points))
@@ -331,15 +334,37 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
                         "shape": "FLAME coefficients"
                         if flame
                         else "mm displacement from the canonical face, xyz per vertex",
+                        **posed_units,
                     },
                     "method": rec.method,
                     "strategy": rec.strategy or rec.method,
                     **scale,
+                    **({"focal_source": rec.posed.focal_source,
+                        "reprojection_error_px": round(rec.posed.reprojection_error_px, 3)}
+                       if rec.posed is not None and posed_units else {}),
                     **{k: [float(x) for x in v.ravel()] for k, v in params.items()},
                 },
             )
         )
     return info
+
+
+def write_posed(target: Path, posed: CheckedPosedFace, faces: np.ndarray, keep: Callable[[Path], None],
+                params: dict[str, np.ndarray], info: dict[str, Any]) -> dict[str, str]:
+    """mesh_posed.obj/.glb (camera space, mm, OpenCV axes) and the posed parameters (docs/posed-face.md);
+    returns the units params.json states for them."""
+    keep(write_obj(target / "mesh_posed.obj", posed.vertices, faces))
+    keep(write_glb(target / "mesh_posed.glb", posed.vertices, faces))
+    params.update(expression=posed.expression, jaw_pose=posed.jaw_pose, global_pose=posed.global_pose,
+                  translation=posed.translation, camera_intrinsics=posed.camera_intrinsics,
+                  camera_extrinsics=posed.camera_extrinsics, image_size=posed.image_size)
+    info["reprojection_error_px"] = round(posed.reprojection_error_px, 3)
+    info["focal_source"] = posed.focal_source
+    return {"expression": "FLAME expression coefficients" if len(posed.expression) <= 400
+            else "mm residual from the neutral mesh, xyz per vertex",
+            "jaw_pose": "axis-angle rad", "global_pose": "axis-angle rad, model -> camera",
+            "translation": "mm", "camera_intrinsics": "px", "camera_extrinsics": "model mm -> camera mm",
+            "image_size": "px (width, height)", "camera": "OpenCV: x right, y down, z forward"}
 
 
 def _photo_texture(rec: CheckedReconstruction, photo: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:

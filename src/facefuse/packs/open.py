@@ -105,6 +105,11 @@ class MetricFace:
     fit_rms_mm: float  # weighted RMS distance to the canonical face after the fit
     scale_confidence: float = 0.0  # [0, 1]: the iris reading's confidence when used, 0 for the default
     iris: IrisScale | None = None  # the iris reading, used or not (None without iris points)
+    translation_mm: np.ndarray | None = None  # (3,): with ``rotation``, camera-frame mm -> canonical frame
+
+    def head_rotation(self) -> np.ndarray:
+        """(3,3) the head pose kept: canonical (model) frame -> OpenCV camera (x right, y down, z forward)."""
+        return np.diag([1.0, -1.0, -1.0]) @ self.rotation.T
 
 
 def camera_points(landmarks: np.ndarray) -> np.ndarray:
@@ -246,7 +251,7 @@ def metric_face(landmarks: np.ndarray, canonical: CanonicalFace, *, iris: np.nda
     pose = umeyama(metric, canonical.vertices_mm, weights, scale=1.0)
     rotation, vertices = pose.rotation, pose.apply(metric)
     rms = float(np.sqrt((weights @ ((vertices - canonical.vertices_mm) ** 2).sum(axis=1)) / weights.sum()))
-    return MetricFace(vertices, float(mm_per_px), source, rotation, rms, confidence, reading)
+    return MetricFace(vertices, float(mm_per_px), source, rotation, rms, confidence, reading, pose.translation)
 
 
 SHAPE_FITS = ("facemesh", "model", "model+detail")
@@ -307,7 +312,7 @@ def fitted_metric_face(landmarks: np.ndarray, canonical: CanonicalFace, gpmm: Ga
     pw = canonical.procrustes_weights()
     rms = float(np.sqrt((pw @ ((vertices - canonical.vertices_mm) ** 2).sum(axis=1)) / pw.sum()))
     return MetricFace(vertices, start.mm_per_px, start.scale_source, fit.rotation.T, rms,
-                      start.scale_confidence, start.iris)
+                      start.scale_confidence, start.iris, -(fit.rotation.T @ fit.translation))
 
 
 def kpt7(vertices_mm: np.ndarray) -> np.ndarray:
@@ -655,6 +660,11 @@ def open_fusion_setup() -> FusionSetup:
 
     canonical = load_canonical_face()
     space = open_shape_space(canonical=canonical)
+    from facefuse.packs.posed import OpenPosedFitter
+
+    fitter = OpenPosedFitter(canonical, camera_points)
     return FusionSetup(space, BackendStatus("fusion", "mediapipe468-identity", "open", True, False, "ready",
-                                            details={"regions": ",".join(sorted(space.regions))}),
-                       lambda vertices: (None, kpt7(vertices)), OPEN_DEFAULT_STRATEGY, uvs=canonical.uvs)
+                                            details={"regions": ",".join(sorted(space.regions)),
+                                                     "posed_fit": "neutral + observed residual, head pose, camera"}),
+                       lambda vertices: (None, kpt7(vertices)), OPEN_DEFAULT_STRATEGY, uvs=canonical.uvs,
+                       posed_fitter=lambda _shape, vertices, target: fitter(vertices, target))

@@ -28,7 +28,7 @@ from facefuse.errors import (
 )
 from facefuse.face.frontend import SELECTIONS, select_faces
 from facefuse.face.types import AlignedFace, Detection, check_det_thresh
-from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES, decode_image
+from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES, decode_image, exif_focal_35mm
 from facefuse.packs.base import SCALE_SOURCES
 from facefuse.rpc.deadline import Deadline
 from facefuse.rpc.interceptors import request_metadata
@@ -234,6 +234,7 @@ class FacePipeline:
             image = decode_image(data, max_pixels=self.max_pixels, max_decode_bytes=self.max_decode_bytes)
             observe_decode_bytes(len(data), image.nbytes)
             check_mask(mask, image.shape)
+            focal_35mm = exif_focal_35mm(data)
             faces = self._faces(image, options)
         except FacefuseError as exc:
             yield error_result(image_id, exc)
@@ -253,7 +254,8 @@ class FacePipeline:
                 continue
             # copy_context: the face thread carries this image's request id (logs, metadata downstream)
             futures.append(self._faces_pool.submit(contextvars.copy_context().run, self._face_result,
-                                                   image_id, index, num, item, image, options, mask, deadline))
+                                                   image_id, index, num, item, image, options, mask, deadline,
+                                                   focal_35mm))
         for future in as_completed(futures):
             result = future.result()
             result.seconds = time.monotonic() - started
@@ -280,7 +282,7 @@ class FacePipeline:
 
     def _face_result(self, image_id: str, index: int, num: int, face: AlignedFace, image: np.ndarray,
                      options: gateway_pb2.ProcessOptions, mask: np.ndarray | None,
-                     deadline: Deadline) -> gateway_pb2.FaceResult:
+                     deadline: Deadline, focal_35mm: float | None = None) -> gateway_pb2.FaceResult:
         method = options.method or "detect"
         hw = (int(image.shape[0]), int(image.shape[1]))
         needs_farl = method in ("ofer", "fuse")
@@ -300,12 +302,14 @@ class FacePipeline:
                 visibility = self.visibility(image, face, mask, options)
             face_msg = wire.face_message(face, index, hw, with_crops=True)
             result.face.CopyFrom(face_msg if options.return_crops or method == "detect" else _without_crops(face_msg))
+            pose_fit = pose_fit_input(face, hw, focal_35mm) if method in ("ofer", "fuse") \
+                and not options.neutral_only else None
             if method == "mica":
                 result.reconstruction.CopyFrom(self._mica(face_msg, deadline))
             elif method == "ofer":
-                result.reconstruction.CopyFrom(self._ofer(face_msg, options, deadline, visibility))
+                result.reconstruction.CopyFrom(self._ofer(face_msg, options, deadline, visibility, pose_fit))
             elif method == "fuse":
-                self._fuse(face_msg, options, deadline, result, visibility)
+                self._fuse(face_msg, options, deadline, result, visibility, pose_fit)
         except Exception as exc:
             return error_result(image_id, exc, index, num)
         return result
@@ -459,6 +463,8 @@ class FacePipeline:
         )
         if visibility is not None:
             rec.visibility.CopyFrom(visibility)
+        if fused.HasField("posed"):
+            rec.posed.CopyFrom(fused.posed)
         return rec
 
     def _fuse_request(
@@ -469,6 +475,7 @@ class FacePipeline:
         scores: np.ndarray,
         visibility: common_pb2.Visibility | None,
         mica_shape: common_pb2.Tensor | None = None,
+        pose_fit: common_pb2.PoseFitInput | None = None,
     ) -> fusion_pb2.FuseRequest:
         request = fusion_pb2.FuseRequest(strategy=strategy, options=dict(options.strategy_options),
                                          samples=wire.from_numpy(candidates.astype(np.float32)),
@@ -477,13 +484,18 @@ class FacePipeline:
             request.mica_shape.CopyFrom(mica_shape)
         if visibility is not None:
             request.visibility.CopyFrom(visibility)
+        if pose_fit is not None:
+            request.pose_fit.CopyFrom(pose_fit)
         return request
 
     def _ofer(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: Deadline,
-              visibility: common_pb2.Visibility | None) -> gateway_pb2.Reconstruction:
+              visibility: common_pb2.Visibility | None,
+              pose_fit: common_pb2.PoseFitInput | None = None) -> gateway_pb2.Reconstruction:
         samples = self._samples(face, options, deadline, visibility=visibility)
         scores = self._rank(face, samples, deadline, visibility)
-        fused = self._fusion(self._fuse_request("ofer", options, samples, scores, visibility), deadline)
+        fused = self._fusion(
+            self._fuse_request("ofer", options, samples, scores, visibility, pose_fit=pose_fit), deadline
+        )
         return self._fused_reconstruction("ofer", fused, samples, scores, visibility)
 
     def default_strategy(self, deadline: Deadline) -> str:
@@ -496,7 +508,8 @@ class FacePipeline:
         return self._default_strategy
 
     def _fuse(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: Deadline,
-              result: gateway_pb2.FaceResult, visibility: common_pb2.Visibility | None) -> None:
+              result: gateway_pb2.FaceResult, visibility: common_pb2.Visibility | None,
+              pose_fit: common_pb2.PoseFitInput | None = None) -> None:
         """MICA and OFER concurrently, or MICA first when the strategy steers the sampler or ranker with it."""
         from facefuse.fusion.strategies import steering_for
 
@@ -539,7 +552,7 @@ class FacePipeline:
             result.reconstruction.CopyFrom(mica)
             return
         fused = self._fusion(
-            self._fuse_request(strategy, options, candidates, scores, visibility, mica.shape), deadline
+            self._fuse_request(strategy, options, candidates, scores, visibility, mica.shape, pose_fit), deadline
         )
         result.reconstruction.CopyFrom(self._fused_reconstruction("fuse", fused, candidates, scores, visibility))
         # The fused mesh lives at the mica branch's metric scale: say where that scale came from.
@@ -576,6 +589,23 @@ def _retrying(backend: str, attempt: Callable[[], T]) -> T:
                 raise error from None
             log_event("retry", backend=backend, reason=str(error))
     raise AssertionError("unreachable")
+
+
+def pose_fit_input(face: AlignedFace, hw: tuple[int, int], focal_35mm: float | None) -> common_pb2.PoseFitInput | None:
+    """What the fusion service's posed-face fit needs of this face, or None without the 468 FaceMesh points
+    (SCRFD front end): focal from the photo's EXIF when it has one, else the documented default."""
+    from facefuse.models.camera import DEFAULT_FOCAL_35MM, focal_px_from_35mm
+
+    landmarks = face.detection.landmarks
+    if landmarks is None or len(landmarks) < 468 or np.shape(landmarks)[1] < 3:
+        return None
+    height, width = hw
+    source = "exif" if focal_35mm is not None else "default"
+    focal = focal_px_from_35mm(focal_35mm if focal_35mm is not None else DEFAULT_FOCAL_35MM, width, height)
+    return common_pb2.PoseFitInput(
+        landmarks=wire.from_numpy(np.asarray(landmarks, np.float32)[:468, :3], unit="px"),
+        image_size=wire.from_numpy(np.array([width, height], np.int32), unit="px"),
+        focal_px=focal, focal_source=source)
 
 
 def _grown_box(box: np.ndarray, shape: tuple[int, ...], factor: float) -> np.ndarray:

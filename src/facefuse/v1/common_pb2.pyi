@@ -167,3 +167,41 @@ class Visibility(_message.Message):
     sources: _containers.RepeatedScalarFieldContainer[str]
     unknown: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, regions: _Optional[_Mapping[str, float]] = ..., per_vertex: _Optional[_Union[Tensor, _Mapping]] = ..., sources: _Optional[_Iterable[str]] = ..., unknown: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PosedFace(_message.Message):
+    __slots__ = ("expression", "jaw_pose", "global_pose", "translation", "camera_intrinsics", "camera_extrinsics", "image_size", "focal_source", "reprojection_error_px", "vertices", "landmarks_px")
+    EXPRESSION_FIELD_NUMBER: _ClassVar[int]
+    JAW_POSE_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_POSE_FIELD_NUMBER: _ClassVar[int]
+    TRANSLATION_FIELD_NUMBER: _ClassVar[int]
+    CAMERA_INTRINSICS_FIELD_NUMBER: _ClassVar[int]
+    CAMERA_EXTRINSICS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FOCAL_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REPROJECTION_ERROR_PX_FIELD_NUMBER: _ClassVar[int]
+    VERTICES_FIELD_NUMBER: _ClassVar[int]
+    LANDMARKS_PX_FIELD_NUMBER: _ClassVar[int]
+    expression: Tensor
+    jaw_pose: Tensor
+    global_pose: Tensor
+    translation: Tensor
+    camera_intrinsics: Tensor
+    camera_extrinsics: Tensor
+    image_size: Tensor
+    focal_source: str
+    reprojection_error_px: float
+    vertices: Tensor
+    landmarks_px: Tensor
+    def __init__(self, expression: _Optional[_Union[Tensor, _Mapping]] = ..., jaw_pose: _Optional[_Union[Tensor, _Mapping]] = ..., global_pose: _Optional[_Union[Tensor, _Mapping]] = ..., translation: _Optional[_Union[Tensor, _Mapping]] = ..., camera_intrinsics: _Optional[_Union[Tensor, _Mapping]] = ..., camera_extrinsics: _Optional[_Union[Tensor, _Mapping]] = ..., image_size: _Optional[_Union[Tensor, _Mapping]] = ..., focal_source: _Optional[str] = ..., reprojection_error_px: _Optional[float] = ..., vertices: _Optional[_Union[Tensor, _Mapping]] = ..., landmarks_px: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PoseFitInput(_message.Message):
+    __slots__ = ("landmarks", "image_size", "focal_px", "focal_source")
+    LANDMARKS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FOCAL_PX_FIELD_NUMBER: _ClassVar[int]
+    FOCAL_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    landmarks: Tensor
+    image_size: Tensor
+    focal_px: float
+    focal_source: str
+    def __init__(self, landmarks: _Optional[_Union[Tensor, _Mapping]] = ..., image_size: _Optional[_Union[Tensor, _Mapping]] = ..., focal_px: _Optional[float] = ..., focal_source: _Optional[str] = ...) -> None: ...

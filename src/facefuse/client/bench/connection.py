@@ -144,6 +144,7 @@ class MeshConnection:
                 extra: dict[str, Any] = {"boxes": [job.box]} if job.box is not None else {"selection": "largest"}
                 if self.det_thresh is not None:
                     extra["det_thresh"] = self.det_thresh
+                extra["neutral_only"] = True  # benchmarks evaluate the neutral shape: no posed-face fit
                 self.counters.gateway_images += 1
                 yield from image_chunks([ImageInput(job.job_id, job.data, job.mask)],
                                         process_options(method, **options, **extra))
