@@ -54,6 +54,16 @@ class FrontEnd(Protocol):
     def align(self, image: np.ndarray, detection: Detection) -> AlignedFace: ...
 
 METHODS = ("detect", "mica", "ofer", "fuse")
+CROP_FIELDS = ("crop112", "arcface_blob", "crop224", "crop_box224", "farl_input")
+"""The Face message's image tensors (~1.5 MB together); each backend call carries only those it reads."""
+MICA_CROPS = ("arcface_blob",)
+"""MICA (flame pack) reads only its ArcFace blob (147 KB); the open pack's mica reads the landmarks."""
+SAMPLE_CROPS = ("arcface_blob",)
+"""IdGen (flame pack) reads the ArcFace blob."""
+SAMPLE_CROPS_OPEN = ("arcface_blob", "crop_box224")
+"""The open pack's sampler also imputes hidden landmarks from the box crop's pixels."""
+RANK_CROPS = ("arcface_blob", "farl_input")
+"""IdRank reads the ArcFace blob and the FaRL input."""
 DEFAULT_CALL_TIMEOUT_S = 600.0
 VISIBILITY_SOURCES = ("mask", "photometric", "hands")
 MAX_GIVEN_BOXES = 64
@@ -193,6 +203,7 @@ class FacePipeline:
         self._hands: HandDetector | bool | None = None  # None: not tried yet; False: unavailable
         self._branch_pool = ThreadPoolExecutor(max_workers=face_workers, thread_name_prefix="branch")
         self._default_strategy: str | None = None
+        self._ofer_pack: str | None = None
 
     def close(self) -> None:
         self._faces_pool.shutdown(wait=False, cancel_futures=True)
@@ -308,8 +319,15 @@ class FacePipeline:
                     hand.points
                     for hand in detector.detect(image, region=_grown_box(face.detection.box, image.shape, 2.5))
                 ]
+        # On the face's window only: converting a 4096² photo for each face cost ~1 s; the regions lie
+        # inside the landmarks' box, so the window gives the same pixels, shifted by whole pixels.
+        rows, cols = landmark_window(landmarks, image.shape)
+        shift = np.array([cols.start, rows.start], np.float64)
         vis = sources.estimate(
-            image, landmarks, occluder_mask=None if mask is None else mask > 127, hand_points=hand_points
+            image[rows, cols],
+            shifted_points(landmarks, shift),
+            occluder_mask=None if mask is None else mask[rows, cols] > 127,
+            hand_points=None if hand_points is None else [shifted_points(p, shift) for p in hand_points],
         )
         message = common_pb2.Visibility(
             regions={k: float(v) for k, v in vis.regions.items()}, sources=list(vis.sources)
@@ -349,8 +367,9 @@ class FacePipeline:
 
     def _mica(self, face: common_pb2.Face, deadline: Deadline) -> gateway_pb2.Reconstruction:
         stub = self.clients.mica
-        reply = self._call("mica", stub.Predict if stub else None,
-                           mica_pb2.PredictRequest(faces=[face], return_mesh=True, return_landmarks=True), deadline)
+        request = mica_pb2.PredictRequest(faces=[only_crops(face, MICA_CROPS)], return_mesh=True,
+                                          return_landmarks=True)
+        reply = self._call("mica", stub.Predict if stub else None, request, deadline)
         pred = reply.predictions[0]
         return gateway_pb2.Reconstruction(method="mica", shape=pred.shape, mesh=pred.mesh,
                                           landmarks68=pred.landmarks68, kpt7=pred.kpt7)
@@ -360,7 +379,9 @@ class FacePipeline:
                  guide: common_pb2.Tensor | None = None, strength: float = 0.0,
                  visibility: common_pb2.Visibility | None = None) -> np.ndarray:
         stub = self.clients.ofer
-        request = ofer_pb2.SampleRequest(face=face, num_samples=options.num_samples or 10, steps=options.steps,
+        crops = SAMPLE_CROPS if self._ofer_pack_name(deadline) == "flame" else SAMPLE_CROPS_OPEN
+        request = ofer_pb2.SampleRequest(face=only_crops(face, crops), num_samples=options.num_samples or 10,
+                                         steps=options.steps,
                                          mode=options.sampler_mode or "fast", seed=options.seed)
         if start is not None:
             request.start_shape.CopyFrom(start)
@@ -385,7 +406,8 @@ class FacePipeline:
     def _rank(self, face: common_pb2.Face, candidates: np.ndarray, deadline: Deadline,
               visibility: common_pb2.Visibility | None = None) -> np.ndarray:
         stub = self.clients.ofer
-        request = ofer_pb2.RankRequest(face=face, candidates=wire.from_numpy(candidates.astype(np.float32)))
+        request = ofer_pb2.RankRequest(face=only_crops(face, RANK_CROPS),
+                                       candidates=wire.from_numpy(candidates.astype(np.float32)))
         if visibility is not None:
             request.visibility.CopyFrom(visibility)
         reply = self._call("ofer", stub.Rank if stub else None, request, deadline)
@@ -443,6 +465,20 @@ class FacePipeline:
         scores = self._rank(face, samples, deadline, visibility)
         fused = self._fusion(self._fuse_request("ofer", options, samples, scores, visibility), deadline)
         return self._fused_reconstruction("ofer", fused, samples, scores, visibility)
+
+    def _ofer_pack_name(self, deadline: Deadline) -> str:
+        """The ofer service's pack (its Info, asked once): the flame pack's sampler reads no box crop, so
+        Sample requests leave it out. Unknown (no answer yet) keeps the crop: a request too big, never one
+        missing a tensor."""
+        if self._ofer_pack is None:
+            stub = self.clients.ofer
+            try:
+                info = self._call("ofer", stub.Info if stub else None, common_pb2.InfoRequest(), deadline)
+            except FacefuseError:
+                return ""
+            self._ofer_pack = info.pack if info.ready else None
+            return info.pack
+        return self._ofer_pack
 
     def default_strategy(self, deadline: Deadline) -> str:
         if self._default_strategy is None:
@@ -541,6 +577,35 @@ def _grown_box(box: np.ndarray, shape: tuple[int, ...], factor: float) -> np.nda
     )
 
 
+WINDOW_MARGIN_PX = 4
+"""Pixels around the landmarks' box in the visibility window: the region polygons join landmarks, so
+they lie inside the box; the margin covers the one-pixel rounding of the polygon fill."""
+
+
+def landmark_window(landmarks: np.ndarray, image_shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """(rows, cols) of the image around the landmarks' box (plus ``WINDOW_MARGIN_PX``), clipped to the
+    image; the whole image when the landmarks are not all finite (the visibility code reports those)."""
+    height, width = int(image_shape[0]), int(image_shape[1])
+    xy = np.asarray(landmarks, np.float64)[:, :2]
+    if xy.size == 0 or not np.all(np.isfinite(xy)):
+        return slice(0, height), slice(0, width)
+    x0, y0 = np.floor(xy.min(axis=0)).astype(int) - WINDOW_MARGIN_PX
+    x1, y1 = np.ceil(xy.max(axis=0)).astype(int) + WINDOW_MARGIN_PX + 1
+    x0, x1 = min(max(x0, 0), width), min(max(x1, 0), width)
+    y0, y1 = min(max(y0, 0), height), min(max(y1, 0), height)
+    if x1 <= x0 or y1 <= y0:  # the face lies wholly outside the frame: nothing of it is seen either way
+        return slice(0, height), slice(0, width)
+    return slice(int(y0), int(y1)), slice(int(x0), int(x1))
+
+
+def shifted_points(points: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Pixel points (x, y[, more]) in a window that starts at ``shift`` (whole pixels: exact in float64)."""
+    moved = np.array(points, np.float64, copy=True)
+    if moved.ndim == 2 and moved.shape[1] >= 2:
+        moved[:, :2] -= shift
+    return moved
+
+
 def _overall_visibility(visibility: common_pb2.Visibility | None) -> float:
     if visibility is None or not visibility.regions:
         return 1.0
@@ -548,10 +613,16 @@ def _overall_visibility(visibility: common_pb2.Visibility | None) -> float:
 
 
 def _without_crops(face: common_pb2.Face) -> common_pb2.Face:
+    return only_crops(face, ())
+
+
+def only_crops(face: common_pb2.Face, keep: tuple[str, ...]) -> common_pb2.Face:
+    """``face`` with only the image tensors in ``keep`` (its boxes, points and sizes all stay)."""
     slim = common_pb2.Face()
     slim.CopyFrom(face)
-    for name in ("crop112", "arcface_blob", "crop224", "crop_box224", "farl_input"):
-        slim.ClearField(name)
+    for name in CROP_FIELDS:
+        if name not in keep:
+            slim.ClearField(name)
     return slim
 
 
