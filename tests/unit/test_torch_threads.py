@@ -60,3 +60,19 @@ def test_a_service_runs_torch_with_its_thread_count(tmp_path) -> None:
                               text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert f"threads {threads}" in done.stdout
+
+
+def test_compose_sets_every_torch_service_s_threads_explicitly() -> None:
+    import re
+    from pathlib import Path
+
+    from ruamel.yaml import YAML
+
+    compose = YAML(typ="safe", pure=True).load((Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text())
+    for name in ("mica", "ofer", "fusion"):
+        value = compose["services"][name]["environment"][THREADS_ENV]
+        default = re.fullmatch(r"\$\{(FACEFUSE_[A-Z]+_THREADS):-([^}]+)\}", value)
+        assert default is not None, f"{name}: {value!r} is not ${{FACEFUSE_<SERVICE>_THREADS:-default}}"
+        parse_torch_threads(default.group(2))  # the default is a valid value
+    assert "environment" not in compose["services"]["gateway"] or THREADS_ENV not in compose["services"]["gateway"][
+        "environment"], "the gateway runs no torch"
