@@ -387,8 +387,8 @@ def share_identical_arcface(idgen: IdGen, idrank: IdRank) -> str:
     if not same_weights(idgen.arcface, idrank.arcface):
         return "no (IdGen and IdRank ArcFace weights differ)"
     shared = SharedArcFace(idgen.arcface)
-    idgen.arcface = shared
-    idrank.arcface = shared
+    idgen.add_module("arcface", shared)  # replaces the registered submodule (same attribute name)
+    idrank.add_module("arcface", shared)
     return "yes (identical weights: one ArcFace pass per face)"
 
 
