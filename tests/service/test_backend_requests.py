@@ -56,6 +56,8 @@ class RecordingOfer(ofer_pb2_grpc.OferServiceServicer):
         return ofer_pb2.RankResponse(scores=wire.from_numpy(np.zeros(count, np.float32)))
 
     def Info(self, request: common_pb2.InfoRequest, context: grpc.ServicerContext) -> common_pb2.BackendInfo:
+        if self.pack == "no-info":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "no Info today")
         return common_pb2.BackendInfo(service="ofer", pack=self.pack, ready=True)
 
 
@@ -84,7 +86,7 @@ class OneFace:
                            farl_input=rng.random((3, 224, 224), np.float32))
 
 
-@pytest.fixture(params=["flame", "open"])
+@pytest.fixture(params=["flame", "open", "no-info"])
 def recorded(request: pytest.FixtureRequest, astronaut_jpeg: bytes):
     mica, ofer = RecordingMica(), RecordingOfer(request.param)
     servers = [
@@ -125,7 +127,9 @@ def test_each_backend_gets_only_the_tensors_it_reads(recorded) -> None:
     if pack == "flame":
         assert _crops(sample.face) == {"arcface_blob"}
         assert sample.ByteSize() < 160_000
-    else:  # the open pack's sampler imputes hidden landmarks from the box crop
-        assert _crops(sample.face) == {"arcface_blob", "crop_box224"}
-    assert _crops(rank.face) == {"arcface_blob", "farl_input"}
-    assert rank.ByteSize() < 800_000
+        assert _crops(rank.face) == {"arcface_blob", "farl_input"}
+    elif pack == "open":  # the open pack's Sample and Rank impute hidden landmarks from the box crop
+        assert _crops(sample.face) == _crops(rank.face) == {"arcface_blob", "crop_box224"}
+    else:  # the pack unknown: what either pack reads, never less
+        assert _crops(sample.face) == _crops(rank.face) == {"arcface_blob", "crop_box224", "farl_input"}
+    assert rank.ByteSize() < (1_400_000 if pack == "no-info" else 800_000)

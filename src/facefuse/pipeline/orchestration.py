@@ -60,10 +60,12 @@ MICA_CROPS = ("arcface_blob",)
 """MICA (flame pack) reads only its ArcFace blob (147 KB); the open pack's mica reads the landmarks."""
 SAMPLE_CROPS = ("arcface_blob",)
 """IdGen (flame pack) reads the ArcFace blob."""
-SAMPLE_CROPS_OPEN = ("arcface_blob", "crop_box224")
-"""The open pack's sampler also imputes hidden landmarks from the box crop's pixels."""
 RANK_CROPS = ("arcface_blob", "farl_input")
-"""IdRank reads the ArcFace blob and the FaRL input."""
+"""IdRank (flame pack) reads the ArcFace blob and the FaRL input."""
+OPEN_OFER_CROPS = ("arcface_blob", "crop_box224")
+"""The open pack's Sample and Rank impute hidden landmarks from the box crop's pixels."""
+ANY_OFER_CROPS = ("arcface_blob", "crop_box224", "farl_input")
+"""While the ofer service's pack is unknown: what either pack may read."""
 DEFAULT_CALL_TIMEOUT_S = 600.0
 VISIBILITY_SOURCES = ("mask", "photometric", "hands")
 MAX_GIVEN_BOXES = 64
@@ -379,8 +381,8 @@ class FacePipeline:
                  guide: common_pb2.Tensor | None = None, strength: float = 0.0,
                  visibility: common_pb2.Visibility | None = None) -> np.ndarray:
         stub = self.clients.ofer
-        crops = SAMPLE_CROPS if self._ofer_pack_name(deadline) == "flame" else SAMPLE_CROPS_OPEN
-        request = ofer_pb2.SampleRequest(face=only_crops(face, crops), num_samples=options.num_samples or 10,
+        request = ofer_pb2.SampleRequest(face=only_crops(face, self._ofer_crops(SAMPLE_CROPS, deadline)),
+                                         num_samples=options.num_samples or 10,
                                          steps=options.steps,
                                          mode=options.sampler_mode or "fast", seed=options.seed)
         if start is not None:
@@ -406,7 +408,7 @@ class FacePipeline:
     def _rank(self, face: common_pb2.Face, candidates: np.ndarray, deadline: Deadline,
               visibility: common_pb2.Visibility | None = None) -> np.ndarray:
         stub = self.clients.ofer
-        request = ofer_pb2.RankRequest(face=only_crops(face, RANK_CROPS),
+        request = ofer_pb2.RankRequest(face=only_crops(face, self._ofer_crops(RANK_CROPS, deadline)),
                                        candidates=wire.from_numpy(candidates.astype(np.float32)))
         if visibility is not None:
             request.visibility.CopyFrom(visibility)
@@ -466,19 +468,22 @@ class FacePipeline:
         fused = self._fusion(self._fuse_request("ofer", options, samples, scores, visibility), deadline)
         return self._fused_reconstruction("ofer", fused, samples, scores, visibility)
 
-    def _ofer_pack_name(self, deadline: Deadline) -> str:
-        """The ofer service's pack (its Info, asked once): the flame pack's sampler reads no box crop, so
-        Sample requests leave it out. Unknown (no answer yet) keeps the crop: a request too big, never one
-        missing a tensor."""
-        if self._ofer_pack is None:
+    def _ofer_crops(self, flame_crops: tuple[str, ...], deadline: Deadline) -> tuple[str, ...]:
+        """The image tensors an ofer call carries: ``flame_crops`` on the flame pack, the box crop (and
+        blob) on the open pack, all three while the pack is unknown (a request too big, never one
+        missing a tensor). The pack comes from ofer's Info, asked once."""
+        pack = self._ofer_pack
+        if pack is None:
             stub = self.clients.ofer
             try:
                 info = self._call("ofer", stub.Info if stub else None, common_pb2.InfoRequest(), deadline)
             except FacefuseError:
-                return ""
-            self._ofer_pack = info.pack if info.ready else None
-            return info.pack
-        return self._ofer_pack
+                return ANY_OFER_CROPS
+            pack = info.pack
+            self._ofer_pack = pack if info.ready else None
+        if pack == "flame":
+            return flame_crops
+        return OPEN_OFER_CROPS if pack == "open" else ANY_OFER_CROPS
 
     def default_strategy(self, deadline: Deadline) -> str:
         if self._default_strategy is None:
