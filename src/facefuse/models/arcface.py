@@ -22,6 +22,7 @@ Checkpoint loading replaces all of these values; only the RNG state afterwards m
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -142,15 +143,14 @@ def fused_for_inference(
     with torch.no_grad():
         fused.conv1 = fuse_conv_bn_eval(fused.conv1, fused.bn1)
         fused.bn1 = nn.Identity()  # type: ignore[assignment]
-        for layer in (fused.layer1, fused.layer2, fused.layer3, fused.layer4):
-            for block in layer:
-                block.conv1 = fuse_conv_bn_eval(block.conv1, block.bn2)
-                block.bn2 = nn.Identity()
-                block.conv2 = fuse_conv_bn_eval(block.conv2, block.bn3)
-                block.bn3 = nn.Identity()
-                if block.downsample is not None:
-                    conv, bn = block.downsample
-                    block.downsample = nn.Sequential(fuse_conv_bn_eval(conv, bn))
+        for block in [m for m in fused.modules() if isinstance(m, IBasicBlock)]:
+            block.conv1 = fuse_conv_bn_eval(block.conv1, block.bn2)
+            block.bn2 = nn.Identity()  # type: ignore[assignment]
+            block.conv2 = fuse_conv_bn_eval(block.conv2, block.bn3)
+            block.bn3 = nn.Identity()  # type: ignore[assignment]
+            if isinstance(block.downsample, nn.Sequential):
+                conv, bn = block.downsample.children()
+                block.downsample = nn.Sequential(fuse_conv_bn_eval(cast(nn.Conv2d, conv), cast(nn.BatchNorm2d, bn)))
         fused.fc = _fold_channel_bn_into_linear(fused.bn2, fused.fc)
         fused.bn2 = nn.Identity()  # type: ignore[assignment]
     if channels_last:
@@ -164,8 +164,9 @@ def fused_for_inference(
 def _fold_channel_bn_into_linear(bn: nn.BatchNorm2d, fc: nn.Linear) -> nn.Linear:
     """``fc(flatten(bn(x)))`` as one Linear: BN's per-channel affine, repeated over the 7x7 positions that
     ``flatten`` lays out channel-major, scales fc's columns and shifts its bias."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # type: ignore[operator]
-    shift = bn.bias - bn.running_mean * scale  # type: ignore[operator]
+    running_var, running_mean = cast(Tensor, bn.running_var), cast(Tensor, bn.running_mean)
+    scale = bn.weight / torch.sqrt(running_var + bn.eps)
+    shift = bn.bias - running_mean * scale
     positions = fc.in_features // scale.shape[0]
     scale_cols, shift_cols = scale.repeat_interleave(positions), shift.repeat_interleave(positions)
     folded = copy.deepcopy(fc)  # a copy, not a new Linear: constructing one would draw from the global RNG

@@ -49,9 +49,11 @@ def numerics_mode(projections: str | None = None) -> str:
     return "reproduce-official" if projections == "reproduce-official" else mode
 
 
-def fast_arcface(arcface: IResNet100, device: str) -> IResNet100:
+def fast_arcface(arcface: torch.nn.Module, device: str) -> IResNet100:
     """The fast-numerics ArcFace: BatchNorms folded into the convolutions, channels-last, and float16 on a
     GPU (float32 on the CPU, where half precision is slower and less exact)."""
+    if not isinstance(arcface, IResNet100):
+        raise TypeError(f"fast_arcface: expected an IResNet100, got {type(arcface).__name__}")
     dtype = torch.float16 if device.startswith("cuda") else None
     return fused_for_inference(arcface.eval(), channels_last=True, dtype=dtype)
 
