@@ -6,11 +6,12 @@ One table, mapped onto the request options that already travel through the mesh 
 How the presets were chosen (``benchmarks/study_sampler_quality.py``, ``facefuse.eval.sampler_quality``):
 on an exact denoiser (Gaussian data, no network) the fused shape of each setting is compared with the
 default's (40 DDIM steps, 10 samples, same initial noise) as the RMS vertex distance in mm. ``fast``
-keeps that within ``FAST_TOLERANCE_MM`` for every identity measured (20 steps: mean 0.075 mm, max
-0.091 mm; 15 steps: mean 0.12 mm, too far); fewer samples are not offered because they move the fused
-shape by 0.6 mm (8 samples) to 1.5 mm (5 samples), as much as a different seed does. ``official`` is OFER's
-own 251-evaluation loop, for replicating the paper (3.5 mm from the default there: the official loop
-is the less exact integrator, see ``benchmarks/bench_idgen.py``).
+keeps that within ``FAST_TOLERANCE_MM`` for every identity measured (16 identities; 20 steps: mean
+0.077 mm, max 0.091 mm; 15 steps: mean 0.13 mm, max 0.15 mm, too far); fewer samples are not offered
+because they move the fused shape by 0.6 mm (8 samples) to 1.5 mm (5 samples), as much as going from 10
+to 20 samples does (0.76 mm). ``official`` is OFER's own 251-evaluation loop, for replicating the paper
+(3.3 mm from the default there: the official loop is the less exact integrator, see
+``benchmarks/bench_idgen.py``).
 """
 
 from __future__ import annotations
