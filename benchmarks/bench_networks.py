@@ -70,7 +70,12 @@ def arcface_variants(candidates: bool) -> dict[str, Forward]:
         "after (fused, NHWC)": lambda: F.normalize(fused(blob), dim=1),
     }
     if candidates:
-        session = onnx_session(_EmbeddingOnly(model), (blob,))
+        fused_nchw = fused_for_inference(model, channels_last=False)
+        nhwc_only = copy.deepcopy(model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        nhwc_only.channels_last = True
+        variants["fused, NCHW"] = lambda: F.normalize(fused_nchw(blob), dim=1)
+        variants["NHWC, not fused"] = lambda: F.normalize(nhwc_only(blob), dim=1)
+        session = onnx_session(_EmbeddingOnly(model).eval(), (blob,))  # export restores the wrapper's mode
         if session is not None:
             feed = {session.get_inputs()[0].name: blob.numpy()}
             variants["onnxruntime"] = lambda: F.normalize(torch.from_numpy(session.run(None, feed)[0]), dim=1)
