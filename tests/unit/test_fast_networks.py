@@ -30,7 +30,7 @@ from facefuse.face.types import AlignedFace
 from facefuse.models.arcface import IResNet100, fused_for_inference
 from facefuse.models.clip_vit import ClipConfig, ClipViT, half_precision_image_tower
 from facefuse.models.idgen import IdGenUnet, PointwiseConv1d, ProjectionAttention, draw_default_projections
-from facefuse.packs.flame import NUMERICS_ENV, OferBackend, numerics_mode
+from facefuse.packs.flame import NUMERICS_ENV, NUMERICS_MODES, MicaBackend, OferBackend, fast_arcface, numerics_mode
 
 UNET_TOLERANCE = 2e-5
 ARCFACE_TOLERANCE = 2e-5
@@ -198,3 +198,26 @@ def test_ofer_backend_reproduce_official_runs_the_shipped_layers_bit_for_bit(
     assert fast.status.details["numerics"] == "fast"
     fast_samples = _sample(fast)
     np.testing.assert_allclose(fast_samples, exact_samples, rtol=0, atol=1e-3)
+
+
+def test_gpu_dtype_choice_is_checked_without_a_gpu(arcface: IResNet100) -> None:
+    """The CUDA path picks float16 (weights only converted here, nothing runs); the CPU path keeps float32."""
+    assert fast_arcface(arcface, "cuda").conv1.weight.dtype == torch.float16
+    assert fast_arcface(arcface, "cuda:1").fc.weight.dtype == torch.float16
+    assert fast_arcface(arcface, "cpu").conv1.weight.dtype == torch.float32
+    with pytest.raises(TypeError, match="IResNet100"):
+        fast_arcface(nn.Linear(2, 2), "cpu")
+
+
+def test_mica_backend_follows_the_numerics_mode(synthetic_assets_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blob = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(12))
+    results = {}
+    for mode in NUMERICS_MODES:
+        monkeypatch.setenv(NUMERICS_ENV, mode)
+        backend = MicaBackend.from_assets(synthetic_assets_dir, "cpu")
+        assert backend.status.details["numerics"] == mode
+        folded = isinstance(backend.mica.arcface.bn1, nn.Identity)
+        assert folded == (mode == "fast")
+        with torch.inference_mode():
+            results[mode] = backend.mica(blob).shape
+    torch.testing.assert_close(results["fast"], results["reproduce-official"], rtol=0, atol=1e-4)
