@@ -7,6 +7,7 @@ depend on the values). Candidates that were measured but not adopted can be time
 ONNX Runtime for ArcFace and the Unet, and PyTorch's fused multi-head-attention path for the FaRL ViT.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_networks.py [--repeats 7] [--threads 0] [--candidates]
+        [--networks arcface,unet1,unet10,unet100,vit,ofer]   (ofer: one face through the OFER backend)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from facefuse.assets.synthetic.mica import arcface_state
 from facefuse.assets.synthetic.ofer_idgen import STRAY_QKV_SUFFIX, idgen_net_state
+from facefuse.client.quality import QUALITY_PRESETS
 from facefuse.models.arcface import IResNet100, fused_for_inference
 from facefuse.models.clip_vit import ClipViT
 from facefuse.models.idgen import IdGenUnet, draw_default_projections
@@ -138,6 +140,47 @@ def vit_variants(candidates: bool) -> dict[str, Forward]:
     return variants
 
 
+def ofer_face_variants(quality_steps: int) -> dict[str, Forward]:
+    """One face through the OFER backend (IdGen sampling N=10 + IdRank scoring), synthetic assets:
+    reproduce-official layers vs fast layers at 40 steps, and fast layers with the ``fast`` preset."""
+    import tempfile
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from facefuse.assets.synthetic import synthesize
+    from facefuse.packs.flame import NUMERICS_ENV, OferBackend
+
+    directory = Path(tempfile.mkdtemp(prefix="bench-networks-"))
+    synthesize(directory, size="full", seed=0)
+    previous = os.environ.get(NUMERICS_ENV)
+    backends = {}
+    for mode in ("reproduce-official", "fast"):
+        os.environ[NUMERICS_ENV] = mode
+        backends[mode] = OferBackend.from_assets(directory, "cpu")
+    if previous is None:
+        os.environ.pop(NUMERICS_ENV)
+    else:
+        os.environ[NUMERICS_ENV] = previous
+    g = torch.Generator().manual_seed(7)
+    face = SimpleNamespace(arcface_blob=torch.randn(3, 112, 112, generator=g).numpy(),
+                           farl_input=torch.randn(3, 224, 224, generator=g).numpy())
+
+    def one_face(backend: OferBackend, steps: int) -> Forward:
+        def run() -> torch.Tensor:
+            samples = backend.sample(face, 10, mode="fast", steps=steps, seed=1,  # type: ignore[arg-type]
+                                     start_shape=None, start_t0=0, guide_shape=None, guide_strength=0.0)
+            scores = backend.rank(face, samples)  # type: ignore[arg-type]
+            return torch.from_numpy(samples).sum(dim=1) + 0 * torch.from_numpy(scores)
+
+        return run
+
+    return {
+        "before": one_face(backends["reproduce-official"], 40),
+        "after (40 steps)": one_face(backends["fast"], 40),
+        f"after, --quality fast ({quality_steps})": one_face(backends["fast"], quality_steps),
+    }
+
+
 def onnx_session(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]):  # -> onnxruntime session or None
     try:
         import onnxruntime
@@ -171,6 +214,7 @@ def main() -> None:
         "unet10": ("IdGen Unet (B=10)", lambda: unet_variants(10, args.candidates)),
         "unet100": ("IdGen Unet (B=100)", lambda: unet_variants(100, args.candidates)),
         "vit": ("FaRL ViT-B/16 (B=1)", lambda: vit_variants(args.candidates)),
+        "ofer": ("OFER face (N=10, sample+rank)", lambda: ofer_face_variants(QUALITY_PRESETS["fast"].steps)),
     }
     for key in [k for k in args.networks.split(",") if k]:
         label, build = builders[key]
