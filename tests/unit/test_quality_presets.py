@@ -45,3 +45,16 @@ def test_fast_preset_within_tolerance_of_the_default_on_the_exact_denoiser() -> 
     # the next cheaper settings break the tolerance: 20 steps is the cheapest step count that keeps it
     assert fewer_steps.mean_rms_mm > FAST_TOLERANCE_MM
     assert fewer_samples.mean_rms_mm > 5 * FAST_TOLERANCE_MM
+
+
+def test_reconstruct_sends_the_preset_in_the_request_options(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from facefuse.client import cli
+
+    sent: list[dict[str, object]] = []
+    monkeypatch.setattr(cli, "_run", lambda args, method, options: sent.append(options) or 0)
+    monkeypatch.setattr(cli, "_write_report", lambda out: None)
+    assert cli.main(["reconstruct", "photo.jpg", "-o", str(tmp_path), "--quality", "fast"]) == 0
+    assert cli.main(["reconstruct", "photo.jpg", "-o", str(tmp_path), "--quality", "official", "--samples", "4"]) == 0
+    assert cli.main(["reconstruct", "photo.jpg", "-o", str(tmp_path)]) == 0
+    picked = [(o["num_samples"], o["steps"], o["sampler_mode"]) for o in sent]
+    assert picked == [(10, 20, "fast"), (4, None, "official"), (None, None, None)]
