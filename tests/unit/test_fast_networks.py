@@ -25,7 +25,7 @@ from torch import nn
 
 from facefuse.assets.synthetic.mica import arcface_state
 from facefuse.assets.synthetic.ofer_idgen import STRAY_QKV_SUFFIX, idgen_net_state
-from facefuse.errors import InvalidInputError
+from facefuse.errors import AssetError
 from facefuse.face.types import AlignedFace
 from facefuse.models.arcface import IResNet100, fused_for_inference
 from facefuse.models.clip_vit import ClipConfig, ClipViT, half_precision_image_tower
@@ -168,7 +168,7 @@ def test_numerics_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(NUMERICS_ENV, "reproduce-official")
     assert numerics_mode("default") == "reproduce-official"
     monkeypatch.setenv(NUMERICS_ENV, "turbo")
-    with pytest.raises(InvalidInputError, match="FACEFUSE_NUMERICS"):
+    with pytest.raises(AssetError, match="FACEFUSE_NUMERICS"):
         numerics_mode()
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from facefuse.assets.registry import asset_path
-from facefuse.errors import InvalidInputError
+from facefuse.errors import AssetError, InvalidInputError
 from facefuse.face.types import AlignedFace
 from facefuse.models.arcface import IResNet100, fused_for_inference
 from facefuse.models.clip_vit import half_precision_image_tower
@@ -45,7 +45,8 @@ def numerics_mode(projections: str | None = None) -> str:
 
     mode = os.environ.get(NUMERICS_ENV, "fast") or "fast"
     if mode not in NUMERICS_MODES:
-        raise InvalidInputError(f"{NUMERICS_ENV}={mode!r}: expected one of {', '.join(NUMERICS_MODES)}")
+        # A configuration error: the service reports it as its unavailable backend's message.
+        raise AssetError(f"{NUMERICS_ENV}={mode!r}: expected one of {', '.join(NUMERICS_MODES)}")
     return "reproduce-official" if projections == "reproduce-official" else mode
 
 
@@ -111,9 +112,9 @@ class MicaBackend:
         from facefuse.assets.mica_checkpoint import load_mica
 
         device = resolve_device(device)
+        numerics = numerics_mode()
         path = asset_path(directory, "mica")
         mica = load_mica(path, flame=load_flame(directory), device=device)
-        numerics = numerics_mode()
         if numerics == "fast":
             mica.arcface = fast_arcface(mica.arcface, device)
         backend = cls(mica, device, str(path))
@@ -227,6 +228,7 @@ class OferBackend:
 
         device = resolve_device(device)
         projections = projections or os.environ.get(PROJECTIONS_ENV, "default")
+        numerics = numerics_mode(projections)
         flame_data = load_flame(directory)
         idgen = load_idgen(asset_path(directory, "idgen"), projections=projections, device=device)
         farl = asset_path(directory, "farl")
@@ -235,7 +237,6 @@ class OferBackend:
                              num_vertices=flame_data.num_vertices).eval()
         flame = FlameLayer(flame_data).to(device).eval()
         reproduce = projections == "reproduce-official"
-        numerics = numerics_mode(projections)
         if numerics == "fast":
             speed_up_ofer(idgen, idrank, device)
         details = {"projections": str(idgen.load_report.get("projections", projections)),
