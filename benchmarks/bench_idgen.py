@@ -28,24 +28,19 @@ import torch
 
 from facefuse.assets.idgen_checkpoint import load_idgen
 from facefuse.assets.synthetic.ofer_idgen import write_idgen_checkpoint
-from facefuse.models.diffusion import DEFAULT_DDIM_STEPS, DDIMSampler, OfficialSampler, SamplingTables
+from facefuse.models.diffusion import (
+    DEFAULT_DDIM_STEPS,
+    DDIMSampler,
+    OfficialSampler,
+    SamplingTables,
+    gaussian_data_eps,
+)
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, float]:
     w0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     return out, time.perf_counter() - w0, time.process_time() - c0
-
-
-def gaussian_eps(sigma: torch.Tensor, tables: SamplingTables):
-    """Exact ε for data N(0, diag(σ²)): ε̂ = √(1−ᾱ)·x / (ᾱσ² + 1 − ᾱ)."""
-    abar = tables.alphas_cumprod.double()
-
-    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = abar[t].unsqueeze(1)  # t = -1 wraps to 999, as the official loop indexes
-        return ((1 - a).sqrt() * x.double() / (a * sigma**2 + 1 - a)).float()
-
-    return eps
 
 
 def main() -> None:
@@ -97,7 +92,7 @@ def main() -> None:
 
     print("\nExact Gaussian-data ε (no network): error vs DDIM 1000 steps, N = 200, same x_T")
     sigma = torch.linspace(2.0, 0.1, 300, dtype=torch.float64)
-    eps = gaussian_eps(sigma, tables)
+    eps = gaussian_data_eps(tables, sigma)
     x_T = torch.randn(200, 300, generator=torch.Generator().manual_seed(3))
     reference = DDIMSampler(1000).sample(eps, tables, 200, initial_noise=x_T)
     print(f"{'sampler':<22}{'evals':>7}{'mean|Δβ|':>10}{'max|Δβ|':>9}{'std ratio':>11}")

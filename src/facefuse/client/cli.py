@@ -140,9 +140,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from facefuse.client.quality import sampling_options
+
+    samples, steps, sampler = sampling_options(args.quality, samples=args.samples, steps=args.steps,
+                                               sampler=args.sampler)
     options: dict[str, object] = {
-        "strategy": args.strategy, "num_samples": args.samples, "steps": args.steps, "seed": args.seed,
-        "sampler_mode": args.sampler, "save_branches": args.save_branches, "return_crops": True,
+        "strategy": args.strategy, "num_samples": samples, "steps": steps, "seed": args.seed,
+        "sampler_mode": sampler, "save_branches": args.save_branches, "return_crops": True,
         "strategy_options": dict(parse_option(o) for o in args.option),
         "visibility_off": list(args.no_visibility) or None,
         "neutral_only": True if args.neutral_only else None,
@@ -275,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--samples", type=int, default=None, help="OFER samples per face (default 10)")
     rec.add_argument("--steps", type=int, default=None, help="sampler steps for the fast sampler")
     rec.add_argument("--sampler", default=None, choices=["fast", "official"], help="IdGen sampler")
+    rec.add_argument("--quality", default=None, choices=["fast", "default", "official"],
+                     help="sampling preset: fast (20 DDIM steps), default (40), official (OFER's 251-step loop); "
+                          "--samples/--steps/--sampler override it (docs/performance.md)")
     rec.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same samples)")
     rec.add_argument("--all-files", action="store_true",
                      help="also write the rarely needed files (crops, kps5.npy, samples.npz, mesh_uncertainty.ply)")

@@ -21,8 +21,12 @@ Checkpoint loading replaces all of these values; only the RNG state afterwards m
 
 from __future__ import annotations
 
+import copy
+from typing import cast
+
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 ARCFACE_INPUT_SIZE = 112
 ARCFACE_EMBEDDING_DIM = 512
@@ -77,6 +81,7 @@ class IResNet100(nn.Module):
         self.dropout = nn.Dropout(p=0.0)
         self.fc = nn.Linear(512 * 7 * 7, num_features)
         self.features = nn.BatchNorm1d(num_features, eps=_BN_EPS)
+        self.channels_last = False  # set by ``fused_for_inference``; the shipped layout runs NCHW contiguous
         self._official_reinit()
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
@@ -102,9 +107,69 @@ class IResNet100(nn.Module):
                 nn.init.constant_(module.bias, 0.0)
 
     def forward(self, blob: Tensor, *, apply_features: bool = True) -> Tensor:
-        """(B,3,112,112) normalised blob -> (B,512): ``fc`` output, through ``features`` if asked."""
+        """(B,3,112,112) normalised blob -> (B,512) float32: ``fc`` output, through ``features`` if asked.
+
+        The blob is cast to the weights' dtype (a no-op for the shipped float32 model) and the embedding
+        comes back as float32, so a half-precision copy (``fused_for_inference(dtype=...)``) is a drop-in."""
+        weight_dtype = self.conv1.weight.dtype
+        if blob.dtype != weight_dtype:
+            blob = blob.to(weight_dtype)
+        if self.channels_last:
+            blob = blob.contiguous(memory_format=torch.channels_last)
         x = self.prelu(self.bn1(self.conv1(blob)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = self.dropout(torch.flatten(self.bn2(x), 1))
         x = self.fc(x)
-        return self.features(x) if apply_features else x
+        x = self.features(x) if apply_features else x
+        return x.float()
+
+
+def fused_for_inference(
+    model: IResNet100, *, channels_last: bool = True, dtype: torch.dtype | None = None
+) -> IResNet100:
+    """An inference copy of ``model`` for the fast numerics mode; ``model`` itself is left untouched.
+
+    Every BatchNorm that follows a convolution (stem, each block's conv1 -> bn2 and conv2 -> bn3, the
+    downsample pairs) is folded into that convolution, the final ``bn2`` into ``fc``, and the copy runs
+    channels-last (faster on CPU and on tensor cores). Each block's leading ``bn1`` stays: it precedes a
+    zero-padded convolution, so folding it would change the border pixels, not just the rounding. The
+    folded model computes the same function up to float rounding (``tests/unit/test_fast_networks.py``
+    states the measured deviation); its state dict has fewer keys, so checkpoints always load into the
+    shipped layout first. ``dtype`` (e.g. ``torch.float16`` on CUDA) casts the copy's weights.
+    """
+    if model.training:
+        raise ValueError("fused_for_inference: put the model in eval mode first (BatchNorm uses running stats)")
+    fused = copy.deepcopy(model)
+    with torch.no_grad():
+        fused.conv1 = fuse_conv_bn_eval(fused.conv1, fused.bn1)
+        fused.bn1 = nn.Identity()  # type: ignore[assignment]
+        for block in [m for m in fused.modules() if isinstance(m, IBasicBlock)]:
+            block.conv1 = fuse_conv_bn_eval(block.conv1, block.bn2)
+            block.bn2 = nn.Identity()  # type: ignore[assignment]
+            block.conv2 = fuse_conv_bn_eval(block.conv2, block.bn3)
+            block.bn3 = nn.Identity()  # type: ignore[assignment]
+            if isinstance(block.downsample, nn.Sequential):
+                conv, bn = block.downsample.children()
+                block.downsample = nn.Sequential(fuse_conv_bn_eval(cast(nn.Conv2d, conv), cast(nn.BatchNorm2d, bn)))
+        fused.fc = _fold_channel_bn_into_linear(fused.bn2, fused.fc)
+        fused.bn2 = nn.Identity()  # type: ignore[assignment]
+    if channels_last:
+        fused = fused.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if dtype is not None:
+        fused = fused.to(dtype)
+    fused.channels_last = channels_last
+    return fused.eval()
+
+
+def _fold_channel_bn_into_linear(bn: nn.BatchNorm2d, fc: nn.Linear) -> nn.Linear:
+    """``fc(flatten(bn(x)))`` as one Linear: BN's per-channel affine, repeated over the 7x7 positions that
+    ``flatten`` lays out channel-major, scales fc's columns and shifts its bias."""
+    running_var, running_mean = cast(Tensor, bn.running_var), cast(Tensor, bn.running_mean)
+    scale = bn.weight / torch.sqrt(running_var + bn.eps)
+    shift = bn.bias - running_mean * scale
+    positions = fc.in_features // scale.shape[0]
+    scale_cols, shift_cols = scale.repeat_interleave(positions), shift.repeat_interleave(positions)
+    folded = copy.deepcopy(fc)  # a copy, not a new Linear: constructing one would draw from the global RNG
+    folded.weight.copy_(fc.weight * scale_cols)
+    folded.bias.copy_(fc.bias + fc.weight @ shift_cols)
+    return folded

@@ -183,5 +183,20 @@ class ClipViT(nn.Module):
         return self.visual.conv1.weight.dtype
 
     def encode_image(self, image: Tensor) -> Tensor:
-        """(B,3,224,224) CLIP-normalised image -> (B,512) visual projection, not L2-normalised."""
-        return self.visual(image.to(self.dtype))
+        """(B,3,224,224) CLIP-normalised image -> (B,512) float32 visual projection, not L2-normalised.
+
+        The image is cast to the tower's dtype; the result always comes back as float32 (a no-op for the
+        shipped float32 model), so a half-precision tower (:func:`half_precision_image_tower`) is a drop-in."""
+        return self.visual(image.to(self.dtype)).float()
+
+
+def half_precision_image_tower(model: ClipViT, dtype: torch.dtype = torch.float16) -> ClipViT:
+    """Cast the image tower's matrices, embeddings and projection to ``dtype`` in place (fast numerics on a
+    GPU); its LayerNorms keep float32 weights and compute in float32, as CLIP's own fp16 mode does. The text
+    tower is never run and stays as it is. Returns ``model``."""
+    for module in model.visual.modules():
+        if isinstance(module, nn.LayerNorm):
+            continue
+        for parameter in module.parameters(recurse=False):
+            parameter.data = parameter.data.to(dtype)
+    return model

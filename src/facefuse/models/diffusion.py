@@ -155,6 +155,24 @@ def _check_strength(strength: float | Tensor, batch: int) -> None:
         raise ValueError("guide_strength: values must lie in [0, 1]")
 
 
+def gaussian_data_eps(tables: SamplingTables, std: Tensor, mean: Tensor | None = None) -> EpsModel:
+    """The exact ε-model for data β ~ N(mean, diag(std²)): ε̂ = √(1−ᾱ)·(x − √ᾱ·mean) / (ᾱ·std² + 1 − ᾱ).
+
+    No network: with it a sampler's error is its own discretisation error, which is how step counts are
+    judged (``benchmarks/bench_idgen.py``, ``benchmarks/study_sampler_quality.py``). ``mean`` may be
+    (D,) or per sample (B, D); t = -1 wraps to the last step, as the official loop indexes.
+    """
+    abar = tables.alphas_cumprod.double()
+    std = std.double()
+    centre = torch.zeros_like(std) if mean is None else mean.double()
+
+    def eps(x: Tensor, t: Tensor) -> Tensor:
+        a = abar[t].unsqueeze(1)
+        return ((1 - a).sqrt() * (x.double() - a.sqrt() * centre) / (a * std**2 + 1 - a)).float()
+
+    return eps
+
+
 class _Sampler:
     """Shared plumbing: noise sources, the SDEdit start and the guidance hook."""
 

@@ -43,6 +43,29 @@ ATTENTION_BLOCK_NAMES: tuple[str, ...] = ("downs.0.2", "downs.1.2", "mid_attn", 
 """The 6 attention blocks, in the order the official constructor builds them (and draws their q/k/v)."""
 
 
+class PointwiseConv1d(nn.Conv1d):
+    """The official 1x1 ``Conv1d`` (same parameters, keys, shapes and init RNG draws) that can run as a
+    matrix product.
+
+    PyTorch sends a 1x1 ``conv1d`` on a length-1 signal down its generic (slow) convolution path on the
+    CPU; the same weights through ``F.linear`` give the same dot products in a different summation order
+    (float rounding only, ~1e-6 relative). ``as_matmul`` is off by default, so the shipped numerics stay
+    bit for bit; the fast numerics mode turns it on (:meth:`IdGenUnet.use_matmul`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+        self.as_matmul = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.as_matmul:
+            return super().forward(x)
+        weight = self.weight[..., 0]
+        if x.shape[-1] == 1:
+            return F.linear(x[..., 0], weight, self.bias)[..., None]
+        return F.linear(x.transpose(1, 2), weight, self.bias).transpose(1, 2)
+
+
 class SinusoidalTimeEmbedding(nn.Module):
     """sin/cos embedding of an integer timestep (may be -1), computed in the official order for bit-exactness."""
 
@@ -65,7 +88,7 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, dim_out: int) -> None:
         super().__init__()
-        self.proj = nn.Conv1d(dim, dim_out, 1)
+        self.proj = PointwiseConv1d(dim, dim_out)
         self.norm = nn.GroupNorm(1, dim_out)
         self.act = nn.SiLU()
 
@@ -85,7 +108,7 @@ class ResnetBlock(nn.Module):
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(embedding_dim, dim_out * 2))
         self.block1 = Block(dim, dim_out)
         self.block2 = Block(dim_out, dim_out)
-        self.res_conv: nn.Module = nn.Conv1d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+        self.res_conv: nn.Module = PointwiseConv1d(dim, dim_out) if dim != dim_out else nn.Identity()
 
     def forward(self, x: Tensor, embedding: Tensor) -> Tensor:
         film = self.mlp(embedding)
@@ -144,7 +167,8 @@ class ProjectionAttention(nn.Module):
         self.num_projections = num_projections
         self.scale = ATTENTION_DIM_HEAD ** -0.5
         projections = init_projections(num_projections, dim, generator=None)
-        self.to_out = nn.Conv1d(ATTENTION_HIDDEN, dim, 1)
+        self.to_out = PointwiseConv1d(ATTENTION_HIDDEN, dim)
+        self.as_matmul = False
         self.to_out_linear = nn.Linear(num_projections, 1)
         self.register_buffer("projections", projections, persistent=False)
 
@@ -163,7 +187,10 @@ class ProjectionAttention(nn.Module):
         batch = u.shape[0]
         # All 16 bias-free 1x1 convolutions in one call; each output channel is the same dot product the
         # official per-projection Conv1d computes (checked bit-exact against the loop in the tests).
-        qkv = F.conv1d(u, self.projections.reshape(-1, self.dim, 1))  # (B, 16*384, 1)
+        if self.as_matmul:  # fast numerics: the same products as one matrix product
+            qkv = F.linear(u.reshape(batch, self.dim), self.projections.reshape(-1, self.dim))
+        else:
+            qkv = F.conv1d(u, self.projections.reshape(-1, self.dim, 1))  # (B, 16*384, 1)
         qkv = qkv.reshape(batch, self.num_projections, 3, ATTENTION_HEADS, ATTENTION_DIM_HEAD)
         q, k, v = (qkv[:, :, part].permute(0, 2, 3, 1).contiguous() for part in range(3))  # (B, heads, dim_head, 16)
         q = q * self.scale
@@ -191,7 +218,7 @@ class IdGenUnet(nn.Module):
         super().__init__()
         shape_dim = LEVEL_DIMS[0]
         in_out = list(itertools.pairwise(LEVEL_DIMS))
-        self.init_conv = nn.Conv1d(SHAPE_DIM, shape_dim, 1)
+        self.init_conv = PointwiseConv1d(SHAPE_DIM, shape_dim)
         self.time_mlp = nn.Sequential(
             SinusoidalTimeEmbedding(TIME_DIM), nn.Linear(TIME_DIM, TIME_DIM), nn.GELU(), nn.Linear(TIME_DIM, TIME_DIM)
         )
@@ -222,11 +249,19 @@ class IdGenUnet(nn.Module):
                     [
                         ResnetBlock(2 * shape_dim, shape_dim),
                         attention_block(shape_dim),
-                        nn.Conv1d(shape_dim, SHAPE_DIM, 1),
+                        PointwiseConv1d(shape_dim, SHAPE_DIM),
                     ]
                 )
             ]
         )
+
+    def use_matmul(self, enabled: bool = True) -> IdGenUnet:
+        """Compute every 1x1 convolution (and the q/k/v projections) as a matrix product (fast numerics)
+        or as the official convolution (``enabled=False``: bit for bit the shipped layers)."""
+        for module in self.modules():
+            if isinstance(module, (PointwiseConv1d, ProjectionAttention)):
+                module.as_matmul = enabled
+        return self
 
     # --- the unregistered q/k/v projections ---------------------------------------------------------
     def attention_blocks(self) -> list[tuple[str, ProjectionAttention]]:
@@ -340,7 +375,7 @@ class IdGen(nn.Module):
 
         return predict
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(
         self,
         context: Tensor,

@@ -123,7 +123,7 @@ class IdRank(nn.Module):
         self.register_buffer("front_indices", front_indices.clone(), persistent=False)
         self.load_report: dict[str, str] = {}  # filled by the loader (e.g. what the optional FaRL file gave)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def context(self, arcface_blob: Tensor, farl_image: Tensor, *, reproduce_official: bool = False) -> Tensor:
         """(B,3,112,112) ArcFace blob + (B,3,224,224) FaRL image -> (B,1024) context [FaRL ; ArcFace].
 
@@ -144,7 +144,7 @@ class IdRank(nn.Module):
         appearance = self.farl.encode_image(farl_image.float())
         return torch.cat([appearance, identity], dim=1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score(self, candidate_vertices: Tensor, context: Tensor) -> Tensor:
         """(N,V,3) candidate meshes in metres + (1,1024) context -> (N,) raw scores (higher is better).
 

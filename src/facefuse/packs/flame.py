@@ -12,8 +12,10 @@ import numpy as np
 import torch
 
 from facefuse.assets.registry import asset_path
-from facefuse.errors import InvalidInputError
+from facefuse.errors import AssetError, InvalidInputError
 from facefuse.face.types import AlignedFace
+from facefuse.models.arcface import IResNet100, fused_for_inference
+from facefuse.models.clip_vit import half_precision_image_tower
 from facefuse.models.flame import (
     METRES_TO_MM,
     N_SHAPE,
@@ -29,6 +31,46 @@ from facefuse.models.mica import Mica
 from facefuse.packs.base import BackendStatus, FusionSetup, ShapeResult, StopCheck, resolve_device
 
 TOPOLOGY = "flame2020"
+
+NUMERICS_ENV = "FACEFUSE_NUMERICS"
+"""'fast' (default: optimised layers, float rounding may change) or 'reproduce-official' (the shipped layers,
+bit for bit). OFER with ``FACEFUSE_IDGEN_PROJECTIONS=reproduce-official`` always runs reproduce-official."""
+NUMERICS_MODES = ("fast", "reproduce-official")
+
+
+def numerics_mode(projections: str | None = None) -> str:
+    """The numerics mode a backend runs in: ``FACEFUSE_NUMERICS``, forced to reproduce-official by the
+    reproduce-official projections (a replay of the official program must not change a single bit)."""
+    import os
+
+    mode = os.environ.get(NUMERICS_ENV, "fast") or "fast"
+    if mode not in NUMERICS_MODES:
+        # A configuration error: the service reports it as its unavailable backend's message.
+        raise AssetError(f"{NUMERICS_ENV}={mode!r}: expected one of {', '.join(NUMERICS_MODES)}")
+    return "reproduce-official" if projections == "reproduce-official" else mode
+
+
+def fast_arcface(arcface: torch.nn.Module, device: str) -> IResNet100:
+    """The fast-numerics ArcFace: BatchNorms folded into the convolutions, channels-last, and float16 on a
+    GPU (float32 on the CPU, where half precision is slower and less exact)."""
+    if not isinstance(arcface, IResNet100):
+        raise TypeError(f"fast_arcface: expected an IResNet100, got {type(arcface).__name__}")
+    dtype = torch.float16 if device.startswith("cuda") else None
+    return fused_for_inference(arcface.eval(), channels_last=True, dtype=dtype)
+
+
+def speed_up_ofer(idgen: IdGen, idrank: IdRank, device: str) -> None:
+    """Fast numerics for OFER in place: the Unet's 1x1 convolutions as matrix products, the folded
+    channels-last ArcFaces, and on a GPU the FaRL image tower in float16. The checkpoints were loaded
+    into the shipped layers before this, with strict key matching."""
+    idgen.net.use_matmul(True)
+    if isinstance(idgen.arcface, SharedArcFace) and idgen.arcface is idrank.arcface:  # one fast copy, still shared
+        idgen.arcface.arcface = fast_arcface(idgen.arcface.arcface, device)
+    else:
+        idgen.arcface = fast_arcface(idgen.arcface, device)
+        idrank.arcface = fast_arcface(idrank.arcface, device)
+    if device.startswith("cuda"):
+        half_precision_image_tower(idrank.farl)
 
 
 def load_flame(directory: Path) -> FlameModelData:
@@ -73,9 +115,13 @@ class MicaBackend:
         from facefuse.assets.mica_checkpoint import load_mica
 
         device = resolve_device(device)
+        numerics = numerics_mode()
         path = asset_path(directory, "mica")
         mica = load_mica(path, flame=load_flame(directory), device=device)
+        if numerics == "fast":
+            mica.arcface = fast_arcface(mica.arcface, device)
         backend = cls(mica, device, str(path))
+        backend.status.details["numerics"] = numerics
         differences = mica.load_report.get("flame_differences")
         if isinstance(differences, dict) and differences:  # visible in Info, not only in the log
             from facefuse.assets.mica_checkpoint import describe_flame_differences
@@ -185,6 +231,7 @@ class OferBackend:
 
         device = resolve_device(device)
         projections = projections or os.environ.get(PROJECTIONS_ENV, "default")
+        numerics = numerics_mode(projections)
         flame_data = load_flame(directory)
         idgen = load_idgen(asset_path(directory, "idgen"), projections=projections, device=device)
         farl = asset_path(directory, "farl")
@@ -193,9 +240,12 @@ class OferBackend:
                              num_vertices=flame_data.num_vertices).eval()
         flame = FlameLayer(flame_data).to(device).eval()
         reproduce = projections == "reproduce-official"
+        shared = share_identical_arcface(idgen, idrank)  # compares the shipped weights, before any fast copy
+        if numerics == "fast":
+            speed_up_ofer(idgen, idrank, device)
         details = {"projections": str(idgen.load_report.get("projections", projections)),
-                   "vertices": str(flame_data.num_vertices),
-                   "arcface_shared": share_identical_arcface(idgen, idrank)}
+                   "vertices": str(flame_data.num_vertices), "numerics": numerics,
+                   "arcface_shared": shared}
         if reproduce:
             details["official_sampling"] = ("mode 'official' with seed S starts from the RNG state of the official "
                                             "program seeded with S at its first sampling")

@@ -40,7 +40,10 @@ def _mesh_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategies", default="",
                         help="comma list of fusion strategies for method fuse (default: the fusion service's default)")
     parser.add_argument("--option", action="append", default=[], help="strategy option NAME=NUMBER, repeatable")
-    parser.add_argument("--samples", type=int, default=10, help="OFER samples per face (default %(default)s)")
+    parser.add_argument("--samples", type=int, default=None, help="OFER samples per face (default 10)")
+    parser.add_argument("--quality", default=None, choices=["fast", "default", "official"],
+                        help="sampling preset (fast: 20 DDIM steps, default: 40, official: OFER's loop); "
+                             "--samples/--steps/--sampler override it")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
     parser.add_argument(
         "--steps", type=int, default=0, help="sampler steps for the fast sampler (default: the service's)"
@@ -103,13 +106,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _sampling(args: argparse.Namespace) -> SamplingSettings:
     from facefuse.client.bench.entries import SamplingSettings
     from facefuse.client.options import parse_option
+    from facefuse.client.quality import sampling_options
 
-    if args.samples < 1:
-        raise InvalidInputError(f"--samples must be at least 1, got {args.samples}")
+    samples, steps, sampler = sampling_options(args.quality, samples=args.samples, steps=args.steps or None,
+                                               sampler=args.sampler or None)
+    samples = 10 if samples is None else samples
+    if samples < 1:
+        raise InvalidInputError(f"--samples must be at least 1, got {samples}")
     if args.workers < 1:
         raise InvalidInputError(f"--workers must be at least 1, got {args.workers}")
     options = tuple(sorted(dict(parse_option(o) for o in args.option).items()))
-    return SamplingSettings(num_samples=args.samples, seed=args.seed, steps=args.steps, sampler=args.sampler,
+    return SamplingSettings(num_samples=samples, seed=args.seed, steps=steps or 0, sampler=sampler or "",
                             strategy_options=options)
 
 

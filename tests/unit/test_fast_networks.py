@@ -1,0 +1,223 @@
+"""Fast numerics (issue 18): the optimised layers against the shipped ones, on synthetic official-format weights.
+
+Two promises are checked. ``reproduce-official`` runs the shipped layers bit for bit (compared with a copy
+whose 1x1 convolutions are plain ``nn.Conv1d``, i.e. the layers before this change). ``fast`` changes the
+rounding only; the bounds below are about 10x the deviations measured on these checkpoints:
+
+* IdGen Unet, 1x1 convs as matrix products: max |Δε| ≈ 1e-6 (bound 2e-5) on |ε| ~ 1;
+* ArcFace R100 with BatchNorm folded in and channels-last: max |Δ| of the L2-normalised embedding
+  ≈ 1e-6 (bound 2e-5);
+* bfloat16 (the CPU stand-in for the float16 GPU path): cosine(embedding, float32) > 0.99.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from facefuse.assets.synthetic.mica import arcface_state
+from facefuse.assets.synthetic.ofer_idgen import STRAY_QKV_SUFFIX, idgen_net_state
+from facefuse.errors import AssetError
+from facefuse.face.types import AlignedFace
+from facefuse.models.arcface import IResNet100, fused_for_inference
+from facefuse.models.clip_vit import ClipConfig, ClipViT, half_precision_image_tower
+from facefuse.models.idgen import IdGenUnet, PointwiseConv1d, ProjectionAttention, draw_default_projections
+from facefuse.packs.flame import NUMERICS_ENV, NUMERICS_MODES, MicaBackend, OferBackend, fast_arcface, numerics_mode
+
+UNET_TOLERANCE = 2e-5
+ARCFACE_TOLERANCE = 2e-5
+
+
+@pytest.fixture(scope="module")
+def unet() -> IdGenUnet:
+    state = {k: v for k, v in idgen_net_state(torch.Generator().manual_seed(4)).items()
+             if not k.endswith(STRAY_QKV_SUFFIX)}
+    with torch.device("meta"):
+        net = IdGenUnet()
+    net = net.to_empty(device="cpu")
+    net.load_state_dict(state, strict=True)  # the official keys and shapes load unchanged
+    net.set_projections(draw_default_projections(torch.Generator().manual_seed(0)))
+    return net.eval()
+
+
+def shipped_layout(net: IdGenUnet, *, in_place: bool = False) -> IdGenUnet:
+    """``net`` (or a copy) with every PointwiseConv1d made a plain ``nn.Conv1d`` with the same weights (the
+    layers before this change)."""
+    reference = net if in_place else copy.deepcopy(net)
+    for name, module in list(reference.named_modules()):
+        if isinstance(module, PointwiseConv1d):
+            plain = nn.Conv1d(module.in_channels, module.out_channels, 1, bias=module.bias is not None)
+            plain.load_state_dict(module.state_dict())
+            parent_name, _, child = name.rpartition(".")
+            setattr(reference.get_submodule(parent_name) if parent_name else reference, child, plain)
+    return reference
+
+
+def unet_inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 300, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    context = F.normalize(torch.randn(batch, 512, generator=g), dim=1)
+    return x, t, context
+
+
+def test_unet_default_path_is_bit_identical_to_plain_conv1d(unet: IdGenUnet) -> None:
+    reference = shipped_layout(unet)
+    assert not any(isinstance(m, PointwiseConv1d) for m in reference.modules())
+    assert list(reference.state_dict()) == list(unet.state_dict())
+    with torch.inference_mode():
+        for batch in (1, 10):
+            assert torch.equal(unet(*unet_inputs(batch)), reference(*unet_inputs(batch)))
+
+
+def test_unet_matmul_path_within_tolerance_and_switchable(unet: IdGenUnet) -> None:
+    fast = copy.deepcopy(unet).use_matmul(True)
+    flags = [m.as_matmul for m in fast.modules() if isinstance(m, (PointwiseConv1d, ProjectionAttention))]
+    plain_convs = sum(isinstance(m, nn.Conv1d) for m in shipped_layout(unet).modules())
+    assert plain_convs == 35 and len(flags) == plain_convs + 6 and all(flags)  # every 1x1 conv + 6 q/k/v sets
+    with torch.inference_mode():
+        for batch in (1, 10):
+            inputs = unet_inputs(batch)
+            exact, quick = unet(*inputs), fast(*inputs)
+            deviation = float((exact - quick).abs().max())
+            assert 0 <= deviation < UNET_TOLERANCE
+            assert float(exact.abs().max()) > 0.1  # the bound is small relative to the output
+        back = fast.use_matmul(False)(*unet_inputs(10))
+    assert torch.equal(back, unet(*unet_inputs(10)))
+
+
+def test_pointwise_conv_matmul_on_a_long_signal() -> None:
+    conv = PointwiseConv1d(8, 5)
+    x = torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(1))
+    exact = conv(x)
+    conv.as_matmul = True
+    torch.testing.assert_close(conv(x), exact, rtol=1e-5, atol=1e-6)
+    assert conv.weight.shape == (5, 8, 1) and set(conv.state_dict()) == {"weight", "bias"}
+
+
+@pytest.fixture(scope="module")
+def arcface() -> IResNet100:
+    model = IResNet100()
+    model.load_state_dict(arcface_state(torch.Generator().manual_seed(2)), strict=True)
+    return model.eval()
+
+
+def arcface_blob(batch: int) -> torch.Tensor:
+    return torch.randn(batch, 3, 112, 112, generator=torch.Generator().manual_seed(10 + batch))
+
+
+def test_fused_arcface_within_tolerance_and_leaves_the_original_alone(arcface: IResNet100) -> None:
+    before = {k: v.clone() for k, v in arcface.state_dict().items()}
+    fused = fused_for_inference(arcface)
+    assert {k: v for k, v in arcface.state_dict().items()}.keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in arcface.state_dict().items())
+    assert not any(isinstance(m, nn.BatchNorm2d) and name.endswith(("bn2", "bn3")) for name, m in fused.named_modules()
+                   if name.startswith("layer"))
+    assert fused.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for batch, features in ((1, True), (3, True), (2, False)):
+            blob = arcface_blob(batch)
+            exact = F.normalize(arcface(blob, apply_features=features), dim=1)
+            quick = F.normalize(fused(blob, apply_features=features), dim=1)
+            assert quick.dtype == torch.float32
+            assert float((exact - quick).abs().max()) < ARCFACE_TOLERANCE
+
+
+def test_fused_arcface_refuses_training_mode(arcface: IResNet100) -> None:
+    with pytest.raises(ValueError, match="eval"):
+        fused_for_inference(copy.deepcopy(arcface).train())
+
+
+def test_low_precision_dtype_plumbing_on_cpu(arcface: IResNet100) -> None:
+    """bfloat16 on the CPU exercises the cast-in / float32-out path the float16 GPU mode takes."""
+    half = fused_for_inference(arcface, dtype=torch.bfloat16)
+    assert half.conv1.weight.dtype == torch.bfloat16
+    with torch.inference_mode():
+        blob = arcface_blob(2)
+        exact, quick = arcface(blob), half(blob)
+    assert quick.dtype == torch.float32
+    assert float(F.cosine_similarity(exact, quick).min()) > 0.99
+
+
+def test_half_precision_image_tower_keeps_layernorms_float32() -> None:
+    torch.manual_seed(0)
+    config = ClipConfig(vision_layers=2, text_layers=1, vocab_size=16)
+    model = ClipViT(config).eval()
+    image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        exact = model.encode_image(image)
+        half_precision_image_tower(model, torch.bfloat16)
+        quick = model.encode_image(image)
+    assert model.dtype == torch.bfloat16 and model.visual.ln_pre.weight.dtype == torch.float32
+    assert quick.dtype == torch.float32
+    assert float(F.cosine_similarity(exact, quick).min()) > 0.99
+
+
+def test_numerics_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(NUMERICS_ENV, raising=False)
+    assert numerics_mode() == "fast" and numerics_mode("default") == "fast"
+    assert numerics_mode("reproduce-official") == "reproduce-official"
+    monkeypatch.setenv(NUMERICS_ENV, "reproduce-official")
+    assert numerics_mode("default") == "reproduce-official"
+    monkeypatch.setenv(NUMERICS_ENV, "turbo")
+    with pytest.raises(AssetError, match="FACEFUSE_NUMERICS"):
+        numerics_mode()
+
+
+def _sample(backend: OferBackend) -> np.ndarray:
+    """Sampling reads only the face's ArcFace blob; a fixed random blob stands in for a detected face."""
+    blob = torch.randn(3, 112, 112, generator=torch.Generator().manual_seed(8)).numpy()
+    face = cast(AlignedFace, SimpleNamespace(arcface_blob=blob))
+    return backend.sample(face, 3, mode="fast", steps=4, seed=5, start_shape=None, start_t0=0,
+                          guide_shape=None, guide_strength=0.0)
+
+
+def test_ofer_backend_reproduce_official_runs_the_shipped_layers_bit_for_bit(
+    synthetic_assets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(NUMERICS_ENV, "reproduce-official")
+    exact = OferBackend.from_assets(synthetic_assets_dir, "cpu")
+    assert exact.status.details["numerics"] == "reproduce-official"
+    assert not any(getattr(m, "as_matmul", False) for m in exact.idgen.modules())
+    assert isinstance(exact.idgen.arcface.layer1[0].bn2, nn.BatchNorm2d)
+    exact_samples = _sample(exact)
+    # The same sampling through the layers as they were before (plain nn.Conv1d): identical bits.
+    shipped_layout(exact.idgen.net, in_place=True)  # (a backend's hooked modules cannot be deep-copied)
+    np.testing.assert_array_equal(_sample(exact), exact_samples)
+
+    monkeypatch.setenv(NUMERICS_ENV, "fast")
+    fast = OferBackend.from_assets(synthetic_assets_dir, "cpu")
+    assert fast.status.details["numerics"] == "fast"
+    fast_samples = _sample(fast)
+    np.testing.assert_allclose(fast_samples, exact_samples, rtol=0, atol=1e-3)
+
+
+def test_gpu_dtype_choice_is_checked_without_a_gpu(arcface: IResNet100) -> None:
+    """The CUDA path picks float16 (weights only converted here, nothing runs); the CPU path keeps float32."""
+    assert fast_arcface(arcface, "cuda").conv1.weight.dtype == torch.float16
+    assert fast_arcface(arcface, "cuda:1").fc.weight.dtype == torch.float16
+    assert fast_arcface(arcface, "cpu").conv1.weight.dtype == torch.float32
+    with pytest.raises(TypeError, match="IResNet100"):
+        fast_arcface(nn.Linear(2, 2), "cpu")
+
+
+def test_mica_backend_follows_the_numerics_mode(synthetic_assets_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blob = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(12))
+    results = {}
+    for mode in NUMERICS_MODES:
+        monkeypatch.setenv(NUMERICS_ENV, mode)
+        backend = MicaBackend.from_assets(synthetic_assets_dir, "cpu")
+        assert backend.status.details["numerics"] == mode
+        folded = isinstance(backend.mica.arcface.bn1, nn.Identity)
+        assert folded == (mode == "fast")
+        with torch.inference_mode():
+            results[mode] = backend.mica(blob).shape
+    torch.testing.assert_close(results["fast"], results["reproduce-official"], rtol=0, atol=1e-4)
