@@ -48,7 +48,7 @@ def test_preview_layout_and_lambert_shading():
     # A square facing the viewer, and the same square tilted 60 degrees: cos 60 = half the diffuse light.
     square = np.array([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], float)
     faces = np.array([[0, 1, 2], [0, 2, 3]])
-    image = render_preview(square, faces, size=64)
+    image = render_preview(square, faces, size=64, field_mm=None)
     assert image.shape == (64, 128, 3) and image.dtype == np.uint8
     front = image[:, :64]
     assert (front[32, 32] != BACKGROUND).any() and (front[1, 1] == BACKGROUND).all()
