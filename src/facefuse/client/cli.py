@@ -78,7 +78,8 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> i
         try:
             report = run_stream(items, args.out, client, method, options={"selection": args.selection, **options},
                                 progress=not args.no_progress, masks=masks,
-                                all_files=getattr(args, "all_files", False))
+                                all_files=getattr(args, "all_files", False),
+                                preview=not getattr(args, "no_preview", False))
         except BackendUnavailableError:
             print(f"facefuse: finished outputs are kept in {display(str(args.out))}; rerun the same command to resume",
                   file=sys.stderr)
@@ -266,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same samples)")
     rec.add_argument("--all-files", action="store_true",
                      help="also write the rarely needed files (crops, kps5.npy, samples.npz, mesh_uncertainty.ply)")
+    rec.add_argument("--no-preview", action="store_true",
+                     help="skip preview.png and uncertainty.png (rendered on worker threads otherwise)")
     rec.add_argument("--save-branches", action="store_true", help="also keep MICA's and OFER's own outputs")
     rec.add_argument("--identity-group", default=None, metavar="folders|CSV",
                      help="fuse all images of one person into one shape: 'folders' (a folder per person) or a CSV "
