@@ -99,6 +99,13 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> i
                 f"identity {entry['identity']}: {entry['status']}, "
                 f"{entry.get('used', 0)}/{entry['images']} image(s) fused"
             )
+    if method != "detect" and any(item.frame >= 0 for item in items):
+        from facefuse.client.video import write_video_outputs
+
+        for video in write_video_outputs(args.out, items, method):
+            posed = sum(t.get("posed_frames", 0) for t in video["tracks"])
+            print(f"video {video['video']}: {video['frames']} frame(s), {len(video['tracks'])} track(s), "
+                  f"{posed} posed face(s); {video['overlay']}")
     if report.failed:
         print(f"facefuse: {report.failed} image(s)/face(s) failed; see {args.out / 'results.jsonl'}", file=sys.stderr)
         return EXIT_FAILED
