@@ -4,7 +4,6 @@ synthetic video through the client's video step (tracks, identity, smoothing, ov
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from scipy.spatial.transform import Rotation
 from facefuse.assets.synthetic.flame import synthetic_flame_mesh
 from facefuse.errors import InvalidInputError
 from facefuse.io.video import FrameReader, video_info, write_video
-from facefuse.render import composite, render_camera
 from facefuse.tracking import (
     ROTATION_FILTER,
     TRANSLATION_FILTER,
@@ -25,8 +23,7 @@ from facefuse.tracking import (
     vector_jitter,
 )
 
-FPS = 25.0
-FACE_TOWARD_CAMERA = Rotation.from_euler("x", 180, degrees=True)  # model y up, z to viewer -> OpenCV y down, z ahead
+from video_fixtures import FACE_TOWARD_CAMERA, FPS, camera, noisy_static_pose, posed_mesh, synthetic_video_run
 
 
 def test_tracker_follows_boxes_across_gaps_and_starts_new_tracks():
@@ -48,18 +45,9 @@ def test_tracker_follows_boxes_across_gaps_and_starts_new_tracks():
         track_boxes(frames, iou_threshold=0.0)
 
 
-def _noisy_static_pose(count: int, seed: int, angle_noise_deg: float = 1.0, shift_noise_mm: float = 2.0):
-    rng = np.random.default_rng(seed)
-    truth = Rotation.from_euler("y", 20, degrees=True) * FACE_TOWARD_CAMERA
-    noise = Rotation.from_rotvec(np.deg2rad(angle_noise_deg) * rng.normal(size=(count, 3)) / np.sqrt(3))
-    rotations = (truth * noise).as_rotvec()
-    translations = np.array([10.0, -5.0, 600.0]) + shift_noise_mm * rng.normal(size=(count, 3)) / np.sqrt(3)
-    return truth, rotations, translations
-
-
 def test_one_euro_takes_the_jitter_out_of_a_static_pose():
     count = 100
-    truth, rotations, translations = _noisy_static_pose(count, seed=0)
+    truth, rotations, translations = noisy_static_pose(count, seed=0)
     times = np.arange(count) / FPS
     smooth_r = smooth_rotations(rotations, times, ROTATION_FILTER)
     smooth_t = smooth_vectors(translations, times, TRANSLATION_FILTER)
@@ -115,72 +103,11 @@ def test_video_files_round_trip(tmp_path):
         video_info(tmp_path / "junk.mp4")
 
 
-def _camera(size: int) -> np.ndarray:
-    return np.array([[450.0, 0, size / 2], [0, 450.0, size / 2], [0, 0, 1]])
-
-
-def _posed(template: np.ndarray, rotvec: np.ndarray, translation: np.ndarray) -> np.ndarray:
-    return template @ Rotation.from_rotvec(rotvec).as_matrix().T + translation
-
-
-def _synthetic_video_run(tmp_path: Path, count: int, *, second_face_from: int | None = None):
-    """A static head with pose noise rendered into a video, and the face folders a run with the
-    posed outputs would have written for its frames (the contract in docs/video.md)."""
-    from facefuse.client.inputs import collect_inputs
-    from facefuse.client.outputs import ResultsLog, status_entry
-    from facefuse.io.atomic import write_npz_atomic
-    from facefuse.io.meshes import write_obj, write_ply
-
-    size = 192
-    vertices, faces = synthetic_flame_mesh("small")
-    template = vertices * 1000.0
-    k = _camera(size)
-    _, rotations, translations = _noisy_static_pose(count, seed=3)
-    rng = np.random.default_rng(4)
-    heads = [(rotations, translations)]
-    if second_face_from is not None:
-        shifted = translations + np.array([0.0, 0.0, 300.0])
-        heads.append((rotations, shifted + np.array([-400.0, 0.0, 0.0])))
-    frames = []
-    posed_per_frame = []
-    for t in range(count):
-        present = [h for i, h in enumerate(heads) if i == 0 or t >= (second_face_from or 0)]
-        meshes = [_posed(template, r[t], s[t]) for r, s in present]
-        background = np.full((size, size, 3), 90, np.uint8)
-        skin = np.tile([[210, 120, 90]], (len(template) * len(meshes), 1)).astype(np.uint8)  # the overlay is grey
-        rgba = render_camera(np.concatenate(meshes), np.concatenate([faces + i * len(template)
-                                                                     for i in range(len(meshes))]), k, size, size,
-                             colors=skin)
-        frames.append(composite(background, rgba, 1.0))
-        posed_per_frame.append([(m, r[t], s[t]) for m, (r, s) in zip(meshes, present, strict=True)])
-    video = write_video(tmp_path / "clip.mp4", frames, fps=FPS)
-    items = collect_inputs([str(video)], every_n_frames=1)
-    out = tmp_path / "out"
-    log = ResultsLog.open(out)
-    for item, posed in zip(items, posed_per_frame, strict=True):
-        for index, (mesh, rotvec, shift) in enumerate(posed):
-            face_dir = Path(item.key) / f"face_{index:02d}"
-            target = out / face_dir
-            write_ply(target / "mesh.ply", template + rng.normal(scale=0.3, size=template.shape), faces)
-            write_obj(target / "mesh_posed.obj", mesh, faces)
-            write_npz_atomic(target / "params.npz", {
-                "global_pose": rotvec.astype(np.float32), "translation": shift.astype(np.float32),
-                "camera_intrinsics": k.astype(np.float32), "expression": rng.normal(size=10).astype(np.float32),
-                "image_size": np.array([size, size])})
-            uv = mesh @ k.T
-            uv = uv[:, :2] / uv[:, 2:]
-            entry = status_entry(item, "fuse", "OK", "", face_index=index, num_faces=len(posed))
-            entry.update(box=[*uv.min(axis=0).tolist(), *uv.max(axis=0).tolist()], dir=str(face_dir),
-                         files=[str(face_dir / "mesh.ply")])
-            log.append(entry)
-    return out, items, frames
-
-
 def test_synthetic_video_end_to_end_smooths_a_static_face(tmp_path):
     from facefuse.client.video import write_video_outputs
 
     count = 40
-    out, items, frames = _synthetic_video_run(tmp_path, count)
+    out, items, frames = synthetic_video_run(tmp_path, count)
     timings: list[float] = []
     summary, = write_video_outputs(out, items, "fuse", timings=timings)
     assert len(timings) == count
@@ -206,7 +133,7 @@ def test_synthetic_video_end_to_end_smooths_a_static_face(tmp_path):
 def test_two_people_make_two_tracks(tmp_path):
     from facefuse.client.video import write_video_outputs
 
-    out, items, _ = _synthetic_video_run(tmp_path, 12, second_face_from=5)
+    out, items, _ = synthetic_video_run(tmp_path, 12, second_face_from=5)
     summary, = write_video_outputs(out, items, "fuse")
     assert [t["frames"] for t in summary["tracks"]] == [list(range(12)), list(range(5, 12))]
 
@@ -220,10 +147,10 @@ def test_smooth_track_of_one_frame_gives_back_the_posed_mesh():
     expression_offsets = np.random.default_rng(0).normal(scale=2.0, size=neutral.shape)
     rotvec, shift = (Rotation.from_euler("y", 30, degrees=True) * FACE_TOWARD_CAMERA).as_rotvec(), np.array(
         [5.0, 0.0, 500.0])
-    posed = PosedFace(_posed(neutral + expression_offsets, rotvec, shift), faces, _camera(100), rotvec, shift, None)
+    posed = PosedFace(posed_mesh(neutral + expression_offsets, rotvec, shift), faces, camera(100), rotvec, shift, None)
     result = smooth_track([posed], np.array([0.0]), identity_mm=neutral, neutrals=[neutral])
     np.testing.assert_allclose(result.vertices[0], posed.vertices_cam_mm, atol=1e-9)
     other_identity = neutral * 1.1  # a different fused identity changes the mesh, not the pose
     moved = smooth_track([posed], np.array([0.0]), identity_mm=other_identity, neutrals=[neutral]).vertices[0]
-    expected = _posed(other_identity + expression_offsets, rotvec, shift)
+    expected = posed_mesh(other_identity + expression_offsets, rotvec, shift)
     np.testing.assert_allclose(moved, expected, atol=1e-9)
