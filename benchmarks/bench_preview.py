@@ -25,6 +25,7 @@ import numpy as np
 
 from facefuse.assets.synthetic.flame import synthetic_flame_mesh
 from facefuse.render import render_preview, render_uncertainty
+
 from timing import timed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def main() -> None:
     same = [np.array_equal(old.render_preview(vertices, faces, c), render_preview(vertices, faces, c, field_mm=None))
             for c in (None, colors)]
     print(f"identical images (plain, coloured): {same}")
-    inline_return, inline_done = result_path_seconds(args.faces, 0)
+    inline_return, _ = result_path_seconds(args.faces, 0)
     pooled_return, pooled_done = result_path_seconds(args.faces, 2)
     print(f"{args.faces} faces written: inline {inline_return:.2f} s; pool: write_face returned after "
           f"{pooled_return:.2f} s, previews done after {pooled_done:.2f} s")
