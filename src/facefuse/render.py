@@ -67,22 +67,33 @@ def rasterize(
     c0, r0 = np.maximum(lo[:, 0], 0), np.maximum(lo[:, 1], 0)
     c1, r1 = np.minimum(hi[:, 0], width - 1), np.minimum(hi[:, 1], height - 1)
     keep = np.flatnonzero((np.abs(area) >= 1e-12) & (c0 <= c1) & (r0 <= r1))
-    box_w, box_h = (c1 - c0 + 1)[keep].astype(np.int32), (r1 - r0 + 1)[keep].astype(np.int32)
-    counts = box_w.astype(np.int64) * box_h
-    c0, r0 = c0[keep].astype(np.int32), r0[keep].astype(np.int32)
+    box_w, box_h = (c1 - c0 + 1)[keep], (r1 - r0 + 1)[keep]
+    c0, r0 = c0[keep], r0[keep]
     # per kept triangle, 1-D (gathers of 1-D arrays are the cheap kind)
     ax, ay, az = pa[keep].T
     bx, by, bz = pb[keep].T
     cx, cy, cz = pc[keep].T
     ax, ay, az, bx, by, bz, cx, cy, cz = (np.ascontiguousarray(x) for x in (ax, ay, az, bx, by, bz, cx, cy, cz))
     ar = area[keep]
+    # a box larger than a batch is cut into bands of rows (a huge triangle, e.g. one very near the camera)
+    bands = np.maximum(-(-(box_w * box_h) // CANDIDATES_PER_BATCH), 1)
+    band_rows = -(-box_h // bands)
+    owner = np.repeat(np.arange(len(keep)), bands)  # position among the kept triangles
+    first = np.repeat(np.cumsum(bands) - bands, bands)
+    band = np.arange(len(owner)) - first
+    band_r0 = (r0[owner] + band * band_rows[owner]).astype(np.int32)
+    band_h = np.clip(box_h[owner] - band * band_rows[owner], 0, band_rows[owner])
+    band_w = box_w[owner].astype(np.int32)
+    band_c0 = c0[owner].astype(np.int32)
+    counts = band_w.astype(np.int64) * band_h
     for start, stop in _batches(counts):
         n = counts[start:stop]
-        tri = np.repeat(np.arange(start, stop, dtype=np.int32), n)  # position among the kept triangles
+        piece = np.repeat(np.arange(start, stop), n)
         offset = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
-        row_in_box, col_in_box = np.divmod(offset, box_w[tri])
-        cols = (c0[tri] + col_in_box) + 0.5
-        rows = (r0[tri] + row_in_box) + 0.5
+        row_in_box, col_in_box = np.divmod(offset, band_w[piece])
+        cols = (band_c0[piece] + col_in_box) + 0.5
+        rows = (band_r0[piece] + row_in_box) + 0.5
+        tri = owner[piece]
         tbx, tby, tcx, tcy, tar = bx[tri], by[tri], cx[tri], cy[tri], ar[tri]
         w0 = ((tbx - cols) * (tcy - rows) - (tby - rows) * (tcx - cols)) / tar
         w1 = ((tcx - cols) * (ay[tri] - rows) - (tcy - rows) * (ax[tri] - cols)) / tar

@@ -134,7 +134,7 @@ def test_vectorised_rasterizer_matches_a_per_pixel_reference_in_any_batching(mon
     points = np.c_[rng.uniform(-4, 28, size=(40, 2)), rng.uniform(-5, 5, size=40)]  # some off the image
     faces = rng.integers(0, 40, size=(60, 3))
     depth, index = _brute_force(points, faces, 24, 24)
-    for batch in (render.CANDIDATES_PER_BATCH, 50):  # one batch, and many (a triangle per batch or so)
+    for batch in (render.CANDIDATES_PER_BATCH, 50, 7):  # one batch; many; big boxes cut into bands of rows
         monkeypatch.setattr(render, "CANDIDATES_PER_BATCH", batch)
         got_depth, got_index, bary = rasterize(points, faces, 24, 24)
         np.testing.assert_array_equal(got_index, index)
