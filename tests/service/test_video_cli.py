@@ -45,3 +45,22 @@ def test_reconstruct_a_video_tracks_the_face_and_writes_the_overlay_video(open_m
     assert main(["reconstruct", str(video), "-o", str(out), "--gateway", open_mesh.gateway_address, "--every", "1",
                  "--no-progress", "--no-preview"]) == 0
     assert json.loads(summaries[0].read_text())["tracks"][0]["frames"] == [0, 1, 2]
+
+
+def test_reconstruct_writes_previews_through_the_pool(open_mesh: LocalMesh, tmp_path: Path) -> None:
+    import imageio.v3 as iio
+    import skimage.data
+    from PIL import Image
+
+    from facefuse.render import RULER_HEIGHT
+
+    iio.imwrite(tmp_path / "a.png", skimage.data.astronaut())
+    out = tmp_path / "out"
+    assert main(["reconstruct", str(tmp_path / "a.png"), "-o", str(out), "--gateway", open_mesh.gateway_address,
+                 "--no-progress"]) == 0
+    entry, = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for name in ("preview.png", "uncertainty.png", "overlay.png"):
+        relative = f"{entry['dir']}/{name}"
+        assert relative in entry["files"] and (out / relative).is_file()
+    preview = np.asarray(Image.open(out / entry["dir"] / "preview.png"))
+    assert preview.shape == (384 + RULER_HEIGHT, 768, 3)  # two 384² views at the fixed scale, the ruler below

@@ -20,6 +20,12 @@ import numpy as np
 
 from facefuse.errors import InvalidInputError
 
+# imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp (to keep Ctrl-C from reaching it); a preexec_fn
+# makes Python fork the whole process, which crashes intermittently in a process running gRPC threads (the
+# client reads frames on gRPC's request thread). Without it, subprocess uses vfork/posix_spawn, which is
+# safe; the cost is that Ctrl-C also reaches ffmpeg, which the client is stopping anyway.
+os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+
 MAX_FRAME_PIXELS = 8192 * 8192
 """Largest frame read or written (a 64-megapixel frame is 192 MB decoded)."""
 
