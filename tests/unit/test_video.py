@@ -154,3 +154,12 @@ def test_smooth_track_of_one_frame_gives_back_the_posed_mesh():
     moved = smooth_track([posed], np.array([0.0]), identity_mm=other_identity, neutrals=[neutral]).vertices[0]
     expected = posed_mesh(other_identity + expression_offsets, rotvec, shift)
     np.testing.assert_allclose(moved, expected, atol=1e-9)
+
+
+def test_a_video_gone_after_the_run_gets_an_error_summary_not_a_traceback(tmp_path):
+    from facefuse.client.video import write_video_outputs
+
+    out, items, _ = synthetic_video_run(tmp_path, 3)
+    items[0].path.write_bytes(b"no longer a video")
+    summary, = write_video_outputs(out, items, "fuse")
+    assert summary["tracks"] == [] and "not a readable video" in summary["error"]

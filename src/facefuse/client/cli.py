@@ -103,6 +103,9 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> i
         from facefuse.client.video import write_video_outputs
 
         for video in write_video_outputs(args.out, items, method):
+            if "error" in video:
+                print(f"facefuse: warning: video {video['video']}: {video['error']}", file=sys.stderr)
+                continue
             posed = sum(t.get("posed_frames", 0) for t in video["tracks"])
             print(f"video {video['video']}: {video['frames']} frame(s), {len(video['tracks'])} track(s), "
                   f"{posed} posed face(s); {video['overlay']}")

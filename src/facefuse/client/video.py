@@ -138,7 +138,11 @@ def write_video_outputs(out: Path, items: list[InputItem], method: str, *,
     log = ResultsLog.open(out)
     summaries = []
     for video_id, frames in sorted(_videos(items).items()):
-        summaries.append(_write_video(out, log, video_id, frames, method, timings))
+        try:
+            summaries.append(_write_video(out, log, video_id, frames, method, timings))
+        except (OSError, FacefuseError) as exc:  # e.g. a frame that decoded for the run but not now
+            summaries.append({"video": display(video_id), "frames": len(frames), "tracks": [],
+                              "error": f"the video step failed: {exc}"})
     return summaries
 
 
