@@ -158,7 +158,7 @@ class PreviewWriter:
 
     With ``workers`` > 0 they are rendered and written on a thread pool (numpy releases the GIL in the
     renderer's array work) while the client goes on reading results; at most ``pending`` wait at once
-    (``submit`` blocks beyond that), so memory stays bounded however fast results come. The file is
+    (``draw`` blocks beyond that), so memory stays bounded however fast results come. The file is
     listed in the face's results.jsonl line right away; one that fails is taken off that line in
     ``close`` (with a warning), and one an interrupted run never wrote makes ``is_done`` redo the face.
     """
@@ -166,7 +166,6 @@ class PreviewWriter:
     def __init__(self, workers: int = 2, pending: int = 8) -> None:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="facefuse-preview") if workers > 0 else None
         self._slots = threading.BoundedSemaphore(max(pending, 1))
-        self._futures: list[Future[None]] = []
         self._failures: list[tuple[list[str], str, str]] = []
         self._lock = threading.Lock()
 
@@ -183,8 +182,6 @@ class PreviewWriter:
             self._slots.acquire()
             future = self._pool.submit(_write_png, path, render)
             future.add_done_callback(lambda done: self._finished(done, files, relative))
-            with self._lock:
-                self._futures.append(future)
 
         return draw
 
