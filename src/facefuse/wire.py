@@ -208,6 +208,7 @@ def face_message(
         detector=det.detector,
         image_size=from_numpy(np.asarray(image_size, dtype=np.int32)),
         score=det.score,
+        found_by=det.found_by,
     )
     if det.landmarks is not None:
         message.landmarks.CopyFrom(from_numpy(det.landmarks, unit="px"))

@@ -11,6 +11,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -95,6 +96,8 @@ SAMPLE_CASES: dict[str, tuple[ofer_pb2.SampleRequest, grpc.StatusCode]] = {
     "start_shape NaN": (_sample(start_shape=_with_nan((OPEN_K,))), INVALID),
     "guide_shape dims overflow": (_sample(guide_shape=OVERFLOW), INVALID),
     "visibility region NaN": (_sample(visibility=common_pb2.Visibility(regions={"nose": float("nan")})), INVALID),
+    "visibility unknown region not reported": (
+        _sample(visibility=common_pb2.Visibility(regions={"nose": 1.0}, unknown=["elbow"])), INVALID),
     "visibility per_vertex inf": (
         _sample(visibility=common_pb2.Visibility(per_vertex=_with_nan((468,), np.inf))),
         INVALID,
@@ -131,6 +134,30 @@ def _fuse(**fields: object) -> fusion_pb2.FuseRequest:
     return request
 
 
+def _pose_fit(**change: Any) -> common_pb2.PoseFitInput:
+    """A well-formed pose_fit (468 points on a plausible face), with ``change`` applied (None: field left out)."""
+    grid = np.stack(np.meshgrid(np.linspace(200, 300, 26), np.linspace(150, 300, 18)), -1).reshape(-1, 2)
+    points = np.concatenate([grid, np.zeros((468, 1))], axis=1).astype(np.float32)
+    fields: dict[str, Any] = {"landmarks": wire.from_numpy(points),
+                              "image_size": wire.from_numpy(np.array([512, 512], np.int32)),
+                              "focal_px": 600.0, "focal_source": "default"}
+    fields.update(change)
+    return common_pb2.PoseFitInput(**{k: v for k, v in fields.items() if v is not None})
+
+
+POSE_FIT_CASES: dict[str, dict[str, Any]] = {
+    "no landmarks": {"landmarks": None},
+    "5 landmarks": {"landmarks": wire.from_numpy(np.zeros((5, 3), np.float32))},
+    "landmarks NaN": {"landmarks": _with_nan((468, 3))},
+    "landmarks far out": {"landmarks": wire.from_numpy(np.full((468, 3), 1e9, np.float32))},
+    "no image_size": {"image_size": None},
+    "image_size float": {"image_size": wire.from_numpy(np.array([512.0, 512.0], np.float32))},
+    "image_size zero": {"image_size": wire.from_numpy(np.array([0, 512], np.int32))},
+    "focal zero": {"focal_px": 0.0},
+    "focal NaN": {"focal_px": float("nan")},
+    "focal source unknown": {"focal_source": "guess"},
+}
+
 FUSE_CASES: dict[str, tuple[fusion_pb2.FuseRequest, grpc.StatusCode]] = {
     "unknown strategy": (_fuse(strategy="nope"), INVALID),
     "option NaN": (_fuse(options={"w": float("nan")}), INVALID),
@@ -145,6 +172,8 @@ FUSE_CASES: dict[str, tuple[fusion_pb2.FuseRequest, grpc.StatusCode]] = {
         INVALID,
     ),
     "region out of range": (_fuse(visibility=common_pb2.Visibility(regions={"nose": 2.0})), INVALID),
+    "unknown region not reported": (_fuse(visibility=common_pb2.Visibility(regions={"nose": 0.5}, unknown=["lips"])),
+                                    INVALID),
     "too many samples": (
         _fuse(
             samples=wire.from_numpy(np.zeros((1002, OPEN_K), np.float32)),
@@ -152,6 +181,7 @@ FUSE_CASES: dict[str, tuple[fusion_pb2.FuseRequest, grpc.StatusCode]] = {
         ),
         EXHAUSTED,
     ),
+    **{f"pose_fit {name}": (_fuse(pose_fit=_pose_fit(**change)), INVALID) for name, change in POSE_FIT_CASES.items()},
 }
 
 
@@ -190,6 +220,7 @@ def test_fusion_refuses_each_bad_field_with_its_code(open_mesh: LocalMesh) -> No
     with grpc.insecure_channel(open_mesh.address("fusion")) as channel:
         stub = fusion_pb2_grpc.FusionServiceStub(channel)
         stub.Fuse(_fuse(), timeout=30)  # the well-formed request the cases spoil is accepted
+        assert stub.Fuse(_fuse(pose_fit=_pose_fit()), timeout=60).HasField("posed")
         assert _call_each(FUSE_CASES, lambda r: stub.Fuse(r, timeout=30)) == _expect(FUSE_CASES)
 
 
@@ -231,6 +262,9 @@ def _gateway_cases(jpeg: bytes) -> dict[str, tuple[gateway_pb2.ImageChunk, grpc.
             INVALID,
         ),
         "unknown visibility source": (image(Opts(visibility_off=["eyes"])), INVALID),
+        "det_thresh 1": (image(Opts(det_thresh=1.0)), INVALID),
+        "det_thresh negative": (image(Opts(det_thresh=-0.5)), INVALID),
+        "det_thresh NaN": (image(Opts(det_thresh=float("nan"))), INVALID),
         "box NaN": (image(Opts(boxes=[_box(1, 1, float("nan"), 50)])), INVALID),
         "box inverted": (image(Opts(boxes=[_box(50, 50, 10, 10)])), INVALID),
         "too many boxes": (image(Opts(boxes=[_box(1, 1, 50, 50)] * 65)), EXHAUSTED),

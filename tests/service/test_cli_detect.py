@@ -131,9 +131,121 @@ def test_a_user_mask_marks_the_covered_regions_hidden(
     out = tmp_path / "out"
     assert main(["reconstruct", str(tmp_path / "in"), "-o", str(out), "--gateway", open_mesh.gateway_address,
                  "--masks", str(tmp_path / "masks"), "--no-visibility", "photometric", "--no-visibility", "hands",
+                 "--no-visibility", "pose",
                  "--no-progress", "--samples", "4"]) == 0
     (entry,) = _results(out)
     visibility = json.loads((out / entry["dir"] / "visibility.json").read_text())
     assert visibility["sources"] == ["mask"]
     assert visibility["regions"]["lips"] < 0.5 and visibility["regions"]["forehead"] > 0.5
     assert visibility["regions"]["left_eye"] > 0.5 and visibility["regions"]["right_eye"] > 0.5
+
+
+def _png(image: np.ndarray) -> bytes:
+    import cv2
+
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(image[:, :, ::-1]))
+    assert ok
+    return data.tobytes()
+
+
+def test_detection_threshold_end_to_end_and_no_face_exit_code(open_mesh: LocalMesh, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--det-thresh reaches the gateway: at 0.99 the mouth-covered astronaut (BlazeFace 0.81) is missed and the
+    run exits 1 (README: no face found is a failure); a rerun at the default threshold retries it and finds it.
+    A crop the face fills (BlazeFace 0.08 on it) is found too."""
+    import skimage.data
+
+    astronaut = skimage.data.astronaut()
+    covered = astronaut.copy()
+    covered[125:185, 195:260] = (224, 172, 140)  # a hand-coloured block over the mouth and chin
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "covered.png").write_bytes(_png(covered))
+    out = tmp_path / "out"
+    base = ["detect", str(folder), "-o", str(out), "--gateway", open_mesh.gateway_address, "--no-progress"]
+    capsys.readouterr()
+    assert main([*base, "--det-thresh", "0.99"]) == 1
+    assert "no face found in 1 image(s)" in capsys.readouterr().err
+    (line,) = _results(out)
+    assert line["status"] == "NOT_FOUND" and line["face_index"] == -1
+    assert main(base) == 0  # retried (not skipped as done), found at the default threshold
+    assert "1 image(s) processed, 0 already done" in capsys.readouterr().out
+    assert [(e["status"], e["found_by"]) for e in _results(out)] == [("OK", "detector")]
+
+    crop_folder = tmp_path / "crop"
+    crop_folder.mkdir()
+    (crop_folder / "tight.png").write_bytes(_png(np.ascontiguousarray(astronaut[88:158, 192:262])))
+    crop_out = tmp_path / "crop-out"
+    assert main(["detect", str(crop_folder), "-o", str(crop_out), "--gateway", open_mesh.gateway_address,
+                 "--no-progress"]) == 0
+    (face,) = _results(crop_out)
+    assert face["status"] == "OK" and face["found_by"] == "zoom_out"
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.1", "nan", "high"])
+def test_bad_detection_threshold_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    """Client and gateway refuse it before any work: exit 2, one line, no traceback."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    for command in (
+        [sys.executable, "-m", "facefuse.client.cli", "detect", str(tmp_path / "a.jpg"), "-o", str(tmp_path / "o"),
+         "--gateway", "127.0.0.1:1", "--det-thresh", value],
+        [sys.executable, "-m", "facefuse.servers.gateway", "--port", "0", "--det-thresh", value],
+    ):
+        run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert "--det-thresh" in run.stderr and "between 0 and 1" in run.stderr, run.stderr
+    gateway = subprocess.run([sys.executable, "-m", "facefuse.servers.gateway", "--port", "0"], capture_output=True,
+                             text=True, env={**env, "FACEFUSE_DET_THRESH": value}, timeout=60)
+    assert gateway.returncode == 2 and "between 0 and 1" in gateway.stderr, gateway.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["detect", "x.jpg", "-o", "out"],
+    ["reconstruct", "x.jpg", "-o", "out"],
+    ["mesh", "up"],
+    ["demo"],
+    ["bench", "occlusion", "--images", "x", "--local", "-o", "out"],
+])
+def test_every_entry_point_refuses_a_bad_threshold_before_any_work(command: list[str],
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--det-thresh", "1.2"])
+    assert stopped.value.code == 2
+    assert "--det-thresh" in capsys.readouterr().err
+
+
+def test_mesh_up_det_thresh_sets_the_gateways_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`facefuse mesh up --det-thresh 0.99`: a request without its own threshold gets the gateway's, so the
+    mouth-covered astronaut (BlazeFace 0.81) is not found; a request's own --det-thresh still wins."""
+    import signal
+
+    import skimage.data
+
+    covered = skimage.data.astronaut().copy()
+    covered[125:185, 195:260] = (224, 172, 140)
+    photo = tmp_path / "covered.png"
+    photo.write_bytes(_png(covered))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FACEFUSE_ASSETS": ""}
+    mesh = subprocess.Popen([sys.executable, "-m", "facefuse.client.cli", "mesh", "up", "--det-thresh", "0.99"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                            start_new_session=True)
+    try:
+        import queue
+        import threading
+
+        lines: queue.Queue[str] = queue.Queue()
+        assert mesh.stdout is not None
+        threading.Thread(target=lambda: [lines.put(line) for line in mesh.stdout], daemon=True).start()
+        address = None
+        while address is None:
+            line = lines.get(timeout=180)  # queue.Empty: mesh up did not get ready in time
+            if line.startswith("gateway ready at "):
+                address = line.split()[3].rstrip(";")
+        base = ["detect", str(photo), "--gateway", address, "--no-progress"]
+        assert main([*base, "-o", str(tmp_path / "strict")]) == 1
+        assert [e["status"] for e in _results(tmp_path / "strict")] == ["NOT_FOUND"]
+        assert main([*base, "-o", str(tmp_path / "own"), "--det-thresh", "0.5"]) == 0
+    finally:
+        os.killpg(mesh.pid, signal.SIGTERM)
+        mesh.wait(timeout=60)

@@ -126,7 +126,14 @@ def _attacks() -> list[tuple[str, Callable[[str], list[gateway_pb2.FaceResult]]]
             mutate(lambda r: r.face.crop112.CopyFrom(wire.from_numpy(np.zeros((1024, 1024, 3), np.uint8)))),
         ),
         ("face sent twice", duplicate),
+        ("unknown found_by", mutate(lambda r: setattr(r.face, "found_by", "../../etc"))),
         ("OK for no face", mutate(lambda r: setattr(r, "face_index", -1))),
+        ("unknown scale source", mutate(lambda r: setattr(r.reconstruction, "scale_source", "../x"))),
+        ("scale confidence above 1", mutate(lambda r: r.reconstruction.MergeFrom(
+            gateway_pb2.Reconstruction(scale_source="iris", scale_confidence=1.5)))),
+        ("scale confidence without a source", mutate(lambda r: setattr(r.reconstruction, "scale_confidence", 0.5))),
+        ("unknown visibility of a region not reported", mutate(lambda r: r.reconstruction.visibility.MergeFrom(
+            common_pb2.Visibility(regions={"lips": 1.0}, unknown=["elbow"])))),
     ]
 
 
@@ -144,7 +151,10 @@ def test_a_hostile_gateway_cannot_escape_out_or_crash_the_run(tmp_path: Path, wo
             if position < len(attacks):
                 yield from attacks[position][1](image_id)
             else:
-                yield face_result(image_id)
+                honest_result = face_result(image_id)
+                honest_result.reconstruction.scale_source = "iris"
+                honest_result.reconstruction.scale_confidence = 0.625
+                yield honest_result
 
     out = workdir / "out"
     before = _files(tmp_path)
@@ -175,6 +185,10 @@ def test_a_hostile_gateway_cannot_escape_out_or_crash_the_run(tmp_path: Path, wo
     assert "NaN" in refused[names[7]] and "bytes" in refused[names[8]] and "shape" in refused[names[10]]
     (honest_line,) = by_input[names[-1]]
     assert honest_line["status"] == "OK" and honest_line["files"]
+    # Where the metric scale came from travels to results.jsonl and params.json.
+    assert honest_line["scale_source"] == "iris" and honest_line["scale_confidence"] == 0.625
+    params = json.loads((out / honest_line["dir"] / "params.json").read_text(encoding="utf-8"))
+    assert params["scale_source"] == "iris" and params["scale_confidence"] == 0.625
     for relative in honest_line["files"]:
         assert (out / relative).is_file()
     assert (out / honest_line["dir"]).resolve().is_relative_to(out.resolve())

@@ -239,5 +239,43 @@ def test_open_ofer_service_imputes_from_the_face_crop_it_is_sent(open_mesh: Loca
     with_imputation = load_open_generative_backend("cpu", store)
     gp_only = load_open_generative_backend("cpu", store, imputation=False)
     np.testing.assert_allclose(remote(True), with_imputation.sample(face, 6, seed=3, visibility=visibility), atol=1e-3)
-    np.testing.assert_allclose(remote(False), gp_only.sample(face, 6, seed=3, visibility=visibility), atol=1e-3)
+    # what the service gets without the crop (it arrives as zeros): no imputation, no mirror averaging
+    import dataclasses
+
+    no_crop = dataclasses.replace(face, crop_box224=np.zeros_like(face.crop_box224))
+    np.testing.assert_allclose(remote(False), gp_only.sample(no_crop, 6, seed=3, visibility=visibility), atol=1e-3)
     assert np.abs(remote(True) - remote(False)).max() > 1.0
+
+
+def test_the_scale_source_travels_from_mica_through_the_gateway(open_mesh: LocalMesh, astronaut_jpeg: bytes) -> None:
+    """The open mica service reads the astronaut's scale from her iris; the gateway passes the source and its
+    confidence on, for MICA alone and for the fused mesh (which lives at MICA's scale)."""
+    with GatewayClient(open_mesh.gateway_address, timeout_s=300) as client:
+        for method in ("mica", "fuse"):
+            (result,) = list(client.process([ImageInput("astronaut.jpg", astronaut_jpeg)], method=method,
+                                            num_samples=4))
+            assert result.status.code == 0, result.status.message
+            rec = result.reconstruction
+            assert rec.scale_source == "iris", method
+            assert 0.3 <= rec.scale_confidence <= 1.0, (method, rec.scale_confidence)
+
+
+def test_a_grayscale_photo_is_unknown_not_hidden_through_the_gateway(open_mesh: LocalMesh) -> None:
+    """The gateway's visibility for a grayscale copy of the astronaut: the skin test has nothing to judge, so
+    every region arrives unknown, with the geometric evidence alone (the pose source: nearly 1 for her
+    almost frontal face), not hidden."""
+    import io
+
+    import skimage.data
+    from PIL import Image
+
+    gray = Image.fromarray(skimage.data.astronaut()).convert("L").convert("RGB")
+    buffer = io.BytesIO()
+    gray.save(buffer, format="PNG")
+    with GatewayClient(open_mesh.gateway_address, timeout_s=300) as client:
+        (result,) = list(client.process([ImageInput("gray.png", buffer.getvalue())], method="fuse", num_samples=4))
+    assert result.status.code == 0, result.status.message
+    vis = result.reconstruction.visibility
+    assert set(vis.sources) >= {"photometric", "pose"}
+    assert set(vis.unknown) == set(vis.regions) and len(vis.unknown) == 7
+    assert all(value > 0.9 for value in vis.regions.values()), dict(vis.regions)

@@ -93,7 +93,8 @@ def test_report_opens_in_chromium_and_draws_every_face(report_run: Path, tmp_pat
 
 def test_every_glb_of_the_run_passes_the_khronos_validator(report_run: Path) -> None:
     files = sorted(report_run.rglob("*.glb"))
-    assert len(files) == 2
+    assert len(files) == 4  # per face mesh.glb and mesh_posed.glb (the posed fit, docs/posed-face.md)
+    assert sum(f.name == "mesh_posed.glb" for f in files) == 2
     for name, result in validate_glb(files).items():
         assert result["errors"] == 0, (name, result["messages"])
 

@@ -118,6 +118,15 @@ def test_compose_default_is_cpu_ready_checked_read_only_and_loopback() -> None:
     assert opened[0].startswith("0.0.0.0:50050:")
 
 
+def test_compose_passes_the_detection_threshold_to_the_gateway() -> None:
+    """Empty by default (the gateway then uses the detector's own threshold); set, it reaches the gateway."""
+    from facefuse.servers.gateway import DET_THRESH_ENV
+
+    assert _config("docker-compose.yml")["services"]["gateway"]["environment"][DET_THRESH_ENV] in ("", None)
+    chosen = _config("docker-compose.yml", env={DET_THRESH_ENV: "0.35"})["services"]["gateway"]["environment"]
+    assert chosen[DET_THRESH_ENV] == "0.35"
+
+
 def test_client_image_installs_what_reconstruct_imports_and_no_torch() -> None:
     """The client image holds neither torch nor models (what it must hold: the test below)."""
     names = {_norm(n) for n in _requirement_names(ROOT / "client" / "requirements.txt")}
@@ -186,6 +195,14 @@ def test_each_service_image_is_a_thin_non_root_stage(name: str, folder: str) -> 
         )
     else:
         assert "torch" in requirements and "insightface" not in requirements
+
+
+def test_no_stage_installs_node_or_npm() -> None:
+    """The model store fetches the npm tarball over HTTPS itself: the models stage needs only Python."""
+    stages = _dockerfile_stages()
+    assert "models" in stages
+    for name, (_parent, lines) in stages.items():
+        assert not any(re.search(r"\b(npm|nodejs)\b", line) for line in lines if not line.startswith("#")), name
 
 
 def test_torch_source_choices_are_all_handled() -> None:

@@ -158,3 +158,134 @@ def test_anchor_grid_and_weighted_nms():
     np.testing.assert_allclose(out[0][0], (0.6 * boxes[0] + 0.9 * boxes[1]) / 1.5)
     np.testing.assert_allclose(out[0][2], (0.6 * kps[0] + 0.9 * kps[1]) / 1.5)
     np.testing.assert_allclose(out[1][0], boxes[2])
+
+
+# -- faces the plain threshold misses (issue 16): second chance, zoom-out pass, whole image ---------------
+
+
+def _tight_crop(image: np.ndarray, det: Detection, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The face filling the frame: a square ``fraction`` of the detection box around its centre, and the
+    crop's top-left corner in the photo (what other face pipelines hand on)."""
+    cx, cy = det.center
+    half = fraction * max(det.width, det.height) / 2.0
+    x0, y0 = int(max(cx - half, 0)), int(max(cy - half, 0))
+    return np.ascontiguousarray(image[y0:int(cy + half), x0:int(cx + half)]), np.array([x0, y0], np.float32)
+
+
+def _cover_mouth(image: np.ndarray, kps5: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
+    """A flat skin/hand-coloured block over the mouth and chin, as a hand held there."""
+    kps = kps5 - (0 if offset is None else offset)
+    out = image.copy()
+    eyes, mouth = kps[:2].mean(0), kps[3:5].mean(0)
+    half_w = 1.0 * np.linalg.norm(kps[4] - kps[3])
+    half_h = 0.5 * np.linalg.norm(mouth - eyes)
+    rows = slice(int(max(mouth[1] - half_h, 0)), int(mouth[1] + 1.6 * half_h))
+    out[rows, int(max(mouth[0] - half_w, 0)):int(mouth[0] + half_w)] = (224, 172, 140)
+    return out
+
+
+def _same_eyes(found: Detection, reference: Detection, offset: np.ndarray) -> None:
+    """The eyes found in the variant are the photo's eyes (within 20 % of their distance; a small turned face
+    of t1.jpg differs by 16 % between its full-photo and crop meshes): the same face, not a stray box."""
+    expected = reference.kps5[:2] - offset
+    distance = float(np.linalg.norm(expected[1] - expected[0]))
+    error = np.linalg.norm(found.kps5[:2] - expected, axis=1).max()
+    assert error < 0.2 * distance, (error, distance)
+
+
+def test_near_threshold_tight_crop_gets_a_second_chance(front_end, astronaut):
+    (reference,) = front_end.detect(astronaut)
+    crop, offset = _tight_crop(astronaut, reference, 0.9)  # BlazeFace: 0.38, under 0.5; FaceMesh: sure
+    (found,) = front_end.detect(crop)
+    assert found.found_by == "second_chance" and 0.35 <= found.score < 0.5
+    _same_eyes(found, reference, offset)
+
+
+@pytest.mark.parametrize("fraction", [0.8, 0.7])
+def test_face_filling_crop_is_found_on_a_zoomed_out_copy(front_end, astronaut, fraction):
+    (reference,) = front_end.detect(astronaut)
+    crop, offset = _tight_crop(astronaut, reference, fraction)  # BlazeFace on the crop itself: < 0.2
+    (found,) = front_end.detect(crop)
+    assert found.found_by == "zoom_out" and found.score >= 0.5
+    _same_eyes(found, reference, offset)
+
+
+def test_every_face_of_the_group_photo_is_found_as_a_tight_crop(front_end, group_photo):
+    """The six faces of t1.jpg cropped to their detection boxes: none was found before issue 16."""
+    faces = front_end.detect(group_photo)
+    ways = []
+    for reference in faces:
+        crop, offset = _tight_crop(group_photo, reference, 1.0)
+        (found,) = front_end.detect(crop)
+        _same_eyes(found, reference, offset)
+        ways.append(found.found_by)
+    assert set(ways) <= {"second_chance", "zoom_out"}, ways
+
+
+def test_mouth_covered_faces_are_still_found(front_end, astronaut):
+    (reference,) = front_end.detect(astronaut)
+    covered = _cover_mouth(astronaut, reference.kps5)
+    (found,) = front_end.detect(covered)
+    _same_eyes(found, reference, np.zeros(2, np.float32))
+    crop, offset = _tight_crop(astronaut, reference, 0.9)
+    covered_crop = _cover_mouth(crop, reference.kps5, offset)
+    (found,) = front_end.detect(covered_crop)  # BlazeFace 0.33 on it: found on the zoomed-out copy
+    assert found.found_by in ("second_chance", "zoom_out")
+    _same_eyes(found, reference, offset)
+
+
+def test_whole_image_path_confirms_crops_and_refuses_photos_without_a_face(front_end, astronaut):
+    """The last resort takes the photo as the box; FaceMesh must be sure twice (a coffee cup fools one run)."""
+    (reference,) = front_end.detect(astronaut)
+    crop, offset = _tight_crop(astronaut, reference, 0.7)
+    found = front_end._detector._whole_image(crop)
+    assert found is not None and found.found_by == "whole_image"
+    _same_eyes(found, reference, offset)
+    for name in ("coffee", "chelsea", "rocket"):
+        photo = np.ascontiguousarray(getattr(skimage.data, name)()[:, :, :3])
+        assert front_end._detector._whole_image(photo) is None, name
+        assert front_end.detect(photo) == [], name
+    assert front_end._detector._whole_image(astronaut) is None  # a small face: not the crop case
+
+
+def test_threshold_per_call(front_end, astronaut, group_photo):
+    (reference,) = front_end.detect(astronaut)
+    covered = _cover_mouth(astronaut, reference.kps5)  # BlazeFace 0.79
+    assert front_end.detect(covered, det_thresh=0.99) == []  # not even within the second-chance margin
+    assert len(front_end.detect(covered, det_thresh=0.9)) == 1  # 0.79 >= 0.9 - 0.15: confirmed by FaceMesh
+    strict = front_end.detect(group_photo, det_thresh=0.99)
+    assert len(strict) == 2 and all(d.found_by == "second_chance" and d.score >= 0.84 for d in strict)
+    default = front_end.detect(group_photo)
+    assert len(default) == 6 and all(d.found_by == "detector" for d in default)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.2, 1.5, float("nan"), float("inf"), "abc"])
+def test_threshold_out_of_range_is_refused(front_end, store, astronaut, bad):
+    with pytest.raises(InvalidInputError, match="between 0 and 1"):
+        front_end.detect(astronaut, det_thresh=bad)
+    with pytest.raises(InvalidInputError, match="between 0 and 1"):
+        FaceFrontEnd.from_assets(None, store, det_thresh=bad)
+
+
+def test_recover_missed_off_is_the_detector_alone(store, front_end, astronaut, group_photo):
+    """The switch a before/after study uses: without the recovery paths the crops are missed again."""
+    plain = FaceFrontEnd.from_assets(None, store, recover_missed=False)
+    (reference,) = front_end.detect(astronaut)
+    for fraction in (0.9, 0.8):
+        crop, _ = _tight_crop(astronaut, reference, fraction)
+        assert plain.detect(crop) == [] and len(front_end.detect(crop)) == 1
+    boxes = [d.box.tolist() for d in plain.detect(group_photo)]
+    assert boxes == [d.box.tolist() for d in front_end.detect(group_photo)]  # full photos: the same faces
+
+
+def test_zoom_out_on_a_large_crop_maps_back_to_its_pixels(front_end, astronaut):
+    """A face-filling crop of 1000+ px (the zoom-out copy is made from a 384 px version): eyes in place."""
+    (reference,) = front_end.detect(astronaut)
+    crop, offset = _tight_crop(astronaut, reference, 0.8)
+    factor = 12.0
+    large = cv2.resize(crop, (round(crop.shape[1] * factor), round(crop.shape[0] * factor)),
+                       interpolation=cv2.INTER_CUBIC)
+    (found,) = front_end.detect(large)
+    assert found.found_by == "zoom_out"
+    scaled = Detection(box=reference.box * factor, score=reference.score, kps5=reference.kps5 * factor)
+    _same_eyes(found, scaled, offset * factor)

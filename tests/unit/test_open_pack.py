@@ -86,7 +86,9 @@ def test_metric_scale_pose_and_outputs(shape_backend, astronaut_face, reference,
     iris = astronaut_face.detection.iris
     metric = shape_backend.reconstruct(astronaut_face)
     assert metric.scale_source == "iris"
-    assert metric.mm_per_px == pytest.approx(11.7 / iris[:, 2].mean(), rel=1e-6)
+    assert metric.iris is not None and metric.mm_per_px == pytest.approx(metric.iris.mm_per_px, rel=1e-9)
+    # A nearly frontal face: the head-rotation correction is under 1 %.
+    assert metric.mm_per_px == pytest.approx(11.7 / iris[:, 2].mean(), rel=0.01)
     v = reference.vertices_mm.astype(np.float64)
     assert reference.vertices_mm.shape == (468, 3) and reference.faces.shape == (898, 3)
     assert reference.faces.dtype == np.int32 and reference.topology == "mediapipe468"
@@ -120,13 +122,13 @@ def test_fallback_scale_without_iris(shape_backend, astronaut_face, space):
     det = astronaut_face.detection
     bare = Detection(det.box, det.score, det.kps5, det.landmarks, det.detector)
     metric = shape_backend.reconstruct(bare)
-    assert metric.scale_source == "canonical-size"
+    assert metric.scale_source == "default"
     canon = space.template_mm.astype(np.float64)
     ratio = np.linalg.norm(metric.vertices_mm[33] - metric.vertices_mm[263]) / np.linalg.norm(canon[33] - canon[263])
     assert 0.9 < ratio < 1.1  # mean adult size
     # An implausible iris reading (a quarter of the face's scale) falls back too.
     odd = Detection(det.box, det.score, det.kps5, det.landmarks, det.detector, iris=det.iris * [1, 1, 4])
-    assert shape_backend.reconstruct(odd).scale_source == "canonical-size"
+    assert shape_backend.reconstruct(odd).scale_source == "default"
 
 
 def test_refuses_faces_without_facemesh_points(shape_backend, astronaut_face):
@@ -204,16 +206,20 @@ def test_rank_is_order_independent_and_prefers_the_evidence(generative_backend, 
         generative_backend.rank(astronaut_face, samples[:, :100])
 
 
-@pytest.mark.parametrize("colour,max_fused_mm", [((90, 90, 100), 5.25), ((0, 0, 0), 5.5)], ids=["grey", "black"])
-def test_mouth_occlusion_completion(colour, max_fused_mm, front_end, shape_backend, generative_backend, space,
-                                    astronaut_face, reference):
+@pytest.mark.parametrize("colour,max_fused_mm,min_margin_mm", [((90, 90, 100), 5.25, 0.3), ((0, 0, 0), 5.5, 0.1)],
+                         ids=["grey", "black"])
+def test_mouth_occlusion_completion(colour, max_fused_mm, min_margin_mm, front_end, shape_backend, generative_backend,
+                                    space, astronaut_face, reference):
     """Mouth covered by a flat patch: imputed GP completion (hidden) + deterministic (seen), fused by 'region'.
 
     Errors: mean distance (mm) over the hidden vertices to the unoccluded reconstruction, after a
     similarity fit on the seen vertices (so the global scale change the occluder causes through the iris
     reading does not count). Measured on the 2-core CPU with seed 0 (seeds 0-11 in brackets): grey patch
     fused 4.61 (4.19-4.75) vs deterministic alone 6.04; black patch 4.67 (4.15-5.00) vs 5.15; canonical
-    face 8.6-9.0. 21 occluded faces in benchmarks/study_open_occlusion.py (docs/open-pack.md).
+    face 8.6-9.0. With mirror-averaged FaceMesh points (the default since issue 16; the reference is
+    then mirror-averaged too): grey fused 4.22 vs deterministic 5.22, black 4.29 vs 4.48 (the deterministic
+    mesh gained more under the black patch than the completion did, hence the smaller margin asked there).
+    21 occluded faces in benchmarks/study_open_occlusion.py (docs/open-pack.md).
     """
     image = skimage.data.astronaut()
     pts = astronaut_face.detection.landmarks[space.regions["lips"], :2]
@@ -242,7 +248,7 @@ def test_mouth_occlusion_completion(colour, max_fused_mm, front_end, shape_backe
     e_canon = error(space.template_mm)
     print(f"hidden {hidden.sum()}: fused {e_fused:.2f} mm, deterministic {e_det:.2f} mm, canonical {e_canon:.2f} mm")
     assert e_fused < max_fused_mm  # the stated distance
-    assert e_fused < e_det - 0.3  # closer than the deterministic backend alone (margins 1.4 and 0.5 mm)
+    assert e_fused < e_det - min_margin_mm  # closer than the deterministic backend alone (margins 1.0 and 0.19 mm)
     assert e_fused < e_canon - 3.0  # and far better than the mean face
     # Seen vertices come from the deterministic mesh (region fusion, visibility smoothed at the border).
     far = visibility >= 1.0

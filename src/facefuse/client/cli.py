@@ -15,12 +15,14 @@ from pathlib import Path
 from facefuse.client.names import display
 from facefuse.client.options import parse_option
 from facefuse.errors import BackendUnavailableError, FacefuseError, InvalidInputError
+from facefuse.face.types import det_thresh_argument
 
 DEFAULT_GATEWAY = os.environ.get("FACEFUSE_GATEWAY", "127.0.0.1:50050")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_GATEWAY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = f"""exit codes:
-  {EXIT_OK}    every input done (OK, or no face found)
-  {EXIT_FAILED}    the run finished but some images or faces failed (their lines in OUT/results.jsonl say why)
+  {EXIT_OK}    every input done, a face found in each
+  {EXIT_FAILED}    the run finished but some images or faces failed, or no face was found in some image
+       (NOT_FOUND; try a lower --det-thresh); their lines in OUT/results.jsonl say why
   {EXIT_USAGE}    bad usage: wrong arguments, missing input paths, options the gateway refused, a missing
        or wrong --token-file (UNAUTHENTICATED)
   {EXIT_GATEWAY}    the gateway is down, unreachable or busy, or the stream was cut or ran past --timeout
@@ -46,6 +48,9 @@ def _stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls", action="store_true", help="talk TLS to the gateway, trusting the system's CAs")
     parser.add_argument("--token-file", type=Path, default=os.environ.get("FACEFUSE_TOKEN_FILE") or None,
                         help="send the bearer token in this file (default $FACEFUSE_TOKEN_FILE)")
+    parser.add_argument("--det-thresh", type=det_thresh_argument, default=None, metavar="T",
+                        help="face detector score threshold for these images, 0 < T < 1 (default: the gateway's; "
+                             "open front end 0.5, SCRFD 0.4); lower finds more occluded faces (docs/open-pack.md)")
     parser.add_argument("--shard", default=None, metavar="I/N",
                         help="process only shard I of N (0-based) of the inputs, into OUT/shard-I-of-N "
                              "(docs/scaling.md#batch-jobs)")
@@ -76,7 +81,8 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> i
         client.wait_ready()
         masks = read_masks(items, args.masks) if getattr(args, "masks", None) else None
         try:
-            report = run_stream(items, args.out, client, method, options={"selection": args.selection, **options},
+            report = run_stream(items, args.out, client, method,
+                                options={"selection": args.selection, "det_thresh": args.det_thresh, **options},
                                 progress=not args.no_progress, masks=masks,
                                 all_files=getattr(args, "all_files", False),
                                 preview=not getattr(args, "no_preview", False))
@@ -109,6 +115,9 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> i
             posed = sum(t.get("posed_frames", 0) for t in video["tracks"])
             print(f"video {video['video']}: {video['frames']} frame(s), {len(video['tracks'])} track(s), "
                   f"{posed} posed face(s); {video['overlay']}")
+    if report.no_face:
+        print(f"facefuse: no face found in {report.no_face} image(s) (NOT_FOUND); a lower --det-thresh finds more "
+              "(occluded, small) faces", file=sys.stderr)
     if report.failed:
         print(f"facefuse: {report.failed} image(s)/face(s) failed; see {args.out / 'results.jsonl'}", file=sys.stderr)
         return EXIT_FAILED
@@ -147,6 +156,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         "sampler_mode": args.sampler, "save_branches": args.save_branches, "return_crops": True,
         "strategy_options": dict(parse_option(o) for o in args.option),
         "visibility_off": list(args.no_visibility) or None,
+        "neutral_only": True if args.neutral_only else None,
     }
     code = _run(args, args.method, options)
     _write_report(args.out)
@@ -224,7 +234,9 @@ def cmd_mesh_up(args: argparse.Namespace) -> int:
     from facefuse.servers.local import LocalMesh, parse_replicas
 
     replicas = parse_replicas(args.replicas)
-    with LocalMesh(assets=args.assets, pack=args.pack, device=args.device, replicas=replicas) as mesh:
+    gateway_args = ["--det-thresh", str(args.det_thresh)] if args.det_thresh is not None else []
+    with LocalMesh(assets=args.assets, pack=args.pack, device=args.device, replicas=replicas,
+                   extra_args={"gateway": gateway_args}) as mesh:
         for name, proc in mesh.processes.items():
             print(f"{name:9s} {proc.address}")
         print(f"gateway ready at {mesh.gateway_address}; Ctrl-C stops the mesh", flush=True)
@@ -249,7 +261,7 @@ def cmd_shards_merge(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from facefuse.client.demo import run_demo
 
-    return run_demo(args.out, assets=args.assets)
+    return run_demo(args.out, assets=args.assets, det_thresh=args.det_thresh)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,10 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--no-preview", action="store_true",
                      help="skip preview.png and uncertainty.png (rendered on worker threads otherwise)")
     rec.add_argument("--save-branches", action="store_true", help="also keep MICA's and OFER's own outputs")
+    rec.add_argument("--neutral-only", action="store_true",
+                     help="skip the posed-face fit (expression, head pose, camera, mesh_posed.*); docs/posed-face.md")
     rec.add_argument("--identity-group", default=None, metavar="folders|CSV",
                      help="fuse all images of one person into one shape: 'folders' (a folder per person) or a CSV "
                           "of image,identity rows; written to OUT/identities/")
-    rec.add_argument("--no-visibility", action="append", default=[], choices=["mask", "photometric", "hands"],
+    rec.add_argument("--no-visibility", action="append", default=[], choices=["mask", "photometric", "hands", "pose"],
                      help="switch a visibility source off (repeatable)")
     rec.add_argument("--masks", type=Path, default=None, metavar="DIR",
                      help="occlusion masks: DIR/<image stem>.png, same size as the image, white = occluded")
@@ -324,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--replicas", default="", metavar="SERVICE=N[,...]",
                     help="processes per model service, e.g. ofer=2,mica=2; the gateway balances over them "
                          "(docs/scaling.md)")
+    up.add_argument("--det-thresh", type=det_thresh_argument, default=None, metavar="T",
+                    help="the gateway's default face detector score threshold, 0 < T < 1 (default: the detector's, "
+                         "open front end 0.5, SCRFD 0.4); each request may set its own (docs/open-pack.md)")
     up.set_defaults(func=cmd_mesh_up)
 
     shards = sub.add_parser("shards", help="results of --shard runs")
@@ -335,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="start the mesh, run sample photos, write ./facefuse-demo")
     demo.add_argument("-o", "--out", type=Path, default=Path("facefuse-demo"))
     demo.add_argument("--assets", default=None)
+    demo.add_argument("--det-thresh", type=det_thresh_argument, default=None, metavar="T",
+                      help="face detector score threshold, 0 < T < 1 (default: the detector's)")
     demo.set_defaults(func=cmd_demo)
 
     from facefuse.client.commands import bench as bench_commands

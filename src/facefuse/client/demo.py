@@ -68,7 +68,7 @@ def sample_photos(folder: Path, front_end: FaceFrontEnd | None = None) -> list[P
     return paths
 
 
-def run_demo(out: Path, assets: str | None = None) -> int:
+def run_demo(out: Path, assets: str | None = None, det_thresh: float | None = None) -> int:
     from facefuse.assets.store import ModelStore
     from facefuse.face.frontend import FaceFrontEnd
 
@@ -83,17 +83,19 @@ def run_demo(out: Path, assets: str | None = None) -> int:
         with GatewayClient(mesh.gateway_address, timeout_s=900) as client:
             info = client.info()
             ready = {b.service: b.ready for b in info.backends}
-            report = run_stream(items, out / "detect", client, "detect", options={"return_crops": True})
+            common = {"det_thresh": det_thresh}
+            report = run_stream(items, out / "detect", client, "detect", options={"return_crops": True, **common})
             failed = report.failed
             print(f"detect: {report.faces} face(s) in {report.seconds:.1f} s -> {out / 'detect'}")
             if all(ready.get(name) for name in ("mica", "ofer", "fusion")):
                 rec = run_stream(
-                    items, out / "reconstruct", client, "fuse", options={"return_crops": True, "save_branches": True}
+                    items, out / "reconstruct", client, "fuse",
+                    options={"return_crops": True, "save_branches": True, **common},
                 )
                 print(f"reconstruct: {rec.faces} face(s) in {rec.seconds:.1f} s -> {out / 'reconstruct'}")
                 failed += rec.failed
             elif ready.get("mica"):
-                rec = run_stream(items, out / "reconstruct", client, "mica", options={"return_crops": True})
+                rec = run_stream(items, out / "reconstruct", client, "mica", options={"return_crops": True, **common})
                 print(f"reconstruct (mica only): {rec.faces} face(s) in {rec.seconds:.1f} s -> {out / 'reconstruct'}")
                 failed += rec.failed
             else:
@@ -101,7 +103,7 @@ def run_demo(out: Path, assets: str | None = None) -> int:
                     print(f"  {backend.service}: {'ready' if backend.ready else 'not ready'} ({backend.message})")
                 print(
                     "3D reconstruction needs model backends: put the official files in a folder and pass --assets DIR "
-                    "(see `facefuse assets check`); the open pack's backends are not part of this build yet."
+                    "(see `facefuse assets check`); for the open pack the backends above say why they are not ready."
                 )
     from facefuse.client.report import build_report
 

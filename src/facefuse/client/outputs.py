@@ -22,8 +22,8 @@ import numpy as np
 
 from facefuse.client.inputs import InputItem
 from facefuse.client.names import display
-from facefuse.client.posed import PosedFace, load_posed
-from facefuse.client.validate import CheckedFace, CheckedReconstruction
+from facefuse.client.posed import PosedFace, load_posed, posed_from_reconstruction
+from facefuse.client.validate import CheckedFace, CheckedPosedFace, CheckedReconstruction
 from facefuse.io.atomic import (
     write_bytes_atomic,
     write_json_atomic,
@@ -39,7 +39,8 @@ from facefuse.render import render_preview, render_uncertainty, spread_colors
 RESULTS = "results.jsonl"
 EXTRAS = ("crop112.png", "crop224.png", "kps5.npy", "samples.npz", "mesh_uncertainty.ply")
 """Files ``reconstruct`` writes only with ``--all-files`` (``detect`` always writes its crops and points)."""
-DONE_CODES = {"OK", "NOT_FOUND"}
+DONE_CODES = {"OK"}
+"""Lines a rerun skips. NOT_FOUND is not among them: a rerun (e.g. with a lower --det-thresh) looks again."""
 
 
 def code_name(code: int) -> str:
@@ -314,13 +315,15 @@ def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None,
         keep(_png(target / "overlay.png", overlay(image, face.box, face.kps5, face.landmarks)))
     entry: dict[str, Any] = {"box": [round(float(v), 2) for v in face.box], "score": round(face.score, 4),
                              "detector": face.detector}
+    if face.found_by:
+        entry["found_by"] = face.found_by  # detector | second_chance | zoom_out | whole_image (docs/open-pack.md)
     rec = face.reconstruction
     if rec is not None:
         colors = _landmark_colors(image, face.landmarks)
         photo = (image, face.landmarks) if image is not None and face.landmarks is not None else None
         entry.update(write_reconstruction(target, rec, keep, colors, photo, wanted, draw=draw, preview=preview))
         if image is not None:
-            posed = load_posed(target)
+            posed = posed_from_reconstruction(rec) or load_posed(target)
             if posed is not None:
                 pixels = image
                 draw(target / "overlay.png", lambda: posed_overlay(pixels, face.box, face.kps5, posed))
@@ -372,10 +375,17 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
         info["confidence"] = round(rec.confidence, 4)
     if rec.fallback:
         info["fallback"] = rec.fallback
+    scale: dict[str, Any] = {}
+    if rec.scale_source:  # where the metric scale came from (open pack): iris or the default size
+        scale = {"scale_source": rec.scale_source, "scale_confidence": round(rec.scale_confidence, 4)}
+        info.update(scale)
     if rec.visibility is not None:
         visibility = {k: round(v, 3) for k, v in sorted(rec.visibility.items())}
-        keep(write_json_atomic(target / "visibility.json", {"regions": visibility, "sources": rec.visibility_sources}))
+        keep(write_json_atomic(target / "visibility.json", {"regions": visibility, "sources": rec.visibility_sources,
+                                                            "unknown": rec.visibility_unknown}))
         info["visibility"] = visibility
+        if rec.visibility_unknown:
+            info["visibility_unknown"] = list(rec.visibility_unknown)
     params: dict[str, np.ndarray] = {}
     vertices, faces = rec.vertices, rec.faces
     if vertices is not None and faces is not None:
@@ -406,9 +416,12 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
     if rec.shape is not None:
         keep(write_npy_atomic(target / "shape.npy", rec.shape))
         params["shape"] = rec.shape
-        if flame:  # the neutral FLAME shape: expression and pose are zero by construction
+        if flame and rec.posed is None:  # the neutral FLAME shape: expression and pose are zero by construction
             params["expression"] = np.zeros(100, np.float32)
             params["pose"] = np.zeros(15, np.float32)
+    posed_units: dict[str, str] = {}
+    if rec.posed is not None and faces is not None:
+        posed_units = write_posed(target, rec.posed, faces, keep, params, info)
     for name, points in (("kpt7", rec.kpt7), ("kpt68", rec.landmarks68)):
         if points is not None:
             keep(write_npy_atomic(target / f"{name}.npy", points))
@@ -427,14 +440,37 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
                         "shape": "FLAME coefficients"
                         if flame
                         else "mm displacement from the canonical face, xyz per vertex",
+                        **posed_units,
                     },
                     "method": rec.method,
                     "strategy": rec.strategy or rec.method,
+                    **scale,
+                    **({"focal_source": rec.posed.focal_source,
+                        "reprojection_error_px": round(rec.posed.reprojection_error_px, 3)}
+                       if rec.posed is not None and posed_units else {}),
                     **{k: [float(x) for x in v.ravel()] for k, v in params.items()},
                 },
             )
         )
     return info
+
+
+def write_posed(target: Path, posed: CheckedPosedFace, faces: np.ndarray, keep: Callable[[Path], None],
+                params: dict[str, np.ndarray], info: dict[str, Any]) -> dict[str, str]:
+    """mesh_posed.obj/.glb (camera space, mm, OpenCV axes) and the posed parameters (docs/posed-face.md);
+    returns the units params.json states for them."""
+    keep(write_obj(target / "mesh_posed.obj", posed.vertices, faces))
+    keep(write_glb(target / "mesh_posed.glb", posed.vertices, faces))
+    params.update(expression=posed.expression, jaw_pose=posed.jaw_pose, global_pose=posed.global_pose,
+                  translation=posed.translation, camera_intrinsics=posed.camera_intrinsics,
+                  camera_extrinsics=posed.camera_extrinsics, image_size=posed.image_size)
+    info["reprojection_error_px"] = round(posed.reprojection_error_px, 3)
+    info["focal_source"] = posed.focal_source
+    return {"expression": "FLAME expression coefficients" if len(posed.expression) <= 400
+            else "mm residual from the neutral mesh, xyz per vertex",
+            "jaw_pose": "axis-angle rad", "global_pose": "axis-angle rad, model -> camera",
+            "translation": "mm", "camera_intrinsics": "px", "camera_extrinsics": "model mm -> camera mm",
+            "image_size": "px (width, height)", "camera": "OpenCV: x right, y down, z forward"}
 
 
 def _photo_texture(rec: CheckedReconstruction, photo: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from facefuse.client.validate import CheckedReconstruction
 from facefuse.errors import FacefuseError
 from facefuse.io.meshes import read_mesh
 
@@ -73,3 +74,14 @@ def load_posed(face_dir: Path) -> PosedFace | None:
     return PosedFace(vertices, np.asarray(faces, np.int64), intrinsics, np.asarray(rotation, np.float64),
                      np.asarray(translation, np.float64),
                      expression.ravel() if expression is not None and np.isfinite(expression).all() else None)
+
+
+def posed_from_reconstruction(rec: CheckedReconstruction) -> PosedFace | None:
+    """The same from a checked response (no file read back): its posed face and the mesh's triangles."""
+    posed = rec.posed
+    if posed is None or rec.faces is None:
+        return None
+    return PosedFace(np.asarray(posed.vertices, np.float64), np.asarray(rec.faces, np.int64),
+                     np.asarray(posed.camera_intrinsics, np.float64),
+                     Rotation.from_matrix(np.asarray(posed.camera_extrinsics, np.float64)[:3, :3]).as_rotvec(),
+                     np.asarray(posed.camera_extrinsics, np.float64)[:3, 3], np.asarray(posed.expression, np.float64))

@@ -33,6 +33,17 @@ SCALE_SOURCE = {"flame2020": "MICA (metric FLAME identity)", "mediapipe468": "op
 HIDDEN_RGB, SEEN_RGB, UNKNOWN_RGB = (220, 40, 40), (40, 170, 70), (170, 170, 175)
 
 
+def _metric_scale(entry: dict[str, Any]) -> object:
+    """Which model sets the size, and, where the open pack measured it, whether from the iris or the default."""
+    model = SCALE_SOURCE.get(str(entry.get("topology")), entry.get("topology"))
+    source = entry.get("scale_source")
+    if not source:
+        return model
+    confidence = entry.get("scale_confidence")
+    shown = f"{confidence:.2f}" if isinstance(confidence, (int, float)) else "?"
+    return f"{model}: {source} (confidence {shown})"
+
+
 def _asset(name: str) -> str:
     return resources.files("facefuse.client.report_assets").joinpath(name).read_text(encoding="utf-8")
 
@@ -162,7 +173,7 @@ def _face_card(out: Path, entry: dict[str, Any], viewer_index: int | None) -> st
             parts.append(f'<img src="{preview}" alt="preview" style="width: 320px">')
     facts = [("method", entry.get("method")), ("strategy", entry.get("strategy")),
              ("confidence", entry.get("confidence")), ("mean spread (mm)", entry.get("spread_mm_mean")),
-             ("metric scale", SCALE_SOURCE.get(str(entry.get("topology")), entry.get("topology"))),
+             ("metric scale", _metric_scale(entry)),
              ("detector", entry.get("detector")), ("detection score", entry.get("score")),
              ("time (s)", entry.get("seconds")), ("folder", entry.get("dir"))]
     parts.append("<dl>" + "".join(f"<dt>{e(k)}</dt><dd>{_fmt(v)}</dd>" for k, v in facts if v is not None) + "</dl>")

@@ -44,7 +44,14 @@ class RunReport:
 
     @property
     def failed(self) -> int:
-        return sum(n for s, n in self.statuses.items() if s not in ("OK", "NOT_FOUND")) + self.unknown_results
+        """Images/faces that did not end OK, an image with no face found (NOT_FOUND) included: the README's
+        exit codes treat a missed face as a failure (exit 1), and a rerun retries it."""
+        return sum(n for s, n in self.statuses.items() if s != "OK") + self.unknown_results
+
+    @property
+    def no_face(self) -> int:
+        """Images in which no face was found."""
+        return self.statuses.get("NOT_FOUND", 0)
 
 
 @dataclass

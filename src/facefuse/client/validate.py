@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 
 from facefuse import wire
 from facefuse.errors import FacefuseError, InvalidInputError
+from facefuse.packs.base import SCALE_SOURCES
 from facefuse.v1 import common_pb2, gateway_pb2
 
 MAX_FACES = 1024  # faces per image
@@ -43,6 +44,27 @@ class InvalidResponseError(FacefuseError):
     """The gateway's answer breaks the protocol (bad id, index, tensor or value); nothing is written."""
 
 
+FOCAL_SOURCES = ("exif", "default")
+MAX_REPROJECTION_PX = 1e6
+
+
+@dataclass(frozen=True)
+class CheckedPosedFace:
+    """The face as photographed (docs/posed-face.md): camera space mm, OpenCV axes, photo pixels."""
+
+    expression: np.ndarray  # (K,)
+    jaw_pose: np.ndarray  # (3,) rad
+    global_pose: np.ndarray  # (3,) rad, model -> camera
+    translation: np.ndarray  # (3,) mm
+    camera_intrinsics: np.ndarray  # (3,3) px
+    camera_extrinsics: np.ndarray  # (4,4)
+    image_size: np.ndarray  # (2,) int32 width, height
+    focal_source: str
+    reprojection_error_px: float
+    vertices: np.ndarray  # (V,3) camera mm, the reconstruction's triangles
+    landmarks_px: np.ndarray  # (L,2)
+
+
 @dataclass(frozen=True)
 class CheckedReconstruction:
     method: str
@@ -61,6 +83,10 @@ class CheckedReconstruction:
     sample_scores: np.ndarray | None = None  # (N,)
     visibility: dict[str, float] | None = None
     visibility_sources: list[str] = field(default_factory=list)
+    visibility_unknown: list[str] = field(default_factory=list)  # regions a source could not judge
+    scale_source: str = ""  # "iris" | "default" | "" (not reported)
+    scale_confidence: float = 0.0  # [0, 1]
+    posed: CheckedPosedFace | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +103,7 @@ class CheckedFace:
     crop224: np.ndarray | None = None
     reconstruction: CheckedReconstruction | None = None
     branches: tuple[tuple[str, CheckedReconstruction], ...] = ()
+    found_by: str = ""  # facefuse.face.types.FOUND_BY, or "" when the gateway did not say
 
 
 def text(value: str, limit: int = MAX_TEXT) -> str:
@@ -133,6 +160,54 @@ def _optional(message: Message, field_name: str, name: str, shape: Sequence[int 
     return tensor(getattr(message, field_name), name, shape, dtypes, max_dim=max_dim, max_abs=max_abs)
 
 
+def _required(message: Message, field_name: str, name: str, shape: Sequence[int | None], dtypes: Sequence[int], *,
+              max_dim: int, max_abs: float | None = None) -> np.ndarray:
+    array = _optional(message, field_name, name, shape, dtypes, max_dim=max_dim, max_abs=max_abs)
+    if array is None:
+        raise InvalidResponseError(f"{name}: missing")
+    return array
+
+
+def check_posed(posed: common_pb2.PosedFace, name: str, num_vertices: int | None) -> CheckedPosedFace:
+    """A posed face is complete and consistent: a proper camera, a rigid [R | t], vertices for the mesh."""
+    if num_vertices is None:
+        raise InvalidResponseError(f"{name}: sent without a mesh")
+    intrinsics = _required(posed, "camera_intrinsics", f"{name}.camera_intrinsics", (3, 3), _FLOATS, max_dim=3,
+                           max_abs=MAX_PIXEL_COORD)
+    if not (intrinsics[0, 0] > 0 and intrinsics[1, 1] > 0 and intrinsics[1, 0] == 0 and intrinsics[2, 0] == 0
+            and intrinsics[2, 1] == 0 and intrinsics[2, 2] == 1):
+        raise InvalidResponseError(f"{name}.camera_intrinsics: not a pinhole K (positive focal, last row 0 0 1)")
+    extrinsics = _required(posed, "camera_extrinsics", f"{name}.camera_extrinsics", (4, 4), _FLOATS, max_dim=4,
+                           max_abs=MAX_MM)
+    rotation = extrinsics[:3, :3].astype(np.float64)
+    if not (np.allclose(extrinsics[3], [0, 0, 0, 1]) and np.allclose(rotation @ rotation.T, np.eye(3), atol=1e-3)
+            and np.linalg.det(rotation) > 0):
+        raise InvalidResponseError(f"{name}.camera_extrinsics: not a rigid [R | t] (rotation, last row 0 0 0 1)")
+    translation = _required(posed, "translation", f"{name}.translation", (3,), _FLOATS, max_dim=3, max_abs=MAX_MM)
+    if not np.allclose(translation, extrinsics[:3, 3], atol=1e-2):
+        raise InvalidResponseError(f"{name}.translation: differs from the extrinsics' t")
+    size = _required(posed, "image_size", f"{name}.image_size", (2,), _INTEGERS, max_dim=2)
+    if not (0 < int(size[0]) <= MAX_PIXEL_COORD and 0 < int(size[1]) <= MAX_PIXEL_COORD):
+        raise InvalidResponseError(f"{name}.image_size: {size.tolist()} is not a photo's width and height")
+    if posed.focal_source not in FOCAL_SOURCES:
+        raise InvalidResponseError(
+            f"{name}.focal_source: {text(posed.focal_source)!r}; expected one of {FOCAL_SOURCES}"
+        )
+    error = _number(posed.reprojection_error_px, f"{name}.reprojection_error_px", 0.0, MAX_REPROJECTION_PX)
+    return CheckedPosedFace(
+        expression=_required(posed, "expression", f"{name}.expression", (None,), _FLOATS, max_dim=MAX_SHAPE,
+                             max_abs=MAX_MM),
+        jaw_pose=_required(posed, "jaw_pose", f"{name}.jaw_pose", (3,), _FLOATS, max_dim=3, max_abs=4.0),
+        global_pose=_required(posed, "global_pose", f"{name}.global_pose", (3,), _FLOATS, max_dim=3, max_abs=4.0),
+        translation=translation, camera_intrinsics=intrinsics, camera_extrinsics=extrinsics,
+        image_size=np.asarray(size, np.int32), focal_source=posed.focal_source, reprojection_error_px=error,
+        vertices=_required(posed, "vertices", f"{name}.vertices", (num_vertices, 3), _FLOATS, max_dim=MAX_VERTICES,
+                           max_abs=MAX_MM),
+        landmarks_px=_required(posed, "landmarks_px", f"{name}.landmarks_px", (None, 2), _FLOATS, max_dim=MAX_POINTS,
+                               max_abs=MAX_PIXEL_COORD),
+    )
+
+
 def check_reconstruction(rec: gateway_pb2.Reconstruction, name: str) -> CheckedReconstruction:
     vertices = faces = uvs = spread = None
     if rec.HasField("mesh"):
@@ -165,13 +240,25 @@ def check_reconstruction(rec: gateway_pb2.Reconstruction, name: str) -> CheckedR
                        _FLOATS, max_dim=MAX_SAMPLES, max_abs=1e9)
     if scores is not None and samples is None:
         raise InvalidResponseError(f"{name}.sample_scores: sent without samples")
-    visibility, sources = None, []
+    visibility, sources, unknown = None, [], []
+    if rec.scale_source not in ("", *SCALE_SOURCES):
+        raise InvalidResponseError(f"{name}.scale_source: {text(rec.scale_source)!r}; expected one of {SCALE_SOURCES}")
+    scale_confidence = _number(rec.scale_confidence, f"{name}.scale_confidence", 0.0, 1.0)
+    if not rec.scale_source and scale_confidence != 0.0:
+        raise InvalidResponseError(f"{name}.scale_confidence: set without a scale_source")
     if rec.HasField("visibility"):
         regions = rec.visibility.regions
         if len(regions) > MAX_REGIONS or len(rec.visibility.sources) > MAX_REGIONS:
             raise InvalidResponseError(f"{name}.visibility: more than {MAX_REGIONS} regions or sources")
         visibility = {text(k): _number(v, f"{name}.visibility[{text(k)}]", 0.0, 1.0) for k, v in regions.items()}
         sources = [text(s) for s in rec.visibility.sources]
+        if len(rec.visibility.unknown) > MAX_REGIONS:
+            raise InvalidResponseError(f"{name}.visibility.unknown: more than {MAX_REGIONS} regions")
+        unknown = [text(s) for s in rec.visibility.unknown]
+        if any(u not in visibility for u in unknown):
+            raise InvalidResponseError(f"{name}.visibility.unknown: names a region it does not report")
+    elif len(rec.visibility.unknown):
+        raise InvalidResponseError(f"{name}.visibility.unknown: sent without a visibility")
     return CheckedReconstruction(
         method=text(rec.method),
         strategy=text(rec.strategy),
@@ -189,7 +276,30 @@ def check_reconstruction(rec: gateway_pb2.Reconstruction, name: str) -> CheckedR
         sample_scores=scores,
         visibility=visibility,
         visibility_sources=sources,
+        visibility_unknown=unknown,
+        scale_source=rec.scale_source,
+        scale_confidence=scale_confidence,
+        posed=check_posed(rec.posed, f"{name}.posed", None if vertices is None else len(vertices))
+        if rec.HasField("posed") else None,
     )
+
+
+@dataclass(frozen=True)
+class PosedMesh:
+    """What drawing the face over its photo needs: camera-space vertices (mm), triangles, K, photo size."""
+
+    vertices: np.ndarray  # (V,3) mm, OpenCV camera axes
+    faces: np.ndarray  # (F,3)
+    intrinsics: np.ndarray  # (3,3) px
+    image_size: tuple[int, int]  # (width, height)
+
+
+def posed_mesh(rec: CheckedReconstruction) -> PosedMesh | None:
+    """The posed mesh of a checked reconstruction, or None without a posed fit (docs/posed-face.md)."""
+    if rec.posed is None or rec.faces is None:
+        return None
+    width, height = (int(v) for v in rec.posed.image_size)
+    return PosedMesh(rec.posed.vertices, rec.faces, rec.posed.camera_intrinsics, (width, height))
 
 
 def check_face(result: gateway_pb2.FaceResult, method: str) -> CheckedFace:
@@ -232,4 +342,14 @@ def check_face(result: gateway_pb2.FaceResult, method: str) -> CheckedFace:
         crop224=_optional(face, "crop224", "face.crop224", (224, 224, 3), _BYTES, max_dim=224),
         reconstruction=reconstruction,
         branches=tuple(branches),
+        found_by=_found_by(face.found_by),
     )
+
+
+def _found_by(value: str) -> str:
+    """One of the known ways a face is found (docs/open-pack.md), or empty; anything else breaks the protocol."""
+    from facefuse.face.types import FOUND_BY
+
+    if value and value not in FOUND_BY:
+        raise InvalidResponseError(f"face.found_by {text(value)!r} is not one of {FOUND_BY}")
+    return value

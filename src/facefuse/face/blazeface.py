@@ -123,12 +123,23 @@ class BlazeFaceFullRange:
         self._regressor_name = next(n for n, d in outputs.items() if int(d["shape"][-1]) == NUM_COORDS)
         self._logit_name = next(n for n, d in outputs.items() if int(d["shape"][-1]) == 1)
 
-    def detect(self, image_rgb: np.ndarray) -> list[FaceBox]:
+    def detect(self, image_rgb: np.ndarray, score_thresh: float | None = None) -> list[FaceBox]:
+        """Faces scoring at least ``score_thresh`` (default: the one given at construction)."""
+        return self.faces(self.raw(image_rgb), score_thresh)
+
+    def raw(self, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+        """One run of the network: (regressors, logits, letterbox scale, pad x, pad y), for ``faces``."""
         canvas, scale, pad_x, pad_y = letterbox(image_rgb)
         tensor = (canvas.astype(np.float32) / np.float32(127.5) - np.float32(1.0))[None]
         outputs = self.model.run(tensor)
-        boxes, scores, keypoints = decode(outputs[self._regressor_name], outputs[self._logit_name], self._anchors,
-                                          self.score_thresh)
+        return outputs[self._regressor_name], outputs[self._logit_name], scale, pad_x, pad_y
+
+    def faces(self, raw: tuple[np.ndarray, np.ndarray, float, float, float],
+              score_thresh: float | None = None) -> list[FaceBox]:
+        """Decode, threshold and merge one run's output; several thresholds can share one run."""
+        regressors, logits, scale, pad_x, pad_y = raw
+        thresh = self.score_thresh if score_thresh is None else score_thresh
+        boxes, scores, keypoints = decode(regressors, logits, self._anchors, thresh)
         faces: list[FaceBox] = []
         for box, score, kps in weighted_nms(boxes, scores, keypoints, self.nms_iou):
             box_px = (box * INPUT_SIZE - [pad_x, pad_y, pad_x, pad_y]) / scale

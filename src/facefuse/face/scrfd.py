@@ -103,16 +103,21 @@ class ScrfdDetector:
         except Exception as exc:  # onnxruntime raises its own exception types for broken graphs
             raise AssetError(f"{model_file}: onnxruntime cannot run this SCRFD model ({exc})") from None
         self.det_size = det_size
+        self.det_thresh = det_thresh
 
-    def detect_arrays(self, image_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """insightface's raw result: boxes (K, 5) [x1, y1, x2, y2, score] and key-points (K, 5, 2)."""
+    def detect_arrays(self, image_rgb: np.ndarray, det_thresh: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """insightface's raw result: boxes (K, 5) [x1, y1, x2, y2, score] and key-points (K, 5, 2).
+
+        ``det_thresh`` overrides the prepared threshold for this call only (insightface's ``detect``
+        takes it per call, so concurrent calls with different thresholds do not interfere)."""
         bgr = np.ascontiguousarray(np.asarray(image_rgb)[:, :, ::-1])
-        boxes, kpss = self._model.detect(bgr, input_size=self.det_size, max_num=0, metric="default")
+        extra = {} if det_thresh is None else {"det_thresh": float(det_thresh)}
+        boxes, kpss = self._model.detect(bgr, input_size=self.det_size, max_num=0, metric="default", **extra)
         if kpss is None:
             kpss = np.zeros((len(boxes), 5, 2), np.float32)
         return boxes, kpss
 
-    def detect(self, image_rgb: np.ndarray) -> list[Detection]:
-        boxes, kpss = self.detect_arrays(image_rgb)
+    def detect(self, image_rgb: np.ndarray, det_thresh: float | None = None) -> list[Detection]:
+        boxes, kpss = self.detect_arrays(image_rgb, det_thresh)
         return [Detection(box=b[:4], score=float(b[4]), kps5=k, landmarks=None, detector=self.name)
                 for b, k in zip(boxes, kpss, strict=True)]

@@ -2,13 +2,48 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from facefuse.errors import InvalidInputError
+
 KPS5_ORDER = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
 """Order of ``Detection.kps5``. Left/right are **image** left/right (insightface's convention): the
 "left eye" is the one with the smaller x in an upright frontal photo, i.e. the subject's right eye."""
+
+
+FOUND_BY = ("detector", "second_chance", "zoom_out", "whole_image")
+"""How a face was found (``Detection.found_by``): the detector's score passed the threshold; it scored
+just under it and FaceMesh confirmed it; it was found on a zoomed-out (padded) copy of a face-filling
+photo (by either of the first two rules); or the whole photo was taken as the face box and FaceMesh
+confirmed it (docs/open-pack.md)."""
+
+
+def check_det_thresh(value: float | str | None, what: str = "detection threshold") -> float | None:
+    """None (the front end's default) or a number strictly between 0 and 1; anything else is refused."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{what} {value!r}: expected a number between 0 and 1 (exclusive)") from None
+    if not math.isfinite(number) or not 0.0 < number < 1.0:
+        raise InvalidInputError(f"{what} {value!r}: expected a number between 0 and 1 (exclusive), e.g. 0.5")
+    return number
+
+
+def det_thresh_argument(value: str) -> float:
+    """argparse ``type`` of every ``--det-thresh`` flag (CLI, gateway, demo, bench): a usage error, not a traceback."""
+    import argparse
+
+    try:
+        thresh = check_det_thresh(value, "--det-thresh")
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    assert thresh is not None
+    return thresh
 
 
 @dataclass
@@ -27,6 +62,7 @@ class Detection:
     landmarks: np.ndarray | None = None
     detector: str = ""
     iris: np.ndarray | None = None  # (2, 3) float32: per eye (image-left, image-right) centre x, y, diameter px
+    found_by: str = "detector"  # one of FOUND_BY
 
     def __post_init__(self) -> None:
         self.box = np.asarray(self.box, dtype=np.float32).reshape(4)

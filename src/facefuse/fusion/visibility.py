@@ -99,6 +99,10 @@ class Visibility:
     regions: dict[str, float]
     per_vertex: np.ndarray | None = None  # (V,) for the topology at hand
     sources: tuple[str, ...] = ()
+    unknown: tuple[str, ...] = ()
+    """Regions a source could not judge (the skin test in a grayscale photo). That source counts as 1 there:
+    unknown means "trust the observation" unless other evidence (hands, a mask, the pose) says otherwise,
+    never "hidden" (a hidden face would be replaced by the prior)."""
 
     @property
     def overall(self) -> float:
@@ -250,23 +254,66 @@ def visibility_from_mask(mask: np.ndarray, landmarks468: np.ndarray, *, marks: s
     return _fraction_visible(clear, landmarks468, "mask")
 
 
-def hand_mask_from_points(
-    hand_points: Sequence[np.ndarray], image_shape: Sequence[int], *, dilate_px: float = 0.08
-) -> np.ndarray:
-    """(H,W) bool: each hand's convex hull (21 MediaPipe hand points, or any (P,2) set), grown by ``dilate_px``.
+HAND_BONES = ((0, 1), (1, 2), (2, 3), (3, 4), (5, 6), (6, 7), (7, 8), (9, 10), (10, 11), (11, 12),
+              (13, 14), (14, 15), (15, 16), (17, 18), (18, 19), (19, 20), (0, 5), (5, 9), (9, 13), (13, 17), (0, 17))
+"""The 21-point MediaPipe hand's bones (its HAND_CONNECTIONS): thumb 1-4, index 5-8, middle 9-12, ring
+13-16, little finger 17-20, wrist 0, and the palm's outline."""
+HAND_PALM = (0, 1, 5, 9, 13, 17)
+"""The palm polygon: wrist, thumb base, the four finger bases (knuckles)."""
+FINGER_RADIUS = 0.2
+"""Half a finger's width as a fraction of the palm's width (index to little-finger knuckle, points 5-17):
+four fingers side by side span the palm, so a finger is about a quarter of it across (0.125 as a half
+width); 0.2 leaves room for the landmarks' error and the finger's flesh beyond its bone line."""
 
-    ``dilate_px`` < 1 is a fraction of the hand's size (fingers are thicker than their landmark line);
-    >= 1 is in pixels.
+
+def _capsule(mask: np.ndarray, a: np.ndarray, b: np.ndarray, radius: float) -> None:
+    """Set every pixel centre within ``radius`` of the segment a-b (x, y pixels), clipped to the mask."""
+    height, width = mask.shape
+    x0, y0 = np.floor(np.minimum(a, b) - radius).astype(int)
+    x1, y1 = np.ceil(np.maximum(a, b) + radius).astype(int)
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width - 1), min(y1, height - 1)
+    if x1 < x0 or y1 < y0:
+        return
+    ys, xs = np.mgrid[y0:y1 + 1, x0:x1 + 1]
+    p = np.stack([xs, ys], axis=-1).astype(np.float64)
+    d = b - a
+    t = np.clip(((p - a) @ d) / max(float(d @ d), 1e-12), 0.0, 1.0)
+    near = np.linalg.norm(p - (a + t[..., None] * d), axis=-1) <= radius
+    mask[y0:y1 + 1, x0:x1 + 1] |= near
+
+
+def hand_mask_from_points(
+    hand_points: Sequence[np.ndarray], image_shape: Sequence[int], *, dilate_px: float = 0.08,
+    model: str = "fingers",
+) -> np.ndarray:
+    """(H,W) bool: the pixels each hand covers.
+
+    ``model="fingers"`` (the default) for 21 MediaPipe hand points: a capsule along every bone of
+    :data:`HAND_BONES` (radius :data:`FINGER_RADIUS` x the palm width) plus the palm polygon, so the gaps
+    between fingers stay open (fingers held in a ring around an eye leave the eye visible).
+    ``model="hull"``, and any point set that is not 21 points: the convex hull, grown by ``dilate_px``
+    (< 1: a fraction of the hand's size, since fingers are thicker than their landmark line; >= 1: pixels).
     """
     from skimage.draw import polygon as fill
 
+    if model not in ("fingers", "hull"):
+        raise InvalidInputError(f"hand mask model: expected 'fingers' or 'hull', got {model!r}")
     height, width = int(image_shape[0]), int(image_shape[1])
     mask = np.zeros((height, width), bool)
     for k, points in enumerate(hand_points):
         pts = np.asarray(points, dtype=np.float64)
         if pts.ndim != 2 or pts.shape[0] < 3 or pts.shape[1] not in (2, 3) or not np.all(np.isfinite(pts)):
             raise InvalidInputError(f"hand_points[{k}]: expected (P >= 3, 2 or 3) finite pixel points, got {pts.shape}")
-        hull = _convex_hull(pts[:, :2])
+        xy = pts[:, :2]
+        if model == "fingers" and len(xy) == 21:
+            palm = xy[list(HAND_PALM)]
+            radius = max(FINGER_RADIUS * float(np.linalg.norm(xy[5] - xy[17])), 1.0)
+            for i, j in HAND_BONES:
+                _capsule(mask, xy[i], xy[j], radius)
+            rr, cc = fill(palm[:, 1], palm[:, 0], shape=(height, width))
+            mask[rr, cc] = True
+            continue
+        hull = _convex_hull(xy)
         centre = hull.mean(axis=0)
         size = float(np.max(np.linalg.norm(hull - centre, axis=1)))
         grow = dilate_px * size if dilate_px < 1 else dilate_px
@@ -297,6 +344,117 @@ def visibility_from_hands(
     return _fraction_visible(~covered, landmarks468, "hands")
 
 
+FACING_FULL = 0.1
+"""A surface point whose normal makes cos >= this with the direction to the camera (up to ~75 degrees) is
+fully seen; at cos <= 0 (edge-on or turned away) it is unseen; linear between. Near the silhouette a
+surface shows too few pixels, and FaceMesh's depth there is least sure, to be trusted as evidence."""
+
+
+def facing_camera(landmarks468: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """(468,) in [0, 1]: how squarely each FaceMesh point's surface faces the camera (1 = seen, 0 = turned away).
+
+    ``landmarks468``: (468, 3) x, y image pixels and FaceMesh's relative depth z (same scale, larger =
+    farther); ``triangles``: (F, 3) the topology's triangles (``CanonicalFace.faces``). Vertex normals are
+    the area-weighted triangle normals; their orientation is fixed by the whole face's vector area, which
+    points at the camera for any head turn short of a profile.
+    """
+    points = np.asarray(landmarks468, dtype=np.float64)
+    if points.ndim != 2 or points.shape[0] < NUM_MEDIAPIPE_LANDMARKS or points.shape[1] < 3:
+        raise InvalidInputError(f"pose visibility: expected (468, 3) landmarks with depth, got {points.shape}")
+    tri = np.asarray(triangles)
+    if tri.ndim != 2 or tri.shape[1] != 3 or tri.size == 0 or tri.min() < 0 or tri.max() >= NUM_MEDIAPIPE_LANDMARKS:
+        raise InvalidInputError(f"pose visibility: expected (F, 3) triangles of the 468 points, got {tri.shape}")
+    if not np.all(np.isfinite(points[:NUM_MEDIAPIPE_LANDMARKS, :3])):
+        raise InvalidInputError("pose visibility: the landmarks contain NaN or infinite values")
+    # Right-handed camera frame: x right, y up, z toward the camera.
+    xyz = points[:NUM_MEDIAPIPE_LANDMARKS, :3] * np.array([1.0, -1.0, -1.0])
+    a, b, c = xyz[tri[:, 0]], xyz[tri[:, 1]], xyz[tri[:, 2]]
+    area_normals = np.cross(b - a, c - a)  # length = twice the area
+    if area_normals[:, 2].sum() < 0:
+        area_normals = -area_normals
+    normals = np.zeros_like(xyz)
+    for k in range(3):
+        np.add.at(normals, tri[:, k], area_normals)
+    length = np.linalg.norm(normals, axis=1)
+    cos_view = np.where(length > 0, normals[:, 2] / np.maximum(length, 1e-12), 1.0)
+    facing = np.clip(cos_view / FACING_FULL, 0.0, 1.0)
+    facing[behind_surface(xyz, tri)] = 0.0
+    return facing
+
+
+OCCLUSION_DEPTH = 0.03
+"""A point counts as behind the surface when another triangle over it in the image lies closer to the
+camera by more than this fraction of the face's size (FaceMesh's depth is a learned guess: a margin)."""
+
+
+def behind_surface(xyz: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """(V,) bool: points hidden by the face's own surface (e.g. the far eye's inner corner behind the nose
+    of a turned head). ``xyz``: (V, 3) camera frame, x right, y up, z toward the camera; a point is
+    behind when a triangle not containing it covers its (x, y) and lies nearer by :data:`OCCLUSION_DEPTH`."""
+    tri = np.asarray(triangles)
+    xy = xyz[:, :2]
+    corners = xy[tri]  # (F, 3, 2)
+    low, high = corners.min(axis=1), corners.max(axis=1)
+    # Candidate pairs: the point inside the triangle's bounding box and not one of its corners.
+    point, face = np.nonzero((xy[:, 0:1] >= low[:, 0]) & (xy[:, 0:1] <= high[:, 0])
+                             & (xy[:, 1:2] >= low[:, 1]) & (xy[:, 1:2] <= high[:, 1]))
+    keep = ~(tri[face] == point[:, None]).any(axis=1)
+    point, face = point[keep], face[keep]
+    a, b, c = corners[face, 0], corners[face, 1], corners[face, 2]
+    v0, v1, rel = b - a, c - a, xy[point] - a
+    denominator = v0[:, 0] * v1[:, 1] - v1[:, 0] * v0[:, 1]
+    usable = np.abs(denominator) > 1e-9
+    safe = np.where(usable, denominator, 1.0)
+    u = (rel[:, 0] * v1[:, 1] - v1[:, 0] * rel[:, 1]) / safe
+    v = (v0[:, 0] * rel[:, 1] - rel[:, 0] * v0[:, 1]) / safe
+    inside = usable & (u >= 0.0) & (v >= 0.0) & (u + v <= 1.0)
+    z = xyz[tri[face, 0], 2] * (1.0 - u - v) + xyz[tri[face, 1], 2] * u + xyz[tri[face, 2], 2] * v
+    size = float(np.ptp(xy, axis=0).max())
+    hidden = np.zeros(len(xyz), bool)
+    hidden[point[inside & (z > xyz[point, 2] + OCCLUSION_DEPTH * size)]] = True
+    return hidden
+
+
+def region_members(frontal_xy: np.ndarray) -> dict[str, np.ndarray]:
+    """Region -> boolean (468,) of the points inside its polygon, drawn on a frontal layout of the face
+    (e.g. the canonical face's x, -y), plus the polygon's own points. A turned head folds the polygons in
+    the image, so membership comes from a frontal layout, not the photo."""
+    from skimage.measure import points_in_poly
+
+    xy = _landmarks_xy(frontal_xy)
+    members = {}
+    for name in REGION_NAMES:
+        inside = points_in_poly(xy, region_polygon(name, xy))
+        inside[list(MEDIAPIPE_REGIONS[name].indices)] = True
+        members[name] = inside
+    return members
+
+
+def visibility_from_pose(landmarks468: np.ndarray, triangles: np.ndarray, canonical_mm: np.ndarray) -> Visibility:
+    """Self-occlusion from the head pose: how much of each region faces the camera, relative to a frontal face.
+
+    ``canonical_mm``: (468, 3) the canonical face (x right, y up, z toward the viewer), for region
+    membership (:func:`region_members` on its frontal x, −y) and as the frontal reference: a region's
+    value is its mean :func:`facing_camera` over the canonical face's in a frontal view, clipped to 1. The
+    silhouette points are left out: FaceMesh puts them on the outline, edge-on in any pose. For a turned head
+    the side turning away reads low, and fusion fills it from the generative branch instead of trusting a
+    flattened half.
+    """
+    canonical = np.asarray(canonical_mm, dtype=np.float64)
+    if canonical.shape != (NUM_MEDIAPIPE_LANDMARKS, 3):
+        raise InvalidInputError(f"pose visibility: expected the (468, 3) canonical face, got {canonical.shape}")
+    facing = facing_camera(landmarks468, triangles)
+    frontal = facing_camera(canonical * np.array([1.0, -1.0, -1.0]), triangles)
+    regions = {}
+    outline = np.zeros(NUM_MEDIAPIPE_LANDMARKS, bool)
+    outline[list(_SILHOUETTE)] = True  # FaceMesh puts these on the outline whatever the pose: edge-on by design
+    for name, inside in region_members(canonical[:, :2] * np.array([1.0, -1.0])).items():
+        inside = inside & ~outline
+        reference = float(frontal[inside].mean())
+        regions[name] = float(np.clip(facing[inside].mean() / reference, 0.0, 1.0)) if reference > 0 else 1.0
+    return Visibility(regions, None, ("pose",))
+
+
 def _ycrcb(image_rgb: np.ndarray) -> np.ndarray:
     """BT.601 full-range Y, Cr, Cb (the JPEG convention), float64 (H,W,3)."""
     rgb = image_rgb.astype(np.float64)
@@ -321,6 +479,31 @@ class PhotometricSettings:
     bright_ratio: float = 1.8  # ... or brighter than this multiple (specular white, a white mask)
     lips_redness: float = 30.0  # lips may be this much redder (Cr) than skin and still count as uncovered
     min_reference_pixels: int = 50
+    min_chroma_spread: float = 3.0  # face pixels whose colour varies less than this (Cr/Cb units) are monochrome
+
+
+def _unknown(source: str) -> Visibility:
+    """A source with no evidence: every region unknown (read as visible, see :class:`Visibility`)."""
+    return Visibility({name: 1.0 for name in REGION_NAMES}, None, (source,), REGION_NAMES)
+
+
+def is_monochrome(ycc: np.ndarray, pixels: dict[str, tuple[np.ndarray, np.ndarray, int]], min_spread: float) -> bool:
+    """Whether the face's pixels (all regions, inside the frame) carry no colour beyond their brightness.
+
+    Chroma (Cr, Cb) is fitted as a linear function of luma; the photo is monochrome when the 90th
+    percentile of the residual is below ``min_spread``: 0 in grayscale, about 1 (rounding) in a sepia or
+    tinted print, where the colour follows the brightness. Skin, lips, eyes and occluders of a colour
+    photo leave well over that.
+    """
+    rows = np.concatenate([r for r, _, _ in pixels.values()])
+    cols = np.concatenate([c for _, c, _ in pixels.values()])
+    if rows.size < 3:
+        return False
+    values = ycc[rows, cols]
+    design = np.stack([values[:, 0], np.ones(len(values))], axis=1)
+    coef, *_ = np.linalg.lstsq(design, values[:, 1:], rcond=None)
+    residual = np.linalg.norm(values[:, 1:] - design @ coef, axis=1)
+    return float(np.percentile(residual, 90)) < min_spread
 
 
 def visibility_photometric(image_rgb: np.ndarray, landmarks468: np.ndarray,
@@ -334,7 +517,13 @@ def visibility_photometric(image_rgb: np.ndarray, landmarks468: np.ndarray,
        mask on chroma). In the lips region Cr may exceed the skin range by ``lips_redness``.
     4. Visibility = skin-like fraction / the fraction a clear region has (:data:`EXPECTED_SKIN_FRACTION`),
        clipped to [0, 1]; pixels outside the frame count as not seen.
-    With fewer than ``min_reference_pixels`` seed pixels no skin is found at all and every region reads 0.
+    Fails safe: when the photo carries no colour evidence the test has nothing to say, and every region
+    is returned as *unknown* (value 1, listed in ``Visibility.unknown``), not hidden:
+    * monochrome: the face's pixels vary in chroma by less than ``min_chroma_spread`` (the 90th
+      percentile of their distance from the median Cr/Cb): grayscale, sepia or a tinted print, where an
+      occluder differs from skin in brightness only;
+    * no skin model: fewer than ``min_reference_pixels`` seed pixels pass the generic gate (odd lighting,
+      coloured light, an unusual white balance).
     """
     settings = settings or PhotometricSettings()
     image = np.asarray(image_rgb)
@@ -343,6 +532,8 @@ def visibility_photometric(image_rgb: np.ndarray, landmarks468: np.ndarray,
                                 f"{image.shape} {image.dtype}")
     ycc = _ycrcb(image)
     pixels = region_pixels(landmarks468, image.shape)
+    if is_monochrome(ycc, pixels, settings.min_chroma_spread):
+        return _unknown("photometric")
     seed_rows = np.concatenate([pixels[r][0] for r in SKIN_REFERENCE_REGIONS])
     seed_cols = np.concatenate([pixels[r][1] for r in SKIN_REFERENCE_REGIONS])
     seed = ycc[seed_rows, seed_cols]
@@ -350,7 +541,7 @@ def visibility_photometric(image_rgb: np.ndarray, landmarks468: np.ndarray,
             & (seed[:, 2] >= GENERIC_SKIN_CB[0]) & (seed[:, 2] <= GENERIC_SKIN_CB[1]) & (seed[:, 0] > 30.0))
     seed = seed[gate]
     if seed.shape[0] < settings.min_reference_pixels:
-        return Visibility({name: 0.0 for name in REGION_NAMES}, None, ("photometric",))
+        return _unknown("photometric")
     median = np.median(seed, axis=0)
     scale = np.maximum(1.4826 * np.median(np.abs(seed - median), axis=0), settings.min_scale)
     regions = {}
@@ -376,7 +567,9 @@ def visibility_photometric(image_rgb: np.ndarray, landmarks468: np.ndarray,
 
 
 def combine(*visibilities: Visibility | None) -> Visibility:
-    """Merge sources: the minimum per region (and per vertex) over the sources that report it."""
+    """Merge sources: the minimum per region (and per vertex) over the sources that report it. A region is
+    listed unknown when a source could not judge it (no colour evidence); its value is then what the other
+    sources found (1 when none did)."""
     present = [v for v in visibilities if v is not None]
     if not present:
         return Visibility.full()
@@ -393,7 +586,9 @@ def combine(*visibilities: Visibility | None) -> Visibility:
     sources: list[str] = []
     for vis in present:
         sources += [s for s in vis.sources if s not in sources]
-    return Visibility(regions, per_vertex, tuple(sources))
+    # A source without evidence reports 1 there, so the minimum above is the other sources' evidence alone.
+    unknown = tuple(n for n in names if any(n in v.unknown for v in present))
+    return Visibility(regions, per_vertex, tuple(sources), unknown)
 
 
 @dataclass(frozen=True)
@@ -404,10 +599,13 @@ class VisibilitySources:
     photometric: bool = True
     hands: bool = True
     photometric_settings: PhotometricSettings = field(default_factory=PhotometricSettings)
+    pose: bool = True
 
     def estimate(self, image_rgb: np.ndarray, landmarks468: np.ndarray, *, occluder_mask: np.ndarray | None = None,
-                 hand_points: Sequence[np.ndarray] | None = None, hand_mask: np.ndarray | None = None) -> Visibility:
-        """Run the enabled sources that have their inputs, and :func:`combine` them."""
+                 hand_points: Sequence[np.ndarray] | None = None, hand_mask: np.ndarray | None = None,
+                 triangles: np.ndarray | None = None, canonical_mm: np.ndarray | None = None) -> Visibility:
+        """Run the enabled sources that have their inputs, and :func:`combine` them. The pose source needs
+        landmarks with depth plus the topology's ``triangles`` and ``canonical_mm`` face."""
         image = np.asarray(image_rgb)
         found: list[Visibility] = []
         if self.mask and occluder_mask is not None:
@@ -416,4 +614,7 @@ class VisibilitySources:
             found.append(visibility_photometric(image, landmarks468, self.photometric_settings))
         if self.hands and (hand_points or hand_mask is not None):
             found.append(visibility_from_hands(landmarks468, image.shape, hand_points=hand_points, hand_mask=hand_mask))
+        if (self.pose and triangles is not None and canonical_mm is not None
+                and np.ndim(landmarks468) == 2 and np.shape(landmarks468)[1] >= 3):
+            found.append(visibility_from_pose(landmarks468, triangles, canonical_mm))
         return combine(*found) if found else Visibility.full("none")

@@ -349,3 +349,23 @@ def require_rgb_uint8(image_rgb: np.ndarray, what: str, *, min_side: int = 8) ->
     if min(image.shape[:2]) < min_side:
         raise InvalidInputError(f"{what}: image of {image.shape[1]}x{image.shape[0]} pixels is too small")
     return image
+
+
+_EXIF_IFD = 0x8769
+_EXIF_FOCAL_35MM = 0xA405  # FocalLengthIn35mmFilm
+MAX_FOCAL_35MM = 2000.0
+"""Beyond this a 35 mm-equivalent focal is not a photo lens (or the tag is broken): treated as absent."""
+
+
+def exif_focal_35mm(data: bytes) -> float | None:
+    """The lens's 35 mm-equivalent focal length from the photo's EXIF (FocalLengthIn35mmFilm), or None.
+
+    Only the header is read (no pixels decoded); a missing, zero or broken tag is None, never an error.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            value = image.getexif().get_ifd(_EXIF_IFD).get(_EXIF_FOCAL_35MM)
+        focal = float(value) if value is not None else 0.0
+    except Exception:  # a broken EXIF block must not make a valid image unusable
+        return None
+    return focal if 0.0 < focal <= MAX_FOCAL_35MM else None

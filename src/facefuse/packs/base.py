@@ -33,6 +33,11 @@ class BackendStatus:
     details: dict[str, str] = field(default_factory=dict)
 
 
+SCALE_SOURCES = ("iris", "default")
+"""Where a shape backend's metric scale came from: the iris (about 11.7 mm across in every adult) or the
+default (a mean-sized face). A backend whose model predicts metric shapes directly (MICA) reports none."""
+
+
 @dataclass
 class ShapeResult:
     """One face's deterministic reconstruction. Lengths in millimetres."""
@@ -45,6 +50,8 @@ class ShapeResult:
     landmarks68_mm: np.ndarray | None = None
     kpt7_mm: np.ndarray | None = None
     uvs: np.ndarray | None = None      # (V,2) float32 texture coordinates, when the topology has them
+    scale_source: str = ""             # "iris" | "default" where the metric scale is estimated (open pack)
+    scale_confidence: float = 0.0      # [0, 1] confidence of that scale
 
 
 StopCheck = Callable[[], None]
@@ -75,6 +82,39 @@ class GenerativeBackend(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class PosedFaceResult:
+    """One face as photographed (names as in params.json); float32 arrays, camera space in mm."""
+
+    expression: np.ndarray  # (K,)
+    jaw_pose: np.ndarray  # (3,)
+    global_pose: np.ndarray  # (3,)
+    translation: np.ndarray  # (3,)
+    camera_intrinsics: np.ndarray  # (3,3)
+    camera_extrinsics: np.ndarray  # (4,4)
+    image_size: np.ndarray  # (2,) int32 width, height
+    focal_source: str
+    reprojection_error_px: float
+    vertices_mm: np.ndarray  # (V,3) camera space
+    landmarks_px: np.ndarray  # (L,2)
+
+
+@dataclass(frozen=True)
+class PoseFitTarget:
+    """What the fit is given for one face: detected points, their visibility, the photo's camera."""
+
+    landmarks_px: np.ndarray  # (468+, 3) FaceMesh points, x, y in px
+    visibility: np.ndarray | None  # (468,) in [0, 1], NaN = in no region (counted as seen); None: all seen
+    width: int
+    height: int
+    focal_px: float
+    focal_source: str
+
+
+PosedFitter = Callable[[np.ndarray, np.ndarray, PoseFitTarget], PosedFaceResult | None]
+"""(fused shape coefficients, fused vertices (V,3) mm, the face's landmarks and camera) -> the posed face,
+or None when no landmark is visible."""
+
 Keypoints = Callable[[np.ndarray], tuple[np.ndarray | None, np.ndarray]]
 """vertices (V,3) mm -> (68 landmarks or None, the 7 NoW points), both mm."""
 
@@ -91,6 +131,8 @@ class FusionSetup:
     default_strategy: str = ""
     uvs: np.ndarray | None = None
     """(V, 2) texture coordinates of the space's mesh, sent with every fused mesh when the topology has them."""
+    posed_fitter: PosedFitter | None = None
+    """Fits the fused face to the photo (expression, pose, camera; ``facefuse.packs.posed``); None: not offered."""
 
 
 class UnavailableBackend:

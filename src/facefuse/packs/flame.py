@@ -361,10 +361,15 @@ def flame_fusion_setup(directory: Path) -> FusionSetup:
         lmk68 = landmarks(vertices_mm)
         return lmk68, lmk68[list(NOW7_FROM_LMK68)]
 
-    details = {"regions": ",".join(sorted(space.regions)) or "none (region strategy unavailable)"}
+    from facefuse.packs.posed import FlamePosedFitter
+
+    fitter = FlamePosedFitter(flame)
+    details = {"regions": ",".join(sorted(space.regions)) or "none (region strategy unavailable)",
+               "posed_fit": f"FLAME expression ({fitter.num_expression}), jaw, head pose, camera"}
     return FusionSetup(
         space,
         BackendStatus("fusion", "flame2020-linear", "flame", True, False, "ready", details=details),
         keypoints,
         DEFAULT_STRATEGY,
+        posed_fitter=lambda shape, _vertices, target: fitter(shape, target),
     )

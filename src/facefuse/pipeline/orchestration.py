@@ -19,10 +19,17 @@ import grpc
 import numpy as np
 
 from facefuse import wire
-from facefuse.errors import BackendUnavailableError, FacefuseError, InvalidInputError, LimitExceededError
+from facefuse.errors import (
+    BackendError,
+    BackendUnavailableError,
+    FacefuseError,
+    InvalidInputError,
+    LimitExceededError,
+)
 from facefuse.face.frontend import SELECTIONS, select_faces
-from facefuse.face.types import AlignedFace, Detection
-from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES, decode_image
+from facefuse.face.types import AlignedFace, Detection, check_det_thresh
+from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES, decode_image, exif_focal_35mm
+from facefuse.packs.base import SCALE_SOURCES
 from facefuse.rpc.deadline import Deadline
 from facefuse.rpc.interceptors import request_metadata
 from facefuse.rpc.logs import LOG, log_event
@@ -42,6 +49,7 @@ from facefuse.v1 import (
 )
 
 if TYPE_CHECKING:
+    from facefuse.assets.canonical_face import CanonicalFace
     from facefuse.face.hands import HandDetector
 
 
@@ -49,13 +57,14 @@ class FrontEnd(Protocol):
     """What the pipeline needs of a face front end (``facefuse.face.frontend.FaceFrontEnd`` or a test
     double); one that also has ``estimate_iris`` gives the open pack its metric scale."""
 
-    def detect(self, image: np.ndarray) -> list[Detection]: ...
+    def detect(self, image: np.ndarray, det_thresh: float | None = None) -> list[Detection]: ...
+    # ``det_thresh`` is passed only when a request sets ProcessOptions.det_thresh (doubles may omit it).
 
     def align(self, image: np.ndarray, detection: Detection) -> AlignedFace: ...
 
 METHODS = ("detect", "mica", "ofer", "fuse")
 DEFAULT_CALL_TIMEOUT_S = 600.0
-VISIBILITY_SOURCES = ("mask", "photometric", "hands")
+VISIBILITY_SOURCES = ("mask", "photometric", "hands", "pose")
 MAX_GIVEN_BOXES = 64
 
 
@@ -145,6 +154,8 @@ def check_options(options: gateway_pb2.ProcessOptions) -> None:
         raise InvalidInputError(f"strategy {options.strategy!r}; known: {strategy_names()}")
     if options.selection and options.selection not in SELECTIONS:
         raise InvalidInputError(f"selection {options.selection!r}; expected one of {SELECTIONS}")
+    if options.det_thresh != 0.0:
+        check_det_thresh(options.det_thresh, "det_thresh")
     for name in ("num_samples", "steps"):
         if getattr(options, name) < 0:
             raise InvalidInputError(f"{name} {getattr(options, name)}; expected >= 0 (0 = the default)")
@@ -170,6 +181,14 @@ def check_options(options: gateway_pb2.ProcessOptions) -> None:
             raise InvalidInputError(f"boxes[{i}]: {corners} is not a finite box with x2 > x1 and y2 > y1")
 
 
+def check_scale(source: str, confidence: float) -> None:
+    """A mica reply's scale fields: a known source and a confidence in [0, 1] (0 when not reported)."""
+    if source and source not in SCALE_SOURCES:
+        raise BackendError(f"mica reply: scale_source {source[:40]!r}; expected one of {SCALE_SOURCES} or none")
+    if not (math.isfinite(confidence) and 0.0 <= confidence <= 1.0) or (not source and confidence != 0.0):
+        raise BackendError(f"mica reply: scale_confidence {confidence!r} is not in [0, 1] (or set without a source)")
+
+
 def check_mask(mask: np.ndarray | None, image_shape: tuple[int, ...]) -> None:
     """The occlusion mask must be an (H, W) uint8 array the size of the decoded image."""
     if mask is None:
@@ -191,6 +210,7 @@ class FacePipeline:
         self.max_decode_bytes = max_decode_bytes
         self._faces_pool = ThreadPoolExecutor(max_workers=face_workers, thread_name_prefix="face")
         self._hands: HandDetector | bool | None = None  # None: not tried yet; False: unavailable
+        self._canonical: CanonicalFace | bool | None = None  # the same for the canonical face
         self._branch_pool = ThreadPoolExecutor(max_workers=face_workers, thread_name_prefix="branch")
         self._default_strategy: str | None = None
 
@@ -214,6 +234,7 @@ class FacePipeline:
             image = decode_image(data, max_pixels=self.max_pixels, max_decode_bytes=self.max_decode_bytes)
             observe_decode_bytes(len(data), image.nbytes)
             check_mask(mask, image.shape)
+            focal_35mm = exif_focal_35mm(data)
             faces = self._faces(image, options)
         except FacefuseError as exc:
             yield error_result(image_id, exc)
@@ -233,7 +254,8 @@ class FacePipeline:
                 continue
             # copy_context: the face thread carries this image's request id (logs, metadata downstream)
             futures.append(self._faces_pool.submit(contextvars.copy_context().run, self._face_result,
-                                                   image_id, index, num, item, image, options, mask, deadline))
+                                                   image_id, index, num, item, image, options, mask, deadline,
+                                                   focal_35mm))
         for future in as_completed(futures):
             result = future.result()
             result.seconds = time.monotonic() - started
@@ -241,7 +263,10 @@ class FacePipeline:
             yield result
 
     def _faces(self, image: np.ndarray, options: gateway_pb2.ProcessOptions) -> list[AlignedFace | FacefuseError]:
-        detections = self.front_end.detect(image)
+        if options.det_thresh != 0.0:
+            detections = self.front_end.detect(image, det_thresh=options.det_thresh)
+        else:
+            detections = self.front_end.detect(image)
         chosen: list[Detection | None]
         if options.boxes:
             chosen = match_given_boxes(detections, list(options.boxes))
@@ -257,7 +282,7 @@ class FacePipeline:
 
     def _face_result(self, image_id: str, index: int, num: int, face: AlignedFace, image: np.ndarray,
                      options: gateway_pb2.ProcessOptions, mask: np.ndarray | None,
-                     deadline: Deadline) -> gateway_pb2.FaceResult:
+                     deadline: Deadline, focal_35mm: float | None = None) -> gateway_pb2.FaceResult:
         method = options.method or "detect"
         hw = (int(image.shape[0]), int(image.shape[1]))
         needs_farl = method in ("ofer", "fuse")
@@ -277,12 +302,14 @@ class FacePipeline:
                 visibility = self.visibility(image, face, mask, options)
             face_msg = wire.face_message(face, index, hw, with_crops=True)
             result.face.CopyFrom(face_msg if options.return_crops or method == "detect" else _without_crops(face_msg))
+            pose_fit = pose_fit_input(face, hw, focal_35mm) if method in ("ofer", "fuse") \
+                and not options.neutral_only else None
             if method == "mica":
                 result.reconstruction.CopyFrom(self._mica(face_msg, deadline))
             elif method == "ofer":
-                result.reconstruction.CopyFrom(self._ofer(face_msg, options, deadline, visibility))
+                result.reconstruction.CopyFrom(self._ofer(face_msg, options, deadline, visibility, pose_fit))
             elif method == "fuse":
-                self._fuse(face_msg, options, deadline, result, visibility)
+                self._fuse(face_msg, options, deadline, result, visibility, pose_fit)
         except Exception as exc:
             return error_result(image_id, exc, index, num)
         return result
@@ -297,8 +324,10 @@ class FacePipeline:
             return None  # no dense landmarks (SCRFD front end): fusion assumes full visibility
         off = set(options.visibility_off)  # names and the mask's shape checked at the edge (check_options, check_mask)
         sources = VisibilitySources(
-            mask="mask" not in off, photometric="photometric" not in off, hands="hands" not in off
+            mask="mask" not in off, photometric="photometric" not in off, hands="hands" not in off,
+            pose="pose" not in off,
         )
+        canonical = self._canonical_face() if sources.pose else None
         hand_points = None
         if sources.hands:
             detector = self._hand_detector()
@@ -309,12 +338,27 @@ class FacePipeline:
                     for hand in detector.detect(image, region=_grown_box(face.detection.box, image.shape, 2.5))
                 ]
         vis = sources.estimate(
-            image, landmarks, occluder_mask=None if mask is None else mask > 127, hand_points=hand_points
+            image, landmarks, occluder_mask=None if mask is None else mask > 127, hand_points=hand_points,
+            triangles=None if canonical is None else canonical.faces,
+            canonical_mm=None if canonical is None else canonical.vertices_mm,
         )
         message = common_pb2.Visibility(
-            regions={k: float(v) for k, v in vis.regions.items()}, sources=list(vis.sources)
+            regions={k: float(v) for k, v in vis.regions.items()}, sources=list(vis.sources), unknown=list(vis.unknown)
         )
         return message
+
+    def _canonical_face(self) -> CanonicalFace | None:
+        """The 468-point topology's canonical face (triangles and frontal layout for the pose source), or
+        None when the model store cannot give it (the pose source is then skipped, logged once)."""
+        if self._canonical is None:
+            try:
+                from facefuse.assets.canonical_face import load_canonical_face
+
+                self._canonical = load_canonical_face()
+            except (ImportError, FacefuseError) as exc:
+                log_event("pose_visibility_unavailable", reason=str(exc))
+                self._canonical = False
+        return self._canonical if not isinstance(self._canonical, bool) else None
 
     def _hand_detector(self) -> HandDetector | None:
         from facefuse.face.hands import HandDetector
@@ -352,8 +396,10 @@ class FacePipeline:
         reply = self._call("mica", stub.Predict if stub else None,
                            mica_pb2.PredictRequest(faces=[face], return_mesh=True, return_landmarks=True), deadline)
         pred = reply.predictions[0]
+        check_scale(pred.scale_source, pred.scale_confidence)
         return gateway_pb2.Reconstruction(method="mica", shape=pred.shape, mesh=pred.mesh,
-                                          landmarks68=pred.landmarks68, kpt7=pred.kpt7)
+                                          landmarks68=pred.landmarks68, kpt7=pred.kpt7,
+                                          scale_source=pred.scale_source, scale_confidence=pred.scale_confidence)
 
     def _samples(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: Deadline,
                  start: common_pb2.Tensor | None = None, t0: int = 0,
@@ -417,6 +463,8 @@ class FacePipeline:
         )
         if visibility is not None:
             rec.visibility.CopyFrom(visibility)
+        if fused.HasField("posed"):
+            rec.posed.CopyFrom(fused.posed)
         return rec
 
     def _fuse_request(
@@ -427,6 +475,7 @@ class FacePipeline:
         scores: np.ndarray,
         visibility: common_pb2.Visibility | None,
         mica_shape: common_pb2.Tensor | None = None,
+        pose_fit: common_pb2.PoseFitInput | None = None,
     ) -> fusion_pb2.FuseRequest:
         request = fusion_pb2.FuseRequest(strategy=strategy, options=dict(options.strategy_options),
                                          samples=wire.from_numpy(candidates.astype(np.float32)),
@@ -435,13 +484,18 @@ class FacePipeline:
             request.mica_shape.CopyFrom(mica_shape)
         if visibility is not None:
             request.visibility.CopyFrom(visibility)
+        if pose_fit is not None:
+            request.pose_fit.CopyFrom(pose_fit)
         return request
 
     def _ofer(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: Deadline,
-              visibility: common_pb2.Visibility | None) -> gateway_pb2.Reconstruction:
+              visibility: common_pb2.Visibility | None,
+              pose_fit: common_pb2.PoseFitInput | None = None) -> gateway_pb2.Reconstruction:
         samples = self._samples(face, options, deadline, visibility=visibility)
         scores = self._rank(face, samples, deadline, visibility)
-        fused = self._fusion(self._fuse_request("ofer", options, samples, scores, visibility), deadline)
+        fused = self._fusion(
+            self._fuse_request("ofer", options, samples, scores, visibility, pose_fit=pose_fit), deadline
+        )
         return self._fused_reconstruction("ofer", fused, samples, scores, visibility)
 
     def default_strategy(self, deadline: Deadline) -> str:
@@ -454,7 +508,8 @@ class FacePipeline:
         return self._default_strategy
 
     def _fuse(self, face: common_pb2.Face, options: gateway_pb2.ProcessOptions, deadline: Deadline,
-              result: gateway_pb2.FaceResult, visibility: common_pb2.Visibility | None) -> None:
+              result: gateway_pb2.FaceResult, visibility: common_pb2.Visibility | None,
+              pose_fit: common_pb2.PoseFitInput | None = None) -> None:
         """MICA and OFER concurrently, or MICA first when the strategy steers the sampler or ranker with it."""
         from facefuse.fusion.strategies import steering_for
 
@@ -497,9 +552,12 @@ class FacePipeline:
             result.reconstruction.CopyFrom(mica)
             return
         fused = self._fusion(
-            self._fuse_request(strategy, options, candidates, scores, visibility, mica.shape), deadline
+            self._fuse_request(strategy, options, candidates, scores, visibility, mica.shape, pose_fit), deadline
         )
         result.reconstruction.CopyFrom(self._fused_reconstruction("fuse", fused, candidates, scores, visibility))
+        # The fused mesh lives at the mica branch's metric scale: say where that scale came from.
+        result.reconstruction.scale_source = mica.scale_source
+        result.reconstruction.scale_confidence = mica.scale_confidence
         if options.save_branches:
             result.branches.add(name="mica", reconstruction=mica)
             n = len(samples)
@@ -531,6 +589,23 @@ def _retrying(backend: str, attempt: Callable[[], T]) -> T:
                 raise error from None
             log_event("retry", backend=backend, reason=str(error))
     raise AssertionError("unreachable")
+
+
+def pose_fit_input(face: AlignedFace, hw: tuple[int, int], focal_35mm: float | None) -> common_pb2.PoseFitInput | None:
+    """What the fusion service's posed-face fit needs of this face, or None without the 468 FaceMesh points
+    (SCRFD front end): focal from the photo's EXIF when it has one, else the documented default."""
+    from facefuse.models.camera import DEFAULT_FOCAL_35MM, focal_px_from_35mm
+
+    landmarks = face.detection.landmarks
+    if landmarks is None or len(landmarks) < 468 or np.shape(landmarks)[1] < 3:
+        return None
+    height, width = hw
+    source = "exif" if focal_35mm is not None else "default"
+    focal = focal_px_from_35mm(focal_35mm if focal_35mm is not None else DEFAULT_FOCAL_35MM, width, height)
+    return common_pb2.PoseFitInput(
+        landmarks=wire.from_numpy(np.asarray(landmarks, np.float32)[:468, :3], unit="px"),
+        image_size=wire.from_numpy(np.array([width, height], np.int32), unit="px"),
+        focal_px=focal, focal_source=source)
 
 
 def _grown_box(box: np.ndarray, shape: tuple[int, ...], factor: float) -> np.ndarray:

@@ -42,7 +42,11 @@ def visibility_from_message(message: common_pb2.Visibility, num_vertices: int | 
                                 np.float32)
         if per_vertex.size and not (per_vertex.min() >= 0.0 and per_vertex.max() <= 1.0):
             raise InvalidInputError("visibility.per_vertex: values must lie in [0, 1]")
-    return Visibility(regions=dict(message.regions), per_vertex=per_vertex, sources=tuple(message.sources))
+    unknown = tuple(message.unknown)
+    if len(unknown) > len(message.regions) or any(name not in message.regions for name in unknown):
+        raise InvalidInputError("visibility.unknown: names a region that visibility.regions does not report")
+    return Visibility(regions=dict(message.regions), per_vertex=per_vertex, sources=tuple(message.sources),
+                      unknown=unknown)
 
 
 WAIT_POLL_S = 0.05

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -16,10 +17,15 @@ from facefuse.errors import AssetError, InvalidInputError, LimitExceededError
 from facefuse.fusion.profile import PROFILE_ENV, FusionProfile, read_profile
 from facefuse.fusion.strategies import FusionStrategy
 from facefuse.packs.base import FusionSetup
+from facefuse.rpc.logs import log_event
 from facefuse.servers.base import run_cli
 from facefuse.servers.common import backend_info, visibility_from_message
 from facefuse.servers.ofer import MAX_CANDIDATES
 from facefuse.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc
+
+if TYPE_CHECKING:
+    from facefuse.fusion.visibility import Visibility
+    from facefuse.packs.posed import PosedFaceResult, PoseFitTarget
 
 SERVICE_NAME = "facefuse.v1.FusionService"
 
@@ -31,6 +37,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         self.keypoints = setup.keypoints
         self.default_strategy = setup.default_strategy
         self.uvs = setup.uvs
+        self.posed_fitter = setup.posed_fitter
         # A tuned profile: its strategy becomes the default, with its options as that strategy's defaults
         # (a request's own options still override them).
         self.tuned: dict[str, FusionStrategy] = {}
@@ -76,6 +83,16 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
             reply.kpt7.CopyFrom(wire.from_numpy(kpt7.astype(np.float32), unit="mm"))
         if self.uvs is not None:
             reply.mesh.uvs.CopyFrom(wire.from_numpy(np.asarray(self.uvs, np.float32)))
+        if request.HasField("pose_fit"):
+            target = pose_fit_target(request.pose_fit, visibility)
+            if self.posed_fitter is None:
+                log_event("posed_fit_unavailable", pack=self.status.pack)
+            else:
+                posed = self.posed_fitter(np.asarray(result.shape, np.float64), np.asarray(result.vertices_mm), target)
+                if posed is None:
+                    log_event("posed_fit_skipped", reason="no visible landmark")
+                else:
+                    reply.posed.CopyFrom(posed_face_message(posed))
         return reply
 
     def ListStrategies(
@@ -89,6 +106,62 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
 
     def Info(self, request: common_pb2.InfoRequest, context: grpc.ServicerContext) -> common_pb2.BackendInfo:
         return backend_info(self.status)
+
+
+MAX_IMAGE_SIDE = 100_000
+MAX_FOCAL_PX = 1e7
+POSE_FIT_POINTS = (468, 478)
+"""FaceMesh's 468 points, optionally followed by the 10 iris points."""
+
+
+def pose_fit_target(message: common_pb2.PoseFitInput, visibility: Visibility | None) -> PoseFitTarget:
+    """The request's ``pose_fit``, checked (INVALID_ARGUMENT on anything off), as a ``PoseFitTarget``.
+
+    Per-landmark visibility: the request's per-vertex values when they are per FaceMesh point, else the
+    regions' values at each point (``landmark_visibility``), else every point seen."""
+    from facefuse.fusion.visibility import landmark_visibility
+    from facefuse.packs.posed import FOCAL_SOURCES, PoseFitTarget
+
+    if not wire.has(message, "landmarks"):
+        raise InvalidInputError("pose_fit.landmarks: missing (the face's 468 FaceMesh points)")
+    landmarks = wire.require(message.landmarks, "pose_fit.landmarks", shape=(None, 3))
+    if len(landmarks) not in POSE_FIT_POINTS:
+        raise InvalidInputError(f"pose_fit.landmarks: {len(landmarks)} points; expected one of {POSE_FIT_POINTS}")
+    if float(np.abs(landmarks).max()) > 10 * MAX_IMAGE_SIDE:
+        raise InvalidInputError("pose_fit.landmarks: coordinates far outside any image")
+    if not wire.has(message, "image_size"):
+        raise InvalidInputError("pose_fit.image_size: missing (width, height)")
+    size = wire.require(message.image_size, "pose_fit.image_size", shape=(2,),
+                        dtypes=(common_pb2.INT32, common_pb2.INT64))
+    width, height = int(size[0]), int(size[1])
+    if not (0 < width <= MAX_IMAGE_SIDE and 0 < height <= MAX_IMAGE_SIDE):
+        raise InvalidInputError(f"pose_fit.image_size: {width}x{height}; expected 1..{MAX_IMAGE_SIDE} per side")
+    focal = float(message.focal_px)
+    if not (math.isfinite(focal) and 0.0 < focal <= MAX_FOCAL_PX):
+        raise InvalidInputError(f"pose_fit.focal_px: {message.focal_px}; expected a number in (0, {MAX_FOCAL_PX:g}]")
+    if message.focal_source not in FOCAL_SOURCES:
+        raise InvalidInputError(f"pose_fit.focal_source: {message.focal_source!r}; expected one of {FOCAL_SOURCES}")
+    per_point = None
+    if visibility is not None:
+        if visibility.per_vertex is not None and len(visibility.per_vertex) == 468:
+            per_point = np.asarray(visibility.per_vertex, np.float64)
+        elif visibility.regions:
+            per_point = landmark_visibility(np.asarray(landmarks[:468], np.float64), visibility.regions)
+    return PoseFitTarget(np.array(landmarks, np.float64), per_point, width, height, focal, message.focal_source)
+
+
+def posed_face_message(posed: PosedFaceResult) -> common_pb2.PosedFace:
+    return common_pb2.PosedFace(
+        expression=wire.from_numpy(posed.expression.astype(np.float32)),
+        jaw_pose=wire.from_numpy(posed.jaw_pose.astype(np.float32), unit="rad"),
+        global_pose=wire.from_numpy(posed.global_pose.astype(np.float32), unit="rad"),
+        translation=wire.from_numpy(posed.translation.astype(np.float32), unit="mm"),
+        camera_intrinsics=wire.from_numpy(posed.camera_intrinsics.astype(np.float32), unit="px"),
+        camera_extrinsics=wire.from_numpy(posed.camera_extrinsics.astype(np.float32)),
+        image_size=wire.from_numpy(posed.image_size.astype(np.int32), unit="px"),
+        focal_source=posed.focal_source, reprojection_error_px=float(posed.reprojection_error_px),
+        vertices=wire.from_numpy(posed.vertices_mm.astype(np.float32), unit="mm"),
+        landmarks_px=wire.from_numpy(posed.landmarks_px.astype(np.float32), unit="px"))
 
 
 def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequence[str], dict[str, bool]]:

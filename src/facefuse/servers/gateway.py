@@ -15,6 +15,7 @@ a slow client, so one such client cannot starve the other streams.
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import threading
 import time
@@ -27,6 +28,7 @@ import grpc
 
 from facefuse import wire
 from facefuse.errors import DeadlineError, FacefuseError, InvalidInputError, LimitExceededError
+from facefuse.face.types import det_thresh_argument
 from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES
 from facefuse.pipeline.orchestration import FacePipeline, MeshClients, error_result
 from facefuse.rpc.deadline import Deadline
@@ -280,6 +282,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return info
 
 
+DET_THRESH_ENV = "FACEFUSE_DET_THRESH"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     replicas = " (host:port; replicas: dns:///NAME:PORT or ip:port,ip:port, round robin with retries)"
     parser.add_argument("--mica", help="address of the mica service" + replicas)
@@ -307,7 +312,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(workers=None)
     parser.add_argument("--max-decode-mb", type=int, default=DEFAULT_MAX_DECODE_BYTES >> 20,
                         help="memory one image's decoding may take, charged from its header (MiB)")
-    parser.add_argument("--det-thresh", type=float, default=None, help="detector score threshold")
+    parser.add_argument("--det-thresh", type=det_thresh_argument, default=os.environ.get(DET_THRESH_ENV) or None,
+                        metavar="T", help="default detector score threshold, 0 < T < 1 (default $FACEFUSE_DET_THRESH, "
+                                          "else the detector's own: BlazeFace 0.5, SCRFD 0.4); a request's "
+                                          "ProcessOptions.det_thresh overrides it (docs/open-pack.md)")
 
 
 def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequence[str], Readiness]:

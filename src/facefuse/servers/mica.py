@@ -10,7 +10,7 @@ import grpc
 from facefuse import wire
 from facefuse.errors import InvalidInputError, LimitExceededError
 from facefuse.face.types import AlignedFace
-from facefuse.packs.base import ShapeBackend, ShapeResult
+from facefuse.packs.base import SCALE_SOURCES, ShapeBackend, ShapeResult
 from facefuse.rpc.deadline import Deadline
 from facefuse.servers.base import run_cli
 from facefuse.servers.batching import DynamicBatcher
@@ -56,6 +56,12 @@ def prediction_message(result: ShapeResult, with_mesh: bool, with_landmarks: boo
         message.shape.CopyFrom(wire.from_numpy(result.shape))
     if result.identity is not None:
         message.identity.CopyFrom(wire.from_numpy(result.identity))
+    if result.scale_source:
+        if result.scale_source not in SCALE_SOURCES or not 0.0 <= result.scale_confidence <= 1.0:
+            raise ValueError(f"shape backend: scale {result.scale_source!r} {result.scale_confidence!r} is not "
+                             f"one of {SCALE_SOURCES} with a confidence in [0, 1]")  # our bug: INTERNAL
+        message.scale_source = result.scale_source
+        message.scale_confidence = float(result.scale_confidence)
     if with_mesh:
         message.mesh.CopyFrom(wire.mesh_message(result.vertices_mm, result.faces, result.topology, uvs=result.uvs))
     if with_landmarks:

@@ -79,7 +79,7 @@ class Box(_message.Message):
     def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Face(_message.Message):
-    __slots__ = ("index", "box", "kps5", "landmarks", "detector", "crop112", "arcface_blob", "crop224", "farl_input", "image_size", "crop_box224", "score", "iris")
+    __slots__ = ("index", "box", "kps5", "landmarks", "detector", "crop112", "arcface_blob", "crop224", "farl_input", "image_size", "crop_box224", "score", "iris", "found_by")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     BOX_FIELD_NUMBER: _ClassVar[int]
     KPS5_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class Face(_message.Message):
     CROP_BOX224_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     IRIS_FIELD_NUMBER: _ClassVar[int]
+    FOUND_BY_FIELD_NUMBER: _ClassVar[int]
     index: int
     box: Box
     kps5: Tensor
@@ -106,7 +107,8 @@ class Face(_message.Message):
     crop_box224: Tensor
     score: float
     iris: Tensor
-    def __init__(self, index: _Optional[int] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., kps5: _Optional[_Union[Tensor, _Mapping]] = ..., landmarks: _Optional[_Union[Tensor, _Mapping]] = ..., detector: _Optional[str] = ..., crop112: _Optional[_Union[Tensor, _Mapping]] = ..., arcface_blob: _Optional[_Union[Tensor, _Mapping]] = ..., crop224: _Optional[_Union[Tensor, _Mapping]] = ..., farl_input: _Optional[_Union[Tensor, _Mapping]] = ..., image_size: _Optional[_Union[Tensor, _Mapping]] = ..., crop_box224: _Optional[_Union[Tensor, _Mapping]] = ..., score: _Optional[float] = ..., iris: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    found_by: str
+    def __init__(self, index: _Optional[int] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., kps5: _Optional[_Union[Tensor, _Mapping]] = ..., landmarks: _Optional[_Union[Tensor, _Mapping]] = ..., detector: _Optional[str] = ..., crop112: _Optional[_Union[Tensor, _Mapping]] = ..., arcface_blob: _Optional[_Union[Tensor, _Mapping]] = ..., crop224: _Optional[_Union[Tensor, _Mapping]] = ..., farl_input: _Optional[_Union[Tensor, _Mapping]] = ..., image_size: _Optional[_Union[Tensor, _Mapping]] = ..., crop_box224: _Optional[_Union[Tensor, _Mapping]] = ..., score: _Optional[float] = ..., iris: _Optional[_Union[Tensor, _Mapping]] = ..., found_by: _Optional[str] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("code", "message")
@@ -148,7 +150,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Visibility(_message.Message):
-    __slots__ = ("regions", "per_vertex", "sources")
+    __slots__ = ("regions", "per_vertex", "sources", "unknown")
     class RegionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -159,7 +161,47 @@ class Visibility(_message.Message):
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     PER_VERTEX_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     regions: _containers.ScalarMap[str, float]
     per_vertex: Tensor
     sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, regions: _Optional[_Mapping[str, float]] = ..., per_vertex: _Optional[_Union[Tensor, _Mapping]] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+    unknown: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, regions: _Optional[_Mapping[str, float]] = ..., per_vertex: _Optional[_Union[Tensor, _Mapping]] = ..., sources: _Optional[_Iterable[str]] = ..., unknown: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PosedFace(_message.Message):
+    __slots__ = ("expression", "jaw_pose", "global_pose", "translation", "camera_intrinsics", "camera_extrinsics", "image_size", "focal_source", "reprojection_error_px", "vertices", "landmarks_px")
+    EXPRESSION_FIELD_NUMBER: _ClassVar[int]
+    JAW_POSE_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_POSE_FIELD_NUMBER: _ClassVar[int]
+    TRANSLATION_FIELD_NUMBER: _ClassVar[int]
+    CAMERA_INTRINSICS_FIELD_NUMBER: _ClassVar[int]
+    CAMERA_EXTRINSICS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FOCAL_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REPROJECTION_ERROR_PX_FIELD_NUMBER: _ClassVar[int]
+    VERTICES_FIELD_NUMBER: _ClassVar[int]
+    LANDMARKS_PX_FIELD_NUMBER: _ClassVar[int]
+    expression: Tensor
+    jaw_pose: Tensor
+    global_pose: Tensor
+    translation: Tensor
+    camera_intrinsics: Tensor
+    camera_extrinsics: Tensor
+    image_size: Tensor
+    focal_source: str
+    reprojection_error_px: float
+    vertices: Tensor
+    landmarks_px: Tensor
+    def __init__(self, expression: _Optional[_Union[Tensor, _Mapping]] = ..., jaw_pose: _Optional[_Union[Tensor, _Mapping]] = ..., global_pose: _Optional[_Union[Tensor, _Mapping]] = ..., translation: _Optional[_Union[Tensor, _Mapping]] = ..., camera_intrinsics: _Optional[_Union[Tensor, _Mapping]] = ..., camera_extrinsics: _Optional[_Union[Tensor, _Mapping]] = ..., image_size: _Optional[_Union[Tensor, _Mapping]] = ..., focal_source: _Optional[str] = ..., reprojection_error_px: _Optional[float] = ..., vertices: _Optional[_Union[Tensor, _Mapping]] = ..., landmarks_px: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PoseFitInput(_message.Message):
+    __slots__ = ("landmarks", "image_size", "focal_px", "focal_source")
+    LANDMARKS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FOCAL_PX_FIELD_NUMBER: _ClassVar[int]
+    FOCAL_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    landmarks: Tensor
+    image_size: Tensor
+    focal_px: float
+    focal_source: str
+    def __init__(self, landmarks: _Optional[_Union[Tensor, _Mapping]] = ..., image_size: _Optional[_Union[Tensor, _Mapping]] = ..., focal_px: _Optional[float] = ..., focal_source: _Optional[str] = ...) -> None: ...

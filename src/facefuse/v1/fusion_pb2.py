@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from facefuse.v1 import common_pb2 as facefuse_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x61\x63\x65\x66use/v1/fusion.proto\x12\x0b\x66\x61\x63\x65\x66use.v1\x1a\x18\x66\x61\x63\x65\x66use/v1/common.proto\"\x94\x03\n\x0b\x46useRequest\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x36\n\x07options\x18\x02 \x03(\x0b\x32%.facefuse.v1.FuseRequest.OptionsEntry\x12\'\n\nmica_shape\x18\x03 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12$\n\x07samples\x18\x04 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12#\n\x06scores\x18\x05 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12+\n\nvisibility\x18\x06 \x01(\x0b\x32\x17.facefuse.v1.Visibility\x12*\n\rmica_vertices\x18\x07 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12,\n\x0fsample_vertices\x18\x08 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x10\n\x08topology\x18\t \x01(\t\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf2\x01\n\x0c\x46useResponse\x12\"\n\x05shape\x18\x01 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x1f\n\x04mesh\x18\x02 \x01(\x0b\x32\x11.facefuse.v1.Mesh\x12*\n\rvertex_spread\x18\x03 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12(\n\x0blandmarks68\x18\x06 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12!\n\x04kpt7\x18\x07 \x01(\x0b\x32\x13.facefuse.v1.Tensor\"\x17\n\x15ListStrategiesRequest\"A\n\x16ListStrategiesResponse\x12\r\n\x05names\x18\x01 \x03(\t\x12\x18\n\x10\x64\x65\x66\x61ult_strategy\x18\x02 \x01(\t2\xe3\x01\n\rFusionService\x12;\n\x04\x46use\x12\x18.facefuse.v1.FuseRequest\x1a\x19.facefuse.v1.FuseResponse\x12Y\n\x0eListStrategies\x12\".facefuse.v1.ListStrategiesRequest\x1a#.facefuse.v1.ListStrategiesResponse\x12:\n\x04Info\x12\x18.facefuse.v1.InfoRequest\x1a\x18.facefuse.v1.BackendInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x61\x63\x65\x66use/v1/fusion.proto\x12\x0b\x66\x61\x63\x65\x66use.v1\x1a\x18\x66\x61\x63\x65\x66use/v1/common.proto\"\xc1\x03\n\x0b\x46useRequest\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x36\n\x07options\x18\x02 \x03(\x0b\x32%.facefuse.v1.FuseRequest.OptionsEntry\x12\'\n\nmica_shape\x18\x03 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12$\n\x07samples\x18\x04 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12#\n\x06scores\x18\x05 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12+\n\nvisibility\x18\x06 \x01(\x0b\x32\x17.facefuse.v1.Visibility\x12*\n\rmica_vertices\x18\x07 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12,\n\x0fsample_vertices\x18\x08 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x10\n\x08topology\x18\t \x01(\t\x12+\n\x08pose_fit\x18\n \x01(\x0b\x32\x19.facefuse.v1.PoseFitInput\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x99\x02\n\x0c\x46useResponse\x12\"\n\x05shape\x18\x01 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x1f\n\x04mesh\x18\x02 \x01(\x0b\x32\x11.facefuse.v1.Mesh\x12*\n\rvertex_spread\x18\x03 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12(\n\x0blandmarks68\x18\x06 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12!\n\x04kpt7\x18\x07 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12%\n\x05posed\x18\x08 \x01(\x0b\x32\x16.facefuse.v1.PosedFace\"\x17\n\x15ListStrategiesRequest\"A\n\x16ListStrategiesResponse\x12\r\n\x05names\x18\x01 \x03(\t\x12\x18\n\x10\x64\x65\x66\x61ult_strategy\x18\x02 \x01(\t2\xe3\x01\n\rFusionService\x12;\n\x04\x46use\x12\x18.facefuse.v1.FuseRequest\x1a\x19.facefuse.v1.FuseResponse\x12Y\n\x0eListStrategies\x12\".facefuse.v1.ListStrategiesRequest\x1a#.facefuse.v1.ListStrategiesResponse\x12:\n\x04Info\x12\x18.facefuse.v1.InfoRequest\x1a\x18.facefuse.v1.BackendInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FUSEREQUEST_OPTIONSENTRY']._loaded_options = None
   _globals['_FUSEREQUEST_OPTIONSENTRY']._serialized_options = b'8\001'
   _globals['_FUSEREQUEST']._serialized_start=68
-  _globals['_FUSEREQUEST']._serialized_end=472
-  _globals['_FUSEREQUEST_OPTIONSENTRY']._serialized_start=426
-  _globals['_FUSEREQUEST_OPTIONSENTRY']._serialized_end=472
-  _globals['_FUSERESPONSE']._serialized_start=475
-  _globals['_FUSERESPONSE']._serialized_end=717
-  _globals['_LISTSTRATEGIESREQUEST']._serialized_start=719
-  _globals['_LISTSTRATEGIESREQUEST']._serialized_end=742
-  _globals['_LISTSTRATEGIESRESPONSE']._serialized_start=744
-  _globals['_LISTSTRATEGIESRESPONSE']._serialized_end=809
-  _globals['_FUSIONSERVICE']._serialized_start=812
-  _globals['_FUSIONSERVICE']._serialized_end=1039
+  _globals['_FUSEREQUEST']._serialized_end=517
+  _globals['_FUSEREQUEST_OPTIONSENTRY']._serialized_start=471
+  _globals['_FUSEREQUEST_OPTIONSENTRY']._serialized_end=517
+  _globals['_FUSERESPONSE']._serialized_start=520
+  _globals['_FUSERESPONSE']._serialized_end=801
+  _globals['_LISTSTRATEGIESREQUEST']._serialized_start=803
+  _globals['_LISTSTRATEGIESREQUEST']._serialized_end=826
+  _globals['_LISTSTRATEGIESRESPONSE']._serialized_start=828
+  _globals['_LISTSTRATEGIESRESPONSE']._serialized_end=893
+  _globals['_FUSIONSERVICE']._serialized_start=896
+  _globals['_FUSIONSERVICE']._serialized_end=1123
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FuseRequest(_message.Message):
-    __slots__ = ("strategy", "options", "mica_shape", "samples", "scores", "visibility", "mica_vertices", "sample_vertices", "topology")
+    __slots__ = ("strategy", "options", "mica_shape", "samples", "scores", "visibility", "mica_vertices", "sample_vertices", "topology", "pose_fit")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class FuseRequest(_message.Message):
     MICA_VERTICES_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_VERTICES_FIELD_NUMBER: _ClassVar[int]
     TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
+    POSE_FIT_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     options: _containers.ScalarMap[str, float]
     mica_shape: _common_pb2.Tensor
@@ -34,10 +35,11 @@ class FuseRequest(_message.Message):
     mica_vertices: _common_pb2.Tensor
     sample_vertices: _common_pb2.Tensor
     topology: str
-    def __init__(self, strategy: _Optional[str] = ..., options: _Optional[_Mapping[str, float]] = ..., mica_shape: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., samples: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., scores: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., visibility: _Optional[_Union[_common_pb2.Visibility, _Mapping]] = ..., mica_vertices: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sample_vertices: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., topology: _Optional[str] = ...) -> None: ...
+    pose_fit: _common_pb2.PoseFitInput
+    def __init__(self, strategy: _Optional[str] = ..., options: _Optional[_Mapping[str, float]] = ..., mica_shape: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., samples: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., scores: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., visibility: _Optional[_Union[_common_pb2.Visibility, _Mapping]] = ..., mica_vertices: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sample_vertices: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., topology: _Optional[str] = ..., pose_fit: _Optional[_Union[_common_pb2.PoseFitInput, _Mapping]] = ...) -> None: ...
 
 class FuseResponse(_message.Message):
-    __slots__ = ("shape", "mesh", "vertex_spread", "confidence", "strategy", "landmarks68", "kpt7")
+    __slots__ = ("shape", "mesh", "vertex_spread", "confidence", "strategy", "landmarks68", "kpt7", "posed")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     MESH_FIELD_NUMBER: _ClassVar[int]
     VERTEX_SPREAD_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +47,7 @@ class FuseResponse(_message.Message):
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     LANDMARKS68_FIELD_NUMBER: _ClassVar[int]
     KPT7_FIELD_NUMBER: _ClassVar[int]
+    POSED_FIELD_NUMBER: _ClassVar[int]
     shape: _common_pb2.Tensor
     mesh: _common_pb2.Mesh
     vertex_spread: _common_pb2.Tensor
@@ -52,7 +55,8 @@ class FuseResponse(_message.Message):
     strategy: str
     landmarks68: _common_pb2.Tensor
     kpt7: _common_pb2.Tensor
-    def __init__(self, shape: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., mesh: _Optional[_Union[_common_pb2.Mesh, _Mapping]] = ..., vertex_spread: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., confidence: _Optional[float] = ..., strategy: _Optional[str] = ..., landmarks68: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., kpt7: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    posed: _common_pb2.PosedFace
+    def __init__(self, shape: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., mesh: _Optional[_Union[_common_pb2.Mesh, _Mapping]] = ..., vertex_spread: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., confidence: _Optional[float] = ..., strategy: _Optional[str] = ..., landmarks68: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., kpt7: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., posed: _Optional[_Union[_common_pb2.PosedFace, _Mapping]] = ...) -> None: ...
 
 class ListStrategiesRequest(_message.Message):
     __slots__ = ()

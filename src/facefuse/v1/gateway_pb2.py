@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from facefuse.v1 import common_pb2 as facefuse_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x61\x63\x65\x66use/v1/gateway.proto\x12\x0b\x66\x61\x63\x65\x66use.v1\x1a\x18\x66\x61\x63\x65\x66use/v1/common.proto\"\xf7\x02\n\x0eProcessOptions\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x11\n\tselection\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x14\n\x0csampler_mode\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x15\n\rsave_branches\x18\x08 \x01(\x08\x12J\n\x10strategy_options\x18\t \x03(\x0b\x32\x30.facefuse.v1.ProcessOptions.StrategyOptionsEntry\x12\x1f\n\x05\x62oxes\x18\n \x03(\x0b\x32\x10.facefuse.v1.Box\x12\x14\n\x0creturn_crops\x18\x0b \x01(\x08\x12\x16\n\x0evisibility_off\x18\x0c \x03(\t\x1a\x36\n\x14StrategyOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8b\x01\n\nImageChunk\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12,\n\x07options\x18\x04 \x01(\x0b\x32\x1b.facefuse.v1.ProcessOptions\x12!\n\x04mask\x18\x05 \x01(\x0b\x32\x13.facefuse.v1.Tensor\"\x95\x03\n\x0eReconstruction\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\"\n\x05shape\x18\x03 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x1f\n\x04mesh\x18\x04 \x01(\x0b\x32\x11.facefuse.v1.Mesh\x12(\n\x0blandmarks68\x18\x05 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12!\n\x04kpt7\x18\x06 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12*\n\rvertex_spread\x18\x07 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x12\n\nconfidence\x18\x08 \x01(\x02\x12$\n\x07samples\x18\t \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12*\n\rsample_scores\x18\n \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12+\n\nvisibility\x18\x0b \x01(\x0b\x32\x17.facefuse.v1.Visibility\x12\x10\n\x08\x66\x61llback\x18\x0c \x01(\t\"K\n\x06\x42ranch\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x33\n\x0ereconstruction\x18\x02 \x01(\x0b\x32\x1b.facefuse.v1.Reconstruction\"\xf8\x01\n\nFaceResult\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x12\n\nface_index\x18\x02 \x01(\x05\x12\x11\n\tnum_faces\x18\x03 \x01(\x05\x12#\n\x06status\x18\x04 \x01(\x0b\x32\x13.facefuse.v1.Status\x12\x1f\n\x04\x66\x61\x63\x65\x18\x05 \x01(\x0b\x32\x11.facefuse.v1.Face\x12\x33\n\x0ereconstruction\x18\x06 \x01(\x0b\x32\x1b.facefuse.v1.Reconstruction\x12%\n\x08\x62ranches\x18\x07 \x03(\x0b\x32\x13.facefuse.v1.Branch\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\"L\n\x0bGatewayInfo\x12\x11\n\tfront_end\x18\x01 \x01(\t\x12*\n\x08\x62\x61\x63kends\x18\x02 \x03(\x0b\x32\x18.facefuse.v1.BackendInfo2\x86\x01\n\x07Gateway\x12?\n\x07Process\x12\x17.facefuse.v1.ImageChunk\x1a\x17.facefuse.v1.FaceResult(\x01\x30\x01\x12:\n\x04Info\x12\x18.facefuse.v1.InfoRequest\x1a\x18.facefuse.v1.GatewayInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x61\x63\x65\x66use/v1/gateway.proto\x12\x0b\x66\x61\x63\x65\x66use.v1\x1a\x18\x66\x61\x63\x65\x66use/v1/common.proto\"\xa1\x03\n\x0eProcessOptions\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x11\n\tselection\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x14\n\x0csampler_mode\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x15\n\rsave_branches\x18\x08 \x01(\x08\x12J\n\x10strategy_options\x18\t \x03(\x0b\x32\x30.facefuse.v1.ProcessOptions.StrategyOptionsEntry\x12\x1f\n\x05\x62oxes\x18\n \x03(\x0b\x32\x10.facefuse.v1.Box\x12\x14\n\x0creturn_crops\x18\x0b \x01(\x08\x12\x16\n\x0evisibility_off\x18\x0c \x03(\t\x12\x12\n\ndet_thresh\x18\x14 \x01(\x01\x12\x14\n\x0cneutral_only\x18\r \x01(\x08\x1a\x36\n\x14StrategyOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8b\x01\n\nImageChunk\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12,\n\x07options\x18\x04 \x01(\x0b\x32\x1b.facefuse.v1.ProcessOptions\x12!\n\x04mask\x18\x05 \x01(\x0b\x32\x13.facefuse.v1.Tensor\"\xec\x03\n\x0eReconstruction\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\"\n\x05shape\x18\x03 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x1f\n\x04mesh\x18\x04 \x01(\x0b\x32\x11.facefuse.v1.Mesh\x12(\n\x0blandmarks68\x18\x05 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12!\n\x04kpt7\x18\x06 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12*\n\rvertex_spread\x18\x07 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x12\n\nconfidence\x18\x08 \x01(\x02\x12$\n\x07samples\x18\t \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12*\n\rsample_scores\x18\n \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12+\n\nvisibility\x18\x0b \x01(\x0b\x32\x17.facefuse.v1.Visibility\x12\x10\n\x08\x66\x61llback\x18\x0c \x01(\t\x12\x14\n\x0cscale_source\x18\x14 \x01(\t\x12\x18\n\x10scale_confidence\x18\x15 \x01(\x02\x12%\n\x05posed\x18\r \x01(\x0b\x32\x16.facefuse.v1.PosedFace\"K\n\x06\x42ranch\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x33\n\x0ereconstruction\x18\x02 \x01(\x0b\x32\x1b.facefuse.v1.Reconstruction\"\xf8\x01\n\nFaceResult\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x12\n\nface_index\x18\x02 \x01(\x05\x12\x11\n\tnum_faces\x18\x03 \x01(\x05\x12#\n\x06status\x18\x04 \x01(\x0b\x32\x13.facefuse.v1.Status\x12\x1f\n\x04\x66\x61\x63\x65\x18\x05 \x01(\x0b\x32\x11.facefuse.v1.Face\x12\x33\n\x0ereconstruction\x18\x06 \x01(\x0b\x32\x1b.facefuse.v1.Reconstruction\x12%\n\x08\x62ranches\x18\x07 \x03(\x0b\x32\x13.facefuse.v1.Branch\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\"L\n\x0bGatewayInfo\x12\x11\n\tfront_end\x18\x01 \x01(\t\x12*\n\x08\x62\x61\x63kends\x18\x02 \x03(\x0b\x32\x18.facefuse.v1.BackendInfo2\x86\x01\n\x07Gateway\x12?\n\x07Process\x12\x17.facefuse.v1.ImageChunk\x1a\x17.facefuse.v1.FaceResult(\x01\x30\x01\x12:\n\x04Info\x12\x18.facefuse.v1.InfoRequest\x1a\x18.facefuse.v1.GatewayInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROCESSOPTIONS_STRATEGYOPTIONSENTRY']._loaded_options = None
   _globals['_PROCESSOPTIONS_STRATEGYOPTIONSENTRY']._serialized_options = b'8\001'
   _globals['_PROCESSOPTIONS']._serialized_start=69
-  _globals['_PROCESSOPTIONS']._serialized_end=444
-  _globals['_PROCESSOPTIONS_STRATEGYOPTIONSENTRY']._serialized_start=390
-  _globals['_PROCESSOPTIONS_STRATEGYOPTIONSENTRY']._serialized_end=444
-  _globals['_IMAGECHUNK']._serialized_start=447
-  _globals['_IMAGECHUNK']._serialized_end=586
-  _globals['_RECONSTRUCTION']._serialized_start=589
-  _globals['_RECONSTRUCTION']._serialized_end=994
-  _globals['_BRANCH']._serialized_start=996
-  _globals['_BRANCH']._serialized_end=1071
-  _globals['_FACERESULT']._serialized_start=1074
-  _globals['_FACERESULT']._serialized_end=1322
-  _globals['_GATEWAYINFO']._serialized_start=1324
-  _globals['_GATEWAYINFO']._serialized_end=1400
-  _globals['_GATEWAY']._serialized_start=1403
-  _globals['_GATEWAY']._serialized_end=1537
+  _globals['_PROCESSOPTIONS']._serialized_end=486
+  _globals['_PROCESSOPTIONS_STRATEGYOPTIONSENTRY']._serialized_start=432
+  _globals['_PROCESSOPTIONS_STRATEGYOPTIONSENTRY']._serialized_end=486
+  _globals['_IMAGECHUNK']._serialized_start=489
+  _globals['_IMAGECHUNK']._serialized_end=628
+  _globals['_RECONSTRUCTION']._serialized_start=631
+  _globals['_RECONSTRUCTION']._serialized_end=1123
+  _globals['_BRANCH']._serialized_start=1125
+  _globals['_BRANCH']._serialized_end=1200
+  _globals['_FACERESULT']._serialized_start=1203
+  _globals['_FACERESULT']._serialized_end=1451
+  _globals['_GATEWAYINFO']._serialized_start=1453
+  _globals['_GATEWAYINFO']._serialized_end=1529
+  _globals['_GATEWAY']._serialized_start=1532
+  _globals['_GATEWAY']._serialized_end=1666
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ProcessOptions(_message.Message):
-    __slots__ = ("method", "strategy", "selection", "num_samples", "steps", "sampler_mode", "seed", "save_branches", "strategy_options", "boxes", "return_crops", "visibility_off")
+    __slots__ = ("method", "strategy", "selection", "num_samples", "steps", "sampler_mode", "seed", "save_branches", "strategy_options", "boxes", "return_crops", "visibility_off", "det_thresh", "neutral_only")
     class StrategyOptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,8 @@ class ProcessOptions(_message.Message):
     BOXES_FIELD_NUMBER: _ClassVar[int]
     RETURN_CROPS_FIELD_NUMBER: _ClassVar[int]
     VISIBILITY_OFF_FIELD_NUMBER: _ClassVar[int]
+    DET_THRESH_FIELD_NUMBER: _ClassVar[int]
+    NEUTRAL_ONLY_FIELD_NUMBER: _ClassVar[int]
     method: str
     strategy: str
     selection: str
@@ -40,7 +42,9 @@ class ProcessOptions(_message.Message):
     boxes: _containers.RepeatedCompositeFieldContainer[_common_pb2.Box]
     return_crops: bool
     visibility_off: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, method: _Optional[str] = ..., strategy: _Optional[str] = ..., selection: _Optional[str] = ..., num_samples: _Optional[int] = ..., steps: _Optional[int] = ..., sampler_mode: _Optional[str] = ..., seed: _Optional[int] = ..., save_branches: _Optional[bool] = ..., strategy_options: _Optional[_Mapping[str, float]] = ..., boxes: _Optional[_Iterable[_Union[_common_pb2.Box, _Mapping]]] = ..., return_crops: _Optional[bool] = ..., visibility_off: _Optional[_Iterable[str]] = ...) -> None: ...
+    det_thresh: float
+    neutral_only: bool
+    def __init__(self, method: _Optional[str] = ..., strategy: _Optional[str] = ..., selection: _Optional[str] = ..., num_samples: _Optional[int] = ..., steps: _Optional[int] = ..., sampler_mode: _Optional[str] = ..., seed: _Optional[int] = ..., save_branches: _Optional[bool] = ..., strategy_options: _Optional[_Mapping[str, float]] = ..., boxes: _Optional[_Iterable[_Union[_common_pb2.Box, _Mapping]]] = ..., return_crops: _Optional[bool] = ..., visibility_off: _Optional[_Iterable[str]] = ..., det_thresh: _Optional[float] = ..., neutral_only: _Optional[bool] = ...) -> None: ...
 
 class ImageChunk(_message.Message):
     __slots__ = ("image_id", "data", "last", "options", "mask")
@@ -57,7 +61,7 @@ class ImageChunk(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., options: _Optional[_Union[ProcessOptions, _Mapping]] = ..., mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class Reconstruction(_message.Message):
-    __slots__ = ("method", "strategy", "shape", "mesh", "landmarks68", "kpt7", "vertex_spread", "confidence", "samples", "sample_scores", "visibility", "fallback")
+    __slots__ = ("method", "strategy", "shape", "mesh", "landmarks68", "kpt7", "vertex_spread", "confidence", "samples", "sample_scores", "visibility", "fallback", "scale_source", "scale_confidence", "posed")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +74,9 @@ class Reconstruction(_message.Message):
     SAMPLE_SCORES_FIELD_NUMBER: _ClassVar[int]
     VISIBILITY_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    SCALE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    POSED_FIELD_NUMBER: _ClassVar[int]
     method: str
     strategy: str
     shape: _common_pb2.Tensor
@@ -82,7 +89,10 @@ class Reconstruction(_message.Message):
     sample_scores: _common_pb2.Tensor
     visibility: _common_pb2.Visibility
     fallback: str
-    def __init__(self, method: _Optional[str] = ..., strategy: _Optional[str] = ..., shape: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., mesh: _Optional[_Union[_common_pb2.Mesh, _Mapping]] = ..., landmarks68: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., kpt7: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., vertex_spread: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., confidence: _Optional[float] = ..., samples: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sample_scores: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., visibility: _Optional[_Union[_common_pb2.Visibility, _Mapping]] = ..., fallback: _Optional[str] = ...) -> None: ...
+    scale_source: str
+    scale_confidence: float
+    posed: _common_pb2.PosedFace
+    def __init__(self, method: _Optional[str] = ..., strategy: _Optional[str] = ..., shape: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., mesh: _Optional[_Union[_common_pb2.Mesh, _Mapping]] = ..., landmarks68: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., kpt7: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., vertex_spread: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., confidence: _Optional[float] = ..., samples: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sample_scores: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., visibility: _Optional[_Union[_common_pb2.Visibility, _Mapping]] = ..., fallback: _Optional[str] = ..., scale_source: _Optional[str] = ..., scale_confidence: _Optional[float] = ..., posed: _Optional[_Union[_common_pb2.PosedFace, _Mapping]] = ...) -> None: ...
 
 class Branch(_message.Message):
     __slots__ = ("name", "reconstruction")

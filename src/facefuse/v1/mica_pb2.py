@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from facefuse.v1 import common_pb2 as facefuse_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x61\x63\x65\x66use/v1/mica.proto\x12\x0b\x66\x61\x63\x65\x66use.v1\x1a\x18\x66\x61\x63\x65\x66use/v1/common.proto\"a\n\x0ePredictRequest\x12 \n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x11.facefuse.v1.Face\x12\x13\n\x0breturn_mesh\x18\x02 \x01(\x08\x12\x18\n\x10return_landmarks\x18\x03 \x01(\x08\"\xca\x01\n\x0fShapePrediction\x12\"\n\x05shape\x18\x01 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12%\n\x08identity\x18\x02 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x1f\n\x04mesh\x18\x03 \x01(\x0b\x32\x11.facefuse.v1.Mesh\x12(\n\x0blandmarks68\x18\x04 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12!\n\x04kpt7\x18\x05 \x01(\x0b\x32\x13.facefuse.v1.Tensor\"o\n\x0fPredictResponse\x12\x31\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1c.facefuse.v1.ShapePrediction\x12)\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0b\x32\x18.facefuse.v1.BackendInfo2\x8f\x01\n\x0bMicaService\x12\x44\n\x07Predict\x12\x1b.facefuse.v1.PredictRequest\x1a\x1c.facefuse.v1.PredictResponse\x12:\n\x04Info\x12\x18.facefuse.v1.InfoRequest\x1a\x18.facefuse.v1.BackendInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x61\x63\x65\x66use/v1/mica.proto\x12\x0b\x66\x61\x63\x65\x66use.v1\x1a\x18\x66\x61\x63\x65\x66use/v1/common.proto\"a\n\x0ePredictRequest\x12 \n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x11.facefuse.v1.Face\x12\x13\n\x0breturn_mesh\x18\x02 \x01(\x08\x12\x18\n\x10return_landmarks\x18\x03 \x01(\x08\"\xfa\x01\n\x0fShapePrediction\x12\"\n\x05shape\x18\x01 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12%\n\x08identity\x18\x02 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x1f\n\x04mesh\x18\x03 \x01(\x0b\x32\x11.facefuse.v1.Mesh\x12(\n\x0blandmarks68\x18\x04 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12!\n\x04kpt7\x18\x05 \x01(\x0b\x32\x13.facefuse.v1.Tensor\x12\x14\n\x0cscale_source\x18\x14 \x01(\t\x12\x18\n\x10scale_confidence\x18\x15 \x01(\x02\"o\n\x0fPredictResponse\x12\x31\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1c.facefuse.v1.ShapePrediction\x12)\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0b\x32\x18.facefuse.v1.BackendInfo2\x8f\x01\n\x0bMicaService\x12\x44\n\x07Predict\x12\x1b.facefuse.v1.PredictRequest\x1a\x1c.facefuse.v1.PredictResponse\x12:\n\x04Info\x12\x18.facefuse.v1.InfoRequest\x1a\x18.facefuse.v1.BackendInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTREQUEST']._serialized_start=65
   _globals['_PREDICTREQUEST']._serialized_end=162
   _globals['_SHAPEPREDICTION']._serialized_start=165
-  _globals['_SHAPEPREDICTION']._serialized_end=367
-  _globals['_PREDICTRESPONSE']._serialized_start=369
-  _globals['_PREDICTRESPONSE']._serialized_end=480
-  _globals['_MICASERVICE']._serialized_start=483
-  _globals['_MICASERVICE']._serialized_end=626
+  _globals['_SHAPEPREDICTION']._serialized_end=415
+  _globals['_PREDICTRESPONSE']._serialized_start=417
+  _globals['_PREDICTRESPONSE']._serialized_end=528
+  _globals['_MICASERVICE']._serialized_start=531
+  _globals['_MICASERVICE']._serialized_end=674
 # @@protoc_insertion_point(module_scope)

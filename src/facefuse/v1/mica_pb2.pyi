@@ -18,18 +18,22 @@ class PredictRequest(_message.Message):
     def __init__(self, faces: _Optional[_Iterable[_Union[_common_pb2.Face, _Mapping]]] = ..., return_mesh: _Optional[bool] = ..., return_landmarks: _Optional[bool] = ...) -> None: ...
 
 class ShapePrediction(_message.Message):
-    __slots__ = ("shape", "identity", "mesh", "landmarks68", "kpt7")
+    __slots__ = ("shape", "identity", "mesh", "landmarks68", "kpt7", "scale_source", "scale_confidence")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     MESH_FIELD_NUMBER: _ClassVar[int]
     LANDMARKS68_FIELD_NUMBER: _ClassVar[int]
     KPT7_FIELD_NUMBER: _ClassVar[int]
+    SCALE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     shape: _common_pb2.Tensor
     identity: _common_pb2.Tensor
     mesh: _common_pb2.Mesh
     landmarks68: _common_pb2.Tensor
     kpt7: _common_pb2.Tensor
-    def __init__(self, shape: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., identity: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., mesh: _Optional[_Union[_common_pb2.Mesh, _Mapping]] = ..., landmarks68: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., kpt7: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    scale_source: str
+    scale_confidence: float
+    def __init__(self, shape: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., identity: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., mesh: _Optional[_Union[_common_pb2.Mesh, _Mapping]] = ..., landmarks68: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., kpt7: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., scale_source: _Optional[str] = ..., scale_confidence: _Optional[float] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("predictions", "backend")

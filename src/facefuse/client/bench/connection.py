@@ -47,7 +47,7 @@ class MeshConnection:
 
     def __init__(self, *, gateway: str | None = None, fusion: str | None = None, local: bool = False,
                  assets: str | None = None, pack: str = "auto", timeout_s: float | None = None,
-                 max_message_mb: int = 64) -> None:
+                 max_message_mb: int = 64, det_thresh: float | None = None) -> None:
         if local == (gateway is not None):
             raise InvalidInputError("pass either --gateway HOST:PORT or --local")
         self._local = local
@@ -57,6 +57,7 @@ class MeshConnection:
         self._fusion_address = fusion
         self.timeout_s = timeout_s
         self.max_message_mb = max_message_mb
+        self.det_thresh = det_thresh  # None: the gateway's; else sent with every image
         self.mesh: Any = None
         self.client: Any = None
         self._fusion_channel: grpc.Channel | None = None
@@ -87,7 +88,9 @@ class MeshConnection:
             info = self.client.info()
             backends = sorted(
                 [b.service, b.backend, b.pack, b.message if not b.ready else "ready"] for b in info.backends)
-            self.fingerprint = json.dumps([*backends, info.front_end])
+            # A different detection threshold can find other faces: cached branches must not be shared.
+            self.fingerprint = json.dumps([*backends, info.front_end]
+                                          + ([f"det_thresh={self.det_thresh}"] if self.det_thresh is not None else []))
             if self._fusion_address:
                 self._fusion_channel = grpc.insecure_channel(self._fusion_address,
                                                              options=channel_options(self.max_message_mb))
@@ -138,7 +141,10 @@ class MeshConnection:
             from facefuse.client.api import ImageInput
 
             for job in jobs:
-                extra = {"boxes": [job.box]} if job.box is not None else {"selection": "largest"}
+                extra: dict[str, Any] = {"boxes": [job.box]} if job.box is not None else {"selection": "largest"}
+                if self.det_thresh is not None:
+                    extra["det_thresh"] = self.det_thresh
+                extra["neutral_only"] = True  # benchmarks evaluate the neutral shape: no posed-face fit
                 self.counters.gateway_images += 1
                 yield from image_chunks([ImageInput(job.job_id, job.data, job.mask)],
                                         process_options(method, **options, **extra))

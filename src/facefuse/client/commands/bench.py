@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from facefuse.errors import InvalidInputError
+from facefuse.face.types import det_thresh_argument
 
 if TYPE_CHECKING:
     from facefuse.client.bench.connection import MeshConnection
@@ -46,6 +47,8 @@ def _mesh_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sampler", default="", choices=["", "fast", "official"], help="IdGen sampler")
     parser.add_argument("--timeout", type=float, default=None, help="deadline per gateway stream, seconds")
+    parser.add_argument("--det-thresh", type=det_thresh_argument, default=None, metavar="T",
+                        help="face detector score threshold sent with every image, 0 < T < 1 (default: the gateway's)")
     parser.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
                         help="NoW evaluation worker processes (default %(default)s)")
     parser.add_argument("-o", "--out", type=Path, required=True, help="output folder (reruns resume in it)")
@@ -114,7 +117,7 @@ def _connection(args: argparse.Namespace) -> MeshConnection:
     from facefuse.client.bench.connection import MeshConnection
 
     return MeshConnection(gateway=args.gateway, fusion=args.fusion, local=bool(args.local), assets=args.assets,
-                          pack=args.pack, timeout_s=args.timeout)
+                          pack=args.pack, timeout_s=args.timeout, det_thresh=args.det_thresh)
 
 
 def _print_summary(summary: dict, title: str) -> None:

@@ -1,0 +1,294 @@
+"""Fitting the face as photographed: expression, jaw, head rotation and translation to 2D landmarks.
+
+The identity shape is fixed (MICA/OFER's fused β, or the open pack's neutral mesh). What is fitted,
+per face, against detected landmarks in pixels through a known perspective camera (``models.camera``):
+
+* ``expression`` (K coefficients of the model's expression basis) and ``jaw`` (axis-angle, FLAME's jaw
+  joint), both with Gaussian priors that keep what the landmarks do not see plausible;
+* the head's rotation R (model -> camera, composed as R = exp(ω)·R₀ with R₀ the frontal view) and
+  translation t = z·(a, b, 1) in mm (depth as log z so that all parameters have comparable steps).
+
+The neck is not fitted: for the face's landmarks a neck rotation is a rigid motion of the head that the
+global rotation plus translation already express, so fitting both is degenerate. FLAME's root joint
+stays at zero and the global rotation is applied as the extrinsic [R | t] about the model origin.
+
+Loss per face: Σ_l w_l·ρ(‖π(R·X_l + t) − u_l‖ / σ) + priors, with w_l ∈ [0, 1] the landmark's
+visibility (hidden ≈ 0), σ = 1 % of the face's size in the photo (so the balance with the priors does
+not depend on the photo's resolution) and ρ the pseudo-Huber function (a few wrong landmarks cannot
+drag the fit). Optimised with Adam for a fixed number of steps (rigid first, then everything) with a
+cosine-decayed step size: deterministic, batched (Adam is element-wise, so faces in one batch do not
+influence each other) and device-agnostic. Pure math, no file I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from facefuse.models.camera import (
+    axis_angle_to_rotation,
+    flame_to_opencv,
+    project,
+    rotation_to_axis_angle,
+)
+from facefuse.models.flame import METRES_TO_MM, N_SHAPE, FlameLayer, rigid_chain, rodrigues
+
+LandmarkModel = Callable[[Tensor, Tensor], Tensor]
+"""(expression (B,K), jaw (B,3)) -> landmarks (B,L,3) in mm in the model frame (x right, y up, z to viewer)."""
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """Step counts, step sizes and prior strengths of :func:`fit_posed_face` (defaults: docs/posed-face.md)."""
+
+    rigid_steps: int = 100
+    full_steps: int = 300
+    rigid_lr: float = 0.03
+    full_lr: float = 0.02
+    expression_lr: float = 0.05
+    sigma_fraction: float = 0.01
+    """σ of the data term as a fraction of the face's size in px (RMS distance of the landmarks from their centroid)."""
+    huber_delta: float = 3.0
+    """The pseudo-Huber's knee in σ: residuals beyond 3σ count linearly."""
+    expression_prior: float = 0.1
+    """Weight of ½‖ψ‖² (FLAME's expression coefficients have unit prior variance)."""
+    jaw_prior_rad: tuple[float, float, float] = (0.3, 0.05, 0.05)
+    """Prior standard deviation of the jaw's axis-angle per axis: it opens about x, barely turns about y, z."""
+    jaw_prior: float = 0.5
+    """Weight of ½‖jaw / jaw_prior_rad‖²."""
+    visible_threshold: float = 0.5
+    """Landmarks with at least this weight count in the reported reprojection error."""
+
+
+@dataclass(frozen=True)
+class PosedFit:
+    """The fitted parameters, batched; lengths in mm, angles in rad, pixels of the original photo."""
+
+    expression: Tensor  # (B,K)
+    jaw_pose: Tensor  # (B,3) axis-angle
+    rotation: Tensor  # (B,3,3) model -> camera
+    global_pose: Tensor  # (B,3) axis-angle of ``rotation``
+    translation: Tensor  # (B,3) mm
+    landmarks_px: Tensor  # (B,L,2) the fitted landmarks projected
+    reprojection_error_px: Tensor  # (B,) mean distance to the targets over landmarks with weight >= threshold
+    initial_error_px: Tensor  # (B,) the same for the rigid initial guess (before any step)
+
+
+class LandmarkFlame(nn.Module):
+    """FLAME evaluated at its landmarks only: blendshapes, pose correctives and skinning on the corners of
+    the landmark triangles, with joints from the regressor folded into the blendshapes (J·(T + S·β)).
+
+    Why: a fit step then costs a few hundred vertices instead of FLAME's 5023, with the same numbers as the
+    full layer at those points.
+    """
+
+    v_template: Tensor
+    shapedirs: Tensor
+    posedirs: Tensor
+    lbs_weights: Tensor
+    joint_template: Tensor
+    joint_dirs: Tensor
+    parents: Tensor
+    corner_index: Tensor
+    bary: Tensor
+
+    def __init__(self, flame: FlameLayer, faces_idx: Tensor, bary: Tensor, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        corners = flame.faces_tensor[faces_idx.long()]  # (L,3)
+        used, inverse = torch.unique(corners.reshape(-1), return_inverse=True)
+        n_pose = flame.posedirs.shape[0]
+        v = flame.num_vertices
+        self.register_buffer("corner_index", inverse.reshape(corners.shape))
+        self.register_buffer("bary", bary.to(dtype).clone())
+        self.register_buffer("v_template", flame.v_template[used].to(dtype))
+        self.register_buffer("shapedirs", flame.shapedirs[used].to(dtype))
+        self.register_buffer("posedirs", flame.posedirs.view(n_pose, v, 3)[:, used].reshape(n_pose, -1).to(dtype))
+        self.register_buffer("lbs_weights", flame.lbs_weights[used].to(dtype))
+        regressor = flame.J_regressor.to(dtype)
+        self.register_buffer("joint_template", regressor @ flame.v_template.to(dtype))
+        self.register_buffer("joint_dirs", torch.einsum("jv,vkl->jkl", regressor, flame.shapedirs.to(dtype)))
+        self.register_buffer("parents", flame.parents.clone())
+        self.num_expression = flame.num_expression
+
+    def forward(self, shape: Tensor, expression: Tensor, jaw_pose: Tensor) -> Tensor:
+        """shape (B,≤300), expression (B,≤K), jaw (B,3) -> landmarks (B,L,3) in metres, root/neck/eyes at zero."""
+        dtype = self.v_template.dtype
+        batch = shape.shape[0]
+        shape = nn.functional.pad(shape.to(dtype), (0, N_SHAPE - shape.shape[1]))
+        expression = nn.functional.pad(expression.to(dtype), (0, self.num_expression - expression.shape[1]))
+        betas = torch.cat([shape, expression], dim=1)
+        v_shaped = self.v_template + torch.einsum("bl,vkl->bvk", betas, self.shapedirs)
+        joints = self.joint_template + torch.einsum("bl,jkl->bjk", betas, self.joint_dirs)
+        zeros = jaw_pose.new_zeros(batch, 3).to(dtype)
+        n_joints = joints.shape[1]
+        full_pose = torch.cat([zeros, zeros, jaw_pose.to(dtype)] + [zeros] * (n_joints - 3), dim=1)
+        rotations = rodrigues(full_pose.reshape(-1, 3)).view(batch, -1, 3, 3)
+        eye = torch.eye(3, dtype=dtype, device=shape.device)
+        pose_feature = (rotations[:, 1:] - eye).reshape(batch, -1)
+        v_posed = v_shaped + torch.matmul(pose_feature, self.posedirs).view(batch, -1, 3)
+        _, relative = rigid_chain(rotations, joints, self.parents)
+        per_vertex = torch.einsum("vj,bjrc->bvrc", self.lbs_weights, relative)
+        posed = torch.einsum("bvrc,bvc->bvr", per_vertex[:, :, :3, :3], v_posed) + per_vertex[:, :, :3, 3]
+        corners = posed[:, self.corner_index]  # (B,L,3,3)
+        return torch.einsum("blkx,lk->blx", corners, self.bary)
+
+
+def flame_landmark_model(landmarks: LandmarkFlame, shape: Tensor) -> LandmarkModel:
+    """The fit's model for a fixed FLAME identity ``shape`` (B,≤300): landmarks in mm."""
+
+    def model(expression: Tensor, jaw: Tensor) -> Tensor:
+        return landmarks(shape, expression, jaw) * METRES_TO_MM
+
+    return model
+
+
+def rigid_landmark_model(points_mm: Tensor) -> LandmarkModel:
+    """A model with no expression or jaw: fixed landmarks (B,L,3) mm (the open pack's posed face)."""
+
+    def model(expression: Tensor, jaw: Tensor) -> Tensor:
+        return points_mm
+
+    return model
+
+
+def _weighted_centre_and_size(points: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """(B,L,D), (B,L) -> weighted centroid (B,D) and RMS distance from it (B,)."""
+    w = weights / weights.sum(dim=1, keepdim=True)
+    centre = (w[..., None] * points).sum(dim=1)
+    size = ((w * ((points - centre[:, None]) ** 2).sum(-1)).sum(dim=1)).sqrt()
+    return centre, size
+
+
+def _pseudo_huber(r2: Tensor, delta: float) -> Tensor:
+    return delta**2 * (torch.sqrt(1.0 + r2 / delta**2) - 1.0)
+
+
+def _cosine(step: int, total: int, lr: float) -> float:
+    return lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1))))
+
+
+def reprojection_error(projected: Tensor, target: Tensor, weights: Tensor, threshold: float) -> Tensor:
+    """(B,) mean pixel distance over landmarks with weight >= threshold (all landmarks if none is)."""
+    distance = (projected - target).norm(dim=-1)
+    seen = (weights >= threshold).to(distance.dtype)
+    seen = torch.where(seen.sum(dim=1, keepdim=True) > 0, seen, torch.ones_like(seen))
+    return (distance * seen).sum(dim=1) / seen.sum(dim=1)
+
+
+def fit_posed_face(
+    model: LandmarkModel,
+    num_expression: int,
+    target_px: Tensor,
+    weights: Tensor,
+    camera: Tensor,
+    *,
+    fit_jaw: bool = True,
+    initial_rotation: Tensor | None = None,
+    settings: FitSettings = FitSettings(),
+) -> PosedFit:
+    """Fit expression (first ``num_expression`` components), jaw, rotation and translation to landmarks.
+
+    ``target_px`` (B,L,2) detected landmarks, ``weights`` (B,L) in [0, 1] (visibility; hidden ≈ 0),
+    ``camera`` (B,3,3) intrinsics. ``num_expression`` 0 and ``fit_jaw`` False make it a rigid fit.
+    ``initial_rotation`` (B,3,3) model -> camera where a head pose is already known; default frontal.
+    Raises ValueError when a face has no landmark with positive weight.
+    """
+    dtype = torch.float64
+    target = target_px.to(dtype)
+    weights = weights.to(dtype).clamp(0.0, 1.0)
+    k = camera.to(dtype)
+    batch, device = target.shape[0], target.device
+    if target.ndim != 3 or target.shape[2] != 2 or weights.shape != target.shape[:2] or k.shape != (batch, 3, 3):
+        raise ValueError(f"fit: target (B,L,2), weights (B,L), camera (B,3,3); got {tuple(target.shape)}, "
+                         f"{tuple(weights.shape)}, {tuple(k.shape)}")
+    if not bool((weights.sum(dim=1) > 0).all()):
+        raise ValueError("fit: a face has no landmark with positive weight (everything hidden)")
+    expression = torch.zeros(batch, num_expression, dtype=dtype, device=device)
+    jaw = torch.zeros(batch, 3, dtype=dtype, device=device)
+    frontal = flame_to_opencv(batch, dtype, device) if initial_rotation is None else initial_rotation.to(dtype)
+
+    # Initial guess: frontal, at the depth where the neutral landmarks' size matches the detected ones.
+    with torch.no_grad():
+        neutral_model = model(expression, jaw).to(dtype)
+        neutral = neutral_model @ frontal.transpose(1, 2)
+        centre_mm, size_mm = _weighted_centre_and_size(neutral, weights)
+        centre_px, size_px = _weighted_centre_and_size(target, weights)
+        focal = (k[:, 0, 0] + k[:, 1, 1]) / 2.0
+        depth = focal * size_mm / size_px - centre_mm[:, 2]
+        z = depth + centre_mm[:, 2]
+        txy = (centre_px - k[:, :2, 2]) * z[:, None] / focal[:, None] - centre_mm[:, :2]
+    omega = torch.zeros(batch, 3, dtype=dtype, device=device, requires_grad=True)
+    log_depth = depth.log().clone().requires_grad_(True)
+    offset = (txy / depth[:, None]).clone().requires_grad_(True)
+    expression.requires_grad_(True)
+    jaw.requires_grad_(True)
+    sigma = (settings.sigma_fraction * size_px).clamp_min(1e-3)
+    jaw_scale = torch.tensor(settings.jaw_prior_rad, dtype=dtype, device=device)
+
+    def pose() -> tuple[Tensor, Tensor]:
+        rotation = axis_angle_to_rotation(omega) @ frontal
+        d = log_depth.exp()
+        return rotation, torch.cat([offset * d[:, None], d[:, None]], dim=1)
+
+    def projected(model_points: Tensor | None = None) -> Tensor:
+        rotation, translation = pose()
+        points = model(expression, jaw).to(dtype) if model_points is None else model_points
+        return project(points @ rotation.transpose(1, 2) + translation[:, None], k)
+
+    def loss(model_points: Tensor | None = None) -> Tensor:
+        r2 = ((projected(model_points) - target) ** 2).sum(-1) / sigma[:, None] ** 2
+        data = (weights * _pseudo_huber(r2, settings.huber_delta)).sum()
+        prior = 0.5 * settings.expression_prior * (expression**2).sum()
+        prior = prior + 0.5 * settings.jaw_prior * ((jaw / jaw_scale) ** 2).sum()
+        return data + prior
+
+    with torch.no_grad():
+        initial = reprojection_error(projected(), target, weights, settings.visible_threshold)
+    stages: list[tuple[int, list[dict[str, object]]]] = [
+        (settings.rigid_steps, [{"params": [omega, log_depth, offset], "lr": settings.rigid_lr}]),
+    ]
+    full: list[dict[str, object]] = [{"params": [omega, log_depth, offset], "lr": settings.full_lr}]
+    if num_expression > 0:
+        full.append({"params": [expression], "lr": settings.expression_lr})
+    if fit_jaw:
+        full.append({"params": [jaw], "lr": settings.full_lr})
+    stages.append((settings.full_steps, full))
+    for stage, (steps, groups) in enumerate(stages):
+        # The rigid stage moves no model parameter: its landmarks are computed once.
+        fixed = neutral_model if stage == 0 else None
+        optimiser = torch.optim.Adam(groups)
+        base = [float(g["lr"]) for g in groups]  # type: ignore[arg-type]
+        for step in range(steps):
+            for group, lr in zip(optimiser.param_groups, base, strict=True):
+                group["lr"] = _cosine(step, steps, lr)
+            optimiser.zero_grad(set_to_none=True)
+            loss(fixed).backward()
+            optimiser.step()
+    with torch.no_grad():
+        rotation, translation = pose()
+        landmarks_px = projected()
+        error = reprojection_error(landmarks_px, target, weights, settings.visible_threshold)
+    return PosedFit(
+        expression=expression.detach(), jaw_pose=jaw.detach(), rotation=rotation.detach(),
+        global_pose=rotation_to_axis_angle(rotation.detach()), translation=translation.detach(),
+        landmarks_px=landmarks_px.detach(), reprojection_error_px=error, initial_error_px=initial,
+    )
+
+
+def posed_flame_vertices(flame: FlameLayer, shape: Tensor, fit: PosedFit) -> Tensor:
+    """(B,V,3) camera-space vertices in mm of the fitted face: FLAME(β, ψ, jaw) in mm, then R·v + t."""
+    dtype = flame.v_template.dtype
+    k = fit.expression.shape[1]
+    expression = fit.expression.to(dtype)[:, : min(k, flame.num_expression)]
+    model = flame(shape.to(dtype), expression=expression, jaw_pose=fit.jaw_pose.to(dtype)).vertices * METRES_TO_MM
+    return model @ fit.rotation.to(dtype).transpose(1, 2) + fit.translation.to(dtype)[:, None]
+
+
+def posed_vertices(vertices_mm: Tensor, fit: PosedFit) -> Tensor:
+    """(B,V,3) model-frame vertices in mm -> camera space with the fitted [R | t]."""
+    dtype = vertices_mm.dtype
+    return vertices_mm @ fit.rotation.to(dtype).transpose(1, 2) + fit.translation.to(dtype)[:, None]
