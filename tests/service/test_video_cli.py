@@ -38,9 +38,21 @@ def test_reconstruct_a_video_tracks_the_face_and_writes_the_overlay_video(open_m
     summary = json.loads(summaries[0].read_text())
     track, = summary["tracks"]
     assert track["frames"] == [0, 1, 2] and track["identity_images"] == 3
+    assert track["posed_frames"] == 3 and set(track["jitter"]) == {"rotation_deg", "rotation_deg_raw",
+                                                                   "translation_mm", "translation_mm_raw"}
+    poses = np.load(out / track["dir"] / "poses.npz")
+    assert poses["global_pose"].shape == (3, 3) and np.isfinite(poses["translation"]).all()
     assert (out / track["dir"] / "mesh.obj").is_file()
     info = video_info(out / summary["overlay"])
     assert (info.frames, info.width, info.height) == (3, photo.shape[1], photo.shape[0])
+    from facefuse.io.video import FrameReader
+
+    drawn = FrameReader(out / summary["overlay"]).frame(1).astype(float)
+    x1, y1, x2, y2 = (round(v) for v in ok[1]["box"])
+    inner = (slice(y1 + (y2 - y1) // 4, y2 - (y2 - y1) // 4), slice(x1 + (x2 - x1) // 4, x2 - (x2 - x1) // 4))
+    on_face = np.abs(drawn[inner] - frames[1][inner]).mean()
+    elsewhere = np.abs(drawn[:40, :40] - frames[1][:40, :40]).mean()  # compression error only
+    assert on_face > 3 * elsewhere, (on_face, elsewhere)  # the grey mesh is drawn over the face
     # a rerun resumes: nothing is sent again, the video step runs again from the files
     assert main(["reconstruct", str(video), "-o", str(out), "--gateway", open_mesh.gateway_address, "--every", "1",
                  "--no-progress", "--no-preview"]) == 0
