@@ -32,3 +32,21 @@ def flame_mesh(synthetic_assets_dir: Path, tmp_path_factory: pytest.TempPathFact
     """The whole mesh on the flame pack, every official file a synthetic stand-in (size small)."""
     with LocalMesh(assets=synthetic_assets_dir, workdir=tmp_path_factory.mktemp("flame-mesh")) as mesh:
         yield mesh
+
+
+@pytest.fixture
+def service_torch_threads() -> Iterator[int]:
+    """Torch in this test process runs with the thread count the local mesh's services use
+    (``--torch-threads auto``): a thread count changes float rounding, so bit-for-bit comparisons of a
+    service's answer with an in-process call need the same count."""
+    import torch
+
+    from facefuse.servers.threads import parse_torch_threads
+
+    before = torch.get_num_threads()
+    threads = parse_torch_threads("auto")
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)

@@ -67,7 +67,8 @@ def test_reconstruct_mica_writes_every_output(flame_mesh: LocalMesh, astronaut_p
     assert meta["units"]["vertices"] == "mm" and len(meta["shape"]) == 300
 
 
-def test_service_answer_equals_the_in_process_call(flame_mesh: LocalMesh, mica_assets: Path, aligned_astronaut) -> None:
+def test_service_answer_equals_the_in_process_call(flame_mesh: LocalMesh, mica_assets: Path, aligned_astronaut,
+                                                   service_torch_threads: int) -> None:
     aligned, hw = aligned_astronaut
     local = MicaBackend.from_assets(mica_assets, "cpu").predict([aligned])[0]
     with grpc.insecure_channel(flame_mesh.address("mica")) as channel:

@@ -48,7 +48,7 @@ def _sample(stub, face, seed: int, n: int = 6, chunk: int = 0, **extra) -> np.nd
 
 
 def test_same_seed_same_samples_through_the_service(flame_mesh: LocalMesh, face_message, aligned_face,
-                                                    synthetic_assets_dir: Path) -> None:
+                                                    synthetic_assets_dir: Path, service_torch_threads: int) -> None:
     with grpc.insecure_channel(flame_mesh.address("ofer")) as channel:
         stub = ofer_pb2_grpc.OferServiceStub(channel)
         first = _sample(stub, face_message, seed=7)

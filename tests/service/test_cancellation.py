@@ -173,16 +173,20 @@ def test_a_cancelled_rank_frees_the_model(ofer) -> None:
 @pytest.mark.parametrize("ofer", [{"max_batch": 4, "batch_wait_s": 0.2}], indirect=True)
 def test_a_batch_stops_once_every_caller_left_and_the_next_batch_runs(ofer) -> None:
     backend, stub, _ = ofer
-    calls = [stub.Sample(_request(seed, steps=400), timeout=60) for seed in (1, 2)]
+    blocker = stub.Sample(_request(0, steps=400), timeout=60)  # a lone call runs at once, alone
     _wait_until(backend.running.is_set)
-    assert [sorted(b) for b in backend.batches] == [[1, 2]]
+    calls = [stub.Sample(_request(seed, steps=400), timeout=60) for seed in (1, 2)]  # queue behind it
+    time.sleep(0.3)
+    blocker.cancel()
+    _wait_until(lambda: len(backend.batches) == 2 and backend.running.is_set())
+    assert [sorted(b) for b in backend.batches] == [[0], [1, 2]] and backend.stopped == [-1]
     calls[0].cancel()
     time.sleep(0.3)
-    assert backend.stopped == [], "one caller still waits: the batch goes on"
+    assert backend.stopped == [-1], "one caller still waits: the batch goes on"
     calls[1].cancel()
     waited = _served_in(stub, 3)
-    assert backend.stopped == [-1] and [sorted(b) for b in backend.batches] == [[1, 2], [3]]
-    assert waited < 1.5  # includes the batcher's 0.2 s fill wait
+    assert backend.stopped == [-1, -2] and [sorted(b) for b in backend.batches] == [[0], [1, 2], [3]]
+    assert waited < 1.5  # a lone call: no fill wait
 
 
 def test_the_batcher_drops_queued_items_whose_caller_is_gone_without_running_them() -> None:

@@ -258,3 +258,14 @@ def test_gateway_flags_that_cannot_work_are_a_usage_error(argv: list[str], expec
 
     assert gateway.main(argv) == 2
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "1025"])
+def test_faces_in_flight_out_of_range_is_a_clear_usage_error(value: str) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "facefuse.servers.gateway", "--faces-in-flight", value],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--faces-in-flight must be 1..1024" in done.stderr and "Traceback" not in done.stderr

@@ -60,7 +60,9 @@ def mica_server(request: pytest.FixtureRequest):
     running.stop(0)
 
 
+@pytest.mark.parametrize("mica_server", [{"delay_s": 0.3}], indirect=True)
 def test_concurrent_requests_are_batched_and_answered_individually(mica_server) -> None:
+    """A lone request runs at once; the ones arriving while it runs (0.3 s) queue and go as one batch."""
     backend, stub, _ = mica_server
     results: dict[int, float] = {}
 
@@ -151,3 +153,47 @@ def test_batcher_hands_a_batch_failure_to_every_caller() -> None:
         with pytest.raises(AssetError):
             future.result(timeout=5)
     batcher.close()
+
+
+def test_a_lone_request_does_not_wait_for_a_batch_to_fill() -> None:
+    """With a 3 s batch wait, one request with nothing else queued is answered at once (bound: 1 s, generous
+    for a busy machine); two items queued together still run as one batch."""
+    backend = EchoBackend()
+    servicer = MicaServicer(backend, max_batch=8, batch_wait_s=3.0)
+    running = start_server(lambda s: mica_pb2_grpc.add_MicaServiceServicer_to_server(servicer, s), [SERVICE_NAME],
+                           ServerOptions())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = mica_pb2_grpc.MicaServiceStub(channel)
+            stub.Predict(mica_pb2.PredictRequest(faces=[_face(0.0)]), timeout=10)  # channel and handler warm
+            started = time.monotonic()
+            reply = stub.Predict(mica_pb2.PredictRequest(faces=[_face(0.5)]), timeout=10)
+            elapsed = time.monotonic() - started
+    finally:
+        running.stop(0)
+    assert float(wire.to_numpy(reply.predictions[0].shape)[0]) == pytest.approx(0.5)
+    assert elapsed < 1.0
+    assert backend.batch_sizes[-1] == 1
+
+
+def test_items_queued_behind_a_running_batch_fill_the_next_one() -> None:
+    started = threading.Event()
+    release = threading.Event()
+    sizes: list[int] = []
+
+    def run(items: Sequence[int], _stop: object) -> list[int]:
+        sizes.append(len(items))
+        started.set()
+        release.wait(10)
+        return [2 * item for item in items]
+
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(run, max_batch=8, max_wait_s=0.5)
+    try:
+        first = batcher.submit(1)
+        assert started.wait(5)
+        rest = batcher.submit_many([2, 3, 4])  # queued while the first batch runs
+        release.set()
+        assert first.result(10) == 2 and [f.result(10) for f in rest] == [4, 6, 8]
+    finally:
+        batcher.close()
+    assert sizes == [1, 3]

@@ -194,7 +194,8 @@ class OferBackend:
         flame = FlameLayer(flame_data).to(device).eval()
         reproduce = projections == "reproduce-official"
         details = {"projections": str(idgen.load_report.get("projections", projections)),
-                   "vertices": str(flame_data.num_vertices)}
+                   "vertices": str(flame_data.num_vertices),
+                   "arcface_shared": share_identical_arcface(idgen, idrank)}
         if reproduce:
             details["official_sampling"] = ("mode 'official' with seed S starts from the RNG state of the official "
                                             "program seeded with S at its first sampling")
@@ -333,6 +334,62 @@ class OferBackend:
         context = self.idrank.context(blob, farl)
         vertices = self.flame.shape_vertices(torch.from_numpy(np.asarray(candidates, np.float32)).to(self.device))
         return self.idrank.score(vertices, context).to(torch.float32).cpu().numpy()
+
+
+class SharedArcFace(torch.nn.Module):
+    """One ArcFace for IdGen and IdRank when their checkpoints carry the same weights: the Sample and
+    Rank calls of a face then run its ArcFace pass once. A pass is reused only for the same input bytes
+    and the same ``apply_features``, so results are bit for bit those of two separate passes."""
+
+    CACHE_SIZE = 16
+
+    def __init__(self, arcface: torch.nn.Module) -> None:
+        super().__init__()
+        self.arcface = arcface
+        self._cache: dict[tuple[bytes, tuple[int, ...], bool], torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self.passes = 0
+        """ArcFace passes actually run (the rest came from the cache)."""
+
+    def forward(self, blob: torch.Tensor, *, apply_features: bool = True) -> torch.Tensor:
+        import hashlib
+
+        data = blob.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        key = (hashlib.blake2b(data, digest_size=16).digest(), tuple(blob.shape), bool(apply_features))
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None:
+            return hit.clone()
+        out = self.arcface(blob, apply_features=apply_features)
+        with self._lock:
+            self.passes += 1
+            self._cache[key] = out.detach().clone()
+            while len(self._cache) > self.CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)))
+        return out
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two modules hold the same tensors under the same names (compared exactly)."""
+    left, right = a.state_dict(), b.state_dict()
+    if left.keys() != right.keys():
+        return False
+    return all(
+        left[k].shape == right[k].shape and left[k].dtype == right[k].dtype and torch.equal(left[k], right[k])
+        for k in left
+    )
+
+
+def share_identical_arcface(idgen: IdGen, idrank: IdRank) -> str:
+    """Give IdGen and IdRank one cached ArcFace when, and only when, their checkpoints' ArcFace weights are
+    identical (compared tensor by tensor at load). The official IdGen and IdRank weights differ, so
+    usually nothing is shared. Returns the backend's ``arcface_shared`` detail."""
+    if not same_weights(idgen.arcface, idrank.arcface):
+        return "no (IdGen and IdRank ArcFace weights differ)"
+    shared = SharedArcFace(idgen.arcface)
+    idgen.add_module("arcface", shared)  # replaces the registered submodule (same attribute name)
+    idrank.add_module("arcface", shared)
+    return "yes (identical weights: one ArcFace pass per face)"
 
 
 def _step_check(stop_check: StopCheck) -> Callable[[object], None]:

@@ -63,6 +63,22 @@ class FrontEnd(Protocol):
     def align(self, image: np.ndarray, detection: Detection) -> AlignedFace: ...
 
 METHODS = ("detect", "mica", "ofer", "fuse")
+CROP_FIELDS = ("crop112", "arcface_blob", "crop224", "crop_box224", "farl_input")
+"""The Face message's image tensors (~1.5 MB together); each backend call carries only those it reads."""
+MICA_CROPS = ("arcface_blob",)
+"""MICA (flame pack) reads only its ArcFace blob (147 KB)."""
+OPEN_MICA_CROPS = ("crop_box224",)
+"""The open pack's mica reads the landmarks and mirror-averages FaceMesh on the box crop (docs/open-pack.md)."""
+ANY_MICA_CROPS = ("arcface_blob", "crop_box224")
+"""While the mica service's pack is unknown: what either pack may read."""
+SAMPLE_CROPS = ("arcface_blob",)
+"""IdGen (flame pack) reads the ArcFace blob."""
+RANK_CROPS = ("arcface_blob", "farl_input")
+"""IdRank (flame pack) reads the ArcFace blob and the FaRL input."""
+OPEN_OFER_CROPS = ("arcface_blob", "crop_box224")
+"""The open pack's Sample and Rank impute hidden landmarks from the box crop's pixels."""
+ANY_OFER_CROPS = ("arcface_blob", "crop_box224", "farl_input")
+"""While the ofer service's pack is unknown: what either pack may read."""
 DEFAULT_CALL_TIMEOUT_S = 600.0
 VISIBILITY_SOURCES = ("mask", "photometric", "hands", "pose")
 MAX_GIVEN_BOXES = 64
@@ -213,6 +229,7 @@ class FacePipeline:
         self._canonical: CanonicalFace | bool | None = None  # the same for the canonical face
         self._branch_pool = ThreadPoolExecutor(max_workers=face_workers, thread_name_prefix="branch")
         self._default_strategy: str | None = None
+        self._packs: dict[str, str] = {}  # backend -> its pack, from one Info call (ready backends only)
 
     def close(self) -> None:
         self._faces_pool.shutdown(wait=False, cancel_futures=True)
@@ -337,8 +354,15 @@ class FacePipeline:
                     hand.points
                     for hand in detector.detect(image, region=_grown_box(face.detection.box, image.shape, 2.5))
                 ]
+        # On the face's window only: converting a 4096² photo for each face cost ~1 s; the regions lie
+        # inside the landmarks' box, so the window gives the same pixels, shifted by whole pixels.
+        rows, cols = landmark_window(landmarks, image.shape)
+        shift = np.array([cols.start, rows.start], np.float64)
         vis = sources.estimate(
-            image, landmarks, occluder_mask=None if mask is None else mask > 127, hand_points=hand_points,
+            image[rows, cols],
+            shifted_points(landmarks, shift),
+            occluder_mask=None if mask is None else mask[rows, cols] > 127,
+            hand_points=None if hand_points is None else [shifted_points(p, shift) for p in hand_points],
             triangles=None if canonical is None else canonical.faces,
             canonical_mm=None if canonical is None else canonical.vertices_mm,
         )
@@ -393,8 +417,10 @@ class FacePipeline:
 
     def _mica(self, face: common_pb2.Face, deadline: Deadline) -> gateway_pb2.Reconstruction:
         stub = self.clients.mica
-        reply = self._call("mica", stub.Predict if stub else None,
-                           mica_pb2.PredictRequest(faces=[face], return_mesh=True, return_landmarks=True), deadline)
+        crops = self._crops("mica", MICA_CROPS, OPEN_MICA_CROPS, ANY_MICA_CROPS, deadline)
+        request = mica_pb2.PredictRequest(faces=[only_crops(face, crops)], return_mesh=True,
+                                          return_landmarks=True)
+        reply = self._call("mica", stub.Predict if stub else None, request, deadline)
         pred = reply.predictions[0]
         check_scale(pred.scale_source, pred.scale_confidence)
         return gateway_pb2.Reconstruction(method="mica", shape=pred.shape, mesh=pred.mesh,
@@ -406,7 +432,9 @@ class FacePipeline:
                  guide: common_pb2.Tensor | None = None, strength: float = 0.0,
                  visibility: common_pb2.Visibility | None = None) -> np.ndarray:
         stub = self.clients.ofer
-        request = ofer_pb2.SampleRequest(face=face, num_samples=options.num_samples or 10, steps=options.steps,
+        request = ofer_pb2.SampleRequest(face=only_crops(face, self._ofer_crops(SAMPLE_CROPS, deadline)),
+                                         num_samples=options.num_samples or 10,
+                                         steps=options.steps,
                                          mode=options.sampler_mode or "fast", seed=options.seed)
         if start is not None:
             request.start_shape.CopyFrom(start)
@@ -431,7 +459,8 @@ class FacePipeline:
     def _rank(self, face: common_pb2.Face, candidates: np.ndarray, deadline: Deadline,
               visibility: common_pb2.Visibility | None = None) -> np.ndarray:
         stub = self.clients.ofer
-        request = ofer_pb2.RankRequest(face=face, candidates=wire.from_numpy(candidates.astype(np.float32)))
+        request = ofer_pb2.RankRequest(face=only_crops(face, self._ofer_crops(RANK_CROPS, deadline)),
+                                       candidates=wire.from_numpy(candidates.astype(np.float32)))
         if visibility is not None:
             request.visibility.CopyFrom(visibility)
         reply = self._call("ofer", stub.Rank if stub else None, request, deadline)
@@ -497,6 +526,28 @@ class FacePipeline:
             self._fuse_request("ofer", options, samples, scores, visibility, pose_fit=pose_fit), deadline
         )
         return self._fused_reconstruction("ofer", fused, samples, scores, visibility)
+
+    def _ofer_crops(self, flame_crops: tuple[str, ...], deadline: Deadline) -> tuple[str, ...]:
+        return self._crops("ofer", flame_crops, OPEN_OFER_CROPS, ANY_OFER_CROPS, deadline)
+
+    def _crops(self, backend: str, flame_crops: tuple[str, ...], open_crops: tuple[str, ...],
+               any_crops: tuple[str, ...], deadline: Deadline) -> tuple[str, ...]:
+        """The image tensors a call to ``backend`` carries: ``flame_crops`` or ``open_crops`` by its pack,
+        ``any_crops`` (what either pack may read) while the pack is unknown: a request too big, never one
+        missing a tensor. The pack comes from the backend's Info, asked until a ready backend answers."""
+        pack = self._packs.get(backend)
+        if pack is None:
+            stub = getattr(self.clients, backend)
+            try:
+                info = self._call(backend, stub.Info if stub else None, common_pb2.InfoRequest(), deadline)
+            except FacefuseError:
+                return any_crops
+            pack = info.pack
+            if info.ready:
+                self._packs[backend] = pack
+        if pack == "flame":
+            return flame_crops
+        return open_crops if pack == "open" else any_crops
 
     def default_strategy(self, deadline: Deadline) -> str:
         if self._default_strategy is None:
@@ -616,6 +667,35 @@ def _grown_box(box: np.ndarray, shape: tuple[int, ...], factor: float) -> np.nda
     )
 
 
+WINDOW_MARGIN_PX = 4
+"""Pixels around the landmarks' box in the visibility window: the region polygons join landmarks, so
+they lie inside the box; the margin covers the one-pixel rounding of the polygon fill."""
+
+
+def landmark_window(landmarks: np.ndarray, image_shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """(rows, cols) of the image around the landmarks' box (plus ``WINDOW_MARGIN_PX``), clipped to the
+    image; the whole image when the landmarks are not all finite (the visibility code reports those)."""
+    height, width = int(image_shape[0]), int(image_shape[1])
+    xy = np.asarray(landmarks, np.float64)[:, :2]
+    if xy.size == 0 or not np.all(np.isfinite(xy)):
+        return slice(0, height), slice(0, width)
+    x0, y0 = np.floor(xy.min(axis=0)).astype(int) - WINDOW_MARGIN_PX
+    x1, y1 = np.ceil(xy.max(axis=0)).astype(int) + WINDOW_MARGIN_PX + 1
+    x0, x1 = min(max(x0, 0), width), min(max(x1, 0), width)
+    y0, y1 = min(max(y0, 0), height), min(max(y1, 0), height)
+    if x1 <= x0 or y1 <= y0:  # the face lies wholly outside the frame: nothing of it is seen either way
+        return slice(0, height), slice(0, width)
+    return slice(int(y0), int(y1)), slice(int(x0), int(x1))
+
+
+def shifted_points(points: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Pixel points (x, y[, more]) in a window that starts at ``shift`` (whole pixels: exact in float64)."""
+    moved = np.array(points, np.float64, copy=True)
+    if moved.ndim == 2 and moved.shape[1] >= 2:
+        moved[:, :2] -= shift
+    return moved
+
+
 def _overall_visibility(visibility: common_pb2.Visibility | None) -> float:
     if visibility is None or not visibility.regions:
         return 1.0
@@ -623,10 +703,16 @@ def _overall_visibility(visibility: common_pb2.Visibility | None) -> float:
 
 
 def _without_crops(face: common_pb2.Face) -> common_pb2.Face:
+    return only_crops(face, ())
+
+
+def only_crops(face: common_pb2.Face, keep: tuple[str, ...]) -> common_pb2.Face:
+    """``face`` with only the image tensors in ``keep`` (its boxes, points and sizes all stay)."""
     slim = common_pb2.Face()
     slim.CopyFrom(face)
-    for name in ("crop112", "arcface_blob", "crop224", "crop_box224", "farl_input"):
-        slim.ClearField(name)
+    for name in CROP_FIELDS:
+        if name not in keep:
+            slim.ClearField(name)
     return slim
 
 

@@ -294,6 +294,10 @@ def run_cli(
     configure_logging(prog, args.log_level)
     try:
         _server_tls(args)  # flag mistakes show before the models load
+        if getattr(args, "torch_threads", None) is not None:  # the services that run torch (threads.py)
+            from facefuse.servers.threads import apply_torch_threads
+
+            apply_torch_threads(args.torch_threads)
         register, names, ready = build(args)  # may settle defaults (the gateway's --workers)
         running = start_server(register, names, options_from_args(args), ready)
     except (FacefuseError, OSError) as exc:

@@ -1,8 +1,9 @@
 """Dynamic batching: requests that arrive together are run as one batch, so a GPU is fed full batches.
 
 Callers submit single items (each with its caller's :class:`Deadline`) and wait on a future; one worker
-thread collects items until the batch is full or the oldest item has waited ``max_wait_s``, runs the
-batch function once, and hands each caller its own result (or the batch's exception).
+thread collects items until the batch is full or the oldest item has waited ``max_wait_s`` (a lone item,
+with nothing else queued behind it, does not wait at all), runs the batch function once, and hands each
+caller its own result (or the batch's exception).
 
 Work nobody waits for is not done: an item whose caller cancelled or whose deadline passed while it
 was queued is dropped before the batch runs (its future gets the ``CancelledError``/``DeadlineError``),
@@ -87,7 +88,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if first is _STOP:
                 return
             batch = [first]
-            deadline = time.monotonic() + self.max_wait_s
+            # A lone request runs at once: waiting ``max_wait_s`` for company that is not queued only adds
+            # latency. Requests arriving while a batch runs queue up and fill the next one.
+            deadline = time.monotonic() + (self.max_wait_s if not self._queue.empty() else 0.0)
             stop_after = False
             while len(batch) < self.max_batch:
                 timeout = deadline - time.monotonic()

@@ -13,6 +13,7 @@ from facefuse import wire
 from facefuse.errors import FacefuseError, InvalidInputError
 from facefuse.packs.base import BackendStatus
 from facefuse.rpc.deadline import Deadline
+from facefuse.servers.threads import add_thread_argument
 from facefuse.v1 import common_pb2
 
 if TYPE_CHECKING:
@@ -75,4 +76,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model pack: flame (official files), open (registry models), auto (flame when present)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the networks run")
     parser.add_argument("--max-batch", type=int, default=16, help="largest dynamic batch")
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0,
+                        help="how long a batch waits to fill once a second request is queued (a lone request "
+                             "runs at once)")
+    add_thread_argument(parser)

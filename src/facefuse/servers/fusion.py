@@ -21,6 +21,7 @@ from facefuse.rpc.logs import log_event
 from facefuse.servers.base import run_cli
 from facefuse.servers.common import backend_info, visibility_from_message
 from facefuse.servers.ofer import MAX_CANDIDATES
+from facefuse.servers.threads import add_thread_argument
 from facefuse.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc
 
 if TYPE_CHECKING:
@@ -180,6 +181,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fusion-profile", default=os.environ.get(PROFILE_ENV) or None, metavar="PATH",
                         help="fusion profile from `facefuse bench now --tune`: its strategy and options become the "
                              f"default (default ${PROFILE_ENV})")
+    add_thread_argument(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,6 +43,9 @@ DEFAULT_MAX_IMAGE_MB = 50
 DEFAULT_MAX_STREAMS = 64
 DEFAULT_STREAM_IN_FLIGHT = 4
 DEFAULT_IMAGE_WORKERS = 16
+DEFAULT_FACES_IN_FLIGHT = 16
+"""Faces at the model services at once (all streams): enough for the ofer and mica batchers to fill
+batches from concurrent clients; on a CPU the extra faces wait in the services' queues, not here."""
 DEFAULT_STREAM_IDLE_S = 60.0
 DEFAULT_STREAM_BUFFER_MB = 64
 UNARY_RESERVE = 8
@@ -309,6 +312,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bytes one stream may hold in images still missing their last chunk")
     parser.add_argument("--image-workers", type=int, default=DEFAULT_IMAGE_WORKERS,
                         help="images processed at once, shared by all streams")
+    parser.add_argument("--faces-in-flight", type=int, default=DEFAULT_FACES_IN_FLIGHT,
+                        help="faces at the model services at once, shared by all streams (batches fill from these)")
     parser.set_defaults(workers=None)
     parser.add_argument("--max-decode-mb", type=int, default=DEFAULT_MAX_DECODE_BYTES >> 20,
                         help="memory one image's decoding may take, charged from its header (MiB)")
@@ -327,6 +332,8 @@ def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequ
                           buffer_bytes=args.max_stream_buffer_mb << 20, max_image_bytes=args.max_image_mb << 20)
     if args.image_workers < 1:
         raise InvalidInputError(f"--image-workers must be at least 1, not {args.image_workers}")
+    if not 1 <= args.faces_in_flight <= 1024:
+        raise InvalidInputError(f"--faces-in-flight must be 1..1024, not {args.faces_in_flight}")
     # Every stream holds an RPC thread for its whole life: the pool gets one per stream plus a reserve,
     # so health, reflection and Info answer while every stream slot is taken (docs/services.md).
     if args.workers is None:
@@ -340,7 +347,8 @@ def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequ
     tls = ClientTls(args.backend_ca, args.backend_cert, args.backend_key) if args.backend_ca is not None else None
     clients = MeshClients.connect(args.mica, args.ofer, args.fusion, args.max_message_mb, tls=tls,
                                   tls_name=args.backend_tls_name)
-    pipeline = FacePipeline(front_end, clients, max_pixels=args.max_pixels, max_decode_bytes=args.max_decode_mb << 20)
+    pipeline = FacePipeline(front_end, clients, max_pixels=args.max_pixels, max_decode_bytes=args.max_decode_mb << 20,
+                            face_workers=args.faces_in_flight)
     servicer = GatewayServicer(pipeline, limits=limits, image_workers=args.image_workers, front_end_name=front_end.name)
     return (
         lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
