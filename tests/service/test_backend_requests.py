@@ -130,7 +130,8 @@ def test_each_backend_gets_only_the_tensors_it_reads(recorded) -> None:
         assert _crops(predict.faces[0]) == {"arcface_blob"}
         assert predict.ByteSize() < 160_000  # the 147 KB blob and little else
     elif pack == "open":  # the open pack's mica mirror-averages FaceMesh on the box crop
-        assert _crops(predict.faces[0]) == {"crop_box224"}
+        assert _crops(predict.faces[0]) == {"arcface_blob", "crop_box224"}
+        assert predict.ByteSize() < 800_000
     else:  # the pack unknown: what either pack reads, never less
         assert _crops(predict.faces[0]) == {"arcface_blob", "crop_box224"}
     (sample,) = ofer.samples

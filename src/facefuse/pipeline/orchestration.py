@@ -67,8 +67,9 @@ CROP_FIELDS = ("crop112", "arcface_blob", "crop224", "crop_box224", "farl_input"
 """The Face message's image tensors (~1.5 MB together); each backend call carries only those it reads."""
 MICA_CROPS = ("arcface_blob",)
 """MICA (flame pack) reads only its ArcFace blob (147 KB)."""
-OPEN_MICA_CROPS = ("crop_box224",)
-"""The open pack's mica reads the landmarks and mirror-averages FaceMesh on the box crop (docs/open-pack.md)."""
+OPEN_MICA_CROPS = ("arcface_blob", "crop_box224")
+"""The open pack's mica reads the landmarks and mirror-averages FaceMesh on the box crop (docs/open-pack.md);
+every aligned face carries its ArcFace blob (facefuse.wire checks it)."""
 ANY_MICA_CROPS = ("arcface_blob", "crop_box224")
 """While the mica service's pack is unknown: what either pack may read."""
 SAMPLE_CROPS = ("arcface_blob",)
