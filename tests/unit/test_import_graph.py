@@ -18,7 +18,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("rpc", "io", "geometry"),
     ("models", "render", "texture"),
     ("assets",),
-    ("face", "fusion"),
+    ("face", "fusion", "tracking"),
     ("wire",),
     ("packs", "eval"),
     ("pipeline",),

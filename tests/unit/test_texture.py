@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from facefuse.errors import InvalidInputError
-from facefuse.render import SPREAD_SCALE_MM, render_uncertainty, spread_colors, spread_legend
+from facefuse.render import RULER_HEIGHT, SPREAD_SCALE_MM, render_uncertainty, spread_colors, spread_legend
 from facefuse.texture import STRIPE_DARKEN, photo_texture
 
 
@@ -54,7 +54,7 @@ def test_uncertainty_colours_use_one_fixed_scale():
     assert spread_legend(300).shape == (44, 300, 3)
     square = np.array([[0, 0, 0], [10, 0, 0], [0, 10, 0], [10, 10, 0]], float)
     image = render_uncertainty(square, np.array([[0, 1, 2], [1, 3, 2]]), np.array([0.0, 1.0, 4.0, 8.0]), size=64)
-    assert image.shape == (64 + 44, 128, 3)
+    assert image.shape == (64 + RULER_HEIGHT + 44, 128, 3)  # views at the fixed mm scale, ruler, legend
 
 
 def test_landmark_visibility_takes_each_points_regions():

@@ -84,7 +84,8 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> i
             report = run_stream(items, args.out, client, method,
                                 options={"selection": args.selection, "det_thresh": args.det_thresh, **options},
                                 progress=not args.no_progress, masks=masks,
-                                all_files=getattr(args, "all_files", False))
+                                all_files=getattr(args, "all_files", False),
+                                preview=not getattr(args, "no_preview", False))
         except BackendUnavailableError:
             print(f"facefuse: finished outputs are kept in {display(str(args.out))}; rerun the same command to resume",
                   file=sys.stderr)
@@ -104,6 +105,16 @@ def _run(args: argparse.Namespace, method: str, options: dict[str, object]) -> i
                 f"identity {entry['identity']}: {entry['status']}, "
                 f"{entry.get('used', 0)}/{entry['images']} image(s) fused"
             )
+    if method != "detect" and any(item.frame >= 0 for item in items):
+        from facefuse.client.video import write_video_outputs
+
+        for video in write_video_outputs(args.out, items, method):
+            if "error" in video:
+                print(f"facefuse: warning: video {video['video']}: {video['error']}", file=sys.stderr)
+                continue
+            posed = sum(t.get("posed_frames", 0) for t in video["tracks"])
+            print(f"video {video['video']}: {video['frames']} frame(s), {len(video['tracks'])} track(s), "
+                  f"{posed} posed face(s); {video['overlay']}")
     if report.no_face:
         print(f"facefuse: no face found in {report.no_face} image(s) (NOT_FOUND); a lower --det-thresh finds more "
               "(occluded, small) faces", file=sys.stderr)
@@ -285,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same samples)")
     rec.add_argument("--all-files", action="store_true",
                      help="also write the rarely needed files (crops, kps5.npy, samples.npz, mesh_uncertainty.ply)")
+    rec.add_argument("--no-preview", action="store_true",
+                     help="skip preview.png and uncertainty.png (rendered on worker threads otherwise)")
     rec.add_argument("--save-branches", action="store_true", help="also keep MICA's and OFER's own outputs")
     rec.add_argument("--neutral-only", action="store_true",
                      help="skip the posed-face fit (expression, head pose, camera, mesh_posed.*); docs/posed-face.md")

@@ -12,7 +12,7 @@ from facefuse.client.inputs import InputItem
 from facefuse.client.names import display, folder_name
 from facefuse.client.outputs import ResultsLog
 from facefuse.errors import InvalidInputError
-from facefuse.fusion.identity import fuse_identity, image_weight
+from facefuse.fusion.identity import IdentityResult, fuse_identity, image_weight
 from facefuse.io.atomic import write_json_atomic, write_npy_atomic, write_text_atomic
 from facefuse.io.meshes import read_mesh, write_obj, write_ply
 from facefuse.render import spread_colors
@@ -63,37 +63,8 @@ def write_identities(out: Path, groups: dict[str, list[InputItem]], method: str)
         if not members:
             summary.append({"identity": name, "status": "NO_FACES", "images": len(group)})
             continue
-        vertices, shapes, spreads, kpts, weights = [], [], [], [], []
-        faces = np.zeros((0, 3), np.int64)
-        for m in members:
-            face_dir = out / m["dir"]
-            v, f = read_mesh(face_dir / "mesh.ply")
-            faces = f
-            vertices.append(v)
-            shapes.append(np.load(face_dir / "shape.npy")) if (face_dir / "shape.npy").is_file() else None
-            spreads.append(
-                np.load(face_dir / "uncertainty.npy") if (face_dir / "uncertainty.npy").is_file() else np.zeros(len(v))
-            )
-            kpts.append(np.load(face_dir / "kpt7.npy")) if (face_dir / "kpt7.npy").is_file() else None
-            visibility = m.get("visibility")
-            weights.append(
-                image_weight(m.get("confidence"), float(np.mean(list(visibility.values()))) if visibility else None)
-            )
-        result = fuse_identity(
-            np.stack(vertices),
-            np.array(weights),
-            shapes=np.stack(shapes) if len(shapes) == len(members) else None,
-            spreads_mm=np.stack(spreads),
-            kpt7_mm=np.stack(kpts) if len(kpts) == len(members) else None,
-        )
-        write_obj(target / "mesh.obj", result.vertices_mm, faces)
-        write_ply(target / "mesh.ply", result.vertices_mm, faces)
-        write_ply(target / "mesh_uncertainty.ply", result.vertices_mm, faces, spread_colors(result.vertex_spread_mm))
-        write_npy_atomic(target / "uncertainty.npy", result.vertex_spread_mm)
-        if result.shape is not None:
-            write_npy_atomic(target / "shape.npy", result.shape)
-        if result.kpt7_mm is not None:
-            write_npy_atomic(target / "kpt7.npy", result.kpt7_mm)
+        result, faces = fuse_members(out, members)
+        write_identity_files(target, result, faces)
         entry = {
             "identity": name,
             "status": "OK",
@@ -112,6 +83,46 @@ def write_identities(out: Path, groups: dict[str, list[InputItem]], method: str)
 
     write_text_atomic(out / "identities.jsonl", "".join(json.dumps(e, sort_keys=True) + "\n" for e in summary))
     return summary
+
+
+def fuse_members(out: Path, members: list[dict[str, Any]]) -> tuple[IdentityResult, np.ndarray]:
+    """Fuse the faces named by ``members`` (results.jsonl lines, OK, folders under ``out``) into one shape."""
+    vertices, shapes, spreads, kpts, weights = [], [], [], [], []
+    faces = np.zeros((0, 3), np.int64)
+    for m in members:
+        face_dir = out / m["dir"]
+        v, f = read_mesh(face_dir / "mesh.ply")
+        faces = f
+        vertices.append(v)
+        shapes.append(np.load(face_dir / "shape.npy")) if (face_dir / "shape.npy").is_file() else None
+        spreads.append(
+            np.load(face_dir / "uncertainty.npy") if (face_dir / "uncertainty.npy").is_file() else np.zeros(len(v))
+        )
+        kpts.append(np.load(face_dir / "kpt7.npy")) if (face_dir / "kpt7.npy").is_file() else None
+        visibility = m.get("visibility")
+        weights.append(
+            image_weight(m.get("confidence"), float(np.mean(list(visibility.values()))) if visibility else None)
+        )
+    result = fuse_identity(
+        np.stack(vertices),
+        np.array(weights),
+        shapes=np.stack(shapes) if len(shapes) == len(members) else None,
+        spreads_mm=np.stack(spreads),
+        kpt7_mm=np.stack(kpts) if len(kpts) == len(members) else None,
+    )
+    return result, faces
+
+
+def write_identity_files(target: Path, result: IdentityResult, faces: np.ndarray) -> None:
+    """The fused identity's mesh, uncertainty and (where the members had them) shape and kpt7 files."""
+    write_obj(target / "mesh.obj", result.vertices_mm, faces)
+    write_ply(target / "mesh.ply", result.vertices_mm, faces)
+    write_ply(target / "mesh_uncertainty.ply", result.vertices_mm, faces, spread_colors(result.vertex_spread_mm))
+    write_npy_atomic(target / "uncertainty.npy", result.vertex_spread_mm)
+    if result.shape is not None:
+        write_npy_atomic(target / "shape.npy", result.shape)
+    if result.kpt7_mm is not None:
+        write_npy_atomic(target / "kpt7.npy", result.kpt7_mm)
 
 
 def _inside(out: Path, relative: object) -> bool:

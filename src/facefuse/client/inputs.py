@@ -8,6 +8,7 @@ not stop the run: the item carries a ``problem`` and gets its own status line.
 from __future__ import annotations
 
 import glob
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from facefuse.client.names import display, folder_name
 from facefuse.errors import InvalidInputError
+from facefuse.io.video import FrameReader, video_info
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
@@ -102,17 +104,36 @@ def collect_inputs(arguments: list[str], *, every_n_frames: int = 10) -> list[In
 
 
 def _video_items(path: Path, every_n: int) -> list[InputItem]:
-    import cv2
-
-    capture = cv2.VideoCapture(str(path))
     base = _image_id(path)
     try:
-        if not capture.isOpened():
-            return [InputItem(base, path, problem=f"{display(str(path))}: not a readable video")]
-        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    finally:
-        capture.release()
+        total = video_info(path).frames
+    except InvalidInputError as exc:
+        return [InputItem(base, path, problem=f"{display(str(path))}: not a readable video ({exc})")]
     return [InputItem(f"{base}#{frame:06d}", path, frame) for frame in range(0, max(total, 0), max(every_n, 1))]
+
+
+_READERS: dict[Path, FrameReader] = {}
+_READERS_LOCK = threading.Lock()
+MAX_OPEN_VIDEOS = 4
+
+
+def frame_reader(path: Path) -> FrameReader:
+    """The shared reader of one video (frames are asked for in order by the request thread, then again by
+    the result writer: its few cached frames answer the second ask)."""
+    key = path.resolve()
+    with _READERS_LOCK:
+        reader = _READERS.get(key)
+        if reader is None:
+            while len(_READERS) >= MAX_OPEN_VIDEOS:
+                _READERS.pop(next(iter(_READERS))).close()
+            reader = _READERS[key] = FrameReader(key, keep=16)
+        return reader
+
+
+def _frame_rgb(item: InputItem) -> np.ndarray:
+    if item.problem:
+        raise InvalidInputError(item.problem)
+    return frame_reader(item.path).frame(item.frame)
 
 
 def read_bytes(item: InputItem) -> bytes:
@@ -123,15 +144,7 @@ def read_bytes(item: InputItem) -> bytes:
         return item.path.read_bytes()
     import cv2
 
-    capture = cv2.VideoCapture(str(item.path))
-    try:
-        capture.set(cv2.CAP_PROP_POS_FRAMES, item.frame)
-        ok, frame = capture.read()
-    finally:
-        capture.release()
-    if not ok:
-        raise InvalidInputError(f"{item.name}: frame could not be read")
-    ok, encoded = cv2.imencode(".png", frame)
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(_frame_rgb(item)[..., ::-1]))
     if not ok:
         raise InvalidInputError(f"{item.name}: frame could not be encoded")
     return encoded.tobytes()
@@ -141,4 +154,6 @@ def read_rgb(item: InputItem) -> np.ndarray:
     """The decoded RGB image, for overlays and vertex colours on the client side."""
     from facefuse.io.images import decode_image
 
+    if item.frame >= 0:
+        return _frame_rgb(item)
     return decode_image(read_bytes(item))

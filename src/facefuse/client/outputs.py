@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import numpy as np
 
 from facefuse.client.inputs import InputItem
 from facefuse.client.names import display
+from facefuse.client.posed import PosedFace, load_posed, posed_from_reconstruction
 from facefuse.client.validate import CheckedFace, CheckedPosedFace, CheckedReconstruction
 from facefuse.io.atomic import (
     write_bytes_atomic,
@@ -29,6 +33,7 @@ from facefuse.io.atomic import (
 )
 from facefuse.io.gltf import write_glb
 from facefuse.io.meshes import write_obj, write_ply, write_textured_obj
+from facefuse.render import overlay as mesh_overlay
 from facefuse.render import render_preview, render_uncertainty, spread_colors
 
 RESULTS = "results.jsonl"
@@ -145,6 +150,74 @@ def _png(path: Path, rgb: np.ndarray) -> Path:
     return write_bytes_atomic(path, buffer.getvalue())
 
 
+Draw = Callable[[Path, Callable[[], np.ndarray]], None]
+"""draw(path, render): write the PNG of ``render()`` at ``path`` and list it among the face's files."""
+
+
+class PreviewWriter:
+    """Renders the preview images (preview.png, uncertainty.png, the mesh overlay) off the result path.
+
+    With ``workers`` > 0 they are rendered and written on a thread pool (numpy releases the GIL in the
+    renderer's array work) while the client goes on reading results; at most ``pending`` wait at once
+    (``draw`` blocks beyond that), so memory stays bounded however fast results come. The file is
+    listed in the face's results.jsonl line right away; one that fails is taken off that line in
+    ``close`` (with a warning), and one an interrupted run never wrote makes ``is_done`` redo the face.
+    """
+
+    def __init__(self, workers: int = 2, pending: int = 8) -> None:
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="facefuse-preview") if workers > 0 else None
+        self._slots = threading.BoundedSemaphore(max(pending, 1))
+        self._failures: list[tuple[list[str], str, str]] = []
+        self._lock = threading.Lock()
+
+    def draw_for(self, out: Path, files: list[str]) -> Draw:
+        """A ``draw`` for one face whose listed files are ``files`` (paths relative to ``out``)."""
+
+        def draw(path: Path, render: Callable[[], np.ndarray]) -> None:
+            relative = str(path.relative_to(out))
+            if self._pool is None:
+                _png(path, render())
+                files.append(relative)
+                return
+            files.append(relative)
+            self._slots.acquire()
+            future = self._pool.submit(_write_png, path, render)
+            future.add_done_callback(lambda done: self._finished(done, files, relative))
+
+        return draw
+
+    def _finished(self, future: Future[None], files: list[str], relative: str) -> None:
+        self._slots.release()
+        error = future.exception()
+        if error is not None:
+            with self._lock:
+                self._failures.append((files, relative, f"{type(error).__name__}: {error}"))
+
+    def close(self) -> int:
+        """Wait for every image; take the failed ones off their faces' lines; returns how many failed."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        with self._lock:
+            failures, self._failures = self._failures, []
+        for files, relative, message in failures:
+            if relative in files:
+                files.remove(relative)
+            print(f"facefuse: warning: {display(relative)} could not be written: {message}", file=sys.stderr)
+        return len(failures)
+
+
+def _write_png(path: Path, render: Callable[[], np.ndarray]) -> None:
+    _png(path, render())
+
+
+def _draw_inline(out: Path, files: list[str]) -> Draw:
+    def draw(path: Path, render: Callable[[], np.ndarray]) -> None:
+        _png(path, render())
+        files.append(str(path.relative_to(out)))
+
+    return draw
+
+
 def _face_window(shape: tuple[int, ...], box: np.ndarray) -> tuple[int, int, int, int]:
     """left, top, right, bottom of the face's neighbourhood (box centre, 1.6x its larger side)."""
     h, w = shape[:2]
@@ -154,13 +227,16 @@ def _face_window(shape: tuple[int, ...], box: np.ndarray) -> tuple[int, int, int
     return int(max(cx - size, 0)), int(max(cy - size, 0)), int(min(cx + size, w)), int(min(cy + size, h))
 
 
-def overlay(image: np.ndarray, box: np.ndarray, kps5: np.ndarray, landmarks: np.ndarray | None) -> np.ndarray:
-    """The face's neighbourhood with its box, 5 points and landmarks drawn."""
+def overlay(image: np.ndarray, box: np.ndarray, kps5: np.ndarray, landmarks: np.ndarray | None,
+            window_pixels: np.ndarray | None = None) -> np.ndarray:
+    """The face's neighbourhood with its box, 5 points and landmarks drawn (over ``window_pixels``, the
+    neighbourhood already drawn on, e.g. the mesh overlay, when given)."""
     import cv2
 
     x1, y1, x2, y2 = box
     left, top, right, bottom = _face_window(image.shape, box)
-    canvas = np.ascontiguousarray(image[top:bottom, left:right].copy())
+    base = image[top:bottom, left:right] if window_pixels is None else window_pixels
+    canvas = np.ascontiguousarray(base.copy())
     scale = max(canvas.shape[:2]) / 512.0 if max(canvas.shape[:2]) > 0 else 1.0
     thick = max(1, round(2 * scale))
     cv2.rectangle(canvas, (int(x1 - left), int(y1 - top)), (int(x2 - left), int(y2 - top)), (0, 255, 0), thick)
@@ -195,11 +271,23 @@ def visibility_overlay(
     return canvas
 
 
+def posed_overlay(image: np.ndarray, box: np.ndarray, kps5: np.ndarray, posed: PosedFace) -> np.ndarray:
+    """overlay.png of a posed face: the mesh as photographed, shaded, over the face's neighbourhood of the
+    photo (60 % opacity), with the detected box and 5 points on top."""
+    window = _face_window(image.shape, box)
+    drawn = mesh_overlay(image, posed.vertices_cam_mm, posed.faces, posed.intrinsics, window=window)
+    return overlay(image, box, kps5, None, window_pixels=drawn)
+
+
 def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None, *,
-               all_files: bool = False) -> dict[str, Any]:
+               all_files: bool = False, previews: PreviewWriter | None = None,
+               preview: bool = True) -> dict[str, Any]:
     """Write one checked face's files under OUT/<key>/face_NN; returns its results.jsonl fields.
 
-    A reconstruction leaves out the files in EXTRAS unless ``all_files``.
+    A reconstruction leaves out the files in EXTRAS unless ``all_files``. The rendered images go through
+    ``previews`` (a worker pool) when given, else are drawn here; ``preview=False`` (``--no-preview``)
+    skips preview.png and uncertainty.png. overlay.png is the posed mesh over the photo when the face
+    has one (mesh_posed + camera, see client/posed.py), else the detection drawn on the photo.
 
     ``key`` is the input's own folder name (``InputItem.key``) and the face index was range-checked,
     so every path stays inside ``out``.
@@ -207,6 +295,7 @@ def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None,
     face_dir = Path(key) / f"face_{face.face_index:02d}"
     target = out / face_dir
     files: list[str] = []
+    draw = previews.draw_for(out, files) if previews is not None else _draw_inline(out, files)
 
     def keep(path: Path) -> None:
         files.append(str(path.relative_to(out)))
@@ -222,7 +311,7 @@ def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None,
         keep(write_npy_atomic(target / "kps5.npy", face.kps5))
     if face.landmarks is not None:
         keep(write_npy_atomic(target / "landmarks.npy", face.landmarks))
-    if image is not None:
+    if image is not None and face.reconstruction is None:
         keep(_png(target / "overlay.png", overlay(image, face.box, face.kps5, face.landmarks)))
     entry: dict[str, Any] = {"box": [round(float(v), 2) for v in face.box], "score": round(face.score, 4),
                              "detector": face.detector}
@@ -232,7 +321,14 @@ def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None,
     if rec is not None:
         colors = _landmark_colors(image, face.landmarks)
         photo = (image, face.landmarks) if image is not None and face.landmarks is not None else None
-        entry.update(write_reconstruction(target, rec, keep, colors, photo, wanted))
+        entry.update(write_reconstruction(target, rec, keep, colors, photo, wanted, draw=draw, preview=preview))
+        if image is not None:
+            posed = posed_from_reconstruction(rec) or load_posed(target)
+            if posed is not None:
+                pixels = image
+                draw(target / "overlay.png", lambda: posed_overlay(pixels, face.box, face.kps5, posed))
+            else:
+                keep(_png(target / "overlay.png", overlay(image, face.box, face.kps5, face.landmarks)))
         if (
             rec.visibility is not None
             and image is not None
@@ -246,7 +342,8 @@ def write_face(out: Path, key: str, face: CheckedFace, image: np.ndarray | None,
                 )
             )
         for name, branch in face.branches:
-            write_reconstruction(target / f"branch_{name}", branch, keep, colors, photo, wanted)
+            write_reconstruction(target / f"branch_{name}", branch, keep, colors, photo, wanted, draw=draw,
+                                 preview=preview)
     entry["files"] = files
     entry["dir"] = str(face_dir)
     return entry
@@ -264,9 +361,15 @@ def _landmark_colors(image: np.ndarray | None, landmarks: np.ndarray | None) -> 
 def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callable[[Path], None],
                          photo_colors: np.ndarray | None = None,
                          photo: tuple[np.ndarray, np.ndarray] | None = None,
-                         wanted: Callable[[str], bool] = lambda _name: True) -> dict[str, Any]:
+                         wanted: Callable[[str], bool] = lambda _name: True, *, draw: Draw | None = None,
+                         preview: bool = True) -> dict[str, Any]:
     """The reconstruction's files; ``photo`` (image, 468 landmarks) gives a 468-point mesh its texture,
-    ``wanted(file name)`` says whether an optional file (EXTRAS) is written."""
+    ``wanted(file name)`` says whether an optional file (EXTRAS) is written; ``draw`` writes the rendered
+    images (default: here and now), ``preview=False`` leaves preview.png and uncertainty.png out."""
+    if draw is None:
+        def draw(path: Path, render: Callable[[], np.ndarray]) -> None:
+            keep(_png(path, render()))
+
     info: dict[str, Any] = {"strategy": rec.strategy or rec.method}
     if rec.method != "mica":  # MICA alone has no confidence measure; fused and sampled results do
         info["confidence"] = round(rec.confidence, 4)
@@ -297,12 +400,15 @@ def write_reconstruction(target: Path, rec: CheckedReconstruction, keep: Callabl
             keep(write_obj(target / "mesh.obj", vertices, faces))
             keep(write_glb(target / "mesh.glb", vertices, faces, colors=colors))
         keep(write_ply(target / "mesh.ply", vertices, faces, colors))
-        keep(_png(target / "preview.png", render_preview(vertices, faces, colors=colors)))
+        if preview:
+            draw(target / "preview.png", lambda: render_preview(vertices, faces, colors=colors))
         info["topology"] = rec.topology
         info["units"] = "mm"
         if rec.vertex_spread is not None:
             keep(write_npy_atomic(target / "uncertainty.npy", rec.vertex_spread))
-            keep(_png(target / "uncertainty.png", render_uncertainty(vertices, faces, rec.vertex_spread)))
+            spread = rec.vertex_spread
+            if preview:
+                draw(target / "uncertainty.png", lambda: render_uncertainty(vertices, faces, spread))
             if wanted("mesh_uncertainty.ply"):
                 keep(write_ply(target / "mesh_uncertainty.ply", vertices, faces, spread_colors(rec.vertex_spread)))
             info["spread_mm_mean"] = round(float(np.mean(rec.vertex_spread)), 4) if rec.vertex_spread.size else 0.0

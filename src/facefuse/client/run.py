@@ -20,7 +20,7 @@ import numpy as np
 
 from facefuse.client.api import GatewayClient, ImageInput
 from facefuse.client.inputs import InputItem, read_bytes, read_rgb
-from facefuse.client.outputs import ResultsLog, code_name, status_entry, summarize, write_face
+from facefuse.client.outputs import PreviewWriter, ResultsLog, code_name, status_entry, summarize, write_face
 from facefuse.client.validate import MAX_MESSAGE, InvalidResponseError, check_face, check_numbers, text
 from facefuse.errors import AuthError, BackendUnavailableError, FacefuseError, InvalidInputError
 
@@ -30,6 +30,7 @@ NO_RESULT = "NO_RESULT"  # the stream ended without (all of) this image's result
 WRITE_FAILED = "WRITE_FAILED"  # the result was fine but its files could not be written here
 MAX_VIOLATIONS = 1000  # protocol violations tolerated in one stream before the client hangs up
 SHOWN_VIOLATIONS = 5  # unknown-id warnings printed before they are only counted
+PREVIEW_WORKERS = 2  # threads rendering previews and overlays (this machine class has 2 cores)
 
 
 @dataclass
@@ -71,6 +72,8 @@ class _Stream:
     def __init__(self, out: Path, log: ResultsLog, method: str, progress: Any) -> None:
         self.out, self.log, self.method, self.progress = out, log, method, progress
         self.all_files = False  # also the rarely needed files (outputs.EXTRAS)
+        self.preview = True  # preview.png and uncertainty.png (--no-preview: off)
+        self.previews: PreviewWriter | None = None  # the worker pool rendering images off the result path
         self.sent: dict[str, _Image] = {}
         self.entries: list[dict[str, Any]] = []
         self.faces = 0
@@ -149,7 +152,8 @@ class _Stream:
             image.pixels = _decode_for_overlay(item)
         base = status_entry(item, self.method, "OK", "", face_index=face.face_index, num_faces=face.num_faces)
         try:
-            files = write_face(self.out, item.key, face, image.pixels, all_files=self.all_files)
+            files = write_face(self.out, item.key, face, image.pixels, all_files=self.all_files,
+                               previews=self.previews, preview=self.preview)
         except Exception as exc:
             base.update(status=WRITE_FAILED, message=f"could not write this face's files: {type(exc).__name__}: {exc}")
             return base
@@ -186,8 +190,12 @@ class _Stream:
 
 def run_stream(items: list[InputItem], out: Path, client: GatewayClient, method: str, *,
                options: dict[str, Any] | None = None, progress: bool = True,
-               masks: dict[str, np.ndarray] | None = None, all_files: bool = False) -> RunReport:
+               masks: dict[str, np.ndarray] | None = None, all_files: bool = False, preview: bool = True,
+               preview_workers: int = PREVIEW_WORKERS) -> RunReport:
     """Send every input not done yet, write what comes back; ``masks`` is keyed by ``InputItem.key``.
+
+    Rendered images (previews, overlays) are drawn by ``preview_workers`` threads (0: inline) while
+    results keep coming; the run waits for them before it compacts the log and returns.
 
     Raises InvalidInputError when the gateway refuses the stream's options, BackendUnavailableError when it
     cannot be reached or cuts the stream; finished outputs and their lines stay either way.
@@ -204,6 +212,8 @@ def run_stream(items: list[InputItem], out: Path, client: GatewayClient, method:
     bar = tqdm(total=len(todo), unit="img", desc=method, disable=not progress or not todo, file=sys.stderr)
     stream = _Stream(out, log, method, bar)
     stream.all_files = all_files
+    stream.preview = preview
+    stream.previews = PreviewWriter(workers=preview_workers, pending=2 * max(preview_workers, 1))
     try:
         if not todo:  # everything is done already: no stream to open
             return report
@@ -220,6 +230,7 @@ def run_stream(items: list[InputItem], out: Path, client: GatewayClient, method:
             stream.handle(result)
         stream.finish(todo)
     finally:
+        stream.previews.close()
         bar.close()
         log.compact()
         report.processed = len(todo)
