@@ -324,6 +324,7 @@ OPTIONAL_IMPORTS = {
     "grpcio-tools",  # grpc/__init__ tries it (runtime .proto loading) and carries on without it
     "ml-dtypes",  # facefuse.wire: bfloat16 tensors when installed, refused with a message otherwise
     "charset-normalizer",  # numpy.f2py probes it when scipy imports f2py; optional there
+    "tqdm",  # torch.hub uses it when installed and a stand-in otherwise (the posed fit imports torch in fusion)
 }
 
 
