@@ -40,8 +40,23 @@ SERVICES = ("gateway", "mica", "ofer", "fusion")
 VARIANT_ARGS: dict[str, dict[str, list[str]]] = {
     "before": {},
     "after": {},
+    "after-posed": {},
+    "after-fast": {},
     "after-batched": {"ofer": ["--max-batch", "8"]},
+    "after-ofer2": {"ofer": ["--torch-threads", "2"], "mica": ["--torch-threads", "1"],
+                    "fusion": ["--torch-threads", "1"]},
 }
+"""Service flags of each variant."""
+VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
+    "after": {"neutral_only": True},
+    "after-posed": {},
+    "after-fast": {"neutral_only": True, "steps": 20},
+    "after-batched": {"neutral_only": True},
+    "after-ofer2": {"neutral_only": True},
+}
+"""Request options of each variant (ProcessOptions fields). ``after`` does the same work as ``before``, the
+neutral identity shape (``neutral_only``); ``after-posed`` adds the posed-face fit (issue 14, on by
+default); ``after-fast`` is ``--quality fast`` (20 DDIM steps: within 0.1 mm of the default, not bit-equal)."""
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -57,7 +72,8 @@ def _load() -> list[float]:
 def run_cell(mesh: Any, data: bytes, method: str, samples: int, clients: int,
              args: argparse.Namespace) -> dict[str, Any]:
     pids = {name: mesh.processes[name].process.pid for name in SERVICES}
-    stream_args = argparse.Namespace(method=method, samples=samples, images=args.images, deadline_s=args.deadline_s)
+    stream_args = argparse.Namespace(method=method, samples=samples, images=args.images, deadline_s=args.deadline_s,
+                                     options=VARIANT_OPTIONS.get(args.variant, {}))
     record: dict[str, Any] = {"latencies": [], "failed_results": [], "failed_streams": [], "refused": 0}
     load_before = _load()
     cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
@@ -126,7 +142,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
                                 "started": time.perf_counter()}
         for method in args.methods:
             _one_stream(mesh.gateway_address, -1, data,
-                        argparse.Namespace(method=method, samples=10, images=1, deadline_s=args.deadline_s), warm)
+                        argparse.Namespace(method=method, samples=10, images=1, deadline_s=args.deadline_s,
+                                           options=VARIANT_OPTIONS.get(args.variant, {})), warm)
         out["warmup_failures"] = warm["failed_results"] + warm["failed_streams"]
         try:
             out["preview"] = preview_time(mesh, data)

@@ -124,7 +124,8 @@ def _one_stream(address: str, index: int, data: bytes, args: argparse.Namespace,
                 image_id=image_id,
                 data=data,
                 last=True,
-                options=gateway_pb2.ProcessOptions(method=args.method, num_samples=args.samples, seed=index),
+                options=gateway_pb2.ProcessOptions(method=args.method, num_samples=args.samples, seed=index,
+                                                   **getattr(args, "options", {})),
             )
 
     with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
