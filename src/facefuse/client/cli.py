@@ -203,6 +203,7 @@ def cmd_assets_check(args: argparse.Namespace) -> int:
     for s in statuses:
         state = "missing" if not s.found else ("valid" if s.valid else "INVALID")
         label = " (synthetic stand-in)" if s.synthetic else ""
+        label += " (optional)" if s.spec.optional else ""
         print(f"{s.spec.relpath:<{width}}  {state}{label}: {s.message}")
         print(f"{'':<{width}}  for {', '.join(s.spec.used_by)}: {s.spec.purpose}")
         if not s.found or not s.valid:

@@ -36,6 +36,7 @@ WRITERS: dict[str, tuple[str, str]] = {
     "FLAME2020/generic_model.pkl": ("facefuse.assets.synthetic.flame", "write_flame_model"),
     "FLAME2020/landmark_embedding.npy": ("facefuse.assets.synthetic.flame", "write_landmark_embedding"),
     "FLAME2020/FLAME_masks.pkl": ("facefuse.assets.synthetic.flame", "write_flame_masks"),
+    "FLAME2020/mediapipe_landmark_embedding.npz": ("facefuse.assets.synthetic.flame", "write_mediapipe_embedding"),
     "mica.tar": ("facefuse.assets.synthetic.mica", "write_mica_checkpoint"),
     "model_idgen_flame20.tar": ("facefuse.assets.synthetic.ofer_idgen", "write_idgen_checkpoint"),
     "model_idrank.tar": ("facefuse.assets.synthetic.ofer_idrank", "write_idrank_checkpoint"),
