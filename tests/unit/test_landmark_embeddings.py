@@ -83,7 +83,7 @@ def test_contour_row_follows_the_public_code_layout() -> None:
 
 def test_yaw_sign_matches_flame_and_the_image() -> None:
     # A face turned by +θ about FLAME's y (its global pose (0, θ, 0)) has yaw +θ and its nose moves to image right.
-    rotation, translation = _pose([YAW_DEG])
+    rotation, _ = _pose([YAW_DEG])
     untilted = flame_to_opencv(1, f64) @ axis_angle_to_rotation(torch.tensor([[0.0, math.radians(30.0), 0.0]],
                                                                              dtype=f64))
     assert yaw_degrees(untilted).item() == pytest.approx(30.0, abs=1e-6)
@@ -155,7 +155,7 @@ def test_dynamic_contour_recovers_the_pose_a_static_contour_misses(flame: FlameL
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     with path.open("wb") as handle:
-        np.savez(handle, **arrays)  # type: ignore[arg-type]
+        np.savez(handle, **arrays)
     return path
 
 

@@ -30,6 +30,7 @@ from facefuse.models.camera import extrinsics, intrinsics
 from facefuse.models.fitting import (
     FitSettings,
     LandmarkFlame,
+    LandmarkSelector,
     PosedFit,
     dynamic_landmark_selector,
     fit_posed_face,
@@ -93,6 +94,7 @@ class FlamePosedFitter:
         self.mediapipe = mediapipe
         self.dynamic_contour = dynamic_contour
         dense_faces = dense_bary = None
+        self.select: LandmarkSelector | None = None
         if mediapipe is not None:
             dense_faces = torch.from_numpy(np.asarray(mediapipe.lmk_face_idx, np.int64))
             dense_bary = torch.from_numpy(np.asarray(mediapipe.lmk_b_coords, np.float64))
@@ -106,7 +108,6 @@ class FlamePosedFitter:
             faces, bary = self.layer.full_lmk_faces_idx[0], self.layer.full_lmk_bary_coords[0]
             if dense_faces is not None and dense_bary is not None:
                 faces, bary = torch.cat([faces, dense_faces]), torch.cat([bary, dense_bary.to(bary)])
-            self.select = None
         self.landmarks = LandmarkFlame(self.layer, faces, bary)
         self.num_expression = min(int(num_expression), self.layer.num_expression)
         self.settings = settings or FitSettings()
