@@ -23,6 +23,7 @@ from facefuse.assets.flame_file import (
     validate_mediapipe_embedding,
 )
 from facefuse.assets.registry import check_asset, spec
+from facefuse.assets.synthetic import synthesize
 from facefuse.assets.synthetic.flame import FLAME_SIZES, mediapipe_embedding_dict, synthetic_flame_data
 from facefuse.client import cli
 from facefuse.errors import AssetError
@@ -53,6 +54,15 @@ NOISE_PX = 0.3
 NUM_EXPRESSION = 10
 YAW_DEG = 25.0
 f64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def mediapipe_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic MediaPipe embedding in a folder of its own: in the session's shared synthetic assets it
+    would change what every flame-pack test fits (its FaceMesh correspondences are random)."""
+    directory = tmp_path_factory.mktemp("mediapipe")
+    written = synthesize(directory, size="small", seed=0, only={"mediapipe_embedding"})
+    return written["FLAME2020/mediapipe_landmark_embedding.npz"]
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +169,8 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     return path
 
 
-def test_mediapipe_embedding_reads_and_refuses_bad_files(synthetic_assets, tmp_path: Path) -> None:
-    path = synthetic_assets.path("mediapipe_embedding")
+def test_mediapipe_embedding_reads_and_refuses_bad_files(mediapipe_path: Path, tmp_path: Path) -> None:
+    path = mediapipe_path
     embedding = load_mediapipe_embedding(path, num_faces=FLAME_SIZES["small"].num_faces)
     assert embedding.lmk_face_idx.shape == (105,) and embedding.lmk_b_coords.shape == (105, 3)
     assert len(set(embedding.landmark_indices.tolist())) == 105 and embedding.landmark_indices.max() < 468
@@ -200,12 +210,17 @@ def test_mediapipe_embedding_reads_and_refuses_bad_files(synthetic_assets, tmp_p
             load_mediapipe_embedding(tmp_path / name)
 
 
-def test_assets_check_lists_the_mediapipe_embedding_as_optional(synthetic_assets, tmp_path: Path,
+def test_assets_check_lists_the_mediapipe_embedding_as_optional(mediapipe_path: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     assert spec("mediapipe_embedding").optional and not spec("landmark_embedding").optional
-    path = synthetic_assets.path("mediapipe_embedding")
-    status = check_asset(path.parents[1], spec("mediapipe_embedding"))
+    status = check_asset(mediapipe_path.parents[1], spec("mediapipe_embedding"))
     assert status.found and status.valid and status.synthetic, status.message
+    # Written only when asked for: by name (above) or with include_optional (`--with-optional`).
+    from facefuse.assets.synthetic import _selected  # what synthesize(only=None) writes, without writing it
+
+    assert "FLAME2020/mediapipe_landmark_embedding.npz" not in _selected(None)
+    assert "FLAME2020/landmark_embedding.npy" in _selected(None)
+    assert "FLAME2020/mediapipe_landmark_embedding.npz" in _selected(None, include_optional=True)
     assert cli.main(["assets", "check", "--dir", str(tmp_path)]) == 0  # missing: fine, it is optional
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("FLAME2020/mediapipe_landmark_embedding.npz"))
@@ -218,10 +233,9 @@ def test_assets_check_lists_the_mediapipe_embedding_as_optional(synthetic_assets
     assert "INVALID (optional)" in line and "missing key" in line
 
 
-def test_flame_fitter_uses_the_mediapipe_points(flame: FlameLayer, synthetic_assets) -> None:
+def test_flame_fitter_uses_the_mediapipe_points(flame: FlameLayer, mediapipe_path: Path) -> None:
     data = synthetic_flame_data("small", torch.Generator().manual_seed(1))
-    mediapipe = load_mediapipe_embedding(synthetic_assets.path("mediapipe_embedding"),
-                                         num_faces=FLAME_SIZES["small"].num_faces)
+    mediapipe = load_mediapipe_embedding(mediapipe_path, num_faces=FLAME_SIZES["small"].num_faces)
     dense = (torch.from_numpy(mediapipe.lmk_face_idx), torch.from_numpy(mediapipe.lmk_b_coords).double())
     case = _dynamic_case(flame, mediapipe=dense, seed=2)
     # The 468 FaceMesh points a detector would give: iBUG 68 and the 105 dense ones where they are; a point
