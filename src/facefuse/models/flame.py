@@ -33,9 +33,11 @@ DYNAMIC_CONTOUR_MAX_YAW_DEG = 39
 
 def dynamic_contour_row(yaw_deg: Tensor) -> Tensor:
     """(B,) head yaw in degrees -> (B,) row of ``dynamic_lmk_faces_idx`` (long), in the layout of the public
-    FLAME fitting code (RingNet, FLAME_PyTorch, DECA): yaw 0..39 -> rows 0..39, yaw -1..-39 -> rows 40..78
-    (row = 39 - yaw), the yaw rounded and clamped to ±39 first. Yaw is the rotation about FLAME's +y axis
-    (y up), positive when the face turns toward FLAME's +x.
+    code that reads ``landmark_embedding.npy`` (DECA's FLAME layer, also in EMOCA/SPECTRE): yaw 0..39 ->
+    rows 0..39, yaw -1..-39 -> rows 40..78 (row = 39 - yaw), the yaw rounded and clamped to ±39 first.
+    Yaw is the rotation about FLAME's +y axis (y up), positive when the face turns toward FLAME's +x, with
+    no sign flip (code reading the FLAME website's separate ``flame_dynamic_embedding.npy``, e.g. smplx,
+    negates the angle for that file).
     """
     yaw = torch.round(yaw_deg.clamp(-DYNAMIC_CONTOUR_MAX_YAW_DEG, DYNAMIC_CONTOUR_MAX_YAW_DEG)).long()
     return torch.where(yaw >= 0, yaw, DYNAMIC_CONTOUR_MAX_YAW_DEG - yaw)
