@@ -262,3 +262,21 @@ def test_flame_fitter_uses_the_mediapipe_points(flame: FlameLayer, mediapipe_pat
         assert _angle_deg(fitted, truth)[0] < 1.0
         without = plain(case["shape"][face].numpy(), target)
         assert without is not None and without.landmarks_px.shape == (68, 2)
+
+
+def test_flame_fusion_setup_takes_the_optional_file_when_present(tmp_path: Path) -> None:
+    from facefuse.packs.loading import load_fusion_setup
+
+    directory = tmp_path / "assets"
+    synthesize(directory, size="small", seed=0, only={"flame2020", "landmark_embedding"})
+    without = load_fusion_setup("flame", directory)
+    assert without.status.ready and "MediaPipe" not in without.status.details["posed_fit"]
+    synthesize(directory, size="small", seed=0, only={"mediapipe_embedding"})
+    with_dense = load_fusion_setup("flame", directory)
+    assert with_dense.status.ready, with_dense.status.message
+    assert "dynamic contour" in with_dense.status.details["posed_fit"]
+    assert "105 MediaPipe points" in with_dense.status.details["posed_fit"]
+    # A malformed optional file is reported, not silently ignored.
+    _write_npz(directory / "FLAME2020" / "mediapipe_landmark_embedding.npz", {"lmk_face_idx": np.zeros(105, np.int64)})
+    broken = load_fusion_setup("flame", directory)
+    assert not broken.status.ready and "missing key" in broken.status.message, broken.status.message
