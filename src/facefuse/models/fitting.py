@@ -18,6 +18,11 @@ not depend on the photo's resolution) and ρ the pseudo-Huber function (a few wr
 drag the fit). Optimised with Adam for a fixed number of steps (rigid first, then everything) with a
 cosine-decayed step size: deterministic, batched (Adam is element-wise, so faces in one batch do not
 influence each other) and device-agnostic. Pure math, no file I/O.
+
+FLAME's jaw contour is a silhouette, so which surface points are its landmarks depends on the head's yaw
+(the dynamic embedding): the model then gives every candidate point (:func:`flame_landmark_bank`) and a
+selector picks the fitted ones from the current yaw (:func:`dynamic_landmark_selector`), between steps,
+without a gradient.
 """
 
 from __future__ import annotations
