@@ -92,8 +92,12 @@ def test_neutral_only_skips_the_fit(open_mesh_assetless: LocalMesh, astronaut_pn
 
 def test_flame_pack_fit_converges_to_the_landmarks(flame_mesh: LocalMesh, synthetic_assets_dir: Path,
                                                    astronaut_png: Path, tmp_path: Path) -> None:
+    import torch
+
     from facefuse.face.landmarks68 import ibug68_from_facemesh
-    from facefuse.packs.flame import landmark_function, load_flame
+    from facefuse.models.fitting import yaw_degrees
+    from facefuse.models.flame import barycentric_landmarks, dynamic_contour_row
+    from facefuse.packs.flame import load_flame
 
     # Every visibility source that could down-weight a landmark is off, so all 68 count in the reported error.
     off = [arg for source in ("mask", "photometric", "hands", "pose") for arg in ("--no-visibility", source)]
@@ -111,9 +115,18 @@ def test_flame_pack_fit_converges_to_the_landmarks(flame_mesh: LocalMesh, synthe
     np.testing.assert_array_equal(triangles, neutral_triangles)
     assert (posed[:, 2] > 0).all()  # in front of the camera
     assert (face / "mesh_posed.glb").is_file()
-    # The reported error is what the files show: FLAME's 68 landmarks on the posed mesh, projected with the
-    # written camera, against the 68 points read off the detected FaceMesh points (all seen here).
-    fitted = _projected(landmark_function(load_flame(synthetic_assets_dir))(posed), params["camera_intrinsics"])
+    # The reported error is what the files show: FLAME's 68 landmarks on the posed mesh (51 static + the
+    # contour row of the written rotation's yaw), projected with the written camera, against the 68 points
+    # read off the detected FaceMesh points (all seen here).
+    flame = load_flame(synthetic_assets_dir)
+    assert flame.landmarks is not None
+    rotation = torch.from_numpy(params["camera_extrinsics"][None, :3, :3].astype(np.float64))
+    row = int(dynamic_contour_row(yaw_degrees(rotation))[0])
+    faces = np.concatenate([flame.landmarks.dynamic_lmk_faces_idx[row], flame.landmarks.static_lmk_faces_idx])
+    bary = np.concatenate([flame.landmarks.dynamic_lmk_bary_coords[row], flame.landmarks.static_lmk_bary_coords])
+    on_mesh = barycentric_landmarks(torch.from_numpy(posed.astype(np.float64))[None], torch.from_numpy(flame.faces),
+                                    torch.from_numpy(faces), torch.from_numpy(bary.astype(np.float64)))[0].numpy()
+    fitted = _projected(on_mesh, params["camera_intrinsics"])
     detected = ibug68_from_facemesh(np.load(face / "landmarks.npy"))[:, :2]
     error = float(np.linalg.norm(fitted - detected, axis=1).mean())
     assert error == pytest.approx(entry["reprojection_error_px"], abs=0.05)

@@ -28,6 +28,7 @@ import codecs
 import copyreg
 import io
 import pickle
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +40,7 @@ import scipy.sparse
 import torch
 
 from facefuse.errors import AssetError
-from facefuse.models.flame import N_JOINTS, N_SHAPE, FlameModelData, LandmarkEmbedding
+from facefuse.models.flame import N_JOINTS, N_SHAPE, FlameModelData, LandmarkEmbedding, MediaPipeEmbedding
 
 FLAME_VERSIONS = ("2020", "2023", "any")
 FLAME_FIELDS = ("f", "v_template", "shapedirs", "posedirs", "J_regressor", "kintree_table", "weights")
@@ -54,6 +55,10 @@ LANDMARK_KEYS = (
     "static_lmk_faces_idx", "static_lmk_bary_coords", "dynamic_lmk_faces_idx", "dynamic_lmk_bary_coords",
     "full_lmk_faces_idx", "full_lmk_bary_coords",
 )
+MEDIAPIPE_KEYS = ("lmk_face_idx", "lmk_b_coords", "landmark_indices")
+MEDIAPIPE_POINTS = 105
+"""Points in the official ``mediapipe_landmark_embedding.npz``."""
+FACEMESH_POINTS = 468
 LANDMARK_SHAPES = {
     "static_lmk_faces_idx": (51,), "static_lmk_bary_coords": (51, 3), "dynamic_lmk_faces_idx": (79, 17),
     "dynamic_lmk_bary_coords": (79, 17, 3), "full_lmk_faces_idx": (1, 68), "full_lmk_bary_coords": (1, 68, 3),
@@ -410,6 +415,54 @@ def landmark_embedding_from_dict(
     return LandmarkEmbedding(**arrays)
 
 
+# --------------------------------------------------------------------------- MediaPipe dense embedding
+
+
+def load_mediapipe_embedding(path: str | Path, *, num_faces: int | None = None) -> MediaPipeEmbedding:
+    """Read ``mediapipe_landmark_embedding.npz`` (plain arrays: read without pickle) and check it: the keys
+    ``lmk_face_idx`` (105,) int, ``lmk_b_coords`` (105, 3) float, ``landmark_indices`` (105,) int, face
+    indices in [0, ``num_faces``), distinct FaceMesh indices in [0, 468), finite weights."""
+    path = Path(path)
+    what = "a FLAME MediaPipe landmark embedding (mediapipe_landmark_embedding.npz)"
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise AssetError(f"{path}: not {what} (a single .npy array, expected an .npz archive)")
+        with archive:
+            obj = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # not a zip, or an entry needing pickle
+        raise AssetError(f"{path}: not {what} ({exc})") from exc
+    return mediapipe_embedding_from_dict(obj, source=str(path), num_faces=num_faces)
+
+
+def mediapipe_embedding_from_dict(
+    obj: dict[str, Any], *, source: str, num_faces: int | None = None
+) -> MediaPipeEmbedding:
+    """Check and convert the embedding's arrays to int64 / float32 (see :func:`load_mediapipe_embedding`)."""
+    what = "a FLAME MediaPipe landmark embedding"
+    missing = [k for k in MEDIAPIPE_KEYS if k not in obj]
+    if missing:
+        raise AssetError(f"{source}: not {what} (missing key(s) {missing}; found {sorted(map(str, obj))})")
+    faces, bary, indices = (np.asarray(obj[k]) for k in MEDIAPIPE_KEYS)
+    n = MEDIAPIPE_POINTS
+    for key, array, shape in (("lmk_face_idx", faces, (n,)), ("lmk_b_coords", bary, (n, 3)),
+                              ("landmark_indices", indices, (n,))):
+        if tuple(array.shape) != shape:
+            raise AssetError(f"{source}: {key} has shape {tuple(array.shape)}, expected {shape}")
+    for key, array in (("lmk_face_idx", faces), ("landmark_indices", indices)):
+        if not np.issubdtype(array.dtype, np.integer):
+            raise AssetError(f"{source}: {key} has dtype {array.dtype}, expected integers")
+    if not np.issubdtype(bary.dtype, np.floating) or not np.isfinite(bary).all():
+        raise AssetError(f"{source}: lmk_b_coords must be finite floats (got {bary.dtype})")
+    if faces.min() < 0 or (num_faces is not None and faces.max() >= num_faces):
+        raise AssetError(f"{source}: lmk_face_idx holds face indices outside [0, {num_faces}) for this FLAME model")
+    if indices.min() < 0 or indices.max() >= FACEMESH_POINTS:
+        raise AssetError(f"{source}: landmark_indices holds FaceMesh indices outside [0, {FACEMESH_POINTS})")
+    if len(np.unique(indices)) != n:
+        raise AssetError(f"{source}: landmark_indices names a FaceMesh point twice")
+    return MediaPipeEmbedding(faces.astype(np.int64), bary.astype(np.float32), indices.astype(np.int64))
+
+
 # --------------------------------------------------------------------------- masks
 
 
@@ -450,6 +503,12 @@ def validate_landmark_embedding(path: Path) -> str:
         f"{embedding.dynamic_lmk_faces_idx.shape[0]}x{embedding.dynamic_lmk_faces_idx.shape[1]} dynamic contour + "
         f"{embedding.full_lmk_faces_idx.shape[1]} full landmarks"
     )
+
+
+def validate_mediapipe_embedding(path: Path) -> str:
+    """Checks the file alone; the face indices are checked against FLAME 2020's face count."""
+    embedding = load_mediapipe_embedding(path, num_faces=OFFICIAL_NUM_FACES)
+    return (f"MediaPipe embedding: {embedding.lmk_face_idx.shape[0]} FaceMesh points on the FLAME surface")
 
 
 def validate_flame_masks(path: Path) -> str:

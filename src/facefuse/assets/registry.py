@@ -31,6 +31,8 @@ class AssetSpec:
     source: str
     validator: str
     used_by: tuple[str, ...]
+    optional: bool = False
+    """An optional file adds something when present (checked like the others); nothing needs it."""
 
     def load_validator(self) -> Callable[[Path], str]:
         module_name, func_name = self.validator.split(":")
@@ -75,6 +77,15 @@ ASSETS: tuple[AssetSpec, ...] = (
         _FLAME_SITE + " (FLAME_masks.zip)",
         "facefuse.assets.flame_file:validate_flame_masks",
         ("fusion",),
+    ),
+    AssetSpec(
+        "mediapipe_embedding",
+        "FLAME2020/mediapipe_landmark_embedding.npz",
+        "optional: 105 MediaPipe FaceMesh points on the FLAME surface (denser posed-face fit)",
+        _FLAME_SITE + " (the MediaPipe landmark embedding: mediapipe_landmark_embedding.npz)",
+        "facefuse.assets.flame_file:validate_mediapipe_embedding",
+        ("fusion",),
+        optional=True,
     ),
     AssetSpec(
         "mica",

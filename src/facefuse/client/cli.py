@@ -203,6 +203,7 @@ def cmd_assets_check(args: argparse.Namespace) -> int:
     for s in statuses:
         state = "missing" if not s.found else ("valid" if s.valid else "INVALID")
         label = " (synthetic stand-in)" if s.synthetic else ""
+        label += " (optional)" if s.spec.optional else ""
         print(f"{s.spec.relpath:<{width}}  {state}{label}: {s.message}")
         print(f"{'':<{width}}  for {', '.join(s.spec.used_by)}: {s.spec.purpose}")
         if not s.found or not s.valid:
@@ -214,7 +215,7 @@ def cmd_assets_check(args: argparse.Namespace) -> int:
 def cmd_assets_synthesize(args: argparse.Namespace) -> int:
     from facefuse.assets.synthetic import synthesize
 
-    written = synthesize(args.dir, size=args.size, seed=args.seed)
+    written = synthesize(args.dir, size=args.size, seed=args.seed, include_optional=args.with_optional)
     for relpath in written:
         print(f"wrote {Path(args.dir) / relpath}")
     print("These are random stand-ins in the official formats, for tests; they reconstruct nothing real.")
@@ -328,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--dir", type=Path, required=True)
     synth.add_argument("--size", default="full", choices=["full", "small"])
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--with-optional", action="store_true",
+                       help="also write the optional files (mediapipe_landmark_embedding.npz; random correspondences)")
     synth.set_defaults(func=cmd_assets_synthesize)
 
     models = sub.add_parser("models", help="the open models in the verified model store").add_subparsers(

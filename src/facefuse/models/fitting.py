@@ -18,6 +18,11 @@ not depend on the photo's resolution) and ρ the pseudo-Huber function (a few wr
 drag the fit). Optimised with Adam for a fixed number of steps (rigid first, then everything) with a
 cosine-decayed step size: deterministic, batched (Adam is element-wise, so faces in one batch do not
 influence each other) and device-agnostic. Pure math, no file I/O.
+
+FLAME's jaw contour is a silhouette, so which surface points are its landmarks depends on the head's yaw
+(the dynamic embedding): the model then gives every candidate point (:func:`flame_landmark_bank`) and a
+selector picks the fitted ones from the current yaw (:func:`dynamic_landmark_selector`), between steps,
+without a gradient.
 """
 
 from __future__ import annotations
@@ -35,10 +40,20 @@ from facefuse.models.camera import (
     project,
     rotation_to_axis_angle,
 )
-from facefuse.models.flame import METRES_TO_MM, N_SHAPE, FlameLayer, rigid_chain, rodrigues
+from facefuse.models.flame import (
+    METRES_TO_MM,
+    N_SHAPE,
+    FlameLayer,
+    dynamic_contour_row,
+    rigid_chain,
+    rodrigues,
+)
 
 LandmarkModel = Callable[[Tensor, Tensor], Tensor]
 """(expression (B,K), jaw (B,3)) -> landmarks (B,L,3) in mm in the model frame (x right, y up, z to viewer)."""
+LandmarkSelector = Callable[[Tensor], Tensor]
+"""(B,3,3) current model -> camera rotation -> (B,L) index into the model's points: which of them are the
+fitted landmarks at this head pose (FLAME's yaw-dependent contour). Not differentiated."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,9 @@ class FitSettings:
     """Weight of ½‖jaw / jaw_prior_rad‖²."""
     visible_threshold: float = 0.5
     """Landmarks with at least this weight count in the reported reprojection error."""
+    reselect_every: int = 50
+    """With a landmark selector (the dynamic contour): re-select the landmarks from the current pose at the
+    start of each stage and every this many steps within a stage."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +173,47 @@ def rigid_landmark_model(points_mm: Tensor) -> LandmarkModel:
     return model
 
 
+def yaw_degrees(rotation: Tensor) -> Tensor:
+    """(B,3,3) model -> OpenCV camera rotation -> (B,) the head's yaw in degrees as FLAME's fitting code
+    measures it: the rotation in FLAME's camera frame (y up, z toward the viewer, i.e. diag(1,-1,-1)·R)
+    taken as Euler angles, yaw = atan2(-R'₂₀, √(R'₀₀² + R'₁₀²)); positive when the face turns toward +x
+    (image right). The public code assumes an orthographic view: the face's off-axis position is ignored.
+    """
+    flame_frame = rotation * rotation.new_tensor((1.0, -1.0, -1.0))[:, None]  # diag(1,-1,-1) @ R
+    return torch.rad2deg(torch.atan2(-flame_frame[:, 2, 0], torch.hypot(flame_frame[:, 0, 0], flame_frame[:, 1, 0])))
+
+
+def flame_landmark_bank(flame: FlameLayer, dense_faces: Tensor | None = None,
+                        dense_bary: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Every candidate landmark of the flame fit as (faces (N,), bary (N,3)) for one :class:`LandmarkFlame`:
+    the 51 static inner points, the 79×17 dynamic contour table row by row, then the optional dense
+    (MediaPipe) points. :func:`dynamic_landmark_selector` picks the fitted ones from it by yaw."""
+    faces = [flame.lmk_faces_idx, flame.dynamic_lmk_faces_idx.reshape(-1)]
+    bary = [flame.lmk_bary_coords, flame.dynamic_lmk_bary_coords.reshape(-1, 3)]
+    if dense_faces is not None and dense_bary is not None:
+        faces.append(dense_faces.to(faces[0].device))
+        bary.append(dense_bary.to(bary[0]))
+    return torch.cat(faces).long(), torch.cat(bary)
+
+
+def dynamic_landmark_selector(num_static: int = 51, num_contour: int = 17, num_rows: int = 79,
+                              num_dense: int = 0) -> LandmarkSelector:
+    """The selector for :func:`flame_landmark_bank`'s layout: iBUG-68 order (the contour, 0-16, from the
+    table row of the current yaw, :func:`facefuse.models.flame.dynamic_contour_row`; 17-67 static), then
+    the ``num_dense`` dense points."""
+    contour = torch.arange(num_contour)
+    static = torch.arange(num_static)
+    dense = num_static + num_rows * num_contour + torch.arange(num_dense)
+
+    def select(rotation: Tensor) -> Tensor:
+        row = dynamic_contour_row(yaw_degrees(rotation.detach())).clamp(0, num_rows - 1).cpu()
+        index = torch.cat([num_static + row[:, None] * num_contour + contour,
+                           static.expand(row.shape[0], -1), dense.expand(row.shape[0], -1)], dim=1)
+        return index.to(rotation.device)
+
+    return select
+
+
 def _weighted_centre_and_size(points: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """(B,L,D), (B,L) -> weighted centroid (B,D) and RMS distance from it (B,)."""
     w = weights / weights.sum(dim=1, keepdim=True)
@@ -188,6 +247,7 @@ def fit_posed_face(
     *,
     fit_jaw: bool = True,
     initial_rotation: Tensor | None = None,
+    select: LandmarkSelector | None = None,
     settings: FitSettings = FitSettings(),
 ) -> PosedFit:
     """Fit expression (first ``num_expression`` components), jaw, rotation and translation to landmarks.
@@ -195,6 +255,9 @@ def fit_posed_face(
     ``target_px`` (B,L,2) detected landmarks, ``weights`` (B,L) in [0, 1] (visibility; hidden ≈ 0),
     ``camera`` (B,3,3) intrinsics. ``num_expression`` 0 and ``fit_jaw`` False make it a rigid fit.
     ``initial_rotation`` (B,3,3) model -> camera where a head pose is already known; default frontal.
+    ``select``: the model returns candidate points and ``select(rotation)`` the L fitted ones among them
+    (FLAME's dynamic contour); re-selected from the current rotation at the start of each stage, every
+    ``settings.reselect_every`` steps and at the end, never differentiated.
     Raises ValueError when a face has no landmark with positive weight.
     """
     dtype = torch.float64
@@ -210,11 +273,20 @@ def fit_posed_face(
     expression = torch.zeros(batch, num_expression, dtype=dtype, device=device)
     jaw = torch.zeros(batch, 3, dtype=dtype, device=device)
     frontal = flame_to_opencv(batch, dtype, device) if initial_rotation is None else initial_rotation.to(dtype)
+    chosen: list[Tensor | None] = [None if select is None else select(frontal)]
+
+    def landmarks_of(points: Tensor) -> Tensor:
+        index = chosen[0]
+        if index is None:
+            return points
+        return torch.gather(points, 1, index[..., None].expand(-1, -1, points.shape[2]))
 
     # Initial guess: frontal, at the depth where the neutral landmarks' size matches the detected ones.
     with torch.no_grad():
         neutral_model = model(expression, jaw).to(dtype)
-        neutral = neutral_model @ frontal.transpose(1, 2)
+        neutral = landmarks_of(neutral_model) @ frontal.transpose(1, 2)
+        if neutral.shape[1] != target.shape[1]:
+            raise ValueError(f"fit: the model gives {neutral.shape[1]} landmarks, the target has {target.shape[1]}")
         centre_mm, size_mm = _weighted_centre_and_size(neutral, weights)
         centre_px, size_px = _weighted_centre_and_size(target, weights)
         focal = (k[:, 0, 0] + k[:, 1, 1]) / 2.0
@@ -236,7 +308,7 @@ def fit_posed_face(
 
     def projected(model_points: Tensor | None = None) -> Tensor:
         rotation, translation = pose()
-        points = model(expression, jaw).to(dtype) if model_points is None else model_points
+        points = landmarks_of(model(expression, jaw).to(dtype) if model_points is None else model_points)
         return project(points @ rotation.transpose(1, 2) + translation[:, None], k)
 
     def loss(model_points: Tensor | None = None) -> Tensor:
@@ -263,6 +335,9 @@ def fit_posed_face(
         optimiser = torch.optim.Adam(groups)
         base = [float(g["lr"]) for g in groups]  # type: ignore[arg-type]
         for step in range(steps):
+            if select is not None and step % max(settings.reselect_every, 1) == 0:
+                with torch.no_grad():
+                    chosen[0] = select(pose()[0])
             for group, lr in zip(optimiser.param_groups, base, strict=True):
                 group["lr"] = _cosine(step, steps, lr)
             optimiser.zero_grad(set_to_none=True)
@@ -270,6 +345,8 @@ def fit_posed_face(
             optimiser.step()
     with torch.no_grad():
         rotation, translation = pose()
+        if select is not None:
+            chosen[0] = select(rotation)
         landmarks_px = projected()
         error = reprojection_error(landmarks_px, target, weights, settings.visible_threshold)
     return PosedFit(

@@ -27,6 +27,20 @@ NECK_KIN_CHAIN = (1, 0)
 NOW7_FROM_LMK68 = (36, 39, 42, 45, 33, 48, 54)
 """NoW's 7 points in iBUG-68 order: outer/inner left eye corner, inner/outer right, nose bottom, mouth corners."""
 _RODRIGUES_EPS = 1e-8
+DYNAMIC_CONTOUR_MAX_YAW_DEG = 39
+"""The dynamic contour table has one row per whole degree of yaw in [-39, 39] (79 rows)."""
+
+
+def dynamic_contour_row(yaw_deg: Tensor) -> Tensor:
+    """(B,) head yaw in degrees -> (B,) row of ``dynamic_lmk_faces_idx`` (long), in the layout of the public
+    code that reads ``landmark_embedding.npy`` (DECA's FLAME layer, also in EMOCA/SPECTRE): yaw 0..39 ->
+    rows 0..39, yaw -1..-39 -> rows 40..78 (row = 39 - yaw), the yaw rounded and clamped to ±39 first.
+    Yaw is the rotation about FLAME's +y axis (y up), positive when the face turns toward FLAME's +x, with
+    no sign flip (code reading the FLAME website's separate ``flame_dynamic_embedding.npy``, e.g. smplx,
+    negates the angle for that file).
+    """
+    yaw = torch.round(yaw_deg.clamp(-DYNAMIC_CONTOUR_MAX_YAW_DEG, DYNAMIC_CONTOUR_MAX_YAW_DEG)).long()
+    return torch.where(yaw >= 0, yaw, DYNAMIC_CONTOUR_MAX_YAW_DEG - yaw)
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,16 @@ class LandmarkEmbedding:
     dynamic_lmk_bary_coords: np.ndarray  # (79, 17, 3) float32
     full_lmk_faces_idx: np.ndarray  # (1, 68) int64: the 68 iBUG landmarks
     full_lmk_bary_coords: np.ndarray  # (1, 68, 3) float32
+
+
+@dataclass(frozen=True)
+class MediaPipeEmbedding:
+    """MediaPipe FaceMesh points on the FLAME surface (``mediapipe_landmark_embedding.npz``): for each of
+    the file's points, the FLAME face, its barycentric weights and the FaceMesh vertex it corresponds to."""
+
+    lmk_face_idx: np.ndarray  # (N,) int64 FLAME face indices (N = 105 in the official file)
+    lmk_b_coords: np.ndarray  # (N, 3) float32
+    landmark_indices: np.ndarray  # (N,) int64 FaceMesh vertex indices in [0, 468)
 
 
 @dataclass(frozen=True)

@@ -468,11 +468,18 @@ def flame_fusion_setup(directory: Path) -> FusionSetup:
         lmk68 = landmarks(vertices_mm)
         return lmk68, lmk68[list(NOW7_FROM_LMK68)]
 
+    from facefuse.assets.flame_file import load_mediapipe_embedding
     from facefuse.packs.posed import FlamePosedFitter
 
-    fitter = FlamePosedFitter(flame)
+    # Optional: the dense MediaPipe embedding, when the user has it (validated; a bad file is an AssetError).
+    mediapipe_path = asset_path(directory, "mediapipe_embedding")
+    mediapipe = (load_mediapipe_embedding(mediapipe_path, num_faces=flame.faces.shape[0])
+                 if mediapipe_path.is_file() else None)
+    fitter = FlamePosedFitter(flame, mediapipe=mediapipe)
+    dense = f" + {len(mediapipe.landmark_indices)} MediaPipe points" if mediapipe is not None else ""
     details = {"regions": ",".join(sorted(space.regions)) or "none (region strategy unavailable)",
-               "posed_fit": f"FLAME expression ({fitter.num_expression}), jaw, head pose, camera"}
+               "posed_fit": f"FLAME expression ({fitter.num_expression}), jaw, head pose, camera; "
+                            f"68 landmarks (dynamic contour){dense}"}
     return FusionSetup(
         space,
         BackendStatus("fusion", "flame2020-linear", "flame", True, False, "ready", details=details),

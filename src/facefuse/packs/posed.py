@@ -2,7 +2,9 @@
 
 * flame pack (:class:`FlamePosedFitter`): FLAME with the fused β fixed; expression (first
   ``num_expression`` components), jaw, rotation and translation fitted to the 68 iBUG landmarks read off
-  the 468 FaceMesh points (:mod:`facefuse.face.landmarks68`) through FLAME's ``landmark_embedding.npy``.
+  the 468 FaceMesh points (:mod:`facefuse.face.landmarks68`) through FLAME's ``landmark_embedding.npy``
+  (51 static inner points + the 17 contour points of the dynamic table row of the current yaw), plus,
+  when the user has ``mediapipe_landmark_embedding.npz``, its dense points against their FaceMesh points.
 * open pack (:class:`OpenPosedFitter`): the observed FaceMesh mesh is split into the neutral identity part
   (the fused mesh, ``mesh.obj``) and an expression residual (observed − neutral after a similarity fit on
   the visible points; hidden points get no residual, i.e. the neutral shape there); the posed face
@@ -28,14 +30,17 @@ from facefuse.models.camera import extrinsics, intrinsics
 from facefuse.models.fitting import (
     FitSettings,
     LandmarkFlame,
+    LandmarkSelector,
     PosedFit,
+    dynamic_landmark_selector,
     fit_posed_face,
+    flame_landmark_bank,
     flame_landmark_model,
     posed_flame_vertices,
     posed_vertices,
     rigid_landmark_model,
 )
-from facefuse.models.flame import FlameLayer, FlameModelData
+from facefuse.models.flame import FlameLayer, FlameModelData, MediaPipeEmbedding
 from facefuse.packs.base import PosedFaceResult, PoseFitTarget
 
 DEFAULT_NUM_EXPRESSION = 50
@@ -68,28 +73,68 @@ def _facemesh_points(target: PoseFitTarget) -> np.ndarray:
     return points[:468]
 
 
+def _point_weights(visibility: np.ndarray | None, indices: np.ndarray) -> np.ndarray:
+    """Fit weights of FaceMesh points: their visibility (NaN or None: seen), clipped to [0, 1]."""
+    if visibility is None:
+        return np.ones(len(indices))
+    vis = np.asarray(visibility, dtype=np.float64)[indices]
+    return np.where(np.isfinite(vis), np.clip(vis, 0.0, 1.0), 1.0)
+
+
 class FlamePosedFitter:
-    """FLAME's expression, jaw and head pose for a fused β, fitted to the face's 68 iBUG landmarks."""
+    """FLAME's expression, jaw and head pose for a fused β, fitted to the face's 68 iBUG landmarks (static
+    inner points + yaw-dependent contour) and, with a MediaPipe embedding, its dense FaceMesh points."""
 
     def __init__(self, flame: FlameModelData, num_expression: int = DEFAULT_NUM_EXPRESSION,
-                 settings: FitSettings | None = None) -> None:
+                 settings: FitSettings | None = None, *, mediapipe: MediaPipeEmbedding | None = None,
+                 dynamic_contour: bool = True) -> None:
+        """``dynamic_contour`` False: the fixed 68-point ``full_lmk`` embedding (the fit before the dynamic
+        contour; kept for comparison). ``mediapipe``: the optional dense embedding."""
         self.layer = FlameLayer(flame).double().eval()
-        self.landmarks = LandmarkFlame(self.layer, self.layer.full_lmk_faces_idx[0], self.layer.full_lmk_bary_coords[0])
+        self.mediapipe = mediapipe
+        self.dynamic_contour = dynamic_contour
+        dense_faces = dense_bary = None
+        self.select: LandmarkSelector | None = None
+        if mediapipe is not None:
+            dense_faces = torch.from_numpy(np.asarray(mediapipe.lmk_face_idx, np.int64))
+            dense_bary = torch.from_numpy(np.asarray(mediapipe.lmk_b_coords, np.float64))
+        num_dense = 0 if mediapipe is None else len(mediapipe.landmark_indices)
+        if dynamic_contour:
+            faces, bary = flame_landmark_bank(self.layer, dense_faces, dense_bary)
+            self.select = dynamic_landmark_selector(
+                num_static=self.layer.lmk_faces_idx.shape[0], num_contour=self.layer.dynamic_lmk_faces_idx.shape[1],
+                num_rows=self.layer.dynamic_lmk_faces_idx.shape[0], num_dense=num_dense)
+        else:
+            faces, bary = self.layer.full_lmk_faces_idx[0], self.layer.full_lmk_bary_coords[0]
+            if dense_faces is not None and dense_bary is not None:
+                faces, bary = torch.cat([faces, dense_faces]), torch.cat([bary, dense_bary.to(bary)])
+        self.landmarks = LandmarkFlame(self.layer, faces, bary)
         self.num_expression = min(int(num_expression), self.layer.num_expression)
         self.settings = settings or FitSettings()
 
+    def targets(self, target: PoseFitTarget) -> tuple[np.ndarray, np.ndarray]:
+        """(L,2) detected points in px and (L,) weights, in the fit's order: iBUG 68, then the dense points."""
+        points = _facemesh_points(target)
+        landmarks = ibug68_from_facemesh(points)[:, :2]
+        weights = ibug68_weights(target.visibility)
+        if self.mediapipe is not None:
+            indices = np.asarray(self.mediapipe.landmark_indices, np.int64)
+            landmarks = np.concatenate([landmarks, points[indices, :2]])
+            weights = np.concatenate([weights, _point_weights(target.visibility, indices)])
+        return landmarks, weights
+
     def __call__(self, shape: np.ndarray, target: PoseFitTarget) -> PosedFaceResult | None:
         """The posed face, or None when no landmark is visible (nothing to fit to)."""
-        points = _facemesh_points(target)
         beta = torch.from_numpy(np.asarray(shape, np.float64).reshape(1, -1))
-        landmarks = torch.from_numpy(ibug68_from_facemesh(points)[:, :2])[None]
-        weights = torch.from_numpy(ibug68_weights(target.visibility))[None]
+        points, point_weights = self.targets(target)
+        landmarks = torch.from_numpy(points)[None]
+        weights = torch.from_numpy(point_weights)[None]
         if float(weights.sum()) <= 0.0:
             return None
         camera = _camera(target)
         with torch.enable_grad():
             fit = fit_posed_face(flame_landmark_model(self.landmarks, beta), self.num_expression, landmarks, weights,
-                                 camera, settings=self.settings)
+                                 camera, select=self.select, settings=self.settings)
         with torch.no_grad():
             vertices = posed_flame_vertices(self.layer, beta, fit)
         return _result(fit, vertices, camera, target)

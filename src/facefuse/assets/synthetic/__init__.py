@@ -36,6 +36,7 @@ WRITERS: dict[str, tuple[str, str]] = {
     "FLAME2020/generic_model.pkl": ("facefuse.assets.synthetic.flame", "write_flame_model"),
     "FLAME2020/landmark_embedding.npy": ("facefuse.assets.synthetic.flame", "write_landmark_embedding"),
     "FLAME2020/FLAME_masks.pkl": ("facefuse.assets.synthetic.flame", "write_flame_masks"),
+    "FLAME2020/mediapipe_landmark_embedding.npz": ("facefuse.assets.synthetic.flame", "write_mediapipe_embedding"),
     "mica.tar": ("facefuse.assets.synthetic.mica", "write_mica_checkpoint"),
     "model_idgen_flame20.tar": ("facefuse.assets.synthetic.ofer_idgen", "write_idgen_checkpoint"),
     "model_idrank.tar": ("facefuse.assets.synthetic.ofer_idrank", "write_idrank_checkpoint"),
@@ -44,13 +45,15 @@ WRITERS: dict[str, tuple[str, str]] = {
 }
 
 
-def _selected(only: Iterable[str] | None) -> list[str]:
-    """Relpaths to write, in registry order; ``only`` takes asset names or relpaths."""
+def _selected(only: Iterable[str] | None, include_optional: bool = False) -> list[str]:
+    """Relpaths to write, in registry order; ``only`` takes asset names or relpaths. Without ``only``,
+    optional assets are written only with ``include_optional``."""
     by_name = {a.name: a.relpath for a in ASSETS}
     registered = [a.relpath for a in ASSETS]
+    optional = {a.relpath for a in ASSETS if a.optional}
     order = [r for r in registered if r in WRITERS] + [r for r in WRITERS if r not in registered]
     if only is None:
-        return order
+        return [r for r in order if include_optional or r not in optional]
     wanted = set()
     for item in only:
         relpath = by_name.get(item, item)
@@ -82,8 +85,12 @@ def _run_writer(writer: Writer, temp: Path, *, size: str, generator: torch.Gener
 
 
 def synthesize(directory: Path, size: str = "full", seed: int = 0, only: set[str] | None = None,
-               progress: Progress | None = None) -> dict[str, Path]:
+               progress: Progress | None = None, include_optional: bool = False) -> dict[str, Path]:
     """Write synthetic official-format files under ``directory``; returns relpath -> path written.
+
+    Optional assets (``AssetSpec.optional``) are written when named in ``only`` or with
+    ``include_optional``: an optional file changes what a pack does (the synthetic MediaPipe embedding's
+    FaceMesh correspondences are random, so on a real photo it would pull the posed fit off the face).
 
     A writer whose module cannot be imported (the OFER writers live in ``synthetic/ofer_*.py``) is
     skipped with a message through ``progress`` and the log; the other files are still written.
@@ -94,7 +101,7 @@ def synthesize(directory: Path, size: str = "full", seed: int = 0, only: set[str
     directory.mkdir(parents=True, exist_ok=True)
     report = progress or (lambda relpath, status: None)
     written: dict[str, Path] = {}
-    for relpath in _selected(only):
+    for relpath in _selected(only, include_optional):
         try:
             writer = load_writer(relpath)
         except (ImportError, AttributeError) as exc:

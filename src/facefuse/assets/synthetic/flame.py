@@ -42,6 +42,7 @@ __all__ = [
     "write_flame_masks",
     "write_flame_model",
     "write_landmark_embedding",
+    "write_mediapipe_embedding",
 ]
 
 
@@ -78,7 +79,7 @@ _MOUTH = np.array([0.0, -0.04, 0.0])
 _UINT32_MINUS_ONE = 4294967295
 
 
-_MODEL_STREAM, _LANDMARK_STREAM = 0, 1
+_MODEL_STREAM, _LANDMARK_STREAM, _MEDIAPIPE_STREAM = 0, 1, 2
 
 
 def flame_generator(generator: torch.Generator, stream: int = _MODEL_STREAM) -> torch.Generator:
@@ -336,13 +337,16 @@ def landmark_embedding_dict(size: str, generator: torch.Generator) -> dict[str, 
     layout = ibug68_layout() * 0.1  # decimetres -> metres
     full_idx, full_bary = _embed(layout, vertices, faces, generator)
     contour = layout[0:17]
-    yaws = np.deg2rad(np.arange(-39, 40))  # 79 bins
     dyn_idx = np.zeros((79, 17), np.int64)
     dyn_bary = np.zeros((79, 17, 3))
-    for k, yaw in enumerate(yaws):
+    for row in range(79):
+        # The public FLAME code's layout: rows 0..39 hold yaw 0..39°, rows 40..78 yaw -1..-39° (row = 39 - yaw).
+        yaw = np.deg2rad(row if row <= 39 else 39 - row)
+        # A silhouette-like contour: turned toward +x (yaw > 0), the +x side's outline moves toward the middle
+        # of the face and the -x side's toward the ear (clamped at the front faces' edge by _embed).
         shifted = contour.copy()
-        shifted[:, 0] = contour[:, 0] * np.cos(yaw) + 0.05 * np.sin(yaw)
-        dyn_idx[k], dyn_bary[k] = _embed(shifted, vertices, faces, generator)
+        shifted[:, 0] = contour[:, 0] * np.cos(yaw) - 0.05 * np.sin(yaw)
+        dyn_idx[row], dyn_bary[row] = _embed(shifted, vertices, faces, generator)
     assert list(NOW7_FROM_LMK68) == [36, 39, 42, 45, 33, 48, 54]
     return {
         "static_lmk_faces_idx": full_idx[17:].copy(),
@@ -361,6 +365,29 @@ def write_landmark_embedding(path: Path, size: str, generator: torch.Generator) 
     buffer = io.BytesIO()
     np.save(buffer, holder, allow_pickle=True)
     Path(path).write_bytes(_stable_storage_keys(buffer.getvalue()))
+
+
+def mediapipe_embedding_dict(size: str, generator: torch.Generator) -> dict[str, np.ndarray]:
+    """105 distinct FaceMesh indices (random) on a procedural grid over the synthetic face's front."""
+    vertices, faces = synthetic_flame_mesh(size)
+    columns, rows = np.meshgrid(np.linspace(-0.055, 0.055, 15), np.linspace(-0.075, 0.045, 7))
+    points = np.stack([columns.ravel(), rows.ravel()], axis=1)  # 105 points, metres, x right, y up
+    face_idx, bary = _embed(points, vertices, faces, generator)
+    indices = torch.randperm(468, generator=generator)[:105].numpy().astype(np.int64)
+    return {"lmk_face_idx": face_idx, "lmk_b_coords": bary, "landmark_indices": indices}
+
+
+def write_mediapipe_embedding(path: Path, size: str, generator: torch.Generator) -> None:
+    """``mediapipe_landmark_embedding.npz``: the three arrays as .npy members of a zip, written with a fixed
+    timestamp (``np.savez`` stamps the current time) so the same seed gives the same bytes."""
+    import zipfile
+
+    arrays = mediapipe_embedding_dict(size, flame_generator(generator, _MEDIAPIPE_STREAM))
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for key, array in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
 
 
 def _stable_storage_keys(blob: bytes) -> bytes:
