@@ -24,16 +24,15 @@ import torch
 from facefuse.assets.canonical_face import load_canonical_face
 from facefuse.assets.synthetic.flame import synthetic_flame_data
 from facefuse.models.camera import (
-    DEFAULT_FOCAL_35MM,
     axis_angle_to_rotation,
     flame_to_opencv,
-    focal_px_from_35mm,
     intrinsics,
     project,
     rotation_to_axis_angle,
 )
 from facefuse.models.fitting import LandmarkFlame, fit_posed_face, flame_landmark_model
 from facefuse.models.flame import FlameLayer
+from facefuse.models.focal import DEFAULT_FOCAL_35MM, focal_px_from_35mm
 from facefuse.packs.open import camera_points, metric_face
 from facefuse.packs.posed import OpenPosedFitter, PoseFitTarget
 

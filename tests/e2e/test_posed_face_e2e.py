@@ -71,7 +71,7 @@ def test_the_focal_comes_from_exif_when_the_photo_has_it(open_mesh_assetless: Lo
     import skimage.data
     from PIL import Image
 
-    from facefuse.models.camera import focal_px_from_35mm
+    from facefuse.models.focal import focal_px_from_35mm
 
     exif = Image.Exif()
     exif.get_ifd(0x8769)[0xA405] = 50  # FocalLengthIn35mmFilm

@@ -292,7 +292,9 @@ from facefuse.face.frontend import FaceFrontEnd
 front_end = FaceFrontEnd.from_assets(None, ModelStore())
 (det,) = front_end.detect(image)
 front_end.estimate_iris(image, det.landmarks)
-front_end.align(image, det)""",
+aligned = front_end.align(image, det)
+from facefuse.pipeline.orchestration import pose_fit_input  # the posed-fit request is built in the gateway
+assert pose_fit_input(aligned, image.shape[:2], None) is not None""",
 }
 
 

@@ -14,10 +14,8 @@ import torch
 
 from facefuse.assets.synthetic.flame import synthetic_flame_data
 from facefuse.models.camera import (
-    DEFAULT_FOCAL_35MM,
     axis_angle_to_rotation,
     flame_to_opencv,
-    focal_px_from_35mm,
     intrinsics,
     project,
     rotation_to_axis_angle,
@@ -30,6 +28,7 @@ from facefuse.models.fitting import (
     rigid_landmark_model,
 )
 from facefuse.models.flame import FlameLayer
+from facefuse.models.focal import DEFAULT_FOCAL_35MM, focal_px_from_35mm
 
 WIDTH, HEIGHT = 1024, 768
 NOISE_PX = 0.3

@@ -29,10 +29,8 @@ from facefuse.client import cli
 from facefuse.errors import AssetError
 from facefuse.face.landmarks68 import IBUG68_FROM_FACEMESH
 from facefuse.models.camera import (
-    DEFAULT_FOCAL_35MM,
     axis_angle_to_rotation,
     flame_to_opencv,
-    focal_px_from_35mm,
     intrinsics,
     project,
     rotation_to_axis_angle,
@@ -46,6 +44,7 @@ from facefuse.models.fitting import (
     yaw_degrees,
 )
 from facefuse.models.flame import FlameLayer, dynamic_contour_row
+from facefuse.models.focal import DEFAULT_FOCAL_35MM, focal_px_from_35mm
 from facefuse.packs.base import PoseFitTarget
 from facefuse.packs.posed import FlamePosedFitter
 

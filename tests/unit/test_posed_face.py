@@ -14,8 +14,8 @@ from facefuse import wire
 from facefuse.client.validate import InvalidResponseError, check_posed
 from facefuse.face.landmarks68 import IBUG68_FROM_FACEMESH, ibug68_weights
 from facefuse.io.images import exif_focal_35mm
-from facefuse.models.camera import DEFAULT_FOCAL_35MM, focal_px_from_35mm
 from facefuse.models.flame import NOW7_FROM_LMK68
+from facefuse.models.focal import DEFAULT_FOCAL_35MM, focal_px_from_35mm
 from facefuse.packs.open import KPT7_INDICES
 from facefuse.v1 import common_pb2
 

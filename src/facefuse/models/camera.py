@@ -3,10 +3,8 @@
 Convention (OpenCV): camera space in millimetres, x right, y down, z forward; pixel
 (u, v) = (fx·x/z + cx, fy·y/z + cy) in the photo's pixel grid with pixel centres at integer
 coordinates, so the principal point of a W×H photo is ((W − 1)/2, (H − 1)/2).
-
-A focal length quoted "35 mm equivalent" is the focal of a lens giving the same field of view on a
-36 × 24 mm frame; measured along the diagonal, it is independent of the photo's orientation and aspect:
-f_px = f_35 · diag_px / diag_35 with diag_35 = √(36² + 24²) ≈ 43.27 mm.
+Focal lengths from a photo's 35 mm-equivalent focal: :mod:`facefuse.models.focal` (no torch: the gateway
+uses it).
 """
 
 from __future__ import annotations
@@ -18,20 +16,9 @@ from torch import Tensor
 
 from facefuse.models.flame import rodrigues
 
-FULL_FRAME_DIAGONAL_MM = math.hypot(36.0, 24.0)
-DEFAULT_FOCAL_35MM = 35.0
-"""The 35 mm-equivalent focal assumed when the photo has none in its EXIF (a moderate wide angle, between a
-phone's main camera (~26 mm) and a portrait lens (~85 mm)). The face's distance scales with it."""
 FLAME_TO_OPENCV = (1.0, -1.0, -1.0)
 """FLAME's model frame is x right, y up, z toward the viewer; a frontal face in the OpenCV camera is the
 model rotated 180° about x (diag(1, −1, −1))."""
-
-
-def focal_px_from_35mm(focal_35mm: float, width: int, height: int) -> float:
-    """Focal length in pixels of a W×H photo whose lens is ``focal_35mm`` (35 mm equivalent)."""
-    if not (math.isfinite(focal_35mm) and focal_35mm > 0 and width > 0 and height > 0):
-        raise ValueError(f"focal {focal_35mm} mm on a {width}x{height} photo: expected positive numbers")
-    return float(focal_35mm) * math.hypot(width, height) / FULL_FRAME_DIAGONAL_MM
 
 
 def intrinsics(focal_px: Tensor, width: int, height: int) -> Tensor:

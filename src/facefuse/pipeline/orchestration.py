@@ -29,6 +29,7 @@ from facefuse.errors import (
 from facefuse.face.frontend import SELECTIONS, select_faces
 from facefuse.face.types import AlignedFace, Detection, check_det_thresh
 from facefuse.io.images import DEFAULT_MAX_DECODE_BYTES, decode_image, exif_focal_35mm
+from facefuse.models.focal import DEFAULT_FOCAL_35MM, focal_px_from_35mm
 from facefuse.packs.base import SCALE_SOURCES
 from facefuse.rpc.deadline import Deadline
 from facefuse.rpc.interceptors import request_metadata
@@ -646,8 +647,6 @@ def _retrying(backend: str, attempt: Callable[[], T]) -> T:
 def pose_fit_input(face: AlignedFace, hw: tuple[int, int], focal_35mm: float | None) -> common_pb2.PoseFitInput | None:
     """What the fusion service's posed-face fit needs of this face, or None without the 468 FaceMesh points
     (SCRFD front end): focal from the photo's EXIF when it has one, else the documented default."""
-    from facefuse.models.camera import DEFAULT_FOCAL_35MM, focal_px_from_35mm
-
     landmarks = face.detection.landmarks
     if landmarks is None or len(landmarks) < 468 or np.shape(landmarks)[1] < 3:
         return None
