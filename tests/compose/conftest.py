@@ -43,6 +43,8 @@ def compose_mesh(docker_client: Any, tmp_path_factory: pytest.TempPathFactory) -
     assets.chmod(0o755)
     ports = {name: free_port() for name in SERVICES}
     env = {**os.environ, "FACEFUSE_ASSETS": str(assets), **{PORT_VARIABLES[n]: str(p) for n, p in ports.items()}}
+    # docker-compose v1 gives up on an engine that stays silent 60 s (a long build step on a loaded machine).
+    env.setdefault("COMPOSE_HTTP_TIMEOUT", "900")
     env.pop("FACEFUSE_BIND", None)
     mesh = ComposeMesh(docker_client, ports, assets, env)
     mesh.compose("down", "-v", "-t", "0", "--remove-orphans", timeout=300)  # leftovers of an interrupted run
