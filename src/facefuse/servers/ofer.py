@@ -8,8 +8,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
@@ -123,17 +122,15 @@ class RankContextPrefetch:
             return None
         if entry.future.cancel():  # still queued: computing it in the Rank call is sooner
             return None
-        while True:
+        while not wait([entry.future], timeout=TURN_POLL_S).done:
             try:
-                return entry.future.result(timeout=TURN_POLL_S)
-            except FutureTimeout:
-                try:
-                    stop_check()
-                except BaseException:
-                    entry.drop()
-                    raise
-            except Exception:  # the job failed or was dropped: Rank computes (and reports) it itself
-                return None
+                stop_check()
+            except BaseException:
+                entry.drop()
+                raise
+        if entry.future.cancelled() or entry.future.exception() is not None:
+            return None  # the job failed or was dropped: Rank computes (and reports) it itself
+        return entry.future.result()
 
     def discard(self, face: AlignedFace) -> None:
         """The face's Sample failed or its caller went away: stop its job, forget its entry."""
