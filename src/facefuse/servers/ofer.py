@@ -85,7 +85,7 @@ class RankContextPrefetch:
         for array in (face.arcface_blob, face.farl_input):
             array = np.ascontiguousarray(array)
             digest.update(f"{array.dtype.str}{array.shape}".encode())
-            digest.update(memoryview(array).cast("B"))
+            digest.update(array.tobytes())
         return digest.digest()
 
     def start(self, face: AlignedFace, deadline_at: float | None) -> None:
