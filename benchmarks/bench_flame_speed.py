@@ -45,14 +45,17 @@ VARIANT_ARGS: dict[str, dict[str, list[str]]] = {
     "after-batched": {"ofer": ["--max-batch", "8"]},
     "after-ofer2": {"ofer": ["--torch-threads", "2"], "mica": ["--torch-threads", "1"],
                     "fusion": ["--torch-threads", "1"]},
+    "after-noprefetch": {"ofer": ["--rank-prefetch", "off"]},
 }
-"""Service flags of each variant."""
+"""Service flags of each variant (``after-noprefetch``: IdRank's context computed in Rank, after the sampler,
+as before the rank prefetch; docs/performance.md#rank-prefetch)."""
 VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
     "after": {"neutral_only": True},
     "after-posed": {},
     "after-fast": {"neutral_only": True, "steps": 20},
     "after-batched": {"neutral_only": True},
     "after-ofer2": {"neutral_only": True},
+    "after-noprefetch": {"neutral_only": True},
 }
 """Request options of each variant (ProcessOptions fields). ``after`` does the same work as ``before``, the
 neutral identity shape (``neutral_only``); ``after-posed`` adds the posed-face fit (issue 14, on by

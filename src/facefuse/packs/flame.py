@@ -366,22 +366,36 @@ class OferBackend:
 
     @torch.inference_mode()
     def rank(self, face: AlignedFace, candidates: np.ndarray, visibility: object | None = None,
-             stop_check: StopCheck | None = None) -> np.ndarray:
+             stop_check: StopCheck | None = None, context: torch.Tensor | None = None) -> np.ndarray:
+        """IdRank's scores of the candidates. ``context``: this face's ``rank_context``, when the caller
+        already has it (the ofer service computes it while the face's Sample runs); else computed here."""
         with self.stop_checks.watching(stop_check):
-            return self._rank(face, candidates)
+            return self._rank(face, candidates, context)
 
-    def _rank(self, face: AlignedFace, candidates: np.ndarray) -> np.ndarray:
-        from facefuse.errors import InvalidInputError
+    @torch.inference_mode()
+    def rank_context(self, face: AlignedFace, stop_check: StopCheck | None = None) -> torch.Tensor:
+        """IdRank's (1, 1024) context of a face. It depends only on the face's ArcFace blob and FaRL input,
+        never on the candidates, so it can be computed before the samples exist, by the same call ``rank``
+        makes (the same numbers, bit for bit)."""
+        with self.stop_checks.watching(stop_check):
+            return self._rank_context(face)
 
+    def _rank_context(self, face: AlignedFace) -> torch.Tensor:
+        if face.farl_input is None:
+            raise InvalidInputError("face.farl_input is missing: IdRank needs the CLIP-normalised face crop")
+        blob = torch.from_numpy(np.ascontiguousarray(face.arcface_blob))[None].to(self.device)
+        farl = torch.from_numpy(np.ascontiguousarray(face.farl_input))[None].to(self.device)
+        return self.idrank.context(blob, farl)
+
+    def _rank(self, face: AlignedFace, candidates: np.ndarray, context: torch.Tensor | None) -> np.ndarray:
         if face.farl_input is None:
             raise InvalidInputError("face.farl_input is missing: IdRank needs the CLIP-normalised face crop")
         if np.ndim(candidates) != 2 or np.shape(candidates)[1] != N_SHAPE:
             raise InvalidInputError(
                 f"candidates: expected (N, {N_SHAPE}) FLAME coefficients, got {np.shape(candidates)}"
             )
-        blob = torch.from_numpy(np.ascontiguousarray(face.arcface_blob))[None].to(self.device)
-        farl = torch.from_numpy(np.ascontiguousarray(face.farl_input))[None].to(self.device)
-        context = self.idrank.context(blob, farl)
+        if context is None:
+            context = self._rank_context(face)
         vertices = self.flame.shape_vertices(torch.from_numpy(np.asarray(candidates, np.float32)).to(self.device))
         return self.idrank.score(vertices, context).to(torch.float32).cpu().numpy()
 

@@ -73,8 +73,9 @@ OPEN_MICA_CROPS = ("arcface_blob", "crop_box224")
 every aligned face carries its ArcFace blob (facefuse.wire checks it)."""
 ANY_MICA_CROPS = ("arcface_blob", "crop_box224")
 """While the mica service's pack is unknown: what either pack may read."""
-SAMPLE_CROPS = ("arcface_blob",)
-"""IdGen (flame pack) reads the ArcFace blob."""
+SAMPLE_CROPS = ("arcface_blob", "farl_input")
+"""IdGen (flame pack) reads the ArcFace blob; the FaRL input (602 KB) lets the ofer service compute the face's
+IdRank context while it samples (docs/performance.md#rank-prefetch), since Rank follows every Sample here."""
 RANK_CROPS = ("arcface_blob", "farl_input")
 """IdRank (flame pack) reads the ArcFace blob and the FaRL input."""
 OPEN_OFER_CROPS = ("arcface_blob", "crop_box224")

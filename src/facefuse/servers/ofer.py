@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
@@ -12,7 +16,8 @@ import grpc
 import numpy as np
 
 from facefuse import wire
-from facefuse.errors import InvalidInputError, LimitExceededError
+from facefuse.errors import CancelledError, DeadlineError, InvalidInputError, LimitExceededError
+from facefuse.face.types import AlignedFace
 from facefuse.packs.base import GenerativeBackend, StopCheck
 from facefuse.rpc.deadline import Deadline
 from facefuse.rpc.logs import log_event
@@ -38,6 +43,134 @@ MAX_SAMPLES = 1000
 MAX_CANDIDATES = MAX_SAMPLES + 1  # the samples plus MICA's shape ("pool")
 MAX_STEPS = 1000  # IdGen's schedule length: more DDIM steps than that do not exist
 MODES = ("fast", "official")
+PREFETCH_ENTRIES = 4
+"""Rank contexts kept (in flight or done) for faces whose Rank has not come yet; the oldest is dropped."""
+PREFETCH_WAITING = 1
+"""Speculative context jobs waiting for the prefetch thread; a newer face's job replaces the oldest."""
+
+
+class RankContextPrefetch:
+    """IdRank's context of a face, computed on one background thread while the face's Sample runs.
+
+    The context (ArcFace + FaRL on the face's image, ~1 s of CPU on the flame pack) depends only on the
+    face's image tensors, not on the samples, and the gateway calls Rank right after Sample: computing it
+    during the sampler puts a second core to work that would otherwise idle. The Rank call takes the entry
+    for its face (keyed by a hash of the image tensors' bytes, shapes and dtypes) and uses the same tensor
+    the Rank call would have computed, with the same call, so the scores are bit for bit the same.
+
+    Bounded: one worker thread, at most ``waiting`` jobs queued (a newer face replaces the oldest queued
+    one), at most ``entries`` faces kept; a job stops at its Sample call's deadline, when its Sample
+    fails or its caller goes away (``discard``), or when dropped; a Rank that finds its job still queued
+    cancels it and computes the context itself, and a job that failed leaves Rank to compute (and report)
+    it as before.
+    """
+
+    def __init__(self, compute: Callable[[AlignedFace, StopCheck], object], *,
+                 entries: int = PREFETCH_ENTRIES, waiting: int = PREFETCH_WAITING) -> None:
+        if entries < 1 or waiting < 1:
+            raise ValueError(f"entries {entries} and waiting {waiting} must be at least 1")
+        self._compute = compute
+        self._entries_limit = entries
+        self._waiting_limit = waiting
+        self._entries: OrderedDict[bytes, _PrefetchEntry] = OrderedDict()
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ofer-rank-prefetch")
+
+    @staticmethod
+    def key(face: AlignedFace) -> bytes | None:
+        """What identifies a face's context: its ArcFace blob and FaRL input (None: no FaRL input sent)."""
+        if face.farl_input is None:
+            return None
+        digest = hashlib.blake2b(digest_size=32)
+        for array in (face.arcface_blob, face.farl_input):
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype.str}{array.shape}".encode())
+            digest.update(array.tobytes())
+        return digest.digest()
+
+    def start(self, face: AlignedFace, deadline_at: float | None) -> None:
+        """Queue the context of ``face`` (a face already kept is only refreshed). ``deadline_at``: the
+        Sample call's deadline on ``time.monotonic()``'s clock; the job stops there (None: no deadline)."""
+        key = self.key(face)
+        if key is None:
+            return
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return
+            waiting = [k for k, e in self._entries.items() if not e.future.running() and not e.future.done()]
+            while len(waiting) >= self._waiting_limit:
+                self._entries.pop(waiting.pop(0)).drop()
+            entry = _PrefetchEntry(deadline_at)
+            entry.future = self._executor.submit(self._run, entry, face)
+            self._entries[key] = entry
+            while len(self._entries) > self._entries_limit:
+                self._entries.popitem(last=False)[1].drop()
+
+    def _run(self, entry: _PrefetchEntry, face: AlignedFace) -> object:
+        return self._compute(face, entry.check)
+
+    def take(self, face: AlignedFace, stop_check: StopCheck) -> object | None:
+        """The context of ``face`` once its job finishes, or None (nothing kept, still queued, or failed):
+        the caller then computes it itself. Waits outside the model turn, checking ``stop_check``."""
+        key = self.key(face)
+        if key is None:
+            return None
+        with self._lock:
+            entry = self._entries.pop(key, None)
+        if entry is None:
+            return None
+        if entry.future.cancel():  # still queued: computing it in the Rank call is sooner
+            return None
+        while not wait([entry.future], timeout=TURN_POLL_S).done:
+            try:
+                stop_check()
+            except BaseException:
+                entry.drop()
+                raise
+        if entry.future.cancelled() or entry.future.exception() is not None:
+            return None  # the job failed or was dropped: Rank computes (and reports) it itself
+        return entry.future.result()
+
+    def discard(self, face: AlignedFace) -> None:
+        """The face's Sample failed or its caller went away: stop its job, forget its entry."""
+        key = self.key(face)
+        if key is None:
+            return
+        with self._lock:
+            entry = self._entries.pop(key, None)
+        if entry is not None:
+            entry.drop()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def close(self) -> None:
+        with self._lock:
+            entries, self._entries = list(self._entries.values()), OrderedDict()
+        for entry in entries:
+            entry.drop()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _PrefetchEntry:
+    """One speculative context job: its future and what stops it."""
+
+    def __init__(self, deadline_at: float | None) -> None:
+        self.deadline_at = deadline_at
+        self.dropped = threading.Event()
+        self.future: Future[object] = Future()
+
+    def drop(self) -> None:
+        self.dropped.set()
+        self.future.cancel()
+
+    def check(self) -> None:
+        if self.dropped.is_set():
+            raise CancelledError("the speculative IdRank context was dropped")
+        if self.deadline_at is not None and time.monotonic() > self.deadline_at:
+            raise DeadlineError("deadline exceeded during the speculative IdRank context")
 
 
 class OferServicer(ofer_pb2_grpc.OferServiceServicer):
@@ -46,9 +179,14 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
     off by default: a batch's composition changes float rounding, and a seed should give the same samples
     whoever else is asking (see ``OferBackend.sample_batch``)."""
 
-    def __init__(self, backend: GenerativeBackend, *, max_batch: int = 1, batch_wait_s: float = 0.005) -> None:
+    def __init__(self, backend: GenerativeBackend, *, max_batch: int = 1, batch_wait_s: float = 0.005,
+                 rank_prefetch: bool = True) -> None:
         self.backend = backend
         self._lock = threading.Lock()
+        self.prefetch: RankContextPrefetch | None = None
+        rank_context = getattr(backend, "rank_context", None)
+        if rank_prefetch and rank_context is not None:
+            self.prefetch = RankContextPrefetch(lambda face, check: rank_context(face, stop_check=check))
         self.batcher = None
         if max_batch > 1 and hasattr(backend, "sample_batch"):
             batched = backend.sample_batch
@@ -67,19 +205,27 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
 
     def Sample(self, request: ofer_pb2.SampleRequest, context: grpc.ServicerContext) -> Iterator[ofer_pb2.SampleChunk]:
         deadline = Deadline.from_context(context)
-        shapes = self._sample(request, deadline)
+        face = wire.aligned_face_from_message(request.face)
+        try:
+            shapes = self._sample(request, face, deadline)
+        except BaseException:
+            if self.prefetch is not None:
+                self.prefetch.discard(face)
+            raise
         chunk = request.chunk_size or len(shapes)
         for offset in range(0, len(shapes), chunk):
             if not context.is_active():
+                if self.prefetch is not None:
+                    self.prefetch.discard(face)
                 return
             yield ofer_pb2.SampleChunk(
                 offset=offset, shapes=wire.from_numpy(shapes[offset : offset + chunk]), total=len(shapes)
             )
         log_event("sample", samples=len(shapes), mode=request.mode or "fast")
 
-    def _sample(self, request: ofer_pb2.SampleRequest, deadline: Deadline) -> np.ndarray:
-        """Check every field of the request, then sample (stopping when the caller goes away)."""
-        face = wire.aligned_face_from_message(request.face)
+    def _sample(self, request: ofer_pb2.SampleRequest, face: AlignedFace, deadline: Deadline) -> np.ndarray:
+        """Check every field of the request, then sample (stopping when the caller goes away). A face sent
+        with its FaRL input gets its Rank context computed meanwhile (``RankContextPrefetch``)."""
         count = request.num_samples or 10
         if count < 0:
             raise InvalidInputError(f"num_samples {count}; expected 1..{MAX_SAMPLES} (0 = 10)")
@@ -108,6 +254,8 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
         if not 0.0 <= request.guide_strength <= 1.0:  # NaN fails this too
             raise InvalidInputError(f"guide_strength {request.guide_strength}; expected 0..1")
         visibility = _visibility(request)
+        if self.prefetch is not None:
+            self.prefetch.start(face, deadline.at)
         if self.batcher is not None and start is None and (guide is None or request.guide_strength == 0):
             from facefuse.packs.flame import SampleJob
 
@@ -130,9 +278,12 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
             raise LimitExceededError(f"{len(candidates)} candidates; the limit is {MAX_CANDIDATES}")
         visibility = _visibility(request)
         deadline = Deadline.from_context(context)
+        # The context its Sample started, waited for before the model turn so other calls use the model meanwhile.
+        prefetched = self.prefetch.take(face, deadline.check) if self.prefetch is not None else None
+        extra = {} if prefetched is None else {"context": prefetched}
         with self._model_turn(deadline.check):
             scores = self.backend.rank(face, np.asarray(candidates, dtype=np.float32), visibility=visibility,
-                                       stop_check=deadline.check)
+                                       stop_check=deadline.check, **extra)
         return ofer_pb2.RankResponse(scores=wire.from_numpy(np.asarray(scores, dtype=np.float32)))
 
     def Info(self, request: common_pb2.InfoRequest, context: grpc.ServicerContext) -> common_pb2.BackendInfo:
@@ -148,7 +299,8 @@ def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequ
     from facefuse.packs.loading import load_generative_backend
 
     backend = load_generative_backend(args.pack, args.assets, args.device)
-    servicer = OferServicer(backend, max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000)
+    servicer = OferServicer(backend, max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000,
+                            rank_prefetch=args.rank_prefetch == "on")
     return (lambda server: ofer_pb2_grpc.add_OferServiceServicer_to_server(servicer, server),
             [SERVICE_NAME], {SERVICE_NAME: backend.status.ready})
 
@@ -156,6 +308,9 @@ def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequ
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.set_defaults(max_batch=1)  # batching across faces is opt-in here (see OferServicer)
+    parser.add_argument("--rank-prefetch", default="on", choices=["on", "off"],
+                        help="compute IdRank's context of a face on a second thread while its Sample runs, when the "
+                             "Sample carries the FaRL input (docs/performance.md#rank-prefetch)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
