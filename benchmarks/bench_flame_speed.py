@@ -46,6 +46,8 @@ VARIANT_ARGS: dict[str, dict[str, list[str]]] = {
     "after-ofer2": {"ofer": ["--torch-threads", "2"], "mica": ["--torch-threads", "1"],
                     "fusion": ["--torch-threads", "1"]},
     "after-noprefetch": {"ofer": ["--rank-prefetch", "off"]},
+    "after-onelane": {"ofer": ["--rank-lane", "off"]},
+    "after-onelane-noprefetch": {"ofer": ["--rank-lane", "off", "--rank-prefetch", "off"]},
 }
 """Service flags of each variant (``after-noprefetch``: IdRank's context computed in Rank, after the sampler,
 as before the rank prefetch; docs/performance.md#rank-prefetch)."""
@@ -56,6 +58,8 @@ VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
     "after-batched": {"neutral_only": True},
     "after-ofer2": {"neutral_only": True},
     "after-noprefetch": {"neutral_only": True},
+    "after-onelane": {"neutral_only": True},
+    "after-onelane-noprefetch": {"neutral_only": True},
 }
 """Request options of each variant (ProcessOptions fields). ``after`` does the same work as ``before``, the
 neutral identity shape (``neutral_only``); ``after-posed`` adds the posed-face fit (issue 14, on by
@@ -154,7 +158,13 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
             out["preview"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         for method, samples, clients in cells:
             label = f"{method} N={samples} clients={clients}"
-            out["cells"][label] = run_cell(mesh, data, method, samples, clients, args)
+            runs = []
+            for _ in range(args.repeats):
+                runs.append(run_cell(mesh, data, method, samples, clients, args))
+                time.sleep(0.5 if args.repeats > 1 else 0)  # nothing of the last run left in flight
+            runs.sort(key=lambda run: run["wall_per_face_s"])
+            out["cells"][label] = {**runs[len(runs) // 2],
+                                   "runs_wall_per_face_s": [run["wall_per_face_s"] for run in runs]}
             print(f"{args.variant} {label}: {json.dumps(out['cells'][label])}", file=sys.stderr, flush=True)
     return out
 
@@ -206,6 +216,12 @@ def write_report(variants: dict[str, dict[str, Any]], args: argparse.Namespace, 
             cells += [f"{cell['wall_per_face_s']:.2f} s{fail}", f"{cell['cpu_per_face_s']:.2f} s",
                       f"{cell['load_before'][0]:.1f}->{cell['load_after'][0]:.1f}"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    repeated = [(name, label, cell["runs_wall_per_face_s"]) for name in names
+                for label, cell in variants[name].get("cells", {}).items()
+                if len(cell.get("runs_wall_per_face_s", [])) > 1]
+    if repeated:
+        lines += ["", "Repeated cells (the table shows the median run), every run's wall/face in s, sorted:", ""]
+        lines += [f"- {name}, {label}: {', '.join(f'{value:.2f}' for value in runs)}" for name, label, runs in repeated]
     lines += ["", "| preview (render_preview of a fused mesh) | " + " | ".join(names) + " |",
               "|---|" + "---|" * len(names)]
     lines.append("| wall / CPU | " + " | ".join(
@@ -224,6 +240,9 @@ def main() -> None:
     parser.add_argument("--samples", default="10,100", help="OFER samples per face (N), comma-separated")
     parser.add_argument("--clients", default="1,4", help="concurrent clients, comma-separated")
     parser.add_argument("--images", type=int, default=3, help="images each client streams per cell")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every cell this many times and report the median run (all runs' wall/face too); "
+                             "with --images 1 that is a lone face's latency, measured several times")
     parser.add_argument("--quick", action="store_true",
                         help="2 images per client and N=100 for fuse only (a few minutes per variant)")
     parser.add_argument("--deadline-s", type=float, default=1200.0)

@@ -7,6 +7,8 @@ The prefetch's own bounds (queue, entries, deadline, drop) are tested with a sta
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from facefuse.face.types import AlignedFace, Detection
 from facefuse.packs.base import StopCheck
 from facefuse.packs.flame import OferBackend
 from facefuse.servers.base import ServerOptions, start_server
-from facefuse.servers.ofer import SERVICE_NAME, OferServicer, RankContextPrefetch
+from facefuse.servers.ofer import PREFETCH_NICE, SERVICE_NAME, OferServicer, RankContextPrefetch
 from facefuse.v1 import ofer_pb2, ofer_pb2_grpc
 
 
@@ -220,3 +222,12 @@ def test_a_rank_waiting_for_its_context_honours_its_own_deadline(
     with pytest.raises(DeadlineError):
         prefetch.take(face, gone)
     _wait_until(lambda: len(work.stopped) == 1)  # and the abandoned job stops too
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities are set on Linux only")
+def test_the_prefetch_thread_runs_at_a_lower_priority(blocking: tuple[_Blocking, RankContextPrefetch]) -> None:
+    _, prefetch = blocking
+    here = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    worker = prefetch._executor.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    assert worker.result(timeout=10) == min(here + PREFETCH_NICE, 19)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == here  # only that thread

@@ -235,3 +235,33 @@ def test_errors_name_what_is_missing_or_wrong(space, data):
         fuse("ofer", FusionInputs(None, samples, scores, options={"w": 0.5}), space)
     with pytest.raises(InvalidInputError, match="NaN"):
         fuse("ofer", FusionInputs(None, np.full((2, K), np.nan), np.zeros(2)), space)
+
+
+@pytest.mark.parametrize("n", [2, 3, 9, K - 1])
+@pytest.mark.parametrize(("shrinkage", "bias"), [(-1.0, 0.3), (0.0, 0.3), (0.5, 0.0), (1.0, 0.3), (0.0, 0.0)])
+def test_gaussian_low_rank_spread_equals_the_eigenvector_spread(space, n, shrinkage, bias):
+    rng = np.random.default_rng(n)
+    samples = rng.normal(scale=0.7, size=(n, K))
+    strategy = GaussianStrategy()
+    options = {**strategy.params, "shrinkage": shrinkage, "ofer_bias": bias}
+    alpha = strategy.shrinkage(samples, options)
+    for sigma in (0.3, 0.9):
+        # The posterior from its eigen-decomposition, written out independently of the strategy's code.
+        eigval, eigvec = np.linalg.eigh(strategy.covariance(samples, options, alpha))
+        eigval = np.maximum(eigval, 0.0)
+        posterior = (eigvec * (eigval * sigma**2 / (eigval + sigma**2))) @ eigvec.T
+        basis = space.basis_mm().reshape(V, 3, K)
+        expected = np.sqrt(np.einsum("vck,kl,vcl->v", basis, posterior, basis))
+        low_rank = strategy.spread_low_rank(samples, options, alpha, sigma, space)
+        np.testing.assert_allclose(low_rank, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_gaussian_uses_the_eigenvector_spread_from_k_samples_on(space):
+    samples = np.random.default_rng(5).normal(size=(K + 3, K)).astype(np.float32)
+    mica = np.zeros(K, np.float32)
+    result = fuse("gaussian", FusionInputs(mica, samples, None), space)
+    strategy = GaussianStrategy()
+    alpha = strategy.shrinkage(samples.astype(np.float64), strategy.params)
+    sigma = strategy.params["sigma_mica"]
+    low_rank = strategy.spread_low_rank(samples.astype(np.float64), strategy.params, alpha, sigma, space)
+    np.testing.assert_allclose(result.vertex_spread_mm, low_rank, rtol=1e-5)  # the same posterior either way

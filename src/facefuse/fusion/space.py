@@ -69,6 +69,7 @@ class ShapeSpace:
         self.ridge_mm2 = float(ridge_mm2)
         self._template_mm = template.reshape(-1) * METRES_TO_MM  # (3V,)
         self._basis_mm = basis.reshape(-1, self.num_coeffs) * METRES_TO_MM  # (3V, K), rows vertex-major xyz
+        self._basis_sq_norms = (self._basis_mm**2).reshape(self.num_vertices, 3, -1).sum(axis=1)  # (V, K)
         self._gram = self._basis_mm.T @ self._basis_mm  # (K, K)
         self._gram_factor = scipy.linalg.cho_factor(self._gram + self.ridge_mm2 * np.eye(self.num_coeffs))
         self.regions = derive_cheeks(regions or {}, template)
@@ -96,6 +97,11 @@ class ShapeSpace:
     def basis_mm(self) -> np.ndarray:
         """(3V, K) float64 basis in mm per unit coefficient (rows: vertex-major x, y, z)."""
         return self._basis_mm
+
+    def basis_sq_norms_mm(self) -> np.ndarray:
+        """(V, K) float64: Σ over x, y, z of the basis squared, mm² per unit coefficient², so that a
+        vertex's variance under a diagonal coefficient covariance diag(c) is this @ c."""
+        return self._basis_sq_norms
 
     def check_shape(self, beta: np.ndarray, what: str = "shape") -> np.ndarray:
         """``beta`` as float64 (..., K), or an InvalidInputError that names ``what``."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
+import scipy.linalg
 
 from facefuse.errors import InvalidInputError
 from facefuse.fusion.space import ShapeSpace
@@ -334,16 +335,20 @@ class GaussianStrategy(FusionStrategy):
         denominator = float((r[off] ** 2).sum())
         return 1.0 if denominator <= 0 else float(np.clip(var_r[off].sum() / denominator, 0.0, 1.0))
 
-    def covariance(self, samples: np.ndarray, options: dict[str, float]) -> np.ndarray:
-        n = samples.shape[0]
-        centred = samples - samples.mean(axis=0)
-        cov = centred.T @ centred / max(n - 1, 1)
+    def shrinkage(self, samples: np.ndarray, options: dict[str, float]) -> float:
+        """α: the ``shrinkage`` option, or the estimate from the samples when it is negative."""
         alpha = options["shrinkage"]
         if alpha > 1.0:
             raise InvalidInputError("fusion strategy 'gaussian': shrinkage must be <= 1 "
                                     f"(negative: automatic), got {alpha}")
-        if alpha < 0:
-            alpha = self.shrinkage_intensity(samples, options["min_variance"])
+        return self.shrinkage_intensity(samples, options["min_variance"]) if alpha < 0 else alpha
+
+    def covariance(self, samples: np.ndarray, options: dict[str, float], alpha: float | None = None) -> np.ndarray:
+        """Σ̂ (K, K): the shrunk sample covariance plus the bias term (``alpha``: α when already known)."""
+        n = samples.shape[0]
+        centred = samples - samples.mean(axis=0)
+        cov = centred.T @ centred / max(n - 1, 1)
+        alpha = self.shrinkage(samples, options) if alpha is None else alpha
         diag = np.maximum(np.diag(cov), options["min_variance"])
         shrunk = (1.0 - alpha) * cov
         shrunk[np.diag_indices_from(shrunk)] = diag + options["ofer_bias"] ** 2  # (1-α)·S_ii + α·S_ii, floored, + bias²
@@ -361,14 +366,39 @@ class GaussianStrategy(FusionStrategy):
             )
         sigma = options["sigma_mica"] * (1.0 + options["occlusion_gain"] * (1.0 - x.v))
         mean = x.samples.mean(axis=0)
-        eigval, eigvec = np.linalg.eigh(self.covariance(x.samples, options))
+        alpha = self.shrinkage(x.samples, options)
+        eigval, eigvec = np.linalg.eigh(self.covariance(x.samples, options, alpha))
         eigval = np.maximum(eigval, 0.0)
         gain = eigval / (eigval + sigma**2)  # how far toward MICA, per principal direction
         shape = mean + eigvec @ (gain * (eigvec.T @ (x.mica - mean)))
+        if len(x.samples) < space.num_coeffs:
+            return shape, self.spread_low_rank(x.samples, options, alpha, sigma, space)
         post_sd = np.sqrt(eigval * sigma**2 / (eigval + sigma**2))
         disp = space.basis_mm() @ (eigvec * post_sd)  # (3V, K): columns = posterior modes in mm
         spread = np.sqrt((disp**2).reshape(space.num_vertices, 3, -1).sum(axis=(1, 2)))
         return shape, spread
+
+    def spread_low_rank(self, samples: np.ndarray, options: dict[str, float], alpha: float, sigma: float,
+                        space: ShapeSpace) -> np.ndarray:
+        """The posterior's per-vertex sd in mm, the same as from its eigenvectors, for N < K samples.
+
+        Σ̂ = D + UUᵀ with D diagonal (>= bias²) and U = √((1−α)/(N−1))·(samples − mean)ᵀ of rank N − 1,
+        so by Woodbury the posterior Σ̂σ²(Σ̂ + σ²I)⁻¹ = σ²D(D + σ²I)⁻¹ + WWᵀ with W (K, N) small. A
+        vertex's variance is then Σ_k |b_vk|²·diag_k + ‖b_vᵀW‖²: (3V, K) by (K, N) products instead of
+        (3V, K) by (K, K), about 30 times less work at N = 10.
+        """
+        n = samples.shape[0]
+        centred = samples - samples.mean(axis=0)
+        sample_var = (centred**2).sum(axis=0) / max(n - 1, 1)
+        u = centred.T * np.sqrt((1.0 - alpha) / max(n - 1, 1))  # (K, N)
+        d = np.maximum(sample_var, options["min_variance"]) + options["ofer_bias"] ** 2 - (1.0 - alpha) * sample_var
+        a = d + sigma**2
+        u_over_a = u / a[:, None]
+        lower = np.linalg.cholesky(np.eye(n) + u.T @ u_over_a)  # (N, N), positive definite
+        w = sigma**2 * scipy.linalg.solve_triangular(lower, u_over_a.T, lower=True).T  # (K, N): A⁻¹U L⁻ᵀ σ²
+        modes = (space.basis_mm() @ w).reshape(space.num_vertices, 3, n)
+        variance = space.basis_sq_norms_mm() @ (sigma**2 * d / a) + (modes**2).sum(axis=(1, 2))
+        return np.sqrt(np.maximum(variance, 0.0))
 
 
 class SdeditStrategy(FusionStrategy):

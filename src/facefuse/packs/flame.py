@@ -73,6 +73,12 @@ def speed_up_ofer(idgen: IdGen, idrank: IdRank, device: str) -> None:
         half_precision_image_tower(idrank.farl)
 
 
+def batch_of_one(array: np.ndarray, device: str) -> torch.Tensor:
+    """A face's image tensor as a batch of one on ``device``, copied: arrays decoded from the wire are
+    read-only views of the message, which torch must not share."""
+    return torch.tensor(np.asarray(array), device=device)[None]
+
+
 def load_flame(directory: Path) -> FlameModelData:
     """FLAME 2020 with its landmark embedding, from the assets folder (errors name the file)."""
     from facefuse.assets.flame_file import load_flame_model
@@ -210,6 +216,10 @@ class OferBackend:
     ``stop_check`` (see ``StopCheck``) is called before the work, after every sampler step and before
     every layer of IdGen, IdRank and FLAME, so abandoned work ends within one layer's time."""
 
+    sample_and_rank_concurrently = True
+    """A Sample and a Rank may run at once on separate threads: they read shared modules only in inference
+    mode, stop checks are per thread, and the shared-ArcFace cache has its own lock."""
+
     def __init__(self, idgen: IdGen, idrank: IdRank, flame: FlameLayer, device: str, details: dict[str, str],
                  *, reproduce_official: bool = False) -> None:
         self.idgen = idgen
@@ -296,7 +306,7 @@ class OferBackend:
         for name, given in (("start_shape", start_shape), ("guide_shape", guide_shape)):
             if given is not None and np.shape(given) != (N_SHAPE,):
                 raise InvalidInputError(f"{name}: expected ({N_SHAPE},) FLAME coefficients, got {np.shape(given)}")
-        blob = torch.from_numpy(np.ascontiguousarray(face.arcface_blob))[None].to(self.device)
+        blob = batch_of_one(face.arcface_blob, self.device)
         context = self.idgen.context(blob)
         sampler = (
             OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
@@ -383,8 +393,8 @@ class OferBackend:
     def _rank_context(self, face: AlignedFace) -> torch.Tensor:
         if face.farl_input is None:
             raise InvalidInputError("face.farl_input is missing: IdRank needs the CLIP-normalised face crop")
-        blob = torch.from_numpy(np.ascontiguousarray(face.arcface_blob))[None].to(self.device)
-        farl = torch.from_numpy(np.ascontiguousarray(face.farl_input))[None].to(self.device)
+        blob = batch_of_one(face.arcface_blob, self.device)
+        farl = batch_of_one(face.farl_input, self.device)
         return self.idrank.context(blob, farl)
 
     def _rank(self, face: AlignedFace, candidates: np.ndarray, context: torch.Tensor | None) -> np.ndarray:
@@ -396,7 +406,7 @@ class OferBackend:
             )
         if context is None:
             context = self._rank_context(face)
-        vertices = self.flame.shape_vertices(torch.from_numpy(np.asarray(candidates, np.float32)).to(self.device))
+        vertices = self.flame.shape_vertices(torch.tensor(np.asarray(candidates, np.float32), device=self.device))
         return self.idrank.score(vertices, context).to(torch.float32).cpu().numpy()
 
 

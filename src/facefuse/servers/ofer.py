@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import os
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -47,6 +50,20 @@ PREFETCH_ENTRIES = 4
 """Rank contexts kept (in flight or done) for faces whose Rank has not come yet; the oldest is dropped."""
 PREFETCH_WAITING = 1
 """Speculative context jobs waiting for the prefetch thread; a newer face's job replaces the oldest."""
+PREFETCH_NICE = 10
+"""How much lower than the service's other threads the prefetch thread runs (Linux nice increment)."""
+
+
+def _lower_thread_priority() -> None:
+    """Make the calling thread (only it) yield the CPU to the service's lanes and to co-located services.
+
+    The prefetch is speculative work for later: when a face arrives at an idle service, MICA's ArcFace
+    (another process) and this face's sampler run first, and the prefetch takes whatever core they leave
+    (on Linux a thread's id is a valid ``setpriority`` target; elsewhere the thread keeps its priority)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError):  # not permitted here: the prefetch still works, only without yielding
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREFETCH_NICE)
 
 
 class RankContextPrefetch:
@@ -74,7 +91,8 @@ class RankContextPrefetch:
         self._waiting_limit = waiting
         self._entries: OrderedDict[bytes, _PrefetchEntry] = OrderedDict()
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ofer-rank-prefetch")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ofer-rank-prefetch",
+                                            initializer=_lower_thread_priority)
 
     @staticmethod
     def key(face: AlignedFace) -> bytes | None:
@@ -174,15 +192,20 @@ class _PrefetchEntry:
 
 
 class OferServicer(ofer_pb2_grpc.OferServiceServicer):
-    """Runs one model call at a time (torch already uses every core), or, with ``max_batch`` > 1 and a
-    backend that has ``sample_batch``, batches concurrent plain Sample requests across faces. Batching is
-    off by default: a batch's composition changes float rounding, and a seed should give the same samples
-    whoever else is asking (see ``OferBackend.sample_batch``)."""
+    """Runs one Sample and one Rank at a time: in two lanes when the backend allows it
+    (``rank_lane``, ``sample_and_rank_concurrently``), so one face's Rank runs on a second core while the next
+    face samples; else one model call at a time. With ``max_batch`` > 1 and a backend that has
+    ``sample_batch``, it batches concurrent plain Sample requests across faces. Batching is off by default:
+    a batch's composition changes float rounding, and a seed should give the same samples whoever else is
+    asking (see ``OferBackend.sample_batch``). The lanes change no number: each call runs the same
+    operations with the same thread count whatever the other lane does."""
 
     def __init__(self, backend: GenerativeBackend, *, max_batch: int = 1, batch_wait_s: float = 0.005,
-                 rank_prefetch: bool = True) -> None:
+                 rank_prefetch: bool = True, rank_lane: bool = True) -> None:
         self.backend = backend
         self._lock = threading.Lock()
+        concurrent = rank_lane and bool(getattr(backend, "sample_and_rank_concurrently", False))
+        self._rank_lock = threading.Lock() if concurrent else self._lock
         self.prefetch: RankContextPrefetch | None = None
         rank_context = getattr(backend, "rank_context", None)
         if rank_prefetch and rank_context is not None:
@@ -197,11 +220,12 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
 
             self.batcher = DynamicBatcher(run, max_batch=max_batch, max_wait_s=batch_wait_s, name="ofer-batcher")
 
-    def _model_turn(self, stop_check: StopCheck) -> AbstractContextManager[None]:
-        """The model, one call at a time. A caller that goes away while waiting for its turn never runs
-        (and leaves the queue-depth metric), and the model's work checks ``stop_check`` as it goes, so
-        an abandoned call frees the model at once."""
-        return queued(self._lock, "ofer-model", stop_check, TURN_POLL_S)
+    def _model_turn(self, stop_check: StopCheck, *, rank: bool = False) -> AbstractContextManager[None]:
+        """The model's sample lane (or, ``rank``, its rank lane: the same lock unless the lanes are split),
+        one call at a time each. A caller that goes away while waiting for its turn never runs (and leaves
+        the queue-depth metric), and the model's work checks ``stop_check`` as it goes, so an abandoned
+        call frees the model at once."""
+        return queued(self._rank_lock if rank else self._lock, "ofer-model", stop_check, TURN_POLL_S)
 
     def Sample(self, request: ofer_pb2.SampleRequest, context: grpc.ServicerContext) -> Iterator[ofer_pb2.SampleChunk]:
         deadline = Deadline.from_context(context)
@@ -254,7 +278,9 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
         if not 0.0 <= request.guide_strength <= 1.0:  # NaN fails this too
             raise InvalidInputError(f"guide_strength {request.guide_strength}; expected 0..1")
         visibility = _visibility(request)
-        if self.prefetch is not None:
+        if self.prefetch is not None and not self._lock.locked() and not self._rank_lock.locked():
+            # Only into an idle service: with other faces sampling or ranking, the cores are busy already,
+            # this face's Rank computes its context in its lane, and a third thread would slow the lanes.
             self.prefetch.start(face, deadline.at)
         if self.batcher is not None and start is None and (guide is None or request.guide_strength == 0):
             from facefuse.packs.flame import SampleJob
@@ -281,7 +307,7 @@ class OferServicer(ofer_pb2_grpc.OferServiceServicer):
         # The context its Sample started, waited for before the model turn so other calls use the model meanwhile.
         prefetched = self.prefetch.take(face, deadline.check) if self.prefetch is not None else None
         extra = {} if prefetched is None else {"context": prefetched}
-        with self._model_turn(deadline.check):
+        with self._model_turn(deadline.check, rank=True):
             scores = self.backend.rank(face, np.asarray(candidates, dtype=np.float32), visibility=visibility,
                                        stop_check=deadline.check, **extra)
         return ofer_pb2.RankResponse(scores=wire.from_numpy(np.asarray(scores, dtype=np.float32)))
@@ -300,7 +326,7 @@ def build(args: argparse.Namespace) -> tuple[Callable[[grpc.Server], None], Sequ
 
     backend = load_generative_backend(args.pack, args.assets, args.device)
     servicer = OferServicer(backend, max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000,
-                            rank_prefetch=args.rank_prefetch == "on")
+                            rank_prefetch=args.rank_prefetch == "on", rank_lane=args.rank_lane == "on")
     return (lambda server: ofer_pb2_grpc.add_OferServiceServicer_to_server(servicer, server),
             [SERVICE_NAME], {SERVICE_NAME: backend.status.ready})
 
@@ -311,6 +337,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank-prefetch", default="on", choices=["on", "off"],
                         help="compute IdRank's context of a face on a second thread while its Sample runs, when the "
                              "Sample carries the FaRL input (docs/performance.md#rank-prefetch)")
+    parser.add_argument("--rank-lane", default="on", choices=["on", "off"],
+                        help="run Rank calls in a lane of their own, beside Sample calls, where the pack allows it "
+                             "(flame): one face ranks while the next samples (docs/performance.md#rank-lane)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
