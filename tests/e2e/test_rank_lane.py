@@ -13,24 +13,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from ofer_faces import random_aligned_face
 
 from facefuse import wire
-from facefuse.face.types import AlignedFace, Detection
+from facefuse.face.types import AlignedFace
 from facefuse.packs.flame import OferBackend
 from facefuse.servers.base import ServerOptions, start_server
 from facefuse.servers.ofer import SERVICE_NAME, OferServicer
 from facefuse.v1 import ofer_pb2, ofer_pb2_grpc
 
 BARRIER_S = 5.0
-
-
-def _face(seed: int) -> AlignedFace:
-    rng = np.random.default_rng(seed)
-    detection = Detection(box=np.array([0, 0, 100, 100], np.float32), score=1.0, kps5=np.zeros((5, 2), np.float32))
-    face = AlignedFace(detection, np.zeros((112, 112, 3), np.uint8), np.zeros((224, 224, 3), np.uint8),
-                       np.zeros((224, 224, 3), np.float32), rng.standard_normal((3, 112, 112)).astype(np.float32))
-    face.farl_input = rng.standard_normal((3, 224, 224)).astype(np.float32)
-    return face
 
 
 class _MeetingBackend:
@@ -92,7 +84,7 @@ def test_a_rank_beside_a_sample_gives_the_numbers_of_one_call_at_a_time(
     monkeypatch.setenv("FACEFUSE_NUMERICS", numerics)
     backend = OferBackend.from_assets(synthetic_assets_dir, "cpu")
     assert backend.sample_and_rank_concurrently
-    a, b = _face(1), _face(2)
+    a, b = random_aligned_face(1), random_aligned_face(2)
     common = {"mode": "fast", "steps": 8, "start_shape": None, "start_t0": 0, "guide_shape": None,
               "guide_strength": 0.0}
     a_samples = backend.sample(a, 6, seed=3, **common)  # type: ignore[arg-type]
@@ -111,7 +103,7 @@ def test_a_rank_beside_a_sample_gives_the_numbers_of_one_call_at_a_time(
 @pytest.mark.parametrize("why", ["flag", "backend"])
 def test_one_lane_when_switched_off_or_the_backend_does_not_allow_it(synthetic_assets_dir: Path, why: str) -> None:
     backend = OferBackend.from_assets(synthetic_assets_dir, "cpu")
-    a, b = _face(1), _face(2)
+    a, b = random_aligned_face(1), random_aligned_face(2)
     a_samples = np.zeros((3, 300), np.float32)
     meeting = _MeetingBackend(backend, concurrent=why == "flag")
     servicer = OferServicer(meeting, rank_prefetch=False, rank_lane=why != "flag")  # type: ignore[arg-type]
@@ -137,9 +129,9 @@ def test_the_prefetch_stands_aside_while_the_rank_lane_is_busy(synthetic_assets_
                                                         steps=4), timeout=60))
 
             with servicer._rank_lock:  # another face is ranking: both cores are busy already
-                sample(_face(7))
+                sample(random_aligned_face(7))
             assert len(servicer.prefetch) == 0
-            sample(_face(8))  # an idle service: the face's context is prefetched for its Rank
+            sample(random_aligned_face(8))  # an idle service: the face's context is prefetched for its Rank
             assert len(servicer.prefetch) == 1
     finally:
         running.stop(0)

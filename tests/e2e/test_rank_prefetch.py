@@ -17,25 +17,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from ofer_faces import random_aligned_face
 
 from facefuse import wire
 from facefuse.errors import CancelledError, DeadlineError
-from facefuse.face.types import AlignedFace, Detection
+from facefuse.face.types import AlignedFace
 from facefuse.packs.base import StopCheck
 from facefuse.packs.flame import OferBackend
 from facefuse.servers.base import ServerOptions, start_server
 from facefuse.servers.ofer import PREFETCH_NICE, SERVICE_NAME, OferServicer, RankContextPrefetch
 from facefuse.v1 import ofer_pb2, ofer_pb2_grpc
-
-
-def _face(seed: int, farl: bool = True) -> AlignedFace:
-    rng = np.random.default_rng(seed)
-    detection = Detection(box=np.array([0, 0, 100, 100], np.float32), score=1.0, kps5=np.zeros((5, 2), np.float32))
-    face = AlignedFace(detection, np.zeros((112, 112, 3), np.uint8), np.zeros((224, 224, 3), np.uint8),
-                       np.zeros((224, 224, 3), np.float32), rng.standard_normal((3, 112, 112)).astype(np.float32))
-    if farl:
-        face.farl_input = rng.standard_normal((3, 224, 224)).astype(np.float32)
-    return face
 
 
 def _sample_then_rank(servicer: OferServicer, face: AlignedFace) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +82,7 @@ def test_scores_with_the_prefetch_equal_those_without_bit_for_bit(
     monkeypatch.setenv("FACEFUSE_NUMERICS", numerics)
     backend = OferBackend.from_assets(synthetic_assets_dir, "cpu")
     assert backend.status.details["numerics"] == numerics
-    face = _face(1)
+    face = random_aligned_face(1)
     spy = _Spy(backend)
     samples, overlapped = _sample_then_rank(spy.wrap(OferServicer(backend)), face)
     assert spy.prefetched == 1 and spy.handed_over == 1  # the context really came from the prefetch
@@ -105,7 +96,7 @@ def test_a_sample_without_the_farl_input_prefetches_nothing(synthetic_assets_dir
     backend = OferBackend.from_assets(synthetic_assets_dir, "cpu")
     servicer = OferServicer(backend)
     assert servicer.prefetch is not None
-    face = _face(2, farl=False)
+    face = random_aligned_face(2, farl=False)
     running = start_server(lambda s: ofer_pb2_grpc.add_OferServiceServicer_to_server(servicer, s), [SERVICE_NAME],
                            ServerOptions())
     try:
@@ -163,7 +154,7 @@ def test_the_prefetch_is_bounded_and_drops_the_oldest_waiting_job(
     blocking: tuple[_Blocking, RankContextPrefetch]
 ) -> None:
     work, prefetch = blocking
-    faces = [_face(k) for k in range(4)]
+    faces = [random_aligned_face(k) for k in range(4)]
     seeds = [int(f.arcface_blob.flat[0] * 1e6) for f in faces]
     prefetch.start(faces[0], None)
     _wait_until(lambda: work.started == [seeds[0]])  # running on the one worker
@@ -184,7 +175,7 @@ def test_a_rank_finding_its_job_still_queued_computes_it_itself(
     blocking: tuple[_Blocking, RankContextPrefetch]
 ) -> None:
     work, prefetch = blocking
-    first, second = _face(10), _face(11)
+    first, second = random_aligned_face(10), random_aligned_face(11)
     prefetch.start(first, None)
     _wait_until(lambda: len(work.started) == 1)
     prefetch.start(second, None)
@@ -196,7 +187,7 @@ def test_a_rank_finding_its_job_still_queued_computes_it_itself(
 
 def test_a_discarded_or_late_job_stops(blocking: tuple[_Blocking, RankContextPrefetch]) -> None:
     work, prefetch = blocking
-    face, late = _face(20), _face(21)
+    face, late = random_aligned_face(20), random_aligned_face(21)
     prefetch.start(face, None)
     _wait_until(lambda: len(work.started) == 1)
     prefetch.discard(face)  # its Sample failed or its caller went away
@@ -212,7 +203,7 @@ def test_a_rank_waiting_for_its_context_honours_its_own_deadline(
     blocking: tuple[_Blocking, RankContextPrefetch]
 ) -> None:
     work, prefetch = blocking
-    face = _face(30)
+    face = random_aligned_face(30)
     prefetch.start(face, None)
     _wait_until(lambda: len(work.started) == 1)
 
