@@ -20,6 +20,7 @@ is recorded around every cell: on a shared machine the numbers are noisy.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -129,12 +130,29 @@ def preview_time(mesh: Any, data: bytes) -> dict[str, Any]:
     return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "vertices": len(vertices)}
 
 
+def _distinct_photos(count: int) -> list[bytes]:
+    """``count`` versions of the photo that differ in every pixel (brightness steps of 3 grey levels), so
+    that no two faces of a stream have the same image tensors (the ofer service keys its IdRank prefetch
+    on them; real streams are different photos)."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    photos = []
+    for k in range(count):
+        image = np.clip(skimage.data.astronaut().astype(np.int16) + 3 * k - 3 * (count // 2), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=92)
+        photos.append(buffer.getvalue())
+    return photos
+
+
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     """In the child process: this tree's mesh, warmed up, then every cell in turn."""
     import facefuse
     from facefuse.servers.local import LocalMesh
 
-    data = _photo()
+    data: bytes | list[bytes] = _distinct_photos(args.images) if args.distinct else _photo()
     cells: list[tuple[str, int, int]] = [
         (method, samples, clients)
         for samples in args.samples
@@ -153,7 +171,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
                                            options=VARIANT_OPTIONS.get(args.variant, {})), warm)
         out["warmup_failures"] = warm["failed_results"] + warm["failed_streams"]
         try:
-            out["preview"] = preview_time(mesh, data)
+            out["preview"] = preview_time(mesh, data if isinstance(data, bytes) else data[0])
         except Exception as exc:  # a tree without the preview (or a changed signature): say so, go on
             out["preview"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         for method, samples, clients in cells:
@@ -243,6 +261,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every cell this many times and report the median run (all runs' wall/face too); "
                              "with --images 1 that is a lone face's latency, measured several times")
+    parser.add_argument("--distinct", action="store_true",
+                        help="each image of a stream a slightly different photo (brightness steps) instead of copies")
     parser.add_argument("--quick", action="store_true",
                         help="2 images per client and N=100 for fuse only (a few minutes per variant)")
     parser.add_argument("--deadline-s", type=float, default=1200.0)

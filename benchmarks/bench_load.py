@@ -108,8 +108,10 @@ class RssSampler(threading.Thread):
                 return
 
 
-def _one_stream(address: str, index: int, data: bytes, args: argparse.Namespace, record: dict[str, Any]) -> None:
-    """One client: its own channel, ``args.images`` images, every result read; outcome into ``record``."""
+def _one_stream(address: str, index: int, data: bytes | list[bytes], args: argparse.Namespace,
+                record: dict[str, Any]) -> None:
+    """One client: its own channel, ``args.images`` images (``data``, or the photos of a list in turn), every
+    result read; outcome into ``record``."""
     import grpc
 
     from facefuse.v1 import gateway_pb2, gateway_pb2_grpc
@@ -122,7 +124,7 @@ def _one_stream(address: str, index: int, data: bytes, args: argparse.Namespace,
             sent[image_id] = time.perf_counter()
             yield gateway_pb2.ImageChunk(
                 image_id=image_id,
-                data=data,
+                data=data if isinstance(data, bytes) else data[i % len(data)],
                 last=True,
                 options=gateway_pb2.ProcessOptions(method=args.method, num_samples=args.samples, seed=index,
                                                    **getattr(args, "options", {})),
