@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import skimage.data
 
-from facefuse.assets.store import ModelStore
 from facefuse.errors import AssetError, InvalidInputError
 from facefuse.face.facemesh import roi_affine
 from facefuse.face.hands import (
@@ -38,11 +37,6 @@ T1_CARD_HAND_REGION = (0, 300, 330, 630)
 T1_CARD_HAND_BOX = (170, 420, 275, 520)  # x1, y1, x2, y2 in t1 pixels
 T1_CHIP_HAND_BOX = (675, 495, 775, 585)
 ASTRONAUT_MOUTH = (235, 170)  # x, y: the patch centre, over the lips
-
-
-@pytest.fixture(scope="session")
-def store() -> ModelStore:
-    return ModelStore()
 
 
 @pytest.fixture(scope="session")

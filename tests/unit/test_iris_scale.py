@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import skimage.data
 
-from facefuse.assets.store import ModelStore
-from facefuse.face.frontend import FaceFrontEnd
 from facefuse.face.types import Detection
 from facefuse.packs.base import SCALE_SOURCES
 from facefuse.packs.open import (
@@ -27,16 +25,6 @@ from facefuse.packs.open import (
 
 EYE_CORNERS = ((33, 133), (362, 263))  # image-left eye, image-right eye: the iris crop's axis (FaceMesh indices)
 OUTER = (33, 263)
-
-
-@pytest.fixture(scope="module")
-def store():
-    return ModelStore()
-
-
-@pytest.fixture(scope="module")
-def front_end(store):
-    return FaceFrontEnd.from_assets(None, store)
 
 
 @pytest.fixture(scope="module")

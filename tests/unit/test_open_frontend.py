@@ -15,20 +15,9 @@ import numpy as np
 import pytest
 import skimage.data
 
-from facefuse.assets.store import ModelStore
 from facefuse.errors import InvalidInputError
 from facefuse.face.frontend import SCRFD_RELPATH, FaceFrontEnd, select_faces
 from facefuse.face.types import Detection
-
-
-@pytest.fixture(scope="session")
-def store() -> ModelStore:
-    return ModelStore()
-
-
-@pytest.fixture(scope="session")
-def front_end(store) -> FaceFrontEnd:
-    return FaceFrontEnd.from_assets(None, store)
 
 
 @pytest.fixture(scope="session")

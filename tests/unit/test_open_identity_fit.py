@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import skimage.data
 
-from facefuse.assets.store import ModelStore
 from facefuse.errors import InvalidInputError
 from facefuse.face.frontend import FaceFrontEnd
 from facefuse.geometry import umeyama
@@ -26,11 +25,6 @@ from facefuse.packs.open import (
     camera_points,
     load_open_shape_backend,
 )
-
-
-@pytest.fixture(scope="module")
-def store():
-    return ModelStore()
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from facefuse.assets.store import ModelStore
 from facefuse.errors import InvalidInputError
-from facefuse.face.frontend import FaceFrontEnd
 from facefuse.face.types import Detection
 from facefuse.fusion.strategies import FusionInputs, fuse
 from facefuse.fusion.visibility import Visibility
@@ -29,16 +27,6 @@ from facefuse.packs.open import (
 
 PATCH_MARGIN_PX = 4
 PATCH_COLOUR = (90, 90, 100)
-
-
-@pytest.fixture(scope="module")
-def store():
-    return ModelStore()
-
-
-@pytest.fixture(scope="module")
-def front_end(store):
-    return FaceFrontEnd.from_assets(None, store)
 
 
 def _face(front_end, image):

@@ -16,9 +16,7 @@ import skimage.data
 from PIL import Image
 
 from facefuse.assets.canonical_face import load_canonical_face
-from facefuse.assets.store import ModelStore
 from facefuse.errors import InvalidInputError
-from facefuse.face.frontend import FaceFrontEnd
 from facefuse.fusion.visibility import (
     REGION_NAMES,
     Visibility,
@@ -35,16 +33,6 @@ from facefuse.v1 import common_pb2
 
 RIGHT_EYE_CORNERS = (33, 133)  # MediaPipe "right_eye" (the subject's right, image left)
 MOUTH_CORNERS = (61, 291)
-
-
-@pytest.fixture(scope="module")
-def store():
-    return ModelStore()
-
-
-@pytest.fixture(scope="module")
-def front_end(store):
-    return FaceFrontEnd.from_assets(None, store)
 
 
 @pytest.fixture(scope="module")
