@@ -73,10 +73,10 @@ def speed_up_ofer(idgen: IdGen, idrank: IdRank, device: str) -> None:
         half_precision_image_tower(idrank.farl)
 
 
-def batch_of_one(array: np.ndarray, device: str) -> torch.Tensor:
-    """A face's image tensor as a batch of one on ``device``, copied: arrays decoded from the wire are
-    read-only views of the message, which torch must not share."""
-    return torch.tensor(np.asarray(array), device=device)[None]
+def tensor_copy(array: np.ndarray, device: str) -> torch.Tensor:
+    """``array`` as a new tensor on ``device``: arrays decoded from the wire are read-only views of the
+    message, which torch must not share (``torch.from_numpy`` would, and warns)."""
+    return torch.tensor(np.asarray(array), device=device)
 
 
 def load_flame(directory: Path) -> FlameModelData:
@@ -306,7 +306,7 @@ class OferBackend:
         for name, given in (("start_shape", start_shape), ("guide_shape", guide_shape)):
             if given is not None and np.shape(given) != (N_SHAPE,):
                 raise InvalidInputError(f"{name}: expected ({N_SHAPE},) FLAME coefficients, got {np.shape(given)}")
-        blob = batch_of_one(face.arcface_blob, self.device)
+        blob = tensor_copy(face.arcface_blob, self.device)[None]
         context = self.idgen.context(blob)
         sampler = (
             OfficialSampler() if mode == "official" else (DDIMSampler(num_steps=steps) if steps else DDIMSampler())
@@ -315,12 +315,12 @@ class OferBackend:
         options: dict[str, object] = {}
         if start_shape is not None:
             options.update(
-                x0_start=torch.from_numpy(np.asarray(start_shape, np.float32))[None].expand(num_samples, -1),
+                x0_start=tensor_copy(np.asarray(start_shape, np.float32), "cpu")[None].expand(num_samples, -1),
                 t0=start_t0,
             )
         if guide_shape is not None and guide_strength > 0:
             options.update(
-                guide_target=torch.from_numpy(np.asarray(guide_shape, np.float32))[None].expand(num_samples, -1),
+                guide_target=tensor_copy(np.asarray(guide_shape, np.float32), "cpu")[None].expand(num_samples, -1),
                 guide_strength=float(guide_strength),
             )
         if stop_check is not None:
@@ -393,8 +393,8 @@ class OferBackend:
     def _rank_context(self, face: AlignedFace) -> torch.Tensor:
         if face.farl_input is None:
             raise InvalidInputError("face.farl_input is missing: IdRank needs the CLIP-normalised face crop")
-        blob = batch_of_one(face.arcface_blob, self.device)
-        farl = batch_of_one(face.farl_input, self.device)
+        blob = tensor_copy(face.arcface_blob, self.device)[None]
+        farl = tensor_copy(face.farl_input, self.device)[None]
         return self.idrank.context(blob, farl)
 
     def _rank(self, face: AlignedFace, candidates: np.ndarray, context: torch.Tensor | None) -> np.ndarray:
@@ -406,7 +406,7 @@ class OferBackend:
             )
         if context is None:
             context = self._rank_context(face)
-        vertices = self.flame.shape_vertices(torch.tensor(np.asarray(candidates, np.float32), device=self.device))
+        vertices = self.flame.shape_vertices(tensor_copy(np.asarray(candidates, np.float32), self.device))
         return self.idrank.score(vertices, context).to(torch.float32).cpu().numpy()
 
 
