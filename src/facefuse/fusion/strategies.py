@@ -343,15 +343,20 @@ class GaussianStrategy(FusionStrategy):
                                     f"(negative: automatic), got {alpha}")
         return self.shrinkage_intensity(samples, options["min_variance"]) if alpha < 0 else alpha
 
+    @staticmethod
+    def variances(sample_variances: np.ndarray, options: dict[str, float]) -> np.ndarray:
+        """Σ̂'s diagonal: each coefficient's sample variance floored at ``min_variance``, plus bias²."""
+        return np.maximum(sample_variances, options["min_variance"]) + options["ofer_bias"] ** 2
+
     def covariance(self, samples: np.ndarray, options: dict[str, float], alpha: float | None = None) -> np.ndarray:
         """Σ̂ (K, K): the shrunk sample covariance plus the bias term (``alpha``: α when already known)."""
         n = samples.shape[0]
         centred = samples - samples.mean(axis=0)
         cov = centred.T @ centred / max(n - 1, 1)
         alpha = self.shrinkage(samples, options) if alpha is None else alpha
-        diag = np.maximum(np.diag(cov), options["min_variance"])
         shrunk = (1.0 - alpha) * cov
-        shrunk[np.diag_indices_from(shrunk)] = diag + options["ofer_bias"] ** 2  # (1-α)·S_ii + α·S_ii, floored, + bias²
+        # the diagonal keeps all of S_ii ((1-α)·S_ii + α·S_ii), floored, plus bias²
+        shrunk[np.diag_indices_from(shrunk)] = self.variances(np.diag(cov), options)
         return shrunk
 
     def fuse(self, x, options, space):
@@ -391,7 +396,7 @@ class GaussianStrategy(FusionStrategy):
         centred = samples - samples.mean(axis=0)
         sample_var = (centred**2).sum(axis=0) / max(n - 1, 1)
         u = centred.T * np.sqrt((1.0 - alpha) / max(n - 1, 1))  # (K, N)
-        d = np.maximum(sample_var, options["min_variance"]) + options["ofer_bias"] ** 2 - (1.0 - alpha) * sample_var
+        d = self.variances(sample_var, options) - (1.0 - alpha) * sample_var  # Σ̂ = D + UUᵀ
         a = d + sigma**2
         u_over_a = u / a[:, None]
         lower = np.linalg.cholesky(np.eye(n) + u.T @ u_over_a)  # (N, N), positive definite
