@@ -49,6 +49,7 @@ VARIANT_ARGS: dict[str, dict[str, list[str]]] = {
     "after-noprefetch": {"ofer": ["--rank-prefetch", "off"]},
     "after-onelane": {"ofer": ["--rank-lane", "off"]},
     "after-onelane-noprefetch": {"ofer": ["--rank-lane", "off", "--rank-prefetch", "off"]},
+    "after-float32": {},
 }
 """Service flags of each variant (``after-noprefetch``: IdRank's context computed in Rank, after the sampler,
 as before the rank prefetch; docs/performance.md#rank-prefetch)."""
@@ -61,10 +62,14 @@ VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
     "after-noprefetch": {"neutral_only": True},
     "after-onelane": {"neutral_only": True},
     "after-onelane-noprefetch": {"neutral_only": True},
+    "after-float32": {"neutral_only": True},
 }
 """Request options of each variant (ProcessOptions fields). ``after`` does the same work as ``before``, the
 neutral identity shape (``neutral_only``); ``after-posed`` adds the posed-face fit (issue 14, on by
 default); ``after-fast`` is ``--quality fast`` (20 DDIM steps: within 0.1 mm of the default, not bit-equal)."""
+VARIANT_ENV: dict[str, dict[str, str]] = {"after-float32": {"FACEFUSE_NUMERICS": "fast-float32"}}
+"""Service environment of each variant: ``after-float32`` runs ArcFace and FaRL in float32 even on a CPU with
+bfloat16 matrix units (AMX), where ``fast`` runs them in bfloat16 (docs/performance.md#numerics-modes)."""
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -161,7 +166,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         for clients in args.clients
     ]
     out: dict[str, Any] = {"source": str(Path(facefuse.__file__).resolve().parents[1]), "cells": {}}
-    with LocalMesh(assets=args.assets, pack="flame", env={"FACEFUSE_ASSETS": str(args.assets)},
+    env = {"FACEFUSE_ASSETS": str(args.assets), **VARIANT_ENV.get(args.variant, {})}
+    with LocalMesh(assets=args.assets, pack="flame", env=env,
                    extra_args=VARIANT_ARGS[args.variant], start_timeout_s=600) as mesh:
         warm: dict[str, Any] = {"latencies": [], "failed_results": [], "failed_streams": [], "refused": 0,
                                 "started": time.perf_counter()}

@@ -7,7 +7,9 @@ rounding only; the bounds below are about 10x the deviations measured on these c
 * IdGen Unet, 1x1 convs as matrix products: max |Δε| ≈ 1e-6 (bound 2e-5) on |ε| ~ 1;
 * ArcFace R100 with BatchNorm folded in and channels-last: max |Δ| of the L2-normalised embedding
   ≈ 1e-6 (bound 2e-5);
-* bfloat16 (the CPU stand-in for the float16 GPU path): cosine(embedding, float32) > 0.99.
+* bfloat16 / float16 image networks (IdRank's in ``fast`` on an AMX CPU / all on CUDA): cosine(embedding,
+  float32) > 0.99 for the networks alone; on an AMX CPU MICA and IdGen stay float32 exactly and IdRank's
+  scores move within the bound of ``test_amx_fast_mode_changes_only_the_rank_networks``.
 """
 
 from __future__ import annotations
@@ -30,10 +32,20 @@ from facefuse.face.types import AlignedFace
 from facefuse.models.arcface import IResNet100, fused_for_inference
 from facefuse.models.clip_vit import ClipConfig, ClipViT, half_precision_image_tower
 from facefuse.models.idgen import IdGenUnet, PointwiseConv1d, ProjectionAttention, draw_default_projections
-from facefuse.packs.flame import NUMERICS_ENV, NUMERICS_MODES, MicaBackend, OferBackend, fast_arcface, numerics_mode
+from facefuse.packs import flame as flame_pack
+from facefuse.packs.flame import (
+    NUMERICS_ENV,
+    NUMERICS_MODES,
+    MicaBackend,
+    NetworkPrecision,
+    OferBackend,
+    fast_arcface,
+    numerics_mode,
+)
 
 UNET_TOLERANCE = 2e-5
 ARCFACE_TOLERANCE = 2e-5
+BF16_SCORE_TOLERANCE = 0.03  # measured 0.009 on scores of ~0.85 (IdRank's context in bfloat16)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +179,8 @@ def test_numerics_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     assert numerics_mode("reproduce-official") == "reproduce-official"
     monkeypatch.setenv(NUMERICS_ENV, "reproduce-official")
     assert numerics_mode("default") == "reproduce-official"
+    monkeypatch.setenv(NUMERICS_ENV, "fast-float32")
+    assert numerics_mode() == "fast-float32" and numerics_mode("reproduce-official") == "reproduce-official"
     monkeypatch.setenv(NUMERICS_ENV, "turbo")
     with pytest.raises(AssetError, match="FACEFUSE_NUMERICS"):
         numerics_mode()
@@ -180,35 +194,74 @@ def _sample(backend: OferBackend) -> np.ndarray:
                           guide_shape=None, guide_strength=0.0)
 
 
+@pytest.fixture
+def float32_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This host as a CPU without bfloat16 matrix units: ``fast`` runs everything in float32."""
+    monkeypatch.setattr(flame_pack, "cpu_has_bfloat16_matrix_units", lambda: False)
+
+
+@pytest.fixture
+def amx_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This host as an AMX CPU: ``fast`` runs ArcFace and FaRL in bfloat16 (works, slowly, on any CPU)."""
+    monkeypatch.setattr(flame_pack, "cpu_has_bfloat16_matrix_units", lambda: True)
+
+
+@pytest.mark.usefixtures("float32_cpu")
 def test_ofer_backend_reproduce_official_runs_the_shipped_layers_bit_for_bit(
     synthetic_assets_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(NUMERICS_ENV, "reproduce-official")
     exact = OferBackend.from_assets(synthetic_assets_dir, "cpu")
     assert exact.status.details["numerics"] == "reproduce-official"
+    assert exact.status.details["image_networks"] == "float32"
     assert not any(getattr(m, "as_matmul", False) for m in exact.idgen.modules())
     assert isinstance(exact.idgen.arcface.layer1[0].bn2, nn.BatchNorm2d)
+    assert not exact.idrank.pool_scoring
     exact_samples = _sample(exact)
+    exact_scores = _rank_scores(exact, exact_samples)
     # The same sampling through the layers as they were before (plain nn.Conv1d): identical bits.
     shipped_layout(exact.idgen.net, in_place=True)  # (a backend's hooked modules cannot be deep-copied)
     np.testing.assert_array_equal(_sample(exact), exact_samples)
 
-    monkeypatch.setenv(NUMERICS_ENV, "fast")
-    fast = OferBackend.from_assets(synthetic_assets_dir, "cpu")
-    assert fast.status.details["numerics"] == "fast"
-    fast_samples = _sample(fast)
-    np.testing.assert_allclose(fast_samples, exact_samples, rtol=0, atol=1e-3)
+    for mode in ("fast", "fast-float32"):  # the same on a CPU without AMX
+        monkeypatch.setenv(NUMERICS_ENV, mode)
+        fast = OferBackend.from_assets(synthetic_assets_dir, "cpu")
+        assert fast.status.details["numerics"] == mode and fast.status.details["image_networks"] == "float32"
+        assert fast.idrank.pool_scoring
+        np.testing.assert_allclose(_sample(fast), exact_samples, rtol=0, atol=1e-3)
+        # IdRank's scores of the same candidates: float32 rounding only (folded ArcFace, pool scoring).
+        np.testing.assert_allclose(_rank_scores(fast, exact_samples), exact_scores, rtol=0, atol=1e-4)
 
 
-def test_gpu_dtype_choice_is_checked_without_a_gpu(arcface: IResNet100) -> None:
-    """The CUDA path picks float16 (weights only converted here, nothing runs); the CPU path keeps float32."""
-    assert fast_arcface(arcface, "cuda").conv1.weight.dtype == torch.float16
-    assert fast_arcface(arcface, "cuda:1").fc.weight.dtype == torch.float16
-    assert fast_arcface(arcface, "cpu").conv1.weight.dtype == torch.float32
+def test_network_precision_per_mode_and_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float16 on CUDA, bfloat16 for IdRank's networks only on an AMX CPU, float32 elsewhere and in the other
+    modes (no GPU needed: only the choice is checked here)."""
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    for amx in (True, False):
+        monkeypatch.setattr(flame_pack, "cpu_has_bfloat16_matrix_units", lambda amx=amx: amx)
+        assert NetworkPrecision.choose("fast", "cuda") == NetworkPrecision(f16, f16)
+        assert NetworkPrecision.choose("fast", "cuda:1") == NetworkPrecision(f16, f16)
+        assert NetworkPrecision.choose("fast", "cpu") == NetworkPrecision(f32, bf16 if amx else f32)
+        for mode in ("fast-float32", "reproduce-official"):
+            assert NetworkPrecision.choose(mode, "cuda") == NetworkPrecision(f32, f32)
+            assert NetworkPrecision.choose(mode, "cpu") == NetworkPrecision(f32, f32)
+    assert NetworkPrecision(f32, bf16).describe() == "shape float32, rank bfloat16"
+    assert NetworkPrecision(f16, f16).describe() == "float16"
+
+
+def test_amx_probe_answers_a_bool() -> None:
+    assert isinstance(flame_pack.cpu_has_bfloat16_matrix_units(), bool)
+
+
+def test_fast_arcface_casts_to_the_chosen_dtype(arcface: IResNet100) -> None:
+    assert fast_arcface(arcface, torch.float16).conv1.weight.dtype == torch.float16
+    assert fast_arcface(arcface, torch.bfloat16).fc.weight.dtype == torch.bfloat16
+    assert fast_arcface(arcface).conv1.weight.dtype == torch.float32
     with pytest.raises(TypeError, match="IResNet100"):
-        fast_arcface(nn.Linear(2, 2), "cpu")
+        fast_arcface(nn.Linear(2, 2))
 
 
+@pytest.mark.usefixtures("float32_cpu")
 def test_mica_backend_follows_the_numerics_mode(synthetic_assets_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blob = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(12))
     results = {}
@@ -216,8 +269,46 @@ def test_mica_backend_follows_the_numerics_mode(synthetic_assets_dir: Path, monk
         monkeypatch.setenv(NUMERICS_ENV, mode)
         backend = MicaBackend.from_assets(synthetic_assets_dir, "cpu")
         assert backend.status.details["numerics"] == mode
+        assert backend.status.details["image_networks"] == "float32"
         folded = isinstance(backend.mica.arcface.bn1, nn.Identity)
-        assert folded == (mode == "fast")
+        assert folded == (mode != "reproduce-official")
         with torch.inference_mode():
             results[mode] = backend.mica(blob).shape
     torch.testing.assert_close(results["fast"], results["reproduce-official"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(results["fast-float32"], results["fast"], rtol=0, atol=0)
+
+
+def _rank_scores(backend: OferBackend, candidates: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng(9)
+    blob = rng.standard_normal((3, 112, 112)).astype(np.float32)
+    face = cast(AlignedFace, SimpleNamespace(arcface_blob=blob, farl_input=rng.standard_normal((3, 224, 224)).astype(
+        np.float32)))
+    return backend.rank(face, candidates)
+
+
+@pytest.mark.usefixtures("amx_cpu")
+def test_amx_fast_mode_changes_only_the_rank_networks(
+    synthetic_assets_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fast`` on an AMX CPU against ``fast-float32``: MICA's shapes and IdGen's samples are bit for bit the
+    same (their networks stay float32); IdRank's scores move by bfloat16 rounding of its context only."""
+    blob = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(12))
+    shapes, samples, scores, backends = {}, {}, {}, {}
+    for mode in ("fast-float32", "fast"):
+        monkeypatch.setenv(NUMERICS_ENV, mode)
+        mica = MicaBackend.from_assets(synthetic_assets_dir, "cpu")
+        backends[mode] = ofer = OferBackend.from_assets(synthetic_assets_dir, "cpu")
+        assert mica.status.details["image_networks"] == "float32"
+        expected = "shape float32, rank bfloat16" if mode == "fast" else "float32"
+        assert ofer.status.details["image_networks"] == expected
+        with torch.inference_mode():
+            shapes[mode] = mica.mica(blob).shape
+        samples[mode] = _sample(ofer)
+        scores[mode] = _rank_scores(ofer, samples[mode])
+    fast = backends["fast"]
+    assert fast.idrank.farl.dtype == torch.bfloat16 and fast.idrank.arcface.conv1.weight.dtype == torch.bfloat16
+    assert fast.idgen.arcface.conv1.weight.dtype == torch.float32
+    assert fast.idgen.net.time_mlp[1].weight.dtype == torch.float32  # the sampler stays float32
+    torch.testing.assert_close(shapes["fast"], shapes["fast-float32"], rtol=0, atol=0)
+    np.testing.assert_array_equal(samples["fast"], samples["fast-float32"])
+    np.testing.assert_allclose(scores["fast"], scores["fast-float32"], rtol=0, atol=BF16_SCORE_TOLERANCE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from facefuse.assets.synthetic.ofer_idrank import (
 )
 from facefuse.errors import AssetError, CheckpointError, InvalidInputError
 from facefuse.models.clip_vit import ClipViT
-from facefuse.models.idrank import IdRank, RankMLPNet, rank_features
+from facefuse.models.idrank import IdRank, RankMLPNet, rank_features, rank_pool
 
 KEYS_DIR = Path(__file__).resolve().parents[1] / "data" / "official_keys"
 SELU_ALPHA = 1.6732632423543772848170429916717
@@ -336,8 +337,17 @@ def test_features_are_mean_then_residual_vertex_major(model: IdRank) -> None:
     np.testing.assert_allclose(got[2, 5355:5358].numpy(), (v[2, front[0]].double() * 1000 - mu0).numpy(), atol=1e-3)
 
 
+@pytest.fixture(params=[False, True], ids=["shipped-forward", "pool-scoring"])
+def scoring(model: IdRank, request: pytest.FixtureRequest) -> Iterator[IdRank]:
+    """The model scoring with the shipped forward (reproduce-official) and with forward_pool (fast numerics)."""
+    model.pool_scoring = request.param
+    yield model
+    model.pool_scoring = False
+
+
 @pytest.mark.parametrize("n", [1, 10])
-def test_scores_match_independent_computation(model: IdRank, n: int) -> None:
+def test_scores_match_independent_computation(scoring: IdRank, n: int) -> None:
+    model = scoring
     v = _candidates(n, 1)
     c = torch.randn(1, 1024, generator=torch.Generator().manual_seed(2))
     got = model.score(v, c)
@@ -348,7 +358,8 @@ def test_scores_match_independent_computation(model: IdRank, n: int) -> None:
         assert float(got.std()) > 1e-3  # synthetic weights give varied scores
 
 
-def test_scores_follow_candidate_permutation_and_pool_size(model: IdRank) -> None:
+def test_scores_follow_candidate_permutation_and_pool_size(scoring: IdRank) -> None:
+    model = scoring
     v = _candidates(10, 3)
     c = torch.randn(1, 1024, generator=torch.Generator().manual_seed(4))
     scores = model.score(v, c)
@@ -360,6 +371,24 @@ def test_scores_follow_candidate_permutation_and_pool_size(model: IdRank) -> Non
     bigger = model.score(torch.cat([v, _candidates(1, 6)]), c)
     assert bigger.shape == (11,) and torch.isfinite(bigger).all()
     assert not torch.allclose(bigger[:10], scores)
+
+
+def test_pool_scoring_matches_the_shipped_forward(model: IdRank) -> None:
+    """forward_pool computes the mean half and the context terms once: the same scores up to float32 rounding
+    (measured ~1e-6 relative here), the same order; its inputs are checked."""
+    for n, seed in ((10, 7), (2, 8), (64, 9)):
+        v = _candidates(n, seed)
+        c = torch.randn(1, 1024, generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            shipped = model.net(rank_features(v, model.front_indices), c)
+            mean, residuals = rank_pool(v, model.front_indices)
+            pooled = model.net.forward_pool(mean, residuals, c)
+        torch.testing.assert_close(pooled, shipped, rtol=1e-5, atol=1e-5 * float(shipped.abs().max()))
+        assert torch.equal(pooled.argsort(), shipped.argsort())
+    with pytest.raises(InvalidInputError, match="forward_pool"):
+        model.net.forward_pool(residuals, residuals, c)
+    with pytest.raises(InvalidInputError, match="forward_pool"):
+        model.net.forward_pool(mean, residuals[:, :10], c)
 
 
 class _RecordingArcface(nn.Module):

@@ -59,7 +59,10 @@ class ScaleShiftRankLayer(nn.Module):
         self.gn = None if is_last else nn.GroupNorm(groups, dim_out)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        y = self.mlp(x)
+        return self.modulate(self.mlp(x), context)
+
+    def modulate(self, y: Tensor, context: Tensor) -> Tensor:
+        """Everything after ``mlp``. ``context`` is one row per row of ``y``, or a single row for all of them."""
         if not self.is_last:
             y = self.activation(y)
             if self.gn is not None and y.shape[0] > 1:
@@ -89,17 +92,43 @@ class RankMLPNet(nn.Module):
             x = layer(x, context)
         return x.reshape(-1)
 
+    def forward_pool(self, mean: Tensor, residuals: Tensor, context: Tensor) -> Tensor:
+        """The scores of ``forward`` on rows [mean ; residual_n], up to float rounding, at about half the work.
 
-def rank_features(vertices_m: Tensor, front_indices: Tensor) -> Tensor:
-    """(N,V,3) candidate meshes in metres -> (N,10710) float32 features [mu ; R_n], vertex-major.
+        (1,H) mean + (N,H) residuals + (1,1024) context -> (N,) raw scores. Every row shares the mean half of
+        the features and the whole context, so the first layer's product with the mean half, and every
+        layer's scale and shift, are computed once for the pool instead of once per candidate (the first
+        layer, 10710 -> 4096, is most of the network's cost). The weights are used as loaded (views of the
+        first layer's matrix), so the official keys and the shipped ``forward`` are untouched."""
+        first: ScaleShiftRankLayer = self.ranklayers[0]  # type: ignore[assignment]
+        half = first.mlp.in_features // 2
+        if mean.shape != (1, half) or residuals.ndim != 2 or residuals.shape[1] != half or context.shape[0] != 1:
+            raise InvalidInputError(f"forward_pool: expected a (1,{half}) mean, (N,{half}) residuals and a (1,C) "
+                                    f"context, got {tuple(mean.shape)}, {tuple(residuals.shape)}, "
+                                    f"{tuple(context.shape)}")
+        weight = first.mlp.weight
+        y = F.linear(residuals, weight[:, half:]) + F.linear(mean, weight[:, :half], first.mlp.bias)
+        x = first.modulate(y, context)
+        for layer in list(self.ranklayers)[1:]:
+            x = layer(x, context)
+        return x.reshape(-1)
+
+
+def rank_pool(vertices_m: Tensor, front_indices: Tensor) -> tuple[Tensor, Tensor]:
+    """(N,V,3) candidate meshes in metres -> mu (1,5355) and R (N,5355) float32, vertex-major (xyz interleaved).
 
     Order as in OFER: scale to mm, select the front vertices, mean over candidates, residuals.
     """
     front_mm = (vertices_m.float() * METRES_TO_MM)[:, front_indices, :]  # (N, F, 3)
     mean = front_mm.mean(dim=0, keepdim=True)                            # (1, F, 3)
     residual = front_mm - mean
-    stacked = torch.cat([mean.expand_as(front_mm), residual], dim=1)    # (N, 2F, 3)
-    return stacked.reshape(front_mm.shape[0], -1)
+    return mean.reshape(1, -1), residual.reshape(front_mm.shape[0], -1)
+
+
+def rank_features(vertices_m: Tensor, front_indices: Tensor) -> Tensor:
+    """(N,V,3) candidate meshes in metres -> (N,10710) float32 features [mu ; R_n], the official network's input."""
+    mean, residual = rank_pool(vertices_m, front_indices)
+    return torch.cat([mean.expand_as(residual), residual], dim=1)
 
 
 class IdRank(nn.Module):
@@ -122,6 +151,7 @@ class IdRank(nn.Module):
                                     f"{tuple(front_indices.shape)}")
         self.register_buffer("front_indices", front_indices.clone(), persistent=False)
         self.load_report: dict[str, str] = {}  # filled by the loader (e.g. what the optional FaRL file gave)
+        self.pool_scoring = False  # fast numerics: RankMLPNet.forward_pool instead of the shipped forward
 
     @torch.inference_mode()
     def context(self, arcface_blob: Tensor, farl_image: Tensor, *, reproduce_official: bool = False) -> Tensor:
@@ -164,6 +194,9 @@ class IdRank(nn.Module):
             raise InvalidInputError(f"context: expected shape (1, {CONTEXT_DIM}), got {tuple(context.shape)}")
         if not bool(torch.isfinite(candidate_vertices).all()):
             raise InvalidInputError("candidate_vertices: contains NaN or infinite values")
+        if self.pool_scoring:
+            mean, residuals = rank_pool(candidate_vertices, self.front_indices)
+            return self.net.forward_pool(mean, residuals, context.float())
         features = rank_features(candidate_vertices, self.front_indices)
         return self.net(features, context.float())
 

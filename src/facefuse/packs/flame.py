@@ -33,9 +33,12 @@ from facefuse.packs.base import BackendStatus, FusionSetup, ShapeResult, StopChe
 TOPOLOGY = "flame2020"
 
 NUMERICS_ENV = "FACEFUSE_NUMERICS"
-"""'fast' (default: optimised layers, float rounding may change) or 'reproduce-official' (the shipped layers,
-bit for bit). OFER with ``FACEFUSE_IDGEN_PROJECTIONS=reproduce-official`` always runs reproduce-official."""
-NUMERICS_MODES = ("fast", "reproduce-official")
+"""'fast' (default: optimised layers; IdRank's image networks in bfloat16 on a CPU with AMX, every ArcFace and
+FaRL in float16 on CUDA), 'fast-float32' (the same layers, float32 everywhere: float32 rounding only) or
+'reproduce-official' (the shipped layers, bit for bit). OFER with ``FACEFUSE_IDGEN_PROJECTIONS=reproduce-official``
+always runs reproduce-official. See :class:`NetworkPrecision`."""
+NUMERICS_MODES = ("fast", "fast-float32", "reproduce-official")
+OPTIMISED_MODES = ("fast", "fast-float32")
 
 
 def numerics_mode(projections: str | None = None) -> str:
@@ -50,27 +53,72 @@ def numerics_mode(projections: str | None = None) -> str:
     return "reproduce-official" if projections == "reproduce-official" else mode
 
 
-def fast_arcface(arcface: torch.nn.Module, device: str) -> IResNet100:
-    """The fast-numerics ArcFace: BatchNorms folded into the convolutions, channels-last, and float16 on a
-    GPU (float32 on the CPU, where half precision is slower and less exact)."""
+def cpu_has_bfloat16_matrix_units() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX), where oneDNN runs ArcFace and
+    FaRL ~3.5x faster in bfloat16 than in float32. Without AMX bfloat16 is emulated or barely faster, so the
+    fast mode stays float32 there. (A private torch probe: absent from a future torch means False.)"""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if callable(probe) else False
+    except RuntimeError:
+        return False
+
+
+@dataclass(frozen=True)
+class NetworkPrecision:
+    """The dtypes the flame pack's image networks run in (everything else is always float32).
+
+    ``shape``: the ArcFaces whose embeddings become shapes (MICA's, IdGen's); ``rank``: IdRank's ArcFace and
+    FaRL tower, whose outputs only score candidates. On an AMX CPU only ``rank`` goes to bfloat16: bfloat16's
+    8-bit mantissa moved the fused mesh by up to 0.6 mm when the shape ArcFaces used it, while IdRank picked
+    the same sample (docs/performance.md#numerics-modes). On CUDA both are float16 (11-bit mantissa)."""
+
+    shape: torch.dtype = torch.float32
+    rank: torch.dtype = torch.float32
+
+    @classmethod
+    def choose(cls, numerics: str, device: str) -> NetworkPrecision:
+        if numerics != "fast":
+            return cls()
+        if device.startswith("cuda"):
+            return cls(torch.float16, torch.float16)
+        if cpu_has_bfloat16_matrix_units():
+            return cls(torch.float32, torch.bfloat16)
+        return cls()
+
+    def describe(self) -> str:
+        """For ``Info`` details: 'float32', or e.g. 'shape float32, rank bfloat16'."""
+        if self.shape == self.rank:
+            return _dtype_name(self.shape)
+        return f"shape {_dtype_name(self.shape)}, rank {_dtype_name(self.rank)}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def fast_arcface(arcface: torch.nn.Module, dtype: torch.dtype = torch.float32) -> IResNet100:
+    """The optimised ArcFace: BatchNorms folded into the convolutions, channels-last, weights in ``dtype``."""
     if not isinstance(arcface, IResNet100):
         raise TypeError(f"fast_arcface: expected an IResNet100, got {type(arcface).__name__}")
-    dtype = torch.float16 if device.startswith("cuda") else None
-    return fused_for_inference(arcface.eval(), channels_last=True, dtype=dtype)
+    return fused_for_inference(arcface.eval(), channels_last=True, dtype=None if dtype == torch.float32 else dtype)
 
 
-def speed_up_ofer(idgen: IdGen, idrank: IdRank, device: str) -> None:
-    """Fast numerics for OFER in place: the Unet's 1x1 convolutions as matrix products, the folded
-    channels-last ArcFaces, and on a GPU the FaRL image tower in float16. The checkpoints were loaded
-    into the shipped layers before this, with strict key matching."""
+def speed_up_ofer(idgen: IdGen, idrank: IdRank, precision: NetworkPrecision = NetworkPrecision()) -> None:
+    """The optimised OFER networks in place: the Unet's 1x1 convolutions as matrix products, the folded
+    channels-last ArcFaces (IdGen's in ``precision.shape``, IdRank's in ``precision.rank``; a shared one in
+    ``precision.shape``, since IdGen reads it), the FaRL image tower in ``precision.rank``, and IdRank's
+    score net with the pool's shared terms computed once (``RankMLPNet.forward_pool``, float32). The
+    checkpoints were loaded into the shipped layers before this, with strict key matching."""
     idgen.net.use_matmul(True)
+    idrank.pool_scoring = True
     if isinstance(idgen.arcface, SharedArcFace) and idgen.arcface is idrank.arcface:  # one fast copy, still shared
-        idgen.arcface.arcface = fast_arcface(idgen.arcface.arcface, device)
+        idgen.arcface.arcface = fast_arcface(idgen.arcface.arcface, precision.shape)
     else:
-        idgen.arcface = fast_arcface(idgen.arcface, device)
-        idrank.arcface = fast_arcface(idrank.arcface, device)
-    if device.startswith("cuda"):
-        half_precision_image_tower(idrank.farl)
+        idgen.arcface = fast_arcface(idgen.arcface, precision.shape)
+        idrank.arcface = fast_arcface(idrank.arcface, precision.rank)
+    if precision.rank != torch.float32:
+        half_precision_image_tower(idrank.farl, precision.rank)
 
 
 def tensor_copy(array: np.ndarray, device: str) -> torch.Tensor:
@@ -124,10 +172,12 @@ class MicaBackend:
         numerics = numerics_mode()
         path = asset_path(directory, "mica")
         mica = load_mica(path, flame=load_flame(directory), device=device)
-        if numerics == "fast":
-            mica.arcface = fast_arcface(mica.arcface, device)
+        precision = NetworkPrecision.choose(numerics, device)
+        if numerics in OPTIMISED_MODES:
+            mica.arcface = fast_arcface(mica.arcface, precision.shape)
         backend = cls(mica, device, str(path))
         backend.status.details["numerics"] = numerics
+        backend.status.details["image_networks"] = _dtype_name(precision.shape)
         differences = mica.load_report.get("flame_differences")
         if isinstance(differences, dict) and differences:  # visible in Info, not only in the log
             from facefuse.assets.mica_checkpoint import describe_flame_differences
@@ -251,10 +301,12 @@ class OferBackend:
         flame = FlameLayer(flame_data).to(device).eval()
         reproduce = projections == "reproduce-official"
         shared = share_identical_arcface(idgen, idrank)  # compares the shipped weights, before any fast copy
-        if numerics == "fast":
-            speed_up_ofer(idgen, idrank, device)
+        precision = NetworkPrecision.choose(numerics, device)
+        if numerics in OPTIMISED_MODES:
+            speed_up_ofer(idgen, idrank, precision)
         details = {"projections": str(idgen.load_report.get("projections", projections)),
                    "vertices": str(flame_data.num_vertices), "numerics": numerics,
+                   "image_networks": precision.describe(),
                    "arcface_shared": shared}
         if reproduce:
             details["official_sampling"] = ("mode 'official' with seed S starts from the RNG state of the official "
