@@ -31,7 +31,15 @@ from facefuse.errors import AssetError
 from facefuse.face.types import AlignedFace
 from facefuse.models.arcface import IResNet100, fused_for_inference
 from facefuse.models.clip_vit import ClipConfig, ClipViT, half_precision_image_tower
-from facefuse.models.idgen import IdGenUnet, PointwiseConv1d, ProjectionAttention, draw_default_projections
+from facefuse.models.diffusion import DDIMSampler, OfficialSampler, VarianceSchedule
+from facefuse.models.idgen import (
+    IdGen,
+    IdGenUnet,
+    PointwiseConv1d,
+    ProjectionAttention,
+    SharedFilmEps,
+    draw_default_projections,
+)
 from facefuse.packs import flame as flame_pack
 from facefuse.packs.flame import (
     NUMERICS_ENV,
@@ -113,6 +121,57 @@ def test_pointwise_conv_matmul_on_a_long_signal() -> None:
     conv.as_matmul = True
     torch.testing.assert_close(conv(x), exact, rtol=1e-5, atol=1e-6)
     assert conv.weight.shape == (5, 8, 1) and set(conv.state_dict()) == {"weight", "bias"}
+
+
+def test_unet_precomputed_films_are_the_same_computation(unet: IdGenUnet) -> None:
+    """forward(films=films(t, context)) runs exactly the operations of forward(t, context): identical bits."""
+    assert len(unet.resnet_blocks()) == 11 and len({id(b) for b in unet.resnet_blocks()}) == 11
+    with torch.inference_mode():
+        x, t, context = unet_inputs(10)
+        assert torch.equal(unet(x, t, context, films=unet.films(t, context)), unet(x, t, context))
+
+
+class _RecordingFilms:
+    """Wraps a Unet's films() to record the row counts it is asked for."""
+
+    def __init__(self, net: IdGenUnet) -> None:
+        self.rows: list[int] = []
+        self.original = net.films
+
+    def __call__(self, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
+        self.rows.append(int(t.shape[0]))
+        return self.original(t, context)
+
+
+@pytest.mark.parametrize("sampler", [DDIMSampler(num_steps=6), OfficialSampler()], ids=["ddim", "official"])
+def test_shared_film_eps_matches_the_plain_eps_model(unet: IdGenUnet, sampler: DDIMSampler | OfficialSampler,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two faces' samples in one batch (3 + 2 rows): the FiLMs are computed once per face and announced step,
+    in one batch, and the samples match the plain eps model's to float rounding."""
+    idgen = IdGen(nn.Identity(), unet, VarianceSchedule())
+    faces = F.normalize(torch.randn(2, 512, generator=torch.Generator().manual_seed(1)), dim=1)
+    context = faces[torch.tensor([0, 0, 1, 0, 1])]
+    noise = torch.randn(5, 300, generator=torch.Generator().manual_seed(2))
+    idgen.shared_films = False
+    plain = idgen.sample(context, 5, sampler, initial_noise=noise)
+    idgen.shared_films = True
+    recording = _RecordingFilms(unet)
+    monkeypatch.setattr(unet, "films", recording)
+    shared = idgen.sample(context, 5, sampler, initial_noise=noise)
+    steps = len(sampler.timesteps())
+    assert recording.rows == [2 * steps]  # one batch: 2 faces x every step, nothing computed per step after it
+    torch.testing.assert_close(shared, plain, rtol=0, atol=1e-4 * float(plain.abs().max()))
+
+
+def test_shared_film_eps_falls_back_for_mixed_steps_and_unannounced_ones(unet: IdGenUnet) -> None:
+    context = F.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(3)), dim=1).expand(4, 512)
+    eps = SharedFilmEps(unet, context)
+    x = torch.randn(4, 300, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        mixed = torch.tensor([5, 5, 7, 5])
+        assert torch.equal(eps(x, mixed), unet(x, mixed, context))  # no sharing across different steps
+        same = torch.full((4,), 9)
+        torch.testing.assert_close(eps(x, same), unet(x, same, context), rtol=0, atol=1e-4)  # not announced
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +275,7 @@ def test_ofer_backend_reproduce_official_runs_the_shipped_layers_bit_for_bit(
     assert exact.status.details["image_networks"] == "float32"
     assert not any(getattr(m, "as_matmul", False) for m in exact.idgen.modules())
     assert isinstance(exact.idgen.arcface.layer1[0].bn2, nn.BatchNorm2d)
-    assert not exact.idrank.pool_scoring
+    assert not exact.idrank.pool_scoring and not exact.idgen.shared_films
     exact_samples = _sample(exact)
     exact_scores = _rank_scores(exact, exact_samples)
     # The same sampling through the layers as they were before (plain nn.Conv1d): identical bits.
@@ -227,7 +286,7 @@ def test_ofer_backend_reproduce_official_runs_the_shipped_layers_bit_for_bit(
         monkeypatch.setenv(NUMERICS_ENV, mode)
         fast = OferBackend.from_assets(synthetic_assets_dir, "cpu")
         assert fast.status.details["numerics"] == mode and fast.status.details["image_networks"] == "float32"
-        assert fast.idrank.pool_scoring
+        assert fast.idrank.pool_scoring and fast.idgen.shared_films
         np.testing.assert_allclose(_sample(fast), exact_samples, rtol=0, atol=1e-3)
         # IdRank's scores of the same candidates: float32 rounding only (folded ArcFace, pool scoring).
         np.testing.assert_allclose(_rank_scores(fast, exact_samples), exact_scores, rtol=0, atol=1e-4)

@@ -35,7 +35,9 @@ DEFAULT_DDIM_STEPS = 40
 denoiser ~10x closer to the 1000-step DDIM solution than the official loop (benchmarks/bench_idgen.py)."""
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
-"""eps_model(x float32 (B, D), t int64 (B,)) -> predicted noise float32 (B, D)."""
+"""eps_model(x float32 (B, D), t int64 (B,)) -> predicted noise float32 (B, D). An eps model may also have a
+``prepare_steps(timesteps)`` method: the samplers call it once, before their loop, with every timestep they
+will evaluate, so it can compute what depends on the step alone in one batch (``idgen.SharedFilmEps``)."""
 
 
 def _linear_schedule(
@@ -190,6 +192,12 @@ class _Sampler:
             raise ValueError("sampler: pass a torch.Generator or initial_noise (no hidden global RNG)")
         return torch.randn(batch, dim, generator=generator)
 
+    @staticmethod
+    def _announce(eps_model: EpsModel, steps: Sequence[int]) -> None:
+        prepare = getattr(eps_model, "prepare_steps", None)
+        if callable(prepare):
+            prepare(steps)
+
     def _prepare(
         self,
         tables: SamplingTables,
@@ -268,6 +276,7 @@ class OfficialSampler(_Sampler):
                                            initial_noise, x0_start, t0)
         if finished:
             return x
+        self._announce(eps_model, steps)
         guidance = self._guidance(batch_size, guide_target, guide_strength, dim)
         for index, t in enumerate(steps):
             if t > 0 and generator is not None:
@@ -333,6 +342,7 @@ class DDIMSampler(_Sampler):
                                            initial_noise, x0_start, t0)
         if finished:
             return x
+        self._announce(eps_model, steps)
         guidance = self._guidance(batch_size, guide_target, guide_strength, dim)
         if step_noise is not None and tuple(step_noise.shape[1:]) != (batch_size, dim):
             raise ValueError(f"step_noise: shape {tuple(step_noise.shape)}, expected (steps, {batch_size}, {dim})")

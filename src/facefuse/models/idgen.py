@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,8 +110,12 @@ class ResnetBlock(nn.Module):
         self.block2 = Block(dim_out, dim_out)
         self.res_conv: nn.Module = PointwiseConv1d(dim, dim_out) if dim != dim_out else nn.Identity()
 
-    def forward(self, x: Tensor, embedding: Tensor) -> Tensor:
-        film = self.mlp(embedding)
+    def forward(self, x: Tensor, embedding: Tensor | None = None, *, film: Tensor | None = None) -> Tensor:
+        """``film``: this block's (B, 2*dim_out) ``mlp(embedding)``, computed beforehand (IdGenUnet.films)."""
+        if film is None:
+            if embedding is None:
+                raise ValueError("ResnetBlock: give the embedding or its film")
+            film = self.mlp(embedding)
         film = film.reshape(film.shape[0], film.shape[1], 1)
         scale, shift = film.chunk(2, dim=1)
         h = self.block1(x, (scale, shift))
@@ -284,34 +288,61 @@ class IdGenUnet(nn.Module):
     def get_projections(self) -> dict[str, Tensor]:
         return {name: attention.projections.detach().clone() for name, attention in self.attention_blocks()}
 
+    def resnet_blocks(self) -> list[ResnetBlock]:
+        """The 11 ResnetBlocks in the order ``forward`` runs them (the order of :meth:`films`)."""
+        blocks = [block for level in self.downs for block in list(level.children())[:2]]
+        blocks += [self.mid_block1, self.mid_block2]
+        blocks += [block for level in self.ups for block in list(level.children())[1:3]]
+        blocks += [next(iter(level.children())) for level in self.finals]
+        return blocks  # type: ignore[return-value]
+
+    def films(self, t: Tensor, context: Tensor) -> list[Tensor]:
+        """(R,) timesteps + (R, 512) contexts -> every ResnetBlock's FiLM rows (R, 2*dim_out), in forward order.
+
+        The FiLMs depend on (t, context) only, and a face's N samples share both at every step, so a sampler
+        can compute them on one row per face instead of one per sample (``IdGen.eps_model``): they hold
+        56 % of the Unet's weights."""
+        embedding = torch.cat([self.time_mlp(t), context], dim=1)
+        return [block.mlp(embedding) for block in self.resnet_blocks()]
+
     # --- forward ------------------------------------------------------------------------------------
-    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, *, films: list[Tensor] | None = None) -> Tensor:
+        """``films``: :meth:`films` of (t, context), (B, 2*dim_out) each, computed beforehand (or None)."""
         batch = x.shape[0]
         x = self.init_conv(x.reshape(batch, -1, 1))
         residual = x.clone()
-        embedding = torch.cat([self.time_mlp(t), context], dim=1)
+        if films is None:
+            embedding: Tensor | None = torch.cat([self.time_mlp(t), context], dim=1)
+            film_of: Iterator[Tensor | None] = itertools.repeat(None)
+        else:
+            embedding = None
+            film_of = iter(films)
+
+        def resnet(block: nn.Module, h: Tensor) -> Tensor:
+            return block(h, embedding, film=next(film_of))
+
         skips: list[Tensor] = []
         # Each level is a ModuleList; children() unpacks it in registration order with a Module type.
         for level in self.downs:
             block1, block2, attention, downsample = level.children()
-            x = block1(x, embedding)
+            x = resnet(block1, x)
             skips.append(x)
-            x = attention(block2(x, embedding))
+            x = attention(resnet(block2, x))
             skips.append(x)
             x = downsample(x.reshape(batch, -1)).reshape(batch, -1, 1)
-        x = self.mid_block1(x, embedding)
+        x = resnet(self.mid_block1, x)
         x = self.mid_attn(x)
-        x = self.mid_block2(x, embedding)
+        x = resnet(self.mid_block2, x)
         for level in self.ups:
             upsample, block1, block2, attention = level.children()
             x = upsample(x.reshape(batch, -1)).reshape(batch, -1, 1)
-            x = block1(torch.cat((x, skips.pop()), dim=1), embedding)
-            x = block2(torch.cat((x, skips.pop()), dim=1), embedding)
+            x = resnet(block1, torch.cat((x, skips.pop()), dim=1))
+            x = resnet(block2, torch.cat((x, skips.pop()), dim=1))
             x = attention(x)
         x = torch.cat((x, residual), dim=1)
         for level in self.finals:
             block, attention, out_conv = level.children()
-            x = out_conv(attention(block(x, embedding)))
+            x = out_conv(attention(resnet(block, x)))
         return x.reshape(batch, -1)
 
 
@@ -342,6 +373,44 @@ ATTENTION_BLOCK_DIMS: dict[str, int] = dict(zip(ATTENTION_BLOCK_NAMES, _attentio
 """Channel count of each attention block (300, 50, 10, 50, 300, 300)."""
 
 
+class SharedFilmEps:
+    """The Unet as an eps model that computes its FiLMs once per face and step (fast numerics).
+
+    A face's N samples share the context and, at each step, the timestep, so every ResnetBlock's FiLM
+    (56 % of the Unet's weights) is the same for all N. The sampler announces its timesteps
+    (``prepare_steps``), and the FiLMs of all of them are computed in one batch over the distinct
+    contexts (one row per face and step), then spread to the samples at each step. Same function as
+    the plain eps model; the float rounding of the FiLM products differs (tests/unit/test_fast_networks.py)."""
+
+    def __init__(self, net: IdGenUnet, context: Tensor) -> None:
+        self.net = net
+        self.device = context.device
+        self.context = context
+        self.rows, self.row_of_sample = torch.unique(context, dim=0, return_inverse=True)
+        self._films: dict[int, list[Tensor]] = {}
+
+    def prepare_steps(self, timesteps: Sequence[int]) -> None:
+        steps = sorted(set(int(t) for t in timesteps))
+        if not steps:
+            return
+        count = self.rows.shape[0]
+        t = torch.tensor(steps, dtype=torch.long, device=self.device).repeat_interleave(count)
+        films = self.net.films(t, self.rows.repeat(len(steps), 1))
+        for index, step in enumerate(steps):
+            self._films[step] = [film[index * count:(index + 1) * count] for film in films]
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        t = t.to(self.device)
+        if t.ndim != 1 or not bool((t == t[0]).all()):  # not one step for all: nothing to share
+            return self.net(x.to(self.device), t, self.context).to(x.device)
+        step = int(t[0])
+        films = self._films.pop(step, None)
+        if films is None:  # a step that was not announced: its FiLMs alone
+            films = self.net.films(t[:1].expand(self.rows.shape[0]), self.rows)
+        spread = [film[self.row_of_sample] for film in films]
+        return self.net(x.to(self.device), t, self.context, films=spread).to(x.device)
+
+
 class IdGen(nn.Module):
     """OFER IdGen: ArcFace identity context -> N sampled FLAME shapes (300 coefficients each).
 
@@ -355,6 +424,7 @@ class IdGen(nn.Module):
         self.net = net
         self.var_sched = var_sched
         self.load_report: dict[str, object] = {}
+        self.shared_films = False  # fast numerics: FiLMs once per face and step (eps_model), not per sample
 
     def context(self, blob: Tensor, *, apply_features: bool = True) -> Tensor:
         """L2-normalised ArcFace embedding (B, 512). OFER's IdGen always runs ArcFace on a batch of 10
@@ -369,11 +439,13 @@ class IdGen(nn.Module):
         """
         device = self.net.init_conv.weight.device
         context = context.to(device)
+        if not self.shared_films:
+            def predict(x: Tensor, t: Tensor) -> Tensor:
+                return self.net(x.to(device), t.to(device), context).to(x.device)
 
-        def predict(x: Tensor, t: Tensor) -> Tensor:
-            return self.net(x.to(device), t.to(device), context).to(x.device)
-
-        return predict
+            return predict
+        # Fast numerics: the FiLMs on one row per face, for every step at once, spread to the samples.
+        return SharedFilmEps(self.net, context)
 
     @torch.inference_mode()
     def sample(
