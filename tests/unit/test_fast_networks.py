@@ -40,6 +40,7 @@ from facefuse.models.idgen import (
     SharedFilmEps,
     draw_default_projections,
 )
+from facefuse.models.idrank import FRONT_VERTEX_COUNT, IdRank
 from facefuse.packs import flame as flame_pack
 from facefuse.packs.flame import (
     NUMERICS_ENV,
@@ -47,8 +48,11 @@ from facefuse.packs.flame import (
     MicaBackend,
     NetworkPrecision,
     OferBackend,
+    SharedArcFace,
     fast_arcface,
     numerics_mode,
+    share_identical_arcface,
+    speed_up_ofer,
 )
 
 UNET_TOLERANCE = 2e-5
@@ -306,6 +310,19 @@ def test_network_precision_per_mode_and_device(monkeypatch: pytest.MonkeyPatch) 
             assert NetworkPrecision.choose(mode, "cpu") == NetworkPrecision(f32, f32)
     assert NetworkPrecision(f32, bf16).describe() == "shape float32, rank bfloat16"
     assert NetworkPrecision(f16, f16).describe() == "float16"
+
+
+def test_a_shared_arcface_keeps_the_shape_precision(arcface: IResNet100) -> None:
+    """IdRank's networks in bfloat16 (``fast`` on AMX): an ArcFace that IdGen and IdRank share stays in the
+    shape precision (float32), since IdGen's samples are computed from it; FaRL still goes to bfloat16."""
+    idgen = IdGen(copy.deepcopy(arcface), IdGenUnet(), VarianceSchedule())
+    idrank = IdRank(torch.arange(FRONT_VERTEX_COUNT))
+    idrank.arcface.load_state_dict(arcface.state_dict())
+    assert share_identical_arcface(idgen, idrank).startswith("yes")
+    speed_up_ofer(idgen, idrank, NetworkPrecision(torch.float32, torch.bfloat16))
+    assert idgen.arcface is idrank.arcface and isinstance(idgen.arcface, SharedArcFace)
+    assert idgen.arcface.arcface.conv1.weight.dtype == torch.float32
+    assert idrank.farl.dtype == torch.bfloat16 and idgen.shared_films and idrank.pool_scoring
 
 
 def test_amx_probe_answers_a_bool() -> None:
