@@ -36,6 +36,8 @@ from facefuse.models.camera import (
     rotation_to_axis_angle,
 )
 from facefuse.models.fitting import (
+    FitSettings,
+    IdentityLandmarks,
     LandmarkFlame,
     dynamic_landmark_selector,
     fit_posed_face,
@@ -135,6 +137,44 @@ def test_the_synthetic_contour_moves_with_yaw(flame: FlameLayer) -> None:
                           case["index"][:, :17, None].expand(-1, -1, 3))
     moved = (turned - frontal).norm(dim=-1).mean(dim=1)
     assert (moved > 10.0).all(), moved  # mm: the table differs between 0° and ±25°
+
+
+def test_identity_landmarks_equal_the_landmark_layer(flame: FlameLayer) -> None:
+    """The fit's model for a fixed identity (identity part once, K expression components, jaw-only skinning,
+    only the selected points) gives the landmark layer's points in mm, to float rounding; so does the general
+    skinning it falls back to for another kinematic chain."""
+    case = _dynamic_case(flame)
+    bank, shape, expression, jaw = case["bank"], case["shape"], case["expression"], case["jaw"] * 3.0
+    exact = bank(shape, expression, jaw) * 1000.0
+    model = flame_landmark_model(bank, shape)
+    assert isinstance(model, IdentityLandmarks) and model.jaw_only
+    torch.testing.assert_close(model(expression, jaw), exact, rtol=0, atol=1e-6)
+    points = torch.tensor([3, 70, 51 + 25 * 17, 51 + 64 * 17 + 16])
+    torch.testing.assert_close(model.restricted(points)(expression, jaw), exact[:, points], rtol=0, atol=1e-6)
+    model.jaw_only = False  # the general chain (posed_landmarks) gives the same
+    torch.testing.assert_close(model(expression, jaw), exact, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="components"):
+        model(torch.zeros(2, 500, dtype=f64), jaw)
+
+
+def test_fit_with_restricted_points_matches_the_fit_over_the_whole_bank(flame: FlameLayer) -> None:
+    """Evaluating only the selected contour points changes float rounding, not the fit."""
+    case = _dynamic_case(flame)
+    model = flame_landmark_model(case["bank"], case["shape"])
+
+    def whole_bank(expression: torch.Tensor, jaw: torch.Tensor) -> torch.Tensor:  # no ``restricted``
+        return model(expression, jaw)
+
+    settings = FitSettings(rigid_steps=30, full_steps=60, reselect_every=20)
+    weights = torch.ones(2, 68, dtype=f64)
+    quick = fit_posed_face(model, NUM_EXPRESSION, case["noisy"], weights, _camera(2),
+                           select=dynamic_landmark_selector(), settings=settings)
+    full = fit_posed_face(whole_bank, NUM_EXPRESSION, case["noisy"], weights, _camera(2),
+                          select=dynamic_landmark_selector(), settings=settings)
+    torch.testing.assert_close(quick.translation, full.translation, rtol=0, atol=1e-6)
+    torch.testing.assert_close(quick.rotation, full.rotation, rtol=0, atol=1e-9)
+    torch.testing.assert_close(quick.expression, full.expression, rtol=0, atol=1e-7)
+    torch.testing.assert_close(quick.landmarks_px, full.landmarks_px, rtol=0, atol=1e-6)
 
 
 def test_dynamic_contour_recovers_the_pose_a_static_contour_misses(flame: FlameLayer) -> None:

@@ -135,33 +135,129 @@ class LandmarkFlame(nn.Module):
     def forward(self, shape: Tensor, expression: Tensor, jaw_pose: Tensor) -> Tensor:
         """shape (B,≤300), expression (B,≤K), jaw (B,3) -> landmarks (B,L,3) in metres, root/neck/eyes at zero."""
         dtype = self.v_template.dtype
-        batch = shape.shape[0]
         shape = nn.functional.pad(shape.to(dtype), (0, N_SHAPE - shape.shape[1]))
         expression = nn.functional.pad(expression.to(dtype), (0, self.num_expression - expression.shape[1]))
         betas = torch.cat([shape, expression], dim=1)
         v_shaped = self.v_template + torch.einsum("bl,vkl->bvk", betas, self.shapedirs)
         joints = self.joint_template + torch.einsum("bl,jkl->bjk", betas, self.joint_dirs)
-        zeros = jaw_pose.new_zeros(batch, 3).to(dtype)
-        n_joints = joints.shape[1]
-        full_pose = torch.cat([zeros, zeros, jaw_pose.to(dtype)] + [zeros] * (n_joints - 3), dim=1)
-        rotations = rodrigues(full_pose.reshape(-1, 3)).view(batch, -1, 3, 3)
-        eye = torch.eye(3, dtype=dtype, device=shape.device)
-        pose_feature = (rotations[:, 1:] - eye).reshape(batch, -1)
-        v_posed = v_shaped + torch.matmul(pose_feature, self.posedirs).view(batch, -1, 3)
-        _, relative = rigid_chain(rotations, joints, self.parents)
-        per_vertex = torch.einsum("vj,bjrc->bvrc", self.lbs_weights, relative)
-        posed = torch.einsum("bvrc,bvc->bvr", per_vertex[:, :, :3, :3], v_posed) + per_vertex[:, :, :3, 3]
-        corners = posed[:, self.corner_index]  # (B,L,3,3)
-        return torch.einsum("blkx,lk->blx", corners, self.bary)
+        return posed_landmarks(v_shaped, joints, jaw_pose, self.posedirs, self.lbs_weights, self.parents,
+                               self.corner_index, self.bary)
 
 
-def flame_landmark_model(landmarks: LandmarkFlame, shape: Tensor) -> LandmarkModel:
+def posed_landmarks(v_shaped: Tensor, joints: Tensor, jaw_pose: Tensor, posedirs: Tensor, lbs_weights: Tensor,
+                    parents: Tensor, corner_index: Tensor, bary: Tensor) -> Tensor:
+    """FLAME's pose correctives and skinning with only the jaw posed (root, neck, eyes at zero), on the
+    shaped corner vertices (B,U,3) and joints (B,J,3), then the landmarks (B,L,3) from their corners."""
+    dtype = v_shaped.dtype
+    batch = v_shaped.shape[0]
+    zeros = jaw_pose.new_zeros(batch, 3).to(dtype)
+    n_joints = joints.shape[1]
+    full_pose = torch.cat([zeros, zeros, jaw_pose.to(dtype)] + [zeros] * (n_joints - 3), dim=1)
+    rotations = rodrigues(full_pose.reshape(-1, 3)).view(batch, -1, 3, 3)
+    eye = torch.eye(3, dtype=dtype, device=v_shaped.device)
+    pose_feature = (rotations[:, 1:] - eye).reshape(batch, -1)
+    v_posed = v_shaped + torch.matmul(pose_feature, posedirs).view(batch, -1, 3)
+    _, relative = rigid_chain(rotations, joints, parents)
+    per_vertex = torch.einsum("vj,bjrc->bvrc", lbs_weights, relative)
+    posed = torch.einsum("bvrc,bvc->bvr", per_vertex[:, :, :3, :3], v_posed) + per_vertex[:, :, :3, 3]
+    corners = posed[:, corner_index]  # (B,L,3,3)
+    return torch.einsum("blkx,lk->blx", corners, bary)
+
+
+JAW_JOINT = 2
+"""FLAME's jaw joint (root 0, neck 1, jaw 2, eyes 3 and 4); its parent chain is neck -> root."""
+
+
+def jaw_posed_landmarks(v_shaped: Tensor, joints: Tensor, jaw_pose: Tensor, jaw_posedirs: Tensor,
+                        weight_sum: Tensor, jaw_weight: Tensor, corner_index: Tensor, bary: Tensor) -> Tensor:
+    """:func:`posed_landmarks` in closed form for the fit's pose, where only the jaw turns.
+
+    With root, neck and eyes at zero, every joint's skinning transform is the identity except the jaw's,
+    a rotation R about the jaw joint J, so linear blend skinning reduces to
+    v' = (Σ_j w_j)·v_p + w_jaw·(R − I)(v_p − J) with v_p = v + P_jaw·vec(R − I) (the jaw's 9 pose
+    correctives). A few operations per step instead of the whole kinematic chain: the same function, the
+    rounding of the zero rotations aside (``rodrigues`` turns a zero pose into I + O(1e-8))."""
+    dtype = v_shaped.dtype
+    batch = v_shaped.shape[0]
+    rotation = rodrigues(jaw_pose.to(dtype).reshape(-1, 3)).view(batch, 3, 3)
+    turn = rotation - torch.eye(3, dtype=dtype, device=v_shaped.device)
+    v_posed = v_shaped + torch.matmul(turn.reshape(batch, 9), jaw_posedirs).view(batch, -1, 3)
+    moved = (v_posed - joints[:, JAW_JOINT, None]) @ turn.transpose(1, 2)
+    posed = weight_sum[:, None] * v_posed + jaw_weight[:, None] * moved
+    corners = posed[:, corner_index]  # (B,L,3,3)
+    return torch.einsum("blkx,lk->blx", corners, bary)
+
+
+class IdentityLandmarks:
+    """The fit's model for a fixed FLAME identity: (expression (B,K), jaw (B,3)) -> landmarks (B,L,3) in mm.
+
+    The same numbers as ``LandmarkFlame(shape, expression, jaw)`` up to float rounding, for less work per
+    fit step: the identity's part of the blendshapes and joints (300 of FLAME's 400 components) is added
+    once, a step adds only the K fitted expression components, the skinning is the jaw-only closed form
+    (:func:`jaw_posed_landmarks`), and :meth:`restricted` evaluates only the landmarks a selector picked
+    (17 contour points of a yaw row instead of the whole 79 x 17 table)."""
+
+    def __init__(self, landmarks: LandmarkFlame, shape: Tensor, points: Tensor | None = None) -> None:
+        self.landmarks = landmarks
+        self.shape = shape
+        dtype = landmarks.v_template.dtype
+        corners = landmarks.corner_index if points is None else landmarks.corner_index[points]
+        used, inverse = torch.unique(corners.reshape(-1), return_inverse=True)
+        self.corner_index = inverse.reshape(corners.shape)
+        self.bary = landmarks.bary if points is None else landmarks.bary[points]
+        beta = nn.functional.pad(shape.to(dtype), (0, N_SHAPE - shape.shape[1]))
+        shapedirs = landmarks.shapedirs[used]
+        self.v_identity = landmarks.v_template[used] + torch.einsum("bl,vkl->bvk", beta, shapedirs[..., :N_SHAPE])
+        self.joint_identity = landmarks.joint_template + torch.einsum(
+            "bl,jkl->bjk", beta, landmarks.joint_dirs[..., :N_SHAPE])
+        self.expression_dirs = shapedirs[..., N_SHAPE:]
+        self.joint_expression_dirs = landmarks.joint_dirs[..., N_SHAPE:]
+        n_pose = landmarks.posedirs.shape[0]
+        self.posedirs = landmarks.posedirs.view(n_pose, -1, 3)[:, used].reshape(n_pose, -1)
+        self.lbs_weights = landmarks.lbs_weights[used]
+        parents = landmarks.parents.tolist()
+        # The closed form needs FLAME's chain: the jaw under the neck under the root (with the 4 posed joints
+        # after the root giving 36 correctives, the jaw's being the second 9).
+        self.jaw_only = len(parents) > JAW_JOINT and parents[JAW_JOINT] == 1 and parents[1] == 0 and n_pose == 36
+        self.jaw_posedirs = self.posedirs[9:18]
+        self.weight_sum = self.lbs_weights.sum(dim=1)
+        self.jaw_weight = self.lbs_weights[:, JAW_JOINT]
+        self._first: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def _expression_dirs(self, count: int) -> tuple[Tensor, Tensor]:
+        """The first ``count`` expression directions of the vertices and the joints, contiguous (cached)."""
+        if count not in self._first:
+            self._first[count] = (self.expression_dirs[..., :count].contiguous(),
+                                  self.joint_expression_dirs[..., :count].contiguous())
+        return self._first[count]
+
+    def __call__(self, expression: Tensor, jaw: Tensor) -> Tensor:
+        dtype = self.v_identity.dtype
+        count = expression.shape[1]
+        if count > self.expression_dirs.shape[-1]:
+            raise ValueError(f"expression: {count} components, the model has {self.expression_dirs.shape[-1]}")
+        v_shaped, joints = self.v_identity, self.joint_identity
+        if count:
+            vertex_dirs, joint_dirs = self._expression_dirs(count)
+            expression = expression.to(dtype)
+            v_shaped = v_shaped + torch.einsum("bl,vkl->bvk", expression, vertex_dirs)
+            joints = joints + torch.einsum("bl,jkl->bjk", expression, joint_dirs)
+        if self.jaw_only:
+            points = jaw_posed_landmarks(v_shaped, joints, jaw, self.jaw_posedirs, self.weight_sum, self.jaw_weight,
+                                         self.corner_index, self.bary)
+        else:
+            points = posed_landmarks(v_shaped, joints, jaw, self.posedirs, self.lbs_weights, self.landmarks.parents,
+                                     self.corner_index, self.bary)
+        return points * METRES_TO_MM
+
+    def restricted(self, points: Tensor) -> IdentityLandmarks:
+        """The same model evaluated at ``points`` (indices into this model's landmarks) only."""
+        return IdentityLandmarks(self.landmarks, self.shape, points)
+
+
+def flame_landmark_model(landmarks: LandmarkFlame, shape: Tensor) -> IdentityLandmarks:
     """The fit's model for a fixed FLAME identity ``shape`` (B,≤300): landmarks in mm."""
-
-    def model(expression: Tensor, jaw: Tensor) -> Tensor:
-        return landmarks(shape, expression, jaw) * METRES_TO_MM
-
-    return model
+    return IdentityLandmarks(landmarks, shape)
 
 
 def rigid_landmark_model(points_mm: Tensor) -> LandmarkModel:
@@ -273,18 +369,33 @@ def fit_posed_face(
     expression = torch.zeros(batch, num_expression, dtype=dtype, device=device)
     jaw = torch.zeros(batch, 3, dtype=dtype, device=device)
     frontal = flame_to_opencv(batch, dtype, device) if initial_rotation is None else initial_rotation.to(dtype)
-    chosen: list[Tensor | None] = [None if select is None else select(frontal)]
+    restrict = getattr(model, "restricted", None)
+    # The model evaluated now and the index of the fitted landmarks in its output (None: all of them).
+    current: list[tuple[LandmarkModel, Tensor | None]] = [(model, None)]
+
+    def choose(rotation: Tensor) -> None:
+        if select is None:
+            return
+        index = select(rotation)
+        if callable(restrict):  # evaluate the selected points only; index into that smaller output
+            points, local = torch.unique(index, return_inverse=True)
+            current[0] = (restrict(points), local)
+        else:
+            current[0] = (model, index)
 
     def landmarks_of(points: Tensor) -> Tensor:
-        index = chosen[0]
+        index = current[0][1]
         if index is None:
             return points
         return torch.gather(points, 1, index[..., None].expand(-1, -1, points.shape[2]))
 
+    def model_points() -> Tensor:
+        return current[0][0](expression, jaw).to(dtype)
+
+    choose(frontal)
     # Initial guess: frontal, at the depth where the neutral landmarks' size matches the detected ones.
     with torch.no_grad():
-        neutral_model = model(expression, jaw).to(dtype)
-        neutral = landmarks_of(neutral_model) @ frontal.transpose(1, 2)
+        neutral = landmarks_of(model_points()) @ frontal.transpose(1, 2)
         if neutral.shape[1] != target.shape[1]:
             raise ValueError(f"fit: the model gives {neutral.shape[1]} landmarks, the target has {target.shape[1]}")
         centre_mm, size_mm = _weighted_centre_and_size(neutral, weights)
@@ -306,13 +417,13 @@ def fit_posed_face(
         d = log_depth.exp()
         return rotation, torch.cat([offset * d[:, None], d[:, None]], dim=1)
 
-    def projected(model_points: Tensor | None = None) -> Tensor:
+    def projected(fixed: Tensor | None = None) -> Tensor:
         rotation, translation = pose()
-        points = landmarks_of(model(expression, jaw).to(dtype) if model_points is None else model_points)
+        points = landmarks_of(model_points() if fixed is None else fixed)
         return project(points @ rotation.transpose(1, 2) + translation[:, None], k)
 
-    def loss(model_points: Tensor | None = None) -> Tensor:
-        r2 = ((projected(model_points) - target) ** 2).sum(-1) / sigma[:, None] ** 2
+    def loss(fixed: Tensor | None = None) -> Tensor:
+        r2 = ((projected(fixed) - target) ** 2).sum(-1) / sigma[:, None] ** 2
         data = (weights * _pseudo_huber(r2, settings.huber_delta)).sum()
         prior = 0.5 * settings.expression_prior * (expression**2).sum()
         prior = prior + 0.5 * settings.jaw_prior * ((jaw / jaw_scale) ** 2).sum()
@@ -330,14 +441,19 @@ def fit_posed_face(
         full.append({"params": [jaw], "lr": settings.full_lr})
     stages.append((settings.full_steps, full))
     for stage, (steps, groups) in enumerate(stages):
-        # The rigid stage moves no model parameter: its landmarks are computed once.
-        fixed = neutral_model if stage == 0 else None
+        # The rigid stage moves no model parameter: its landmarks are computed once per selection.
+        fixed = None
+        if stage == 0:
+            with torch.no_grad():
+                fixed = model_points()
         optimiser = torch.optim.Adam(groups)
         base = [float(g["lr"]) for g in groups]  # type: ignore[arg-type]
         for step in range(steps):
             if select is not None and step % max(settings.reselect_every, 1) == 0:
                 with torch.no_grad():
-                    chosen[0] = select(pose()[0])
+                    choose(pose()[0])
+                    if stage == 0:
+                        fixed = model_points()
             for group, lr in zip(optimiser.param_groups, base, strict=True):
                 group["lr"] = _cosine(step, steps, lr)
             optimiser.zero_grad(set_to_none=True)
@@ -345,8 +461,7 @@ def fit_posed_face(
             optimiser.step()
     with torch.no_grad():
         rotation, translation = pose()
-        if select is not None:
-            chosen[0] = select(rotation)
+        choose(rotation)
         landmarks_px = projected()
         error = reprojection_error(landmarks_px, target, weights, settings.visible_threshold)
     return PosedFit(
