@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +31,11 @@ from facefuse.models.camera import (
     project,
     rotation_to_axis_angle,
 )
-from facefuse.models.fitting import LandmarkFlame, fit_posed_face, flame_landmark_model
+from facefuse.models.fitting import LandmarkFlame, PosedFit, fit_posed_face, flame_landmark_model
 from facefuse.models.flame import FlameLayer
 from facefuse.models.focal import DEFAULT_FOCAL_35MM, focal_px_from_35mm
 from facefuse.packs.open import camera_points, metric_face
-from facefuse.packs.posed import OpenPosedFitter, PoseFitTarget
+from facefuse.packs.posed import FlamePosedFitter, OpenPosedFitter, PoseFitTarget
 
 from timing import timed
 
@@ -97,6 +98,40 @@ def main(argv: list[str] | None = None) -> int:
         wall, cpu = timed(lambda: fit_posed_face(model, 50, case["target"], weights, case["camera"]),  # noqa: B023
                           args.repeats)
         timings[f"flame_batch{batch}_s_per_face"] = {"wall": wall / batch, "cpu": cpu / batch}
+    # The service's fit (FlamePosedFitter's pieces: the dynamic contour's whole bank, 50 components) on the
+    # full-size synthetic FLAME and the astronaut's FaceMesh points, with the fit's model as it is
+    # (IdentityLandmarks) and as it was before it (the landmark layer over the whole bank at every step).
+    service = FlamePosedFitter(synthetic_flame_data("full", torch.Generator().manual_seed(0)))
+    astronaut = np.load(ROOT / "tests" / "data" / "visibility_astronaut_landmarks468.npy")
+    service_target = PoseFitTarget(astronaut, None, 512, 512, focal_px_from_35mm(DEFAULT_FOCAL_35MM, 512, 512),
+                                   "default")
+    beta = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 300)) * 0.5)
+    points, point_weights = service.targets(service_target)
+    service_camera = intrinsics(torch.tensor([service_target.focal_px], dtype=torch.float64), 512, 512)
+
+    def layer_model(expression: torch.Tensor, jaw: torch.Tensor) -> torch.Tensor:  # the model before
+        return service.landmarks(beta, expression, jaw) * 1000.0
+
+    def service_fit(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> PosedFit:
+        with torch.enable_grad():
+            return fit_posed_face(model, service.num_expression, torch.from_numpy(points)[None],
+                                  torch.from_numpy(point_weights)[None], service_camera, select=service.select)
+
+    models = {"now": flame_landmark_model(service.landmarks, beta), "before": layer_model}
+    fits = {name: service_fit(model) for name, model in models.items()}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    for _ in range(args.repeats):  # interleaved: load from other work hits both alike
+        for name, model in models.items():
+            runs[name].append(timed(lambda model=model: service_fit(model), 1))  # type: ignore[misc]
+    for name, values in runs.items():
+        timings[f"flame_service_{name}_s_per_face"] = {"wall": float(np.median([w for w, _ in values])),
+                                                       "cpu": float(np.median([c for _, c in values]))}
+    report["flame_service_fit"] = {
+        "what": "FlamePosedFitter's fit, full-size synthetic FLAME, dynamic contour bank, 50 components, "
+                "astronaut's 468 points, random identity",
+        "reprojection_px": {name: float(fit.reprojection_error_px[0]) for name, fit in fits.items()},
+        "translation_difference_mm": float((fits["now"].translation - fits["before"].translation).abs().max()),
+    }
     # Open pack: the astronaut's FaceMesh points.
     canonical = load_canonical_face()
     points = np.load(ROOT / "tests" / "data" / "visibility_astronaut_landmarks468.npy")
