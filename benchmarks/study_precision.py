@@ -41,18 +41,13 @@ MODES = ("reproduce-official", "fast-float32", "fast")
 
 
 def photos() -> dict[str, bytes]:
-    import insightface
-    import skimage.data
+    """The package-shipped photos of ``study_open_real.py`` (the astronaut, t1's six faces, the Hanks canvas),
+    PNG-encoded for the wire."""
     from PIL import Image
+    from study_open_real import photos as package_photos
 
-    folder = Path(insightface.__file__).parent / "data" / "images"
-    hanks = Image.open(folder / "Tom_Hanks_54745.png").convert("RGB").resize((336, 336), Image.Resampling.BICUBIC)
-    canvas = np.full((536, 536, 3), 128, np.uint8)
-    canvas[100:436, 100:436] = np.asarray(hanks)
-    images = {"astronaut": skimage.data.astronaut(), "t1": np.asarray(Image.open(folder / "t1.jpg").convert("RGB")),
-              "hanks": canvas}
     encoded = {}
-    for name, image in images.items():
+    for name, image in package_photos().items():
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="PNG")
         encoded[name] = buffer.getvalue()
@@ -130,7 +125,6 @@ def main() -> None:
     parser.add_argument("--assets", type=Path, default=Path("/tmp/facefuse-bench-assets-full"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "precision")
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_flame_speed import ensure_assets
 
     from facefuse.packs.flame import cpu_has_bfloat16_matrix_units
@@ -172,5 +166,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "benchmarks"))
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     main()
