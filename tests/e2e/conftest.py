@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from facefuse.packs.flame import NUMERICS_ENV, NUMERICS_MODES, OferBackend
 from facefuse.servers.local import LocalMesh
 
 
@@ -18,6 +19,16 @@ def astronaut_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("photos") / "astronaut.png"
     Image.fromarray(skimage.data.astronaut()).save(path)
     return path
+
+
+@pytest.fixture(params=NUMERICS_MODES)
+def ofer_backend_per_numerics(request: pytest.FixtureRequest, synthetic_assets_dir: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> OferBackend:
+    """The flame pack's OFER backend in each numerics mode, for claims that must hold in all of them."""
+    monkeypatch.setenv(NUMERICS_ENV, request.param)
+    backend = OferBackend.from_assets(synthetic_assets_dir, "cpu")
+    assert backend.status.details["numerics"] == request.param
+    return backend
 
 
 @pytest.fixture(scope="session")

@@ -77,12 +77,8 @@ def _sample_b_while_ranking_a(servicer: OferServicer, a: AlignedFace, a_samples:
     return results["samples"], results["scores"]  # type: ignore[return-value]
 
 
-@pytest.mark.parametrize("numerics", ["fast", "reproduce-official"])
-def test_a_rank_beside_a_sample_gives_the_numbers_of_one_call_at_a_time(
-    synthetic_assets_dir: Path, monkeypatch: pytest.MonkeyPatch, numerics: str
-) -> None:
-    monkeypatch.setenv("FACEFUSE_NUMERICS", numerics)
-    backend = OferBackend.from_assets(synthetic_assets_dir, "cpu")
+def test_a_rank_beside_a_sample_gives_the_numbers_of_one_call_at_a_time(ofer_backend_per_numerics: OferBackend) -> None:
+    backend = ofer_backend_per_numerics
     assert backend.sample_and_rank_concurrently
     a, b = random_aligned_face(1), random_aligned_face(2)
     common = {"mode": "fast", "steps": 8, "start_shape": None, "start_t0": 0, "guide_shape": None,

@@ -1,7 +1,7 @@
 """IdRank's context computed while the face's Sample runs (the ofer service's ``RankContextPrefetch``).
 
 The prefetch calls the same ``OferBackend.rank_context`` that Rank calls, on the same tensors, so the
-scores must be bit for bit those of a service without it, in fast and in reproduce-official numerics.
+scores must be bit for bit those of a service without it, in every numerics mode.
 The prefetch's own bounds (queue, entries, deadline, drop) are tested with a stand-in computation.
 """
 
@@ -75,13 +75,8 @@ class _Spy:
         return servicer
 
 
-@pytest.mark.parametrize("numerics", ["fast", "reproduce-official"])
-def test_scores_with_the_prefetch_equal_those_without_bit_for_bit(
-    synthetic_assets_dir: Path, monkeypatch: pytest.MonkeyPatch, numerics: str
-) -> None:
-    monkeypatch.setenv("FACEFUSE_NUMERICS", numerics)
-    backend = OferBackend.from_assets(synthetic_assets_dir, "cpu")
-    assert backend.status.details["numerics"] == numerics
+def test_scores_with_the_prefetch_equal_those_without_bit_for_bit(ofer_backend_per_numerics: OferBackend) -> None:
+    backend = ofer_backend_per_numerics
     face = random_aligned_face(1)
     spy = _Spy(backend)
     samples, overlapped = _sample_then_rank(spy.wrap(OferServicer(backend)), face)
