@@ -442,18 +442,16 @@ def fit_posed_face(
     stages.append((settings.full_steps, full))
     for stage, (steps, groups) in enumerate(stages):
         # The rigid stage moves no model parameter: its landmarks are computed once per selection.
-        fixed = None
-        if stage == 0:
-            with torch.no_grad():
-                fixed = model_points()
+        fixed: Tensor | None = None
         optimiser = torch.optim.Adam(groups)
         base = [float(g["lr"]) for g in groups]  # type: ignore[arg-type]
         for step in range(steps):
-            if select is not None and step % max(settings.reselect_every, 1) == 0:
-                with torch.no_grad():
+            reselect = select is not None and step % max(settings.reselect_every, 1) == 0
+            with torch.no_grad():
+                if reselect:
                     choose(pose()[0])
-                    if stage == 0:
-                        fixed = model_points()
+                if stage == 0 and (fixed is None or reselect):
+                    fixed = model_points()
             for group, lr in zip(optimiser.param_groups, base, strict=True):
                 group["lr"] = _cosine(step, steps, lr)
             optimiser.zero_grad(set_to_none=True)

@@ -105,12 +105,12 @@ def fast_arcface(arcface: torch.nn.Module, dtype: torch.dtype = torch.float32) -
 
 
 def speed_up_ofer(idgen: IdGen, idrank: IdRank, precision: NetworkPrecision = NetworkPrecision()) -> None:
-    """The optimised OFER networks in place: the Unet's 1x1 convolutions as matrix products, the folded
-    channels-last ArcFaces (IdGen's in ``precision.shape``, IdRank's in ``precision.rank``; a shared one in
-    ``precision.shape``, since IdGen reads it), the FaRL image tower in ``precision.rank``, the Unet's FiLMs
-    once per face and step (``IdGen.shared_films``), and IdRank's
-    score net with the pool's shared terms computed once (``RankMLPNet.forward_pool``, float32). The
-    checkpoints were loaded into the shipped layers before this, with strict key matching."""
+    """The optimised OFER networks in place: the Unet's 1x1 convolutions as matrix products and its FiLMs
+    once per face and step (``IdGen.shared_films``), the folded channels-last ArcFaces (IdGen's in
+    ``precision.shape``, IdRank's in ``precision.rank``; a shared one in ``precision.shape``, since IdGen
+    reads it), the FaRL image tower in ``precision.rank``, and IdRank's score net with the pool's shared
+    terms computed once (``RankMLPNet.forward_pool``, float32). The checkpoints were loaded into the
+    shipped layers before this, with strict key matching."""
     idgen.net.use_matmul(True)
     idgen.shared_films = True
     idrank.pool_scoring = True
