@@ -101,13 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     # The service's fit (FlamePosedFitter's pieces: the dynamic contour's whole bank, 50 components) on the
     # full-size synthetic FLAME and the astronaut's FaceMesh points, with the fit's model as it is
     # (IdentityLandmarks) and as it was before it (the landmark layer over the whole bank at every step).
-    service = FlamePosedFitter(synthetic_flame_data("full", torch.Generator().manual_seed(0)))
     astronaut = np.load(ROOT / "tests" / "data" / "visibility_astronaut_landmarks468.npy")
-    service_target = PoseFitTarget(astronaut, None, 512, 512, focal_px_from_35mm(DEFAULT_FOCAL_35MM, 512, 512),
-                                   "default")
+    target = PoseFitTarget(astronaut, None, 512, 512, focal_px_from_35mm(DEFAULT_FOCAL_35MM, 512, 512), "default")
+    service = FlamePosedFitter(synthetic_flame_data("full", torch.Generator().manual_seed(0)))
     beta = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 300)) * 0.5)
-    points, point_weights = service.targets(service_target)
-    service_camera = intrinsics(torch.tensor([service_target.focal_px], dtype=torch.float64), 512, 512)
+    points, point_weights = service.targets(target)
+    service_camera = intrinsics(torch.tensor([target.focal_px], dtype=torch.float64), 512, 512)
 
     def layer_model(expression: torch.Tensor, jaw: torch.Tensor) -> torch.Tensor:  # the model before
         return service.landmarks(beta, expression, jaw) * 1000.0
@@ -134,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     # Open pack: the astronaut's FaceMesh points.
     canonical = load_canonical_face()
-    points = np.load(ROOT / "tests" / "data" / "visibility_astronaut_landmarks468.npy")
-    neutral = metric_face(points, canonical).vertices_mm
-    target = PoseFitTarget(points, None, 512, 512, focal_px_from_35mm(DEFAULT_FOCAL_35MM, 512, 512), "default")
+    neutral = metric_face(astronaut, canonical).vertices_mm
     fitter = OpenPosedFitter(canonical, camera_points)
     result = fitter(neutral, target)
     assert result is not None
